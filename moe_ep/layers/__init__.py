@@ -1,0 +1,1 @@
+"""MoE layers: gating rules, experts, and the ExpertParallelMoE module."""

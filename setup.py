@@ -1,0 +1,75 @@
+"""Build moe_ep: pure Python everywhere, plus the CUDA extension `moe_ep._C` where it can be built.
+
+The extension is built when torch (a CUDA build) and nvcc are both present. Otherwise the package
+installs as pure Python and `moe_ep.comm.Buffer` uses its reference backend.
+
+Environment:
+  TORCH_CUDA_ARCH_LIST            architectures to build (default "9.0")
+  DISABLE_SM90_FEATURES=1         build an sm_80 path without Hopper-only instructions
+  DISABLE_AGGRESSIVE_PTX_INSTRS=1 no non-portable load/store forms
+  MOE_EP_SKIP_CUDA=1              never build the extension
+  NVSHMEM_DIR                     NVSHMEM install (else the nvidia-nvshmem-cu13 wheel, if found)
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+
+def _cuda_build_possible() -> tuple[bool, str]:
+    if os.environ.get("MOE_EP_SKIP_CUDA") == "1":
+        return False, "MOE_EP_SKIP_CUDA=1"
+    try:
+        import torch  # noqa: F401
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception as exc:  # isolated build env or no torch yet
+        return False, f"torch not importable at build time ({exc.__class__.__name__})"
+    if torch.version.cuda is None:
+        return False, "torch is a CPU build"
+    if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return False, "nvcc not found"
+    return True, ""
+
+
+def _extension_kwargs():
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
+    include_dirs = [os.path.abspath("csrc")]
+    cccl = os.path.join(CUDA_HOME, "include", "cccl")
+    if os.path.isdir(cccl):
+        include_dirs.append(cccl)  # CUDA 13 keeps CCCL (cuda/std, cub) here
+    cxx_flags = ["-O3", "-std=c++17"]
+    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-lineinfo"]
+    if os.environ.get("DISABLE_SM90_FEATURES") == "1":
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST_SM80", "8.0")
+        cxx_flags.append("-DMOE_EP_DISABLE_SM90_FEATURES")
+        nvcc_flags.append("-DMOE_EP_DISABLE_SM90_FEATURES")
+    if os.environ.get("DISABLE_AGGRESSIVE_PTX_INSTRS") == "1":
+        cxx_flags.append("-DMOE_EP_DISABLE_AGGRESSIVE_PTX_INSTRS")
+        nvcc_flags.append("-DMOE_EP_DISABLE_AGGRESSIVE_PTX_INSTRS")
+    ext = CUDAExtension(
+        name="moe_ep._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        # The driver API is reached through cudaGetDriverEntryPoint, so libcuda is not linked:
+        # the extension links and imports on machines without a driver (CI).
+        libraries=[],
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
+
+ok, why_not = _cuda_build_possible()
+kwargs = {}
+if ok:
+    kwargs = _extension_kwargs()
+else:
+    print(f"moe_ep: building pure Python (no CUDA extension): {why_not}", file=sys.stderr)
+
+setup(**kwargs)
