@@ -1,0 +1,22 @@
+"""``python -m moe_ep <command>``: ``demo`` (dispatch/combine over N ranks)."""
+from __future__ import annotations
+
+import sys
+
+
+COMMANDS = {
+    "demo": "moe_ep.demo",
+}
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m moe_ep {" + ",".join(COMMANDS) + "} [options]   (each takes --help)")
+        sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    import importlib
+    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One call on a GPU machine verifies a whole change: build the extension in place, run the GPU
+# tests, run the whole suite with the reference backend over NCCL (GPU tensors), run the demo and
+# the benchmarks that exist. Logs and JSON go to $OUT (the device tool's folder) or ./moe_ep_out.
+# At most 8 files come back from $OUT: keep to build.log, tests.log, bench.log and a few JSON/PNG.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/moe_ep_out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+STAGES=${STAGES:-build,gpu_tests,nccl_tests,demo,bench}
+status=0
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+step() { echo; echo "=== $* ==="; }
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())'
+} > "$OUT/build.log" 2>&1
+
+if has build; then
+  step "build" >> "$OUT/build.log"
+  start=$(date +%s)
+  if ! python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1; then
+    echo "BUILD FAILED (see build.log)"; status=1
+  fi
+  echo "build took $(( $(date +%s) - start )) s" >> "$OUT/build.log"
+  tail -3 "$OUT/build.log"
+fi
+
+: > "$OUT/tests.log"
+if has gpu_tests; then
+  step "pytest -m gpu" | tee -a "$OUT/tests.log"
+  python3 -m pytest -q -m gpu tests 2>&1 | tee -a "$OUT/tests.log" | tail -5 || status=1
+fi
+if has nccl_tests && [ "$NGPU" -ge 2 ]; then
+  step "whole suite, reference backend over NCCL" | tee -a "$OUT/tests.log"
+  MOE_EP_TEST_BACKEND=nccl python3 -m pytest -q tests 2>&1 | tee -a "$OUT/tests.log" | tail -5 || status=1
+fi
+
+: > "$OUT/bench.log"
+if has demo && [ "$NGPU" -ge 2 ]; then
+  step "demo over $NGPU GPUs" | tee -a "$OUT/bench.log"
+  python3 -m moe_ep demo --nproc "$NGPU" --tokens 4096 --hidden 7168 --top-k 8 --experts-per-rank $((256 / NGPU)) \
+    --ll-tokens 128 --json "$OUT/demo.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log" || status=1
+fi
+if has bench; then
+  for target in $(python3 -m moe_ep.bench --list 2>/dev/null); do
+    step "bench $target" | tee -a "$OUT/bench.log"
+    python3 -m moe_ep.bench "$target" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
+  done
+fi
+exit $status
