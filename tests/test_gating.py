@@ -41,7 +41,7 @@ def ref_v3_token(row: list[float], bias: list[float], top_k: int, n_group: int, 
     choice = [s + b for s, b in zip(scores, bias)]
     group_score = [sum(sorted(choice[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(n_group)]
     kept = set(ranked(group_score, topk_group))
-    masked = [c if e // size in kept else 0.0 for e, c in enumerate(choice)]
+    masked = [c if e // size in kept else float("-inf") for e, c in enumerate(choice)]
     chosen = ranked(masked, top_k)
     weights = {e: scores[e] for e in chosen}
     if norm:
@@ -278,16 +278,16 @@ def test_v3_ranks_groups_by_top2_sum_and_v2_by_max():
     assert v2_idx[0, 0].item() == 0 and set(v2_idx[0].tolist()) <= {0, 1, 2, 3}
 
 
-def test_v3_masks_with_zero_like_hf():
-    """Dropped groups get choice 0.0, not -inf, as in HF transformers 4.x and DeepSeek's original
-    modeling_deepseek.py: when every kept choice is negative (a strongly negative bias), dropped
-    experts outrank them. (transformers 5.x and DeepSeek's inference model.py use -inf.)"""
+def test_v3_masks_dropped_groups_with_minus_inf():
+    """Dropped groups get choice -inf, as in DeepSeek's inference code and transformers 5.x: even
+    when every kept choice is negative (a strongly negative bias), only kept experts are chosen.
+    (transformers 4.x masked with 0.0 and would pick experts 4 and 5 here.)"""
     logits = torch.zeros(1, 8)
     logits[0, :4] = 1.0  # group 0 is kept
     bias = torch.full((8,), -5.0)
     idx, weights = deepseek_v3_topk(logits, bias, 2, 2, 1, False, 1.0)
-    assert idx.tolist() == [[4, 5]]
-    torch.testing.assert_close(weights, torch.full((1, 2), 0.5))
+    assert idx.tolist() == [[0, 1]]
+    torch.testing.assert_close(weights, torch.sigmoid(torch.ones(1, 2)))
 
 
 # ---------------------------------------------------------------------------------- Router

@@ -123,7 +123,9 @@ def deepseek_v3_topk(logits: torch.Tensor, correction_bias: Optional[torch.Tenso
 
     The correction bias only steers *which* experts are chosen (aux-loss-free load balancing);
     the weights come from the unbiased sigmoid scores. Groups are ranked by the sum of their two
-    best biased scores; experts outside the kept groups get choice 0.0, not -inf, as in HF.
+    best biased scores; experts outside the kept groups get choice -inf, as in DeepSeek's inference
+    code and transformers 5.x (4.x used 0.0, which lets a dropped expert win when every kept
+    biased score is negative).
     """
     _check_logits(logits)
     num_experts = logits.shape[1]
@@ -139,7 +141,7 @@ def deepseek_v3_topk(logits: torch.Tensor, correction_bias: Optional[torch.Tenso
         choice = scores + correction_bias.float()
     group_scores = _group_view(choice, n_group).topk(2, dim=-1).values.sum(dim=-1)
     keep = _keep_top_groups(group_scores, topk_group, group_size)
-    _, topk_idx = stable_topk(choice.masked_fill(~keep, 0.0), top_k)
+    _, topk_idx = stable_topk(choice.masked_fill(~keep, float("-inf")), top_k)
     weights = scores.gather(1, topk_idx)
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + _NORM_EPS)
