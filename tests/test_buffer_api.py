@@ -1,0 +1,279 @@
+"""moe_ep.comm.Buffer's surface: static helpers, configs, events, buffer management, and the
+validation at the public boundary (errors that name the offending argument).
+
+Also a few checks of the rank pool itself (tests/dist_pool.py), which every distributed test uses.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tests import oracle
+from tests.dist_pool import RankFailure
+
+HIDDEN = 256
+NUM_TOPK = 4
+LOCAL_EXPERTS = 3
+MAX_TOKENS = 8
+NUM_NVL_BYTES = 1 << 22
+
+# Errors must name the argument; these patterns accept the reasonable spellings.
+X_NAME = r"\bx\b|\bx\[|x_fp8"
+TOPK_NAME = r"topk_idx"
+EXPERT_ID = r"topk_idx|expert"
+FP8_HIDDEN = r"hidden|128"
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool
+# ---------------------------------------------------------------------------------------------
+
+def _w_identity(ctx, value):
+    import torch.distributed as dist
+
+    total = torch.tensor([ctx.rank + value])
+    dist.all_reduce(total, group=ctx.group)
+    return ctx.rank, ctx.world_size, str(ctx.device), int(total)
+
+
+def _w_raise_on_rank(ctx, bad_rank):
+    if ctx.rank == bad_rank:
+        raise ValueError(f"deliberate failure on rank {ctx.rank}")
+    return ctx.rank
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_pool_runs_on_every_rank(dist_pool, world_size):
+    results = dist_pool(world_size).run(_w_identity, 10)
+    total = sum(range(world_size)) + 10 * world_size
+    assert [r[:2] for r in results] == [(rank, world_size) for rank in range(world_size)]
+    assert all(r[3] == total for r in results)
+
+
+def test_pool_reports_remote_rank_and_traceback(dist_pool):
+    pool = dist_pool(2)
+    with pytest.raises(RankFailure, match=r"rank 1") as info:
+        pool.run(_w_raise_on_rank, 1)
+    assert "deliberate failure on rank 1" in str(info.value)
+    assert "_w_raise_on_rank" in str(info.value)  # the remote traceback
+    assert pool.alive and pool.run(_w_identity, 0)[0][0] == 0  # still usable
+
+
+# ---------------------------------------------------------------------------------------------
+# Static helpers and buffer management
+# ---------------------------------------------------------------------------------------------
+
+def test_configs_and_static_helpers():
+    from moe_ep.comm import Buffer, Config
+    from moe_ep.comm.event import EventOverlap
+
+    for num_ranks in (2, 4, 8):
+        for config in (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks)):
+            assert isinstance(config, Config)
+            assert config.get_nvl_buffer_size_hint(HIDDEN * 2, num_ranks) > 0
+    assert isinstance(Buffer.capture(), EventOverlap)
+    small = Buffer.get_low_latency_rdma_size_hint(8, 1024, 2, 8)
+    large = Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
+    assert isinstance(small, int) and 0 < small < large
+
+
+def test_set_num_sms_rejects_odd():
+    from moe_ep.comm import Buffer
+
+    with pytest.raises(ValueError, match=r"num_sms|SMs|sms"):
+        Buffer.set_num_sms(23)
+    Buffer.set_num_sms(20)  # the default; even values are accepted
+
+
+def _w_buffer_management(ctx):
+    from moe_ep.comm import Buffer
+
+    buffer = Buffer(ctx.group, num_nvl_bytes=NUM_NVL_BYTES, explicitly_destroy=True)
+    assert isinstance(buffer.is_sm90_compiled(), bool)
+    local = buffer.get_local_buffer_tensor(torch.bfloat16, size=torch.Size([4, 8]))
+    assert isinstance(local, torch.Tensor) and local.dtype == torch.bfloat16 and tuple(local.shape) == (4, 8)
+    buffer.destroy()
+
+
+def test_buffer_management(dist_pool):
+    dist_pool(2).run(_w_buffer_management)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation. Every rank passes the same bad input, so every rank raises before communicating.
+# ---------------------------------------------------------------------------------------------
+
+def _normal_buffer(ctx):
+    from moe_ep.comm import Buffer
+
+    return Buffer(ctx.group, num_nvl_bytes=NUM_NVL_BYTES)
+
+
+def _ll_buffer(ctx, num_max_tokens=MAX_TOKENS, hidden=HIDDEN, num_experts=None, num_rdma_bytes=None):
+    from moe_ep.comm import Buffer
+
+    num_experts = num_experts or LOCAL_EXPERTS * ctx.world_size
+    if num_rdma_bytes is None:
+        num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(num_max_tokens, hidden, ctx.world_size, num_experts)
+    return Buffer(ctx.group, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True)
+
+
+def _inputs(ctx, seed, tokens=10, hidden=HIDDEN):
+    world = oracle.make_world(seed, ctx.world_size, tokens, hidden, NUM_TOPK, LOCAL_EXPERTS * ctx.world_size)
+    x = world.xs[ctx.rank].to(ctx.device, copy=True)
+    return (world, x, world.topk_idx[ctx.rank].to(ctx.device, copy=True),
+            world.topk_weights[ctx.rank].to(ctx.device, copy=True))
+
+
+def _layout_kwargs(buffer, topk_idx, topk_weights, num_experts):
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    return dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                topk_idx=topk_idx, topk_weights=topk_weights)
+
+
+def _with_entry(topk_idx, expert):
+    bad = topk_idx.clone()
+    bad[bad.shape[0] // 2, 1] = expert
+    return bad
+
+
+def _other_device(ctx):
+    return torch.device("cpu") if ctx.device.type == "cuda" else torch.device("meta")
+
+
+def _w_normal_validation(ctx, seed, case):
+    world, x, topk_idx, topk_weights = _inputs(ctx, seed)
+    num_experts = world.num_experts
+    buffer = _normal_buffer(ctx)
+    bad = (ValueError, TypeError)
+    if case == "x_dtype":
+        with pytest.raises(bad, match=X_NAME):
+            buffer.dispatch(x.to(torch.int32), **_layout_kwargs(buffer, topk_idx, topk_weights, num_experts))
+    elif case == "x_device":
+        with pytest.raises(bad, match=X_NAME + "|device"):
+            buffer.dispatch(x.to(_other_device(ctx)), **_layout_kwargs(buffer, topk_idx, topk_weights, num_experts))
+    elif case == "topk_idx_dtype":
+        with pytest.raises(bad, match=TOPK_NAME):
+            buffer.get_dispatch_layout(topk_idx.to(torch.int32), num_experts)
+    elif case == "topk_idx_shape":
+        with pytest.raises(bad, match=TOPK_NAME):
+            buffer.get_dispatch_layout(topk_idx.flatten(), num_experts)
+    elif case == "tokens_mismatch":
+        # The layout matches x; only topk_idx / topk_weights have one token more.
+        kwargs = _layout_kwargs(buffer, topk_idx[:-1], topk_weights[:-1], num_experts)
+        kwargs.update(topk_idx=topk_idx, topk_weights=topk_weights)
+        with pytest.raises(bad, match=X_NAME + "|" + TOPK_NAME):
+            buffer.dispatch(x[:-1], **kwargs)
+    elif case == "expert_id_too_large":
+        with pytest.raises(bad, match=EXPERT_ID):
+            buffer.get_dispatch_layout(_with_entry(topk_idx, num_experts), num_experts)
+    elif case == "expert_id_below_minus_one":
+        with pytest.raises(bad, match=EXPERT_ID):
+            buffer.get_dispatch_layout(_with_entry(topk_idx, -2), num_experts)
+    elif case == "num_experts_not_divisible":
+        with pytest.raises(bad, match="num_experts"):
+            buffer.get_dispatch_layout(topk_idx, num_experts + 1)
+    elif case == "fp8_hidden":
+        x_fp8 = torch.ones(x.shape[0], 200, device=ctx.device).to(torch.float8_e4m3fn)
+        scales = torch.ones(x.shape[0], 2, device=ctx.device)
+        with pytest.raises(bad, match=FP8_HIDDEN):
+            buffer.dispatch((x_fp8, scales), **_layout_kwargs(buffer, topk_idx, topk_weights, num_experts))
+    elif case == "num_worst_tokens_too_small":
+        # With 10 tokens per rank and 4 of 3R experts each, every rank receives far more than 1 token.
+        with pytest.raises(bad, match="num_worst_tokens"):
+            buffer.dispatch(x, num_worst_tokens=1, **_layout_kwargs(buffer, topk_idx, topk_weights, num_experts))
+    else:
+        raise AssertionError(f"unknown case {case}")
+
+
+NORMAL_CASES = ["x_dtype", "x_device", "topk_idx_dtype", "topk_idx_shape", "tokens_mismatch", "expert_id_too_large",
+                "expert_id_below_minus_one", "num_experts_not_divisible", "fp8_hidden", "num_worst_tokens_too_small"]
+
+
+@pytest.mark.parametrize("case", NORMAL_CASES)
+def test_normal_validation(dist_pool, case, seed):
+    dist_pool(2).run(_w_normal_validation, seed, case)
+
+
+def _w_ll_validation(ctx, seed, case):
+    from moe_ep.comm import Buffer
+
+    world, x, topk_idx, topk_weights = _inputs(ctx, seed, tokens=MAX_TOKENS)
+    num_experts = world.num_experts
+    bad = (ValueError, TypeError)
+    if case == "rdma_bytes_too_small":
+        hint = Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, ctx.world_size, num_experts)
+        buffer = _ll_buffer(ctx, num_rdma_bytes=hint // 2)
+        with pytest.raises(bad, match=re.escape(str(hint))):
+            buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts)
+        return
+    if case == "fp8_hidden":
+        buffer = _ll_buffer(ctx, hidden=200)
+        x200 = torch.ones(x.shape[0], 200, dtype=torch.bfloat16, device=ctx.device)
+        with pytest.raises(bad, match=FP8_HIDDEN):
+            buffer.low_latency_dispatch(x200, topk_idx, MAX_TOKENS, num_experts, use_fp8=True)
+        return
+    buffer = _ll_buffer(ctx)
+    if case == "x_dtype":
+        with pytest.raises(bad, match=X_NAME):
+            buffer.low_latency_dispatch(x.to(torch.int32), topk_idx, MAX_TOKENS, num_experts)
+    elif case == "x_device":
+        with pytest.raises(bad, match=X_NAME + "|device"):
+            buffer.low_latency_dispatch(x.to(_other_device(ctx)), topk_idx, MAX_TOKENS, num_experts)
+    elif case == "topk_idx_dtype":
+        with pytest.raises(bad, match=TOPK_NAME):
+            buffer.low_latency_dispatch(x, topk_idx.to(torch.int32), MAX_TOKENS, num_experts)
+    elif case == "topk_idx_shape":
+        with pytest.raises(bad, match=TOPK_NAME):
+            buffer.low_latency_dispatch(x, topk_idx.flatten(), MAX_TOKENS, num_experts)
+    elif case == "tokens_mismatch":
+        with pytest.raises(bad, match=X_NAME + "|" + TOPK_NAME):
+            buffer.low_latency_dispatch(x[:-1], topk_idx, MAX_TOKENS, num_experts)
+    elif case == "expert_id_too_large":
+        with pytest.raises(bad, match=EXPERT_ID):
+            buffer.low_latency_dispatch(x, _with_entry(topk_idx, num_experts + 3), MAX_TOKENS, num_experts)
+    elif case == "expert_id_below_minus_one":
+        with pytest.raises(bad, match=EXPERT_ID):
+            buffer.low_latency_dispatch(x, _with_entry(topk_idx, -5), MAX_TOKENS, num_experts)
+    elif case == "num_experts_not_divisible":
+        with pytest.raises(bad, match="num_experts"):
+            buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts + 1)
+    elif case == "too_many_tokens":
+        extra = oracle.make_tokens(torch.Generator().manual_seed(seed), 1, HIDDEN).to(ctx.device)
+        with pytest.raises(bad, match="num_max_dispatch_tokens_per_rank"):
+            buffer.low_latency_dispatch(torch.cat([x, extra]), torch.cat([topk_idx, topk_idx[:1]]),
+                                        MAX_TOKENS, num_experts)
+    elif case == "ue8m0_without_round_scale":
+        with pytest.raises(ValueError, match="round_scale|ue8m0"):
+            buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=True, use_ue8m0=True,
+                                        round_scale=False)
+    elif case == "use_logfmt":
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts,
+                                                                      use_fp8=False)
+        with pytest.raises((ValueError, NotImplementedError), match="logfmt"):
+            buffer.low_latency_combine(recv_x, topk_idx, topk_weights, handle, use_logfmt=True)
+    else:
+        raise AssertionError(f"unknown case {case}")
+
+
+LL_CASES = ["rdma_bytes_too_small", "fp8_hidden", "x_dtype", "x_device", "topk_idx_dtype", "topk_idx_shape",
+            "tokens_mismatch", "expert_id_too_large", "expert_id_below_minus_one", "num_experts_not_divisible",
+            "too_many_tokens", "ue8m0_without_round_scale", "use_logfmt"]
+
+
+@pytest.mark.parametrize("case", LL_CASES)
+def test_low_latency_validation(dist_pool, case, seed):
+    dist_pool(2).run(_w_ll_validation, seed, case)
+
+
+def _w_num_experts_divisibility_3_ranks(ctx, seed):
+    _, x, topk_idx, _ = _inputs(ctx, seed)
+    buffer = _normal_buffer(ctx)
+    with pytest.raises((ValueError, TypeError), match="num_experts"):
+        buffer.get_dispatch_layout(topk_idx, 10)  # 10 experts over 3 ranks
+
+
+def test_num_experts_not_divisible_by_3_ranks(dist_pool, seed):
+    dist_pool(3).run(_w_num_experts_divisibility_3_ranks, seed)

@@ -1,0 +1,295 @@
+"""Low-latency (decode) kernels of moe_ep.comm.Buffer: low_latency_dispatch / low_latency_combine.
+
+Received rows are checked order-independently: for each local expert, the multiset of
+(source rank, source token) pairs read through the handle (layout_range gives each source's rows,
+src_info the token) must equal the oracle's, and every row must hold its source token's data.
+Combine is checked by letting each expert be a known function of its input (oracle.toy_expert).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import oracle
+
+HIDDEN = 256
+UE8M0_HIDDEN = 512  # packed UE8M0 scales need hidden a multiple of 512
+NUM_TOPK = 4
+LOCAL_EXPERTS = 3
+MAX_TOKENS = 8  # num_max_dispatch_tokens_per_rank
+
+LL_ROUTING = {"drop_prob": 0.15, "duplicate_prob": 0.25, "all_dropped_token": True}
+
+
+def _on(ctx, x):
+    """A copy on the rank's device (never an alias of the oracle's tensors, even on CPU)."""
+    if isinstance(x, tuple):
+        return tuple(part.to(ctx.device, copy=True) for part in x)
+    return x.to(ctx.device, copy=True)
+
+
+def _ll_buffer(ctx, num_max_tokens, hidden, num_experts, **kwargs):
+    from moe_ep.comm import Buffer
+
+    num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(num_max_tokens, hidden, ctx.world_size, num_experts)
+    return Buffer(ctx.group, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True,
+                  num_qps_per_rank=max(1, num_experts // ctx.world_size), **kwargs)
+
+
+def _world(ctx, seed, tokens, hidden=HIDDEN, routing=None):
+    return oracle.make_world(seed, ctx.world_size, tokens, hidden, NUM_TOPK, LOCAL_EXPERTS * ctx.world_size,
+                             **(LL_ROUTING if routing is None else routing))
+
+
+def _ll_dispatch(ctx, buffer, world, num_max_tokens, **kwargs):
+    x, topk_idx = _on(ctx, world.xs[ctx.rank]), _on(ctx, world.topk_idx[ctx.rank])
+    result = buffer.low_latency_dispatch(x, topk_idx, num_max_tokens, world.num_experts, **kwargs)
+    oracle.assert_same((x, topk_idx), (world.xs[ctx.rank], world.topk_idx[ctx.rank]),
+                       "low_latency_dispatch inputs after the call (must be left unchanged)")
+    assert isinstance(result, tuple) and len(result) == 5, "low_latency_dispatch must return a 5-tuple"
+    recv_x, recv_count, handle, event, hook = result
+    if kwargs.get("return_recv_hook"):
+        assert callable(hook), f"return_recv_hook=True must return a callable hook, got {hook!r}"
+        hook()
+    return recv_x, recv_count, handle
+
+
+def _expected_combine(ctx, world, use_fp8, round_scale=False, masked_ranks=()):
+    r = ctx.rank
+    return oracle.ll_combine(world.xs[r], world.topk_idx[r], world.topk_weights[r], world.num_experts,
+                             ctx.world_size, use_fp8, round_scale, masked_ranks)
+
+
+def _ll_combine(ctx, buffer, world, recv_x, recv_count, handle, use_fp8, use_ue8m0=False, mode="plain",
+                return_recv_hook=False):
+    """Run toy experts on the received rows and combine them back; returns combined_x."""
+    from moe_ep.comm.event import EventOverlap
+
+    outputs = oracle.ll_expert_outputs(recv_x, recv_count.cpu(), ctx.rank, world.num_local_experts, use_fp8, use_ue8m0)
+    topk_idx, topk_weights = _on(ctx, world.topk_idx[ctx.rank]), _on(ctx, world.topk_weights[ctx.rank])
+    kwargs = {"return_recv_hook": return_recv_hook}
+    x = _on(ctx, outputs)
+    out = None
+    if mode == "zero_copy":
+        x = buffer.get_next_low_latency_combine_buffer(handle)
+        assert x.dtype == torch.bfloat16 and tuple(x.shape) == tuple(outputs.shape), \
+            f"get_next_low_latency_combine_buffer: {x.dtype} {tuple(x.shape)}, expected bf16 {tuple(outputs.shape)}"
+        x.copy_(_on(ctx, outputs))
+        kwargs["zero_copy"] = True
+    elif mode == "out":
+        out = torch.full((world.xs[ctx.rank].shape[0], world.hidden), float("nan"), dtype=torch.bfloat16,
+                         device=ctx.device)
+        kwargs["out"] = out
+    result = buffer.low_latency_combine(x, topk_idx, topk_weights, handle, **kwargs)
+    assert isinstance(result, tuple) and len(result) == 3, "low_latency_combine must return a 3-tuple"
+    combined, event, hook = result
+    assert isinstance(event, EventOverlap), f"event must be an EventOverlap, got {type(event).__name__}"
+    if return_recv_hook:
+        assert callable(hook), f"return_recv_hook=True must return a callable hook, got {hook!r}"
+        hook()
+    if out is not None:
+        assert combined.data_ptr() == out.data_ptr() and combined.shape == out.shape, "out= must receive the result"
+        combined = out
+    return combined
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------------------------
+
+def _w_dispatch(ctx, seed, tokens, hidden, use_fp8, round_scale=False, use_ue8m0=False, hook=False, routing=None,
+                num_max_tokens=MAX_TOKENS):
+    world = _world(ctx, seed, tokens, hidden, routing)
+    buffer = _ll_buffer(ctx, num_max_tokens, hidden, world.num_experts)
+    recv_x, recv_count, handle = _ll_dispatch(ctx, buffer, world, num_max_tokens, use_fp8=use_fp8,
+                                              round_scale=round_scale, use_ue8m0=use_ue8m0, return_recv_hook=hook)
+    oracle.check_ll_recv(ctx.rank, world, num_max_tokens, recv_x, recv_count, handle, use_fp8, round_scale, use_ue8m0)
+    return [int(c) for c in recv_count.cpu()]
+
+
+def _w_dispatch_combine(ctx, seed, tokens, hidden, use_fp8, round_scale=False, use_ue8m0=False, mode="plain",
+                        dispatch_hook=False, combine_hook=False, routing=None, num_max_tokens=MAX_TOKENS):
+    world = _world(ctx, seed, tokens, hidden, routing)
+    buffer = _ll_buffer(ctx, num_max_tokens, hidden, world.num_experts)
+    recv_x, recv_count, handle = _ll_dispatch(ctx, buffer, world, num_max_tokens, use_fp8=use_fp8,
+                                              round_scale=round_scale, use_ue8m0=use_ue8m0,
+                                              return_recv_hook=dispatch_hook)
+    oracle.check_ll_recv(ctx.rank, world, num_max_tokens, recv_x, recv_count, handle, use_fp8, round_scale, use_ue8m0)
+    combined = _ll_combine(ctx, buffer, world, recv_x, recv_count, handle, use_fp8, use_ue8m0, mode, combine_hook)
+    oracle.assert_close(combined, _expected_combine(ctx, world, use_fp8, round_scale), "combined_x")
+
+
+def _w_hidden_sizes(ctx, seed, hidden_sizes):
+    for i, hidden in enumerate(hidden_sizes):
+        _w_dispatch_combine(ctx, seed + i, [4, 3], hidden, use_fp8=True, num_max_tokens=4)
+        _w_dispatch_combine(ctx, seed + 100 + i, [2, 4], hidden, use_fp8=False, num_max_tokens=4)
+
+
+def _w_double_buffering(ctx, seed, use_fp8):
+    """Two dispatches in flight (two micro-batches): both results stay intact, both combine."""
+    first = _world(ctx, seed, [MAX_TOKENS, 5, 7, 2][:ctx.world_size])
+    second = _world(ctx, seed + 1, [3, MAX_TOKENS, 1, 6][:ctx.world_size])
+    buffer = _ll_buffer(ctx, MAX_TOKENS, HIDDEN, first.num_experts)
+    a = _ll_dispatch(ctx, buffer, first, MAX_TOKENS, use_fp8=use_fp8)
+    b = _ll_dispatch(ctx, buffer, second, MAX_TOKENS, use_fp8=use_fp8)
+    oracle.check_ll_recv(ctx.rank, first, MAX_TOKENS, *a, use_fp8)
+    oracle.check_ll_recv(ctx.rank, second, MAX_TOKENS, *b, use_fp8)
+    combined_a = _ll_combine(ctx, buffer, first, *a, use_fp8)
+    combined_b = _ll_combine(ctx, buffer, second, *b, use_fp8)
+    oracle.assert_close(combined_a, _expected_combine(ctx, first, use_fp8), "combined_x of the first micro-batch")
+    oracle.assert_close(combined_b, _expected_combine(ctx, second, use_fp8), "combined_x of the second micro-batch")
+
+
+def _w_cumulative_stats(ctx, seed):
+    world = _world(ctx, seed, [6, MAX_TOKENS, 3][:ctx.world_size])
+    buffer = _ll_buffer(ctx, MAX_TOKENS, HIDDEN, world.num_experts)
+    gen = torch.Generator().manual_seed(seed + ctx.rank)
+    initial = torch.randint(1, 100, (world.num_local_experts,), generator=gen, dtype=torch.int32)
+    stats = initial.clone().to(ctx.device)  # .to(cpu) alone would alias `initial`
+    for _ in range(2):
+        _, recv_count, _ = _ll_dispatch(ctx, buffer, world, MAX_TOKENS, use_fp8=True,
+                                        cumulative_local_expert_recv_stats=stats)
+    expected_counts = torch.tensor([sum(p.values()) for p in oracle.ll_expected_pairs(
+        ctx.rank, world.topk_idx, world.num_experts)], dtype=torch.int32)
+    oracle.assert_same(recv_count, expected_counts, "recv_count")
+    oracle.assert_same(stats, initial + 2 * expected_counts, "cumulative_local_expert_recv_stats after two dispatches")
+
+
+def _w_mask(ctx, seed, masked_rank):
+    world = _world(ctx, seed, [MAX_TOKENS, 6, 7, 5][:ctx.world_size])
+    buffer = _ll_buffer(ctx, MAX_TOKENS, HIDDEN, world.num_experts, enable_shrink=True)
+    status = torch.full((ctx.world_size,), 5, dtype=torch.int32, device=ctx.device)
+    buffer.low_latency_query_mask_buffer(status)
+    oracle.assert_same(status, torch.zeros(ctx.world_size, dtype=torch.int32), "mask status before any update")
+
+    buffer.low_latency_update_mask_buffer(masked_rank, True)
+    status.fill_(5)
+    buffer.low_latency_query_mask_buffer(status)
+    one_hot = torch.zeros(ctx.world_size, dtype=torch.int32)
+    one_hot[masked_rank] = 1
+    oracle.assert_same(status, one_hot, f"mask status after masking rank {masked_rank}")
+
+    recv_x, recv_count, handle = _ll_dispatch(ctx, buffer, world, MAX_TOKENS, use_fp8=False)
+    if ctx.rank != masked_rank:
+        oracle.check_ll_recv(ctx.rank, world, MAX_TOKENS, recv_x, recv_count, handle, False,
+                             masked_ranks=(masked_rank,))
+    combined = _ll_combine(ctx, buffer, world, recv_x, recv_count, handle, False)
+    if ctx.rank != masked_rank:
+        oracle.assert_close(combined, _expected_combine(ctx, world, False, masked_ranks=(masked_rank,)),
+                            f"combined_x with rank {masked_rank} masked")
+
+    buffer.low_latency_clean_mask_buffer()
+    status.fill_(5)
+    buffer.low_latency_query_mask_buffer(status)
+    oracle.assert_same(status, torch.zeros(ctx.world_size, dtype=torch.int32), "mask status after clean")
+    recv_x, recv_count, handle = _ll_dispatch(ctx, buffer, world, MAX_TOKENS, use_fp8=False)
+    oracle.check_ll_recv(ctx.rank, world, MAX_TOKENS, recv_x, recv_count, handle, False)
+    combined = _ll_combine(ctx, buffer, world, recv_x, recv_count, handle, False)
+    oracle.assert_close(combined, _expected_combine(ctx, world, False), "combined_x after cleaning the mask")
+
+
+def _w_mask_requires_shrink(ctx):
+    buffer = _ll_buffer(ctx, MAX_TOKENS, HIDDEN, LOCAL_EXPERTS * ctx.world_size)
+    with pytest.raises((ValueError, RuntimeError, AssertionError)):
+        buffer.low_latency_update_mask_buffer(0, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ll_dispatch_bf16_fewer_tokens_than_max(dist_pool, world_size, seed):
+    counts = dist_pool(world_size).run(_w_dispatch, seed, [5, 7, 1, 6][:world_size], HIDDEN, use_fp8=False)
+    assert sum(map(sum, counts)) > 0
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ll_dispatch_fp8_full(dist_pool, world_size, seed):
+    """T == num_max_dispatch_tokens_per_rank on every rank; duplicates and -1 entries included."""
+    dist_pool(world_size).run(_w_dispatch, seed, MAX_TOKENS, HIDDEN, use_fp8=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ll_dispatch_fp8_round_scale(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_dispatch, seed, [MAX_TOKENS, 3, 6, 4][:world_size], HIDDEN, use_fp8=True,
+                              round_scale=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ll_dispatch_fp8_ue8m0(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_dispatch, seed, [7, MAX_TOKENS, 2, 5][:world_size], UE8M0_HIDDEN, use_fp8=True,
+                              round_scale=True, use_ue8m0=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+def test_ll_dispatch_recv_hook(dist_pool, world_size, use_fp8, seed):
+    dist_pool(world_size).run(_w_dispatch, seed, [6, MAX_TOKENS, 3][:world_size], HIDDEN, use_fp8=use_fp8, hook=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ll_dispatch_skewed_to_one_expert(dist_pool, world_size, seed):
+    hot = LOCAL_EXPERTS * world_size - 2
+    counts = dist_pool(world_size).run(_w_dispatch, seed, MAX_TOKENS, HIDDEN, use_fp8=True,
+                                       routing={"routing": "skewed", "hot_expert": hot})
+    assert counts[hot // LOCAL_EXPERTS][hot % LOCAL_EXPERTS] == MAX_TOKENS * world_size
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ll_rank_with_zero_tokens(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_dispatch_combine, seed, [0, MAX_TOKENS, 4][:world_size], HIDDEN, use_fp8=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+def test_ll_combine(dist_pool, world_size, use_fp8, seed):
+    dist_pool(world_size).run(_w_dispatch_combine, seed, [MAX_TOKENS, 5, 7, 3][:world_size], HIDDEN, use_fp8)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ll_combine_after_ue8m0_dispatch(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_dispatch_combine, seed, [4, MAX_TOKENS, 6, 1][:world_size], UE8M0_HIDDEN,
+                              use_fp8=True, round_scale=True, use_ue8m0=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ll_combine_recv_hooks(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_dispatch_combine, seed, [5, MAX_TOKENS, 2, 7][:world_size], HIDDEN, use_fp8=True,
+                              dispatch_hook=True, combine_hook=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ll_combine_into_poisoned_out(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_dispatch_combine, seed, [MAX_TOKENS, 4, 6, 5][:world_size], HIDDEN, use_fp8=False,
+                              mode="out")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ll_combine_zero_copy(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_dispatch_combine, seed, [3, MAX_TOKENS, 6, 7][:world_size], HIDDEN, use_fp8=True,
+                              mode="zero_copy")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+def test_ll_double_buffering(dist_pool, world_size, use_fp8, seed):
+    dist_pool(world_size).run(_w_double_buffering, seed, use_fp8)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ll_cumulative_recv_stats(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_cumulative_stats, seed)
+
+
+def test_ll_mask_buffer(dist_pool, seed):
+    dist_pool(4).run(_w_mask, seed, 2)
+
+
+def test_ll_mask_requires_enable_shrink(dist_pool):
+    dist_pool(2).run(_w_mask_requires_shrink)
+
+
+def test_ll_hidden_sizes(dist_pool, seed):
+    """FP8 and bf16 low-latency dispatch + combine at DeepSeek/Qwen-like hidden sizes."""
+    dist_pool(2).run(_w_hidden_sizes, seed, [2048, 2560, 7168], timeout=240)
