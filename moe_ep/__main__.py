@@ -1,10 +1,12 @@
-"""``python -m moe_ep <command>``: ``demo`` (dispatch/combine over N ranks)."""
+"""``python -m moe_ep <command>``: ``run`` (the main job: an MoE stack over N ranks, checked
+against a dense run) and ``demo`` (dispatch/combine over N ranks)."""
 from __future__ import annotations
 
 import sys
 
 
 COMMANDS = {
+    "run": "moe_ep.run",
     "demo": "moe_ep.demo",
 }
 

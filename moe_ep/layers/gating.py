@@ -110,7 +110,7 @@ def _keep_top_groups(group_scores: torch.Tensor, topk_group: int, group_size: in
 
 def _group_view(scores: torch.Tensor, n_group: int) -> torch.Tensor:
     """[T, E] -> [T, n_group, E // n_group]; groups are contiguous runs of expert ids."""
-    return scores.view(scores.shape[0], n_group, -1)
+    return scores.view(scores.shape[0], n_group, scores.shape[1] // n_group)  # explicit: T may be 0
 
 
 # ------------------------------------------------------------------------------------ rules

@@ -14,6 +14,7 @@ does (gloo on CPUs, NCCL on GPUs). Design:
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -31,7 +32,8 @@ Payload = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 # Row packing: several per-row tensors <-> one uint8 matrix
 # --------------------------------------------------------------------------------------------
 def _as_bytes(t: torch.Tensor, num_rows: int) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).reshape(num_rows, -1)
+    row_bytes = t.element_size() * math.prod(t.shape[1:])  # explicit: num_rows may be 0
+    return t.contiguous().view(torch.uint8).reshape(num_rows, row_bytes)
 
 
 def pack_rows(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int, torch.dtype, tuple[int, ...]]]]:

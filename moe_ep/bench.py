@@ -1,0 +1,209 @@
+"""Benchmarks: ``python -m moe_ep.bench <target> [--out DIR]``; ``--list`` names the targets.
+
+``layer``: one DeepSeek-V3-sized MoE layer forward (hidden 7168, 256 experts, top-8,
+moe_intermediate 2048; 4096 tokens/rank prefill, 128 decode) on 1 GPU and on every local GPU,
+BF16 and FP8, beside a naive baseline timed in the same process run: Hugging Face's
+``DeepseekV3MoE`` (its per-expert loop) on 1 GPU, and ``all_to_all_single`` + a per-expert loop on
+several. Prints a table and writes ``layer.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+TARGETS = ("layer",)
+DSV3 = dict(hidden_size=7168, moe_intermediate_size=2048, num_experts=256, top_k=8, rule="deepseek_v3", n_group=8,
+            topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5, num_shared_experts=1)
+
+
+def time_cuda(fn: Callable[[], object], iters: int, warmup: int = 2, group=None) -> float:
+    """Median milliseconds of ``fn`` (CUDA events; ranks start each iteration together)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if group is not None:
+            dist.barrier(group=group)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------ naive baselines
+def _hf_block(dims: dict, device: torch.device):
+    """Hugging Face's DeepseekV3MoE at these sizes, random weights, bf16; None without transformers."""
+    try:
+        from transformers import DeepseekV3Config
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    except ImportError:
+        return None
+    cfg = DeepseekV3Config(hidden_size=dims["hidden_size"], moe_intermediate_size=dims["moe_intermediate_size"],
+                           n_routed_experts=dims["num_experts"], num_experts_per_tok=dims["top_k"],
+                           n_group=dims["n_group"], topk_group=dims["topk_group"], n_shared_experts=1,
+                           routed_scaling_factor=dims["routed_scaling_factor"], norm_topk_prob=True,
+                           intermediate_size=4 * dims["hidden_size"])
+    with torch.device(device):
+        block = DeepseekV3MoE(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.02)
+        for name, buf in block.named_buffers():
+            if "bias" in name:
+                buf.normal_(0, 1e-3)
+    return block.eval()
+
+
+def naive_ep_forward(moe, x: torch.Tensor) -> torch.Tensor:
+    """The obvious EP forward: route, all_to_all_single the (token, expert) copies with split
+    sizes (one host read), a Python loop over local experts, all_to_all_single back, weighted sum."""
+    group, ranks, local = moe.group, moe.ep_size, moe.num_local_experts
+    topk_idx, topk_weights, _ = moe.router(x)
+    flat_expert = topk_idx.flatten()
+    order = torch.argsort(flat_expert, stable=True)
+    send_x = x.index_select(0, order // topk_idx.shape[1])
+    send_expert = flat_expert[order]
+    send_counts = torch.bincount(send_expert // local, minlength=ranks)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+    recv_x = x.new_empty((sum(recv_splits), x.shape[1]))
+    dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=group)
+    recv_expert = send_expert.new_empty(sum(recv_splits))
+    dist.all_to_all_single(recv_expert, send_expert, recv_splits, send_splits, group=group)
+    recv_local = recv_expert - moe.ep_rank * local
+    out = torch.empty_like(recv_x)
+    w13, w2 = moe.experts.w13, moe.experts.w2
+    inter = moe.moe_intermediate_size
+    for e in range(local):
+        rows = (recv_local == e).nonzero(as_tuple=True)[0]
+        if rows.numel():
+            h = recv_x[rows] @ w13[e].t()
+            out[rows] = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].t()
+    back = x.new_empty(send_x.shape)
+    dist.all_to_all_single(back, out, send_splits, recv_splits, group=group)
+    unsorted = torch.empty_like(back)
+    unsorted[order] = back
+    weighted = unsorted.float().view(*topk_idx.shape, x.shape[1]) * topk_weights.unsqueeze(-1)
+    result = weighted.sum(1)
+    if moe.shared_experts is not None:
+        result = result + moe.shared_experts(x).float()
+    return result.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------ layer benchmark
+def _bench_layer_rank(rank: int, world_size: int, opts: dict) -> None:
+    from .layers.moe import ExpertParallelMoE
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    group = dist.group.WORLD if world_size > 1 else None
+    dims = dict(DSV3, num_experts=opts["experts"], top_k=opts["top_k"], hidden_size=opts["hidden"])
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(rank)
+    x_prefill = torch.randn(opts["tokens"], dims["hidden_size"], generator=gen, device=device).bfloat16()
+    x_decode = torch.randn(opts["decode_tokens"], dims["hidden_size"], generator=gen, device=device).bfloat16()
+    hf = _hf_block(dims, device) if world_size == 1 and not opts.get("no_hf") else None
+    for fp8 in (False, True):
+        moe_kwargs = dict(dims, fp8=fp8, dtype=torch.bfloat16, device=device, group=group,
+                          low_latency_max_tokens=opts["decode_tokens"])
+        if hf is not None:
+            from .layers.hf import from_hf_block
+            moe = from_hf_block(hf, group=None, fp8=fp8, low_latency_max_tokens=opts["decode_tokens"])
+        else:
+            moe = ExpertParallelMoE(**moe_kwargs).init_weights(0)
+        moe.quantize_fp8_()
+        for phase, x in (("prefill", x_prefill), ("decode", x_decode)):
+            moe.phase = phase
+            with torch.no_grad():
+                ours = time_cuda(lambda: moe(x), opts["iters"], group=group)
+                if world_size == 1:
+                    baseline_name = "HF DeepseekV3MoE" if hf is not None else "none"
+                    baseline = time_cuda(lambda: hf(x.unsqueeze(0)), opts["iters"]) if hf is not None and not fp8 else None
+                else:
+                    baseline_name = "all_to_all_single + expert loop"
+                    baseline = time_cuda(lambda: naive_ep_forward(moe, x), opts["iters"], group=group) if not fp8 else None
+            rows.append({"gpus": world_size, "phase": phase, "tokens_per_rank": x.shape[0],
+                         "precision": "fp8" if fp8 else "bf16", "ms": ours, "baseline": baseline_name,
+                         "baseline_ms": baseline})
+        del moe
+        torch.cuda.empty_cache()
+    gathered: list = [None] * world_size
+    if group is not None:
+        dist.all_gather_object(gathered, rows)
+    else:
+        gathered = [rows]
+    if rank == 0:
+        out_path = os.path.join(opts["out"], f"layer_{world_size}gpu.json")
+        with open(out_path, "w") as f:
+            json.dump(gathered, f, indent=1)
+        for i, row in enumerate(rows):
+            row["ms"] = max(g[i]["ms"] for g in gathered)
+            if row["baseline_ms"] is not None:
+                row["baseline_ms"] = max(g[i]["baseline_ms"] for g in gathered)
+            print(_layer_line(row), flush=True)
+
+
+def _layer_line(row: dict) -> str:
+    base = f"{row['baseline_ms']:.3f}" if row["baseline_ms"] is not None else "-"
+    ratio = f"{row['baseline_ms'] / row['ms']:.2f}x" if row["baseline_ms"] is not None else "-"
+    return (f"layer gpus={row['gpus']} {row['phase']:<8} tokens/rank={row['tokens_per_rank']:<5} "
+            f"{row['precision']:<5} ours_ms={row['ms']:.3f} baseline_ms={base} speedup={ratio} "
+            f"baseline={row['baseline']}")
+
+
+def bench_layer(args) -> None:
+    from .launch import launch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("the layer benchmark needs CUDA GPUs")
+    opts = {"tokens": args.tokens, "decode_tokens": args.decode_tokens, "hidden": args.hidden,
+            "experts": args.experts, "top_k": args.top_k, "iters": args.iters, "out": args.out,
+            "no_hf": args.no_hf}
+    os.makedirs(args.out, exist_ok=True)
+    print(f"layer benchmark: hidden={args.hidden} experts={args.experts} top-{args.top_k} "
+          f"moe_intermediate=2048, prefill {args.tokens} tokens/rank, decode {args.decode_tokens}", flush=True)
+    gpu_counts = [1] + ([torch.cuda.device_count()] if torch.cuda.device_count() > 1 else [])
+    for count in gpu_counts:
+        if count == 1:
+            torch.cuda.set_device(0)
+            _bench_layer_rank(0, 1, opts)
+            torch.cuda.empty_cache()
+        else:
+            launch(_bench_layer_rank, count, "nccl", args=(opts,))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m moe_ep.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", nargs="?", choices=TARGETS)
+    parser.add_argument("--list", action="store_true", help="print the targets and exit")
+    parser.add_argument("--out", default=os.environ.get("OUT", "moe_ep_out"))
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline on 1 GPU")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(TARGETS))
+        return
+    if args.target is None:
+        parser.error("name a target (or --list)")
+    {"layer": bench_layer}[args.target](args)
+
+
+if __name__ == "__main__":
+    main()
