@@ -86,10 +86,13 @@ def _run_rank(rank: int, world_size: int, cfg, plot: Optional[str], json_path: O
         dist.barrier()
 
     rows = []
+    total_load = torch.zeros(cfg.model.num_experts, dtype=torch.int64, device=device)
 
     def step(phase: str, x: torch.Tensor) -> None:
         set_phase(model, phase)
         set_phase(dense, "prefill" if phase == "prefill" else "decode")
+        for layer in model:
+            layer.moe.expert_load.zero_()
         sync()
         start = time.perf_counter()
         with torch.no_grad():
@@ -98,7 +101,11 @@ def _run_rank(rank: int, world_size: int, cfg, plot: Optional[str], json_path: O
         elapsed = time.perf_counter() - start
         with torch.no_grad():
             ref = dense(x)
-        rows.append({"phase": phase, "tokens": x.shape[0], "seconds": elapsed, "rel_err": _rel_err(out, ref)})
+        load = sum(layer.moe.expert_load[:-1] for layer in model)
+        dist.all_reduce(load, group=group)  # each rank counted its own tokens' choices
+        total_load.add_(load)
+        rows.append({"phase": phase, "tokens": x.shape[0], "seconds": elapsed, "rel_err": _rel_err(out, ref),
+                     "balance": _balance(load)})
 
     hidden = cfg.model.hidden_size
     with torch.no_grad():  # warm-up: first calls allocate buffers and compile nothing else
@@ -108,17 +115,13 @@ def _run_rank(rank: int, world_size: int, cfg, plot: Optional[str], json_path: O
     for i in range(run.decode_steps):
         step("decode", torch.randn(run.decode_batch, hidden, generator=gen).to(device, dtype))
         if rank == 0 and run.decode_steps >= 20 and (i + 1) % max(1, run.decode_steps // 10) == 0:
-            print(f"  decode step {i + 1}/{run.decode_steps}", file=sys.stderr, flush=True)
+            print(f"  decode step {i + 1}/{run.decode_steps}", file=sys.stderr, flush=True)  # progress
 
-    load = sum(layer.moe.expert_load[:-1] for layer in model).to(torch.int64)
-    dist.all_reduce(load, group=group)  # every rank counted its own tokens' choices
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, rows)
     if rank != 0:
         return
-    load_list = load.cpu().tolist()
-    mean_load = sum(load_list) / len(load_list)
-    balance = max(load_list) / mean_load if mean_load else 0.0
+    load_list = total_load.cpu().tolist()
     print(f"moe_ep run: {world_size} ranks ({dist.get_backend()}), {cfg.model.num_layers} layers, "
           f"hidden={hidden}, experts={cfg.model.num_experts} top-{cfg.model.top_k}, "
           f"{cfg.gating.rule}, dtype={cfg.precision.dtype}, fp8={cfg.precision.fp8}")
@@ -129,8 +132,8 @@ def _run_rank(rank: int, world_size: int, cfg, plot: Optional[str], json_path: O
         seconds = max(g[i]["seconds"] for g in gathered)
         err = max(g[i]["rel_err"] for g in gathered)
         summary.append({"phase": row["phase"], "tokens": tokens, "ms": seconds * 1e3,
-                        "tokens_per_s": tokens / seconds, "max_rel_err": err})
-        print(f"{row['phase']:<9}{tokens:>8}{seconds * 1e3:>10.2f}{tokens / seconds:>12.0f}{err:>11.2e}{balance:>15.2f}")
+                        "tokens_per_s": tokens / seconds, "max_rel_err": err, "load_max_over_mean": row["balance"]})
+        print(f"{row['phase']:<9}{tokens:>8}{seconds * 1e3:>10.2f}{tokens / seconds:>12.0f}{err:>11.2e}{row['balance']:>15.2f}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"config": cfg.to_dict(), "steps": summary, "expert_load": load_list}, f, indent=1)
@@ -139,16 +142,20 @@ def _run_rank(rank: int, world_size: int, cfg, plot: Optional[str], json_path: O
         print(f"per-expert load plotted to {plot}")
 
 
+def _balance(load: torch.Tensor) -> float:
+    """Expert load balance: the busiest expert's tokens over the mean (1.0 is perfect)."""
+    mean = load.double().mean().item()
+    return load.max().item() / mean if mean > 0 else 0.0
+
+
 def _plot_load(load: list[int], path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise SystemExit(f"--plot needs matplotlib (pip install 'moe_ep[plot]'): {exc}")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(max(6, len(load) / 8), 3))
     ax.bar(range(len(load)), load)
     ax.axhline(sum(load) / len(load), color="red", linestyle="--", label="mean")
+    ax.set_title("tokens routed to each expert (all layers, all steps)")
     ax.set_xlabel("expert")
     ax.set_ylabel("tokens routed")
     ax.legend()
@@ -169,6 +176,11 @@ def main(argv=None) -> None:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
         raise SystemExit(f"error: {exc}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: --plot needs matplotlib: pip install 'moe_ep[plot]'")
     nproc = args.nproc or cfg.parallel.ep_size
     if nproc != cfg.parallel.ep_size:
         try:
