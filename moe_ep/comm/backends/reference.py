@@ -55,7 +55,9 @@ def unpack_rows(rows: torch.Tensor, layout) -> list[torch.Tensor]:
     """Inverse of :func:`pack_rows` for any number of rows with the same layout."""
     out = []
     for offset, width, dtype, shape in layout:
-        column = rows[:, offset:offset + width].contiguous()
+        # A fresh, packed tensor: offset 0 and row stride == width, so any dtype view is aligned.
+        column = torch.empty((rows.shape[0], width), dtype=torch.uint8, device=rows.device)
+        column.copy_(rows[:, offset:offset + width])
         out.append(column.view(dtype).reshape(rows.shape[0], *shape))
     return out
 
