@@ -33,7 +33,7 @@ FP8_HIDDEN = r"hidden|128"
 def _w_identity(ctx, value):
     import torch.distributed as dist
 
-    total = torch.tensor([ctx.rank + value])
+    total = torch.tensor([ctx.rank + value], device=ctx.device)
     dist.all_reduce(total, group=ctx.group)
     return ctx.rank, ctx.world_size, str(ctx.device), int(total)
 
@@ -59,6 +59,41 @@ def test_pool_reports_remote_rank_and_traceback(dist_pool):
     assert "deliberate failure on rank 1" in str(info.value)
     assert "_w_raise_on_rank" in str(info.value)  # the remote traceback
     assert pool.alive and pool.run(_w_identity, 0)[0][0] == 0  # still usable
+
+
+def _w_sleep_on_rank_0(ctx, seconds):
+    import time
+
+    if ctx.rank == 0:
+        time.sleep(seconds)
+    return ctx.rank
+
+
+def _w_raise_before_collective(ctx):
+    import torch.distributed as dist
+
+    if ctx.rank == 1:
+        raise ValueError("rank 1 never reaches the all_reduce")
+    dist.all_reduce(torch.ones(1, device=ctx.device), group=ctx.group)
+
+
+def test_pool_timeout_kills_the_pool(dist_pool):
+    from tests.dist_pool import PoolTimeout
+
+    pool = dist_pool(2)
+    with pytest.raises(PoolTimeout, match=r"timed out .* rank\(s\) \[0\]"):
+        pool.run(_w_sleep_on_rank_0, 60, timeout=2)
+    assert not pool.alive
+    fresh = dist_pool(2)
+    assert fresh is not pool and fresh.run(_w_identity, 1)[1][3] == 3
+
+
+def test_pool_killed_when_peers_wedge_after_a_failure(dist_pool):
+    pool = dist_pool(2)
+    with pytest.raises(RankFailure, match=r"rank 1 never reaches") as info:
+        pool.run(_w_raise_before_collective)
+    assert "did not finish" in str(info.value) and "all_reduce" in str(info.value)  # rank 0's stack dump
+    assert not pool.alive and dist_pool(2).alive
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,6 +188,28 @@ def _w_mask(ctx, seed, masked_rank):
     oracle.assert_close(combined, _expected_combine(ctx, world, False), "combined_x after cleaning the mask")
 
 
+def _w_normal_then_low_latency(ctx, seed):
+    """One Buffer used by the normal kernels, then (after clean_low_latency_buffer) low latency."""
+    from moe_ep.comm import Buffer
+
+    world = _world(ctx, seed, [MAX_TOKENS, 5, 7][:ctx.world_size])
+    num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, ctx.world_size, world.num_experts)
+    buffer = Buffer(ctx.group, num_nvl_bytes=1 << 22, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True)
+    x, topk_idx = _on(ctx, world.xs[ctx.rank]), _on(ctx, world.topk_idx[ctx.rank])
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, world.num_experts)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                 num_tokens_per_expert=per_expert, topk_idx=topk_idx,
+                                                 topk_weights=_on(ctx, world.topk_weights[ctx.rank]))
+    expected = oracle.dispatch(ctx.rank, world.xs, world.topk_idx, world.topk_weights, world.num_experts)
+    oracle.assert_same(recv_x, expected.recv_x, "recv_x of the normal dispatch")
+    buffer.combine(recv_x, handle)
+    buffer.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, world.num_experts)
+    recv_x, recv_count, handle = _ll_dispatch(ctx, buffer, world, MAX_TOKENS, use_fp8=True)
+    oracle.check_ll_recv(ctx.rank, world, MAX_TOKENS, recv_x, recv_count, handle, True)
+    combined = _ll_combine(ctx, buffer, world, recv_x, recv_count, handle, True)
+    oracle.assert_close(combined, _expected_combine(ctx, world, True), "combined_x")
+
+
 def _w_mask_requires_shrink(ctx):
     buffer = _ll_buffer(ctx, MAX_TOKENS, HIDDEN, LOCAL_EXPERTS * ctx.world_size)
     with pytest.raises((ValueError, RuntimeError, AssertionError)):
@@ -280,6 +302,11 @@ def test_ll_double_buffering(dist_pool, world_size, use_fp8, seed):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ll_cumulative_recv_stats(dist_pool, world_size, seed):
     dist_pool(world_size).run(_w_cumulative_stats, seed)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ll_after_normal_kernels_and_clean(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_normal_then_low_latency, seed)
 
 
 def test_ll_mask_buffer(dist_pool, seed):

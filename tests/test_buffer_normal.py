@@ -30,8 +30,8 @@ def _buffer(ctx, **kwargs):
     return Buffer(ctx.group, num_nvl_bytes=NUM_NVL_BYTES, **kwargs)
 
 
-def _world(ctx, seed, tokens=24, hidden=HIDDEN, integer=False, **routing):
-    return oracle.make_world(seed, ctx.world_size, tokens, hidden, NUM_TOPK, LOCAL_EXPERTS * ctx.world_size,
+def _world(ctx, seed, tokens=24, hidden=HIDDEN, integer=False, num_topk=NUM_TOPK, **routing):
+    return oracle.make_world(seed, ctx.world_size, tokens, hidden, num_topk, LOCAL_EXPERTS * ctx.world_size,
                              integer=integer, **routing)
 
 
@@ -137,6 +137,26 @@ def _w_dispatch(ctx, seed, tokens, routing, fp8=False, expert_alignment=1, num_w
     return _expect(ctx, world).num_recv_tokens
 
 
+def _w_topk_round_trip(ctx, seed, tokens, num_topk):
+    world = _world(ctx, seed, tokens, num_topk=num_topk, **SPARSE)
+    buffer = _buffer(ctx)
+    recv_x, handle = _check_dispatch(ctx, _dispatch(ctx, buffer, world), _expect(ctx, world))
+    combined, _, _ = buffer.combine(recv_x, handle)
+    oracle.assert_same(combined, _round_trip_expected(ctx, world), "combined_x of a round trip")
+
+
+def _w_reuse(ctx, seed):
+    """One Buffer, successive layers of different sizes and payload forms (as a model uses it)."""
+    buffer = _buffer(ctx)
+    for step, (tokens, hidden, fp8) in enumerate([(12, 256, False), (30, 128, True), (5, 384, False), (17, 256, True)]):
+        world = _world(ctx, seed + step, tokens, hidden=hidden, **SPARSE)
+        xs = [oracle.quantize(x) for x in world.xs] if fp8 else world.xs
+        _check_dispatch(ctx, _dispatch(ctx, buffer, world, x=xs[ctx.rank]), _expect(ctx, world, xs))
+        recv_x, handle = _check_dispatch(ctx, _dispatch(ctx, buffer, world), _expect(ctx, world))
+        combined, _, _ = buffer.combine(recv_x, handle)
+        oracle.assert_same(combined, _round_trip_expected(ctx, world), f"combined_x at step {step}")
+
+
 def _w_num_recv(ctx, seed, tokens, routing):
     return _expect(ctx, _world(ctx, seed, tokens, **routing)).num_recv_tokens
 
@@ -212,6 +232,7 @@ def _w_async_previous_event(ctx, seed):
 
     world = _world(ctx, seed, 16)
     buffer = _buffer(ctx)
+    dispatch_config, combine_config = Buffer.get_dispatch_config(ctx.world_size), Buffer.get_combine_config(ctx.world_size)
     previous = Buffer.capture()
     num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, event = buffer.get_dispatch_layout(
         _on(ctx, world.topk_idx[ctx.rank]), world.num_experts, previous_event=previous, async_finish=True)
@@ -220,10 +241,11 @@ def _w_async_previous_event(ctx, seed):
                              is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
                              topk_idx=_on(ctx, world.topk_idx[ctx.rank]),
                              topk_weights=_on(ctx, world.topk_weights[ctx.rank]),
-                             previous_event=Buffer.capture(), async_finish=True)
+                             config=dispatch_config, previous_event=Buffer.capture(), async_finish=True)
     result[5].current_stream_wait()
     recv_x, handle = _check_dispatch(ctx, result, _expect(ctx, world))
-    combined, _, event = buffer.combine(recv_x, handle, previous_event=Buffer.capture(), async_finish=True)
+    combined, _, event = buffer.combine(recv_x, handle, config=combine_config, previous_event=Buffer.capture(),
+                                        async_finish=True)
     assert isinstance(event, EventOverlap)
     with event:
         pass
@@ -333,10 +355,27 @@ def test_combine_skewed(dist_pool, seed):
     dist_pool(3).run(_w_combine, seed, 15, {"routing": "skewed", "hot_expert": 4}, True, "one")
 
 
+@pytest.mark.parametrize("num_topk", [1, 8])
+def test_dispatch_combine_topk_sizes(dist_pool, num_topk, seed):
+    """top-1 and top-8 (of 12 experts over 4 ranks) through dispatch and a round trip."""
+    dist_pool(4).run(_w_topk_round_trip, seed, [20, 11, 16, 7], num_topk)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_buffer_reused_across_layers(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_reuse, seed)
+
+
+def test_many_tokens(dist_pool, seed):
+    """A larger batch (160 tokens per rank) to exercise the bookkeeping beyond toy sizes."""
+    dist_pool(4).run(_w_round_trip, seed, [160, 150, 140, 160], SPARSE)
+
+
 def test_hidden_sizes(dist_pool, seed):
     """bf16 and FP8 dispatch, then combine, at DeepSeek/Qwen-like hidden sizes."""
     dist_pool(2).run(_w_hidden_sizes, seed, [2048, 2560, 7168], timeout=240)
 
 
-def test_async_finish_and_previous_event(dist_pool, seed):
+def test_async_finish_previous_event_and_config(dist_pool, seed):
+    """async_finish / previous_event / config are accepted; waiting on the events gives the data."""
     dist_pool(2).run(_w_async_previous_event, seed)
