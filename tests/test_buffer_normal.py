@@ -157,6 +157,13 @@ def _w_reuse(ctx, seed):
         oracle.assert_same(combined, _round_trip_expected(ctx, world), f"combined_x at step {step}")
 
 
+def _w_float32(ctx, seed):
+    world = _world(ctx, seed, 14, **SPARSE)
+    xs = [x.float() for x in world.xs]
+    buffer = _buffer(ctx)
+    _check_dispatch(ctx, _dispatch(ctx, buffer, world, x=xs[ctx.rank]), _expect(ctx, world, xs))
+
+
 def _w_num_recv(ctx, seed, tokens, routing):
     return _expect(ctx, _world(ctx, seed, tokens, **routing)).num_recv_tokens
 
@@ -369,6 +376,13 @@ def test_buffer_reused_across_layers(dist_pool, world_size, seed):
 def test_many_tokens(dist_pool, seed):
     """A larger batch (160 tokens per rank) to exercise the bookkeeping beyond toy sizes."""
     dist_pool(4).run(_w_round_trip, seed, [160, 150, 140, 160], SPARSE)
+
+
+def test_dispatch_float32_on_cpu(dist_pool, dist_backend, seed):
+    """float32 payloads are accepted on CPU groups (exact checks without bf16 rounding)."""
+    if dist_backend != "gloo":
+        pytest.skip("float32 payloads are a CPU convenience")
+    dist_pool(2).run(_w_float32, seed)
 
 
 def test_hidden_sizes(dist_pool, seed):
