@@ -54,8 +54,13 @@ def _hf_block(dims: dict, device: torch.device):
                            n_group=dims["n_group"], topk_group=dims["topk_group"], n_shared_experts=1,
                            routed_scaling_factor=dims["routed_scaling_factor"], norm_topk_prob=True,
                            intermediate_size=4 * dims["hidden_size"])
-    with torch.device(device):
-        block = DeepseekV3MoE(cfg).to(torch.bfloat16)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16: a float32 copy would double the peak
+    try:
+        with torch.device(device):
+            block = DeepseekV3MoE(cfg)
+    finally:
+        torch.set_default_dtype(previous)
     with torch.no_grad():
         for param in block.parameters():
             param.normal_(0, 0.02)

@@ -306,7 +306,10 @@ class ExpertParallelMoE(nn.Module):
         recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
             x.to(torch.bfloat16), topk_idx, self.low_latency_max_tokens, self.num_experts, use_fp8=self.fp8,
             round_scale=self.fp8_round_scale)
-        y = self.experts.forward_masked(recv_x, recv_count)
+        # Each source sends this rank at most M * min(K, L) (token, expert) pairs: a fixed bound
+        # that shrinks the packed GEMMs without a host sync.
+        bound = self.ep_size * self.low_latency_max_tokens * min(self.top_k, self.num_local_experts)
+        y = self.experts.forward_masked(recv_x, recv_count, max_valid_rows=bound)
         combined, _, _ = buffer.low_latency_combine(y.to(torch.bfloat16), topk_idx, topk_weights, handle)
         return combined
 
@@ -330,7 +333,8 @@ class ExpertParallelMoE(nn.Module):
             flat = torch.zeros((self.num_experts * slots + 1, part.shape[1]), dtype=raw.dtype, device=x.device)
             flat.index_copy_(0, target, raw.index_select(0, token))
             masked.append(flat[:-1].view(part.dtype).view(self.num_experts, slots, part.shape[1]))
-        y = self.experts.forward_masked(tuple(masked) if len(masked) == 2 else masked[0], counts)
+        y = self.experts.forward_masked(tuple(masked) if len(masked) == 2 else masked[0], counts,
+                                        max_valid_rows=num_tokens * k)
         picked = y.reshape(-1, self.hidden_size).index_select(0, torch.where(valid.flatten(), target, 0))
         weights = torch.where(valid, topk_weights, 0.0).view(num_tokens, k, 1)
         return (picked.float().view(num_tokens, k, self.hidden_size) * weights).sum(1)
