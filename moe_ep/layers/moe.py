@@ -283,21 +283,29 @@ class ExpertParallelMoE(nn.Module):
 
     def _local_experts_on_rows(self, rows_x, local_idx: torch.Tensor, weights: torch.Tensor,
                                num_rows: int) -> torch.Tensor:
-        """Rows -> sum over their local experts of weight * expert(row), via one grouped GEMM
-        over (row, expert) pairs grouped by expert ("contiguous" layout)."""
-        row, slot = (local_idx >= 0).nonzero(as_tuple=True)
-        expert = local_idx[row, slot]
+        """Rows -> sum over their local experts of weight * expert(row).
+
+        The (row, k) pairs are grouped by expert for one grouped GEMM ("contiguous" layout); the
+        outputs are put back in (row, k) order and reduced with the weights by one batched
+        [1, K] x [K, H] product per row: no float32 scatter-add, one pass over the outputs."""
+        num_k = local_idx.shape[1]
+        flat_idx = local_idx.flatten()
+        pair = (flat_idx >= 0).nonzero().squeeze(1)          # (row, k) ids, row-major
+        expert = flat_idx.index_select(0, pair)
         order = torch.argsort(expert, stable=True)
-        row, slot, expert = row[order], slot[order], expert[order]
+        pair = pair.index_select(0, order)
         counts = torch.bincount(expert, minlength=self.num_local_experts).tolist()
+        row = pair // num_k
         if isinstance(rows_x, tuple):
             pairs_x = (rows_x[0].index_select(0, row), rows_x[1].index_select(0, row))
         else:
             pairs_x = rows_x.index_select(0, row)
         y = self.experts.forward_contiguous(pairs_x, counts)
-        out = torch.zeros((num_rows, self.hidden_size), dtype=torch.float32, device=local_idx.device)
-        out.index_add_(0, row, y.float() * weights[row, slot].unsqueeze(1))
-        return out
+        by_slot = torch.zeros((num_rows * num_k, self.hidden_size), dtype=y.dtype, device=y.device)
+        by_slot.index_copy_(0, pair, y)
+        slot_weights = torch.where(local_idx >= 0, weights, 0.0).to(y.dtype)
+        out = torch.bmm(slot_weights.view(num_rows, 1, num_k), by_slot.view(num_rows, num_k, self.hidden_size))
+        return out.view(num_rows, self.hidden_size)
 
     def _decode(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if self.group is None:
@@ -316,13 +324,16 @@ class ExpertParallelMoE(nn.Module):
     def _local_decode(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """EP size 1 decode on the masked layout, built on the device: no host sync."""
         num_tokens, k = topk_idx.shape
-        slots = self.low_latency_max_tokens * k
+        # An expert takes a token at most once (routers pick distinct experts), so M slots do.
+        slots = self.low_latency_max_tokens
         valid = topk_idx >= 0
         expert = torch.where(valid, topk_idx, 0).flatten()
         onehot = (expert.unsqueeze(1) == torch.arange(self.num_experts, device=x.device)) & valid.flatten().unsqueeze(1)
         slot = (onehot.to(torch.int64).cumsum(0) - 1).gather(1, expert.unsqueeze(1)).squeeze(1)
         counts = onehot.sum(0).to(torch.int32)
-        target = torch.where(valid.flatten(), expert * slots + slot, self.num_experts * slots)
+        # A duplicated expert id in one token's row would overflow its block: such copies are dropped.
+        kept = valid.flatten() & (slot < slots)
+        target = torch.where(kept, expert * slots + slot, self.num_experts * slots)
         token = torch.arange(num_tokens * k, device=x.device) // k
         payload = self._activations(x)
         parts = list(payload) if isinstance(payload, tuple) else [payload]
@@ -335,8 +346,8 @@ class ExpertParallelMoE(nn.Module):
             masked.append(flat[:-1].view(part.dtype).view(self.num_experts, slots, part.shape[1]))
         y = self.experts.forward_masked(tuple(masked) if len(masked) == 2 else masked[0], counts,
                                         max_valid_rows=num_tokens * k)
-        picked = y.reshape(-1, self.hidden_size).index_select(0, torch.where(valid.flatten(), target, 0))
-        weights = torch.where(valid, topk_weights, 0.0).view(num_tokens, k, 1)
+        picked = y.reshape(-1, self.hidden_size).index_select(0, torch.where(kept, target, 0))
+        weights = torch.where(kept.view(num_tokens, k), topk_weights, 0.0).view(num_tokens, k, 1)
         return (picked.float().view(num_tokens, k, self.hidden_size) * weights).sum(1)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,82 @@
+"""Where a DeepSeek-V3-sized ExpertParallelMoE forward spends its time on one GPU (EP size 1).
+
+Times each stage with CUDA events (router, pair sort + gather, expert GEMMs, weighting + scatter,
+shared experts) for prefill, and prints the profiler's top kernels for prefill and decode.
+Usage: python benchmarks/profile_layer.py [--tokens 4096] [--fp8]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from moe_ep.bench import DSV3
+from moe_ep.layers.moe import ExpertParallelMoE
+
+
+def cuda_ms(fn, iters: int = 10) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--fp8", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    moe = ExpertParallelMoE(**DSV3, dtype=torch.bfloat16, device=device, fp8=args.fp8).init_weights(0).quantize_fp8_()
+    x = torch.randn(args.tokens, DSV3["hidden_size"], device=device).bfloat16()
+    with torch.no_grad():
+        idx, w, _ = moe.router(x)
+        payload = moe._activations(x)
+        stages = {
+            "whole forward (prefill)": lambda: moe(x),
+            "router": lambda: moe.router(x),
+            "activations (fp8 quant if any)": lambda: moe._activations(x),
+            "routed experts on rows": lambda: moe._local_experts_on_rows(payload, idx, w, x.shape[0]),
+            "shared experts": lambda: moe.shared_experts(x),
+        }
+        # The pieces of _local_experts_on_rows, separately.
+        row, slot = (idx >= 0).nonzero(as_tuple=True)
+        expert = idx[row, slot]
+        order = torch.argsort(expert, stable=True)
+        row, slot, expert = row[order], slot[order], expert[order]
+        counts = torch.bincount(expert, minlength=moe.num_local_experts).tolist()
+        pairs_x = x.index_select(0, row) if not args.fp8 else (payload[0].index_select(0, row), payload[1].index_select(0, row))
+        y = moe.experts.forward_contiguous(pairs_x, counts)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=device)
+        stages.update({
+            "  pairs: nonzero+argsort+bincount": lambda: torch.bincount(torch.argsort(idx[(idx >= 0)], stable=True), minlength=256).tolist(),
+            "  gather pair rows": lambda: x.index_select(0, row),
+            "  expert GEMMs (forward_contiguous)": lambda: moe.experts.forward_contiguous(pairs_x, counts),
+            "  weight + index_add (fp32)": lambda: out.index_add_(0, row, y.float() * w[row, slot].unsqueeze(1)),
+        })
+        for name, fn in stages.items():
+            print(f"{name:<40}{cuda_ms(fn):>10.3f} ms", flush=True)
+        moe.phase = "prefill"
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            moe(x)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+        moe.phase = "decode"
+        xd = x[:128].contiguous()
+        print(f"{'whole forward (decode 128)':<40}{cuda_ms(lambda: moe(xd)):>10.3f} ms")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            moe(xd)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
