@@ -48,19 +48,26 @@ def main() -> None:
             "shared experts": lambda: moe.shared_experts(x),
         }
         # The pieces of _local_experts_on_rows, separately.
-        row, slot = (idx >= 0).nonzero(as_tuple=True)
-        expert = idx[row, slot]
-        order = torch.argsort(expert, stable=True)
-        row, slot, expert = row[order], slot[order], expert[order]
+        k = idx.shape[1]
+        flat = idx.flatten()
+        pair = (flat >= 0).nonzero().squeeze(1)
+        expert = flat[pair]
+        pair = pair[torch.argsort(expert, stable=True)]
         counts = torch.bincount(expert, minlength=moe.num_local_experts).tolist()
+        row = pair // k
         pairs_x = x.index_select(0, row) if not args.fp8 else (payload[0].index_select(0, row), payload[1].index_select(0, row))
         y = moe.experts.forward_contiguous(pairs_x, counts)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=device)
+
+        def reduce_rows():
+            by_slot = torch.zeros((x.shape[0] * k, x.shape[1]), dtype=y.dtype, device=device)
+            by_slot.index_copy_(0, pair, y)
+            return torch.bmm(w.to(y.dtype).view(-1, 1, k), by_slot.view(-1, k, x.shape[1]))
+
         stages.update({
             "  pairs: nonzero+argsort+bincount": lambda: torch.bincount(torch.argsort(idx[(idx >= 0)], stable=True), minlength=256).tolist(),
             "  gather pair rows": lambda: x.index_select(0, row),
             "  expert GEMMs (forward_contiguous)": lambda: moe.experts.forward_contiguous(pairs_x, counts),
-            "  weight + index_add (fp32)": lambda: out.index_add_(0, row, y.float() * w[row, slot].unsqueeze(1)),
+            "  back to (row, k) + weighted bmm": reduce_rows,
         })
         for name, fn in stages.items():
             print(f"{name:<40}{cuda_ms(fn):>10.3f} ms", flush=True)
