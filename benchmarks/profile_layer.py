@@ -7,26 +7,10 @@ Usage: python benchmarks/profile_layer.py [--tokens 4096] [--fp8]
 from __future__ import annotations
 
 import argparse
-import statistics
-
 import torch
 
-from moe_ep.bench import DSV3
+from moe_ep.bench import DSV3, time_cuda
 from moe_ep.layers.moe import ExpertParallelMoE
-
-
-def cuda_ms(fn, iters: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -70,7 +54,7 @@ def main() -> None:
             "  back to (row, k) + weighted bmm": reduce_rows,
         })
         for name, fn in stages.items():
-            print(f"{name:<40}{cuda_ms(fn):>10.3f} ms", flush=True)
+            print(f"{name:<40}{time_cuda(fn, 10):>10.3f} ms", flush=True)
         moe.phase = "prefill"
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             moe(x)
@@ -78,7 +62,7 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
         moe.phase = "decode"
         xd = x[:128].contiguous()
-        print(f"{'whole forward (decode 128)':<40}{cuda_ms(lambda: moe(xd)):>10.3f} ms")
+        print(f"{'whole forward (decode 128)':<40}{time_cuda(lambda: moe(xd), 10):>10.3f} ms")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             moe(xd)
             torch.cuda.synchronize()
