@@ -119,6 +119,8 @@ def _bench_layer_rank(rank: int, world_size: int, opts: dict) -> None:
     x_prefill = torch.randn(opts["tokens"], dims["hidden_size"], generator=gen, device=device).bfloat16()
     x_decode = torch.randn(opts["decode_tokens"], dims["hidden_size"], generator=gen, device=device).bfloat16()
     hf = _hf_block(dims, device) if world_size == 1 and not opts.get("no_hf") else None
+    ceilings = _layer_ceilings(dims, x_prefill.shape[0], world_size, device, opts["iters"])
+    bf16_baseline: dict[str, Optional[float]] = {}
     for fp8 in (False, True):
         moe_kwargs = dict(dims, fp8=fp8, dtype=torch.bfloat16, device=device, group=group,
                           low_latency_max_tokens=opts["decode_tokens"])
@@ -138,9 +140,13 @@ def _bench_layer_rank(rank: int, world_size: int, opts: dict) -> None:
                 else:
                     baseline_name = "all_to_all_single + expert loop"
                     baseline = time_cuda(lambda: naive_ep_forward(moe, x), opts["iters"], group=group) if not fp8 else None
+            if fp8:
+                baseline = bf16_baseline.get(phase)  # FP8 is compared with the same BF16 baseline
+            else:
+                bf16_baseline[phase] = baseline
             rows.append({"gpus": world_size, "phase": phase, "tokens_per_rank": x.shape[0],
                          "precision": "fp8" if fp8 else "bf16", "ms": ours, "baseline": baseline_name,
-                         "baseline_ms": baseline})
+                         "baseline_ms": baseline, "ceiling": ceilings[phase][0], "ceiling_ms": ceilings[phase][1]})
         del moe
         torch.cuda.empty_cache()
     gathered: list = [None] * world_size
@@ -159,12 +165,37 @@ def _bench_layer_rank(rank: int, world_size: int, opts: dict) -> None:
             print(_layer_line(row), flush=True)
 
 
+def _layer_ceilings(dims: dict, num_tokens: int, world_size: int, device: torch.device, iters: int):
+    """What the routed experts cost at best on one GPU, measured in the same run:
+    prefill: the same GEMM work (tokens * top_k rows) as one dense BF16 matmul chain;
+    decode: reading this rank's BF16 expert weights once at the measured copy bandwidth."""
+    hidden, inter = dims["hidden_size"], dims["moe_intermediate_size"]
+    rows = num_tokens * dims["top_k"]
+    a = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
+    w13 = torch.randn(hidden, 2 * inter, device=device, dtype=torch.bfloat16) / hidden ** 0.5
+    w2 = torch.randn(inter, hidden, device=device, dtype=torch.bfloat16) / inter ** 0.5
+
+    def dense_chain():
+        h = a @ w13
+        return (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2
+
+    prefill_ms = time_cuda(dense_chain, iters)
+    del a
+    probe = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(probe)
+    copy_ms = time_cuda(lambda: target.copy_(probe), iters)
+    read_bytes_per_ms = 2 * probe.numel() / copy_ms   # a copy reads and writes every byte
+    weight_bytes = 3 * hidden * inter * 2 * (dims["num_experts"] // world_size)
+    return {"prefill": ("dense GEMM, same rows", prefill_ms),
+            "decode": ("expert weights read once", weight_bytes / read_bytes_per_ms)}
+
+
 def _layer_line(row: dict) -> str:
     base = f"{row['baseline_ms']:.3f}" if row["baseline_ms"] is not None else "-"
     ratio = f"{row['baseline_ms'] / row['ms']:.2f}x" if row["baseline_ms"] is not None else "-"
     return (f"layer gpus={row['gpus']} {row['phase']:<8} tokens/rank={row['tokens_per_rank']:<5} "
             f"{row['precision']:<5} ours_ms={row['ms']:.3f} baseline_ms={base} speedup={ratio} "
-            f"baseline={row['baseline']}")
+            f"ceiling_ms={row['ceiling_ms']:.3f} ({row['ceiling']}) baseline={row['baseline']}")
 
 
 def bench_layer(args) -> None:
