@@ -1,12 +1,59 @@
-// The one Python module of moe_ep's CUDA side. Each kernel family registers its launchers here.
+// The one Python module of moe_ep's CUDA side, and the only file that includes torch: each kernel
+// family keeps a torch-free launcher (raw pointers + cudaStream_t) and registers a wrapper here.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <tuple>
+
+#include "layout.h"
 #include "runtime.h"
+
+namespace {
+
+// Family "layout". Returns (num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
+// is_token_in_rank [T, R] bool), allocated and computed on the current stream of topk_idx's device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(const at::Tensor& topk_idx, int64_t num_experts,
+                                                                   int64_t num_ranks) {
+  TORCH_CHECK_VALUE(topk_idx.is_cuda(), "topk_idx must be a CUDA tensor, got one on ", topk_idx.device());
+  TORCH_CHECK_TYPE(topk_idx.scalar_type() == at::kLong, "topk_idx must have dtype torch.int64, got ",
+                   topk_idx.scalar_type());
+  // A literal message on purpose: on the GPU image (torch 2.11, /opt/gcc g++ with -std=c++17) a
+  // TORCH_CHECK whose message streamed an integer (dim() or sizes()) segfaulted when it fired,
+  // while messages built from strings, ScalarType and Device raised cleanly. Numbers in the size
+  // messages are formatted in the torch-free layer (layout.cu), which raised cleanly there.
+  TORCH_CHECK_VALUE(topk_idx.dim() == 2, "topk_idx must be 2-D [num_tokens, num_topk]");
+  TORCH_CHECK_VALUE(topk_idx.is_contiguous(), "topk_idx must be contiguous (call .contiguous() first)");
+  const int64_t num_tokens = topk_idx.size(0);
+  // Checked before allocating, so bad sizes raise ValueError naming the argument.
+  moe_ep::layout::check_dispatch_layout_args(num_tokens, topk_idx.size(1), num_experts, num_ranks);
+
+  const c10::cuda::CUDAGuard guard(topk_idx.device());
+  const auto int_options = topk_idx.options().dtype(at::kInt);
+  at::Tensor num_tokens_per_rank = at::empty({num_ranks}, int_options);
+  at::Tensor num_tokens_per_expert = at::empty({num_experts}, int_options);
+  at::Tensor is_token_in_rank = at::empty({num_tokens, num_ranks}, topk_idx.options().dtype(at::kBool));
+  moe_ep::layout::get_dispatch_layout(topk_idx.data_ptr<int64_t>(), num_tokens, topk_idx.size(1), num_experts,
+                                      num_ranks, num_tokens_per_rank.data_ptr<int>(),
+                                      num_tokens_per_expert.data_ptr<int>(), is_token_in_rank.data_ptr<bool>(),
+                                      c10::cuda::getCurrentCUDAStream().stream());
+  return {num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank};
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moe_ep CUDA kernels";
   m.def("is_sm90_compiled", &moe_ep::is_sm90_compiled, "Whether Hopper-only code paths were compiled");
   m.def("num_sms_of_device", &moe_ep::num_sms_of_device, "Multiprocessor count of a CUDA device");
-  // Kernel families present in this build; the Buffer picks the cuda backend only for those.
-  m.attr("kernel_families") = pybind11::make_tuple();
+
+  m.def("get_dispatch_layout", &get_dispatch_layout, pybind11::arg("topk_idx"), pybind11::arg("num_experts"),
+        pybind11::arg("num_ranks"),
+        "Layout of a dispatch: (num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, "
+        "is_token_in_rank [T, R] bool) of topk_idx [T, K] int64, on the current CUDA stream");
+  m.attr("layout_max_ranks") = moe_ep::layout::kMaxRanks;
+  m.attr("layout_max_experts") = moe_ep::layout::kMaxExperts;
+
+  // Kernel families present in this build; the Buffer runs kernels only for their calls.
+  m.attr("kernel_families") = pybind11::make_tuple("layout");
 }

@@ -110,12 +110,14 @@ class Buffer:
     def _select_backend(self):
         ext = _load_extension()
         families = tuple(getattr(ext, "kernel_families", ())) if ext is not None else ()
-        if self.device.type == "cuda" and "intranode" in families:
-            from .backends.cuda import CudaBackend  # noqa: WPS433 (present once the kernels land)
-            return CudaBackend(self)
+        if self.device.type == "cuda" and families:
+            from .backends.cuda import CudaBackend
+            backend = CudaBackend(self, ext)
+            _announce_once(backend.describe())  # which calls run kernels, which the reference
+            return backend
         reason = ("the CUDA extension is not built" if ext is None else
                   "tensors are on the CPU" if self.device.type != "cuda" else
-                  "this build has no CUDA kernels for these calls yet")
+                  "this build has no CUDA kernel families")
         _announce_once(f"moe_ep: using the reference backend (torch.distributed collectives): {reason}")
         return ReferenceBackend(self.group, self.device)
 

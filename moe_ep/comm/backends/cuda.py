@@ -1,0 +1,69 @@
+"""The cuda backend: the extension ``moe_ep._C``'s kernels where this build has them, the
+reference backend for every other call.
+
+Kernels come in families (one ``csrc/*.cu`` file each); the extension lists the families it was
+built with in ``moe_ep._C.kernel_families``. A call runs a kernel when its family is in the build
+and this class has a kernel path for it; otherwise it is inherited from :class:`ReferenceBackend`,
+so results are the same either way (the reference is the specification).
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import ReferenceBackend
+
+# Every backend call the Buffer makes, with the kernel family that will implement it.
+CALL_FAMILIES: dict[str, str] = {
+    "get_dispatch_layout": "layout",
+    "dispatch": "intranode",
+    "combine": "intranode",
+    "low_latency_dispatch": "low_latency",
+    "low_latency_combine": "low_latency",
+}
+
+
+class CudaBackend(ReferenceBackend):
+    """Built by ``Buffer`` as ``CudaBackend(buffer)`` for groups whose tensors are on a GPU."""
+
+    name = "cuda"
+    # Calls this class has a kernel path for (the others are inherited from the reference).
+    KERNEL_PATHS: tuple[str, ...] = ("get_dispatch_layout",)
+
+    def __init__(self, buffer, extension=None) -> None:
+        super().__init__(buffer.group, buffer.device)
+        if extension is None:
+            from .. import buffer as buffer_module
+            extension = buffer_module._load_extension()
+        if extension is None:
+            raise RuntimeError("CudaBackend needs the CUDA extension moe_ep._C; it is not built")
+        self.ext = extension
+        self.kernel_families: tuple[str, ...] = tuple(getattr(extension, "kernel_families", ()))
+        self._layout_max_ranks = int(getattr(extension, "layout_max_ranks", 64))
+        self._layout_max_experts = int(getattr(extension, "layout_max_experts", 0))
+        calls = [call for call in self.KERNEL_PATHS if CALL_FAMILIES[call] in self.kernel_families]
+        if "get_dispatch_layout" in calls and self.num_ranks > self._layout_max_ranks:
+            calls.remove("get_dispatch_layout")  # the layout kernel keeps a rank mask of 64 bits
+        self.kernel_calls: tuple[str, ...] = tuple(calls)
+        self.reference_calls: tuple[str, ...] = tuple(c for c in CALL_FAMILIES if c not in self.kernel_calls)
+
+    def uses_kernel(self, call: str) -> bool:
+        """Whether ``call`` (a name in ``CALL_FAMILIES``) runs a CUDA kernel on this backend."""
+        if call not in CALL_FAMILIES:
+            raise ValueError(f"call must be one of {', '.join(CALL_FAMILIES)}; got {call!r}")
+        return call in self.kernel_calls
+
+    def describe(self) -> str:
+        """One line: which calls run kernels and which fall back to the reference."""
+        kernels = ", ".join(self.kernel_calls) or "none"
+        reference = ", ".join(self.reference_calls) or "none"
+        return (f"moe_ep: using the cuda backend (kernel families: {', '.join(self.kernel_families) or 'none'}): "
+                f"CUDA kernels for {kernels}; reference (torch.distributed) for {reference}")
+
+    # ---------------------------------------------------------------- layout
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
+        if ("get_dispatch_layout" not in self.kernel_calls or not topk_idx.is_cuda
+                or (self._layout_max_experts and num_experts > self._layout_max_experts)):
+            return super().get_dispatch_layout(topk_idx, num_experts)
+        per_rank, per_expert, in_rank = self.ext.get_dispatch_layout(topk_idx.contiguous(), num_experts,
+                                                                     self.num_ranks)
+        return per_rank, None, per_expert, in_rank
