@@ -44,7 +44,10 @@ def _extension_kwargs():
     cccl = os.path.join(CUDA_HOME, "include", "cccl")
     if os.path.isdir(cccl):
         include_dirs.append(cccl)  # CUDA 13 keeps CCCL (cuda/std, cub) here
-    cxx_flags = ["-O3", "-std=c++17"]
+    # The C++ standard of files that include torch is torch's own choice (BuildExtension adds
+    # it): forcing an older one made TORCH_CHECK message formatting crash with torch 2.11.
+    # Kernels (.cu) include no torch headers, so they pin C++17 for every nvcc.
+    cxx_flags = ["-O3"]
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-lineinfo"]
     if os.environ.get("DISABLE_SM90_FEATURES") == "1":
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST_SM80", "8.0")
