@@ -105,6 +105,13 @@ def per_block_quant_fp8(w: torch.Tensor, block: int = FP8_BLOCK_SIZE) -> tuple[t
     format): ``(w_fp8 [..., N, K], scales [..., ceil(N/block), ceil(K/block)] float32)``."""
     if w.dim() < 2:
         raise ValueError(f"w must have at least 2 dimensions, got shape {tuple(w.shape)}")
+    if w.dim() > 2:
+        # One matrix at a time: the float32 tiles of a whole expert bank would need 4x its size.
+        flat = w.reshape(-1, *w.shape[-2:])
+        pieces = [per_block_quant_fp8(matrix, block) for matrix in flat]
+        q = torch.stack([p[0] for p in pieces]).view(w.shape)
+        scales = torch.stack([p[1] for p in pieces])
+        return q, scales.view(*w.shape[:-2], *scales.shape[-2:])
     n, k = w.shape[-2:]
     nb, kb = -(-n // block), -(-k // block)
     padded = torch.nn.functional.pad(w.float(), (0, kb * block - k, 0, nb * block - n))
