@@ -184,9 +184,9 @@ def _layer_ceilings(dims: dict, num_tokens: int, world_size: int, device: torch.
     probe = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     target = torch.empty_like(probe)
     copy_ms = time_cuda(lambda: target.copy_(probe), iters)
+    read_bytes_per_ms = 2 * probe.numel() / copy_ms   # a copy reads and writes every byte
     del probe, target, w13, w2
     torch.cuda.empty_cache()
-    read_bytes_per_ms = 2 * probe.numel() / copy_ms   # a copy reads and writes every byte
     weight_bytes = 3 * hidden * inter * 2 * (dims["num_experts"] // world_size)
     return {"prefill": ("dense GEMM, same rows", prefill_ms),
             "decode": ("expert weights read once", weight_bytes / read_bytes_per_ms)}
