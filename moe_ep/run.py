@@ -114,9 +114,10 @@ def _run_rank(rank: int, world_size: int, cfg, plot: Optional[str], json_path: O
                      "balance": _balance(load)})
 
     hidden = cfg.model.hidden_size
-    with torch.no_grad():  # warm-up: first calls allocate buffers and compile nothing else
-        set_phase(model, "prefill")
-        model(torch.randn(4, hidden, generator=gen).to(device, dtype))
+    with torch.no_grad():  # warm-up: the first call of each phase allocates its buffers
+        for phase in ("prefill", "decode"):
+            set_phase(model, phase)
+            model(torch.randn(min(4, run.decode_batch), hidden, generator=gen).to(device, dtype))
     step("prefill", torch.randn(run.prefill_tokens, hidden, generator=gen).to(device, dtype))
     for i in range(run.decode_steps):
         step("decode", torch.randn(run.decode_batch, hidden, generator=gen).to(device, dtype))
