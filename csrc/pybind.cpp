@@ -4,8 +4,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <tuple>
 
+#include "bounded_wait_test.h"
 #include "layout.h"
 #include "runtime.h"
 
@@ -40,6 +42,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(const at::Ten
   return {num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank};
 }
 
+// Test hook of csrc/bounded_wait.cuh: launches, on the current stream of flag's device, a kernel
+// whose one thread waits until flag[0] == expected (timeout_s > 0: that many seconds; <= 0:
+// MOE_EP_TIMEOUT_S, default 100 s), or prints its timeout line and traps. Returns at once.
+void wait_test(const at::Tensor& flag, int64_t expected, double timeout_s, int64_t rank, int64_t channel) {
+  TORCH_CHECK_VALUE(flag.is_cuda(), "flag must be a CUDA tensor");
+  TORCH_CHECK_TYPE(flag.scalar_type() == at::kInt, "flag must have dtype torch.int32");
+  TORCH_CHECK_VALUE(flag.numel() >= 1, "flag must have at least one element");
+  TORCH_CHECK_VALUE(expected >= INT32_MIN && expected <= INT32_MAX, "expected must fit in int32");
+  TORCH_CHECK_VALUE(rank >= INT32_MIN && rank <= INT32_MAX, "rank must fit in int32");
+  TORCH_CHECK_VALUE(channel >= INT32_MIN && channel <= INT32_MAX, "channel must fit in int32");
+  const c10::cuda::CUDAGuard guard(flag.device());
+  moe_ep::wait::launch_wait_test(flag.data_ptr<int>(), static_cast<int>(expected), timeout_s, static_cast<int>(rank),
+                                 static_cast<int>(channel), c10::cuda::getCurrentCUDAStream().stream());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -53,6 +70,12 @@ PYBIND11_MODULE(_C, m) {
         "is_token_in_rank [T, R] bool) of topk_idx [T, K] int64, on the current CUDA stream");
   m.attr("layout_max_ranks") = moe_ep::layout::kMaxRanks;
   m.attr("layout_max_experts") = moe_ep::layout::kMaxExperts;
+
+  m.def("_wait_test", &wait_test, pybind11::arg("flag"), pybind11::arg("expected"), pybind11::arg("timeout_s"),
+        pybind11::arg("rank"), pybind11::arg("channel"),
+        "Test hook of the bounded device wait: on the current CUDA stream, wait until flag[0] == expected "
+        "(flag: int32 CUDA tensor; timeout_s <= 0 means MOE_EP_TIMEOUT_S, default 100 s), else print the "
+        "timeout line and trap (the CUDA context is then unusable)");
 
   // Kernel families present in this build; the Buffer runs kernels only for their calls.
   m.attr("kernel_families") = pybind11::make_tuple("layout");
