@@ -4,6 +4,7 @@
 """
 from .buffer import Buffer
 from .config import Config
+from .errors import MoeEpTimeoutError
 from .event import EventOverlap
 from .fp8 import (
     per_block_dequant_fp8,
@@ -15,6 +16,6 @@ from .fp8 import (
 )
 
 __all__ = [
-    "Buffer", "Config", "EventOverlap", "per_token_group_quant_fp8", "per_token_group_dequant_fp8",
+    "Buffer", "Config", "EventOverlap", "MoeEpTimeoutError", "per_token_group_quant_fp8", "per_token_group_dequant_fp8",
     "per_block_quant_fp8", "per_block_dequant_fp8", "pack_ue8m0", "unpack_ue8m0",
 ]
