@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from . import validation as check
 from .backends.reference import ReferenceBackend
+from .errors import translate_device_errors
 from .config import Config, default_combine_config, default_dispatch_config, low_latency_rdma_size_hint
 from .event import EventOverlap
 from .fp8 import FP8_GROUP_SIZE
@@ -202,8 +203,14 @@ class Buffer:
 
     # ------------------------------------------------------------------ streams and events
     def _run(self, fn: Callable, previous_event: Optional[EventOverlap], async_finish: bool,
-             allocate_on_comm_stream: bool, inputs: tuple):
-        """Run ``fn`` on the communication stream with DeepEP's event semantics."""
+             allocate_on_comm_stream: bool, inputs: tuple, what: str):
+        """Run ``fn`` on the communication stream with DeepEP's event semantics; a device-side
+        wait that timed out surfaces here as :class:`MoeEpTimeoutError` naming ``what``."""
+        with translate_device_errors(f"Buffer.{what}"):
+            return self._run_on_streams(fn, previous_event, async_finish, allocate_on_comm_stream, inputs)
+
+    def _run_on_streams(self, fn: Callable, previous_event: Optional[EventOverlap], async_finish: bool,
+                        allocate_on_comm_stream: bool, inputs: tuple):
         if self.device.type != "cuda":
             return fn(), EventOverlap()
         if allocate_on_comm_stream and previous_event is None:
@@ -249,7 +256,8 @@ class Buffer:
             per_rdma_rank = self._tokens_per_node(in_rank)
             return per_rank, per_rdma_rank, per_expert, in_rank
 
-        result, event = self._run(run, previous_event, async_finish, allocate_on_comm_stream, (topk_idx,))
+        result, event = self._run(run, previous_event, async_finish, allocate_on_comm_stream, (topk_idx,),
+                                  "get_dispatch_layout")
         return (*result, event)
 
     def _tokens_per_node(self, is_token_in_rank: torch.Tensor) -> Optional[torch.Tensor]:
@@ -321,7 +329,7 @@ class Buffer:
                                     expert_alignment, num_worst_tokens, num_experts)
 
         inputs = (x, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert)
-        result, event = self._run(run, previous_event, async_finish, allocate_on_comm_stream, inputs)
+        result, event = self._run(run, previous_event, async_finish, allocate_on_comm_stream, inputs, "dispatch")
         return (*result, event)
 
     def combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
@@ -358,7 +366,8 @@ class Buffer:
         def run():
             return backend.combine(x, handle, topk_weights, biases)
 
-        result, event = self._run(run, previous_event, async_finish, allocate_on_comm_stream, (x, topk_weights, *biases))
+        result, event = self._run(run, previous_event, async_finish, allocate_on_comm_stream,
+                                  (x, topk_weights, *biases), "combine")
         return (*result, event)
 
     def internode_dispatch(self, x: Payload, handle: Optional[tuple] = None, num_tokens_per_rank=None,
@@ -456,7 +465,8 @@ class Buffer:
             return state.dispatch(x, topk_idx, m, num_experts, cumulative_local_expert_recv_stats, use_fp8,
                                   round_scale, use_ue8m0, return_recv_hook)
 
-        (recv_x, recv_count, handle, hook), event = self._run(run, None, async_finish, False, (x, topk_idx))
+        (recv_x, recv_count, handle, hook), event = self._run(run, None, async_finish, False, (x, topk_idx),
+                                                              "low_latency_dispatch")
         hook = self._timed_hook(hook, state, dispatch_wait_recv_cost_stats)
         return recv_x, recv_count, handle, event, hook
 
@@ -503,7 +513,8 @@ class Buffer:
         def run():
             return state.combine(x, topk_idx, topk_weights, handle, out, return_recv_hook)
 
-        (combined, hook), event = self._run(run, None, async_finish, False, (x, topk_idx, topk_weights))
+        (combined, hook), event = self._run(run, None, async_finish, False, (x, topk_idx, topk_weights),
+                                            "low_latency_combine")
         hook = self._timed_hook(hook, state, combine_wait_recv_cost_stats)
         return combined, event, hook
 
