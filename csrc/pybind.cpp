@@ -5,9 +5,11 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <memory>
 #include <tuple>
 
 #include "bounded_wait_test.h"
+#include "ipc_buffer.h"
 #include "layout.h"
 #include "runtime.h"
 
@@ -57,6 +59,41 @@ void wait_test(const at::Tensor& flag, int64_t expected, double timeout_s, int64
                                  static_cast<int>(channel), c10::cuda::getCurrentCUDAStream().stream());
 }
 
+// Intranode buffer runtime (csrc/ipc_buffer.h). Kernels run on the current stream of the
+// buffer's device. Messages are plain text (see get_dispatch_layout); numbers in argument errors
+// come from the torch-free layer.
+using moe_ep::ipc::IpcBuffer;
+
+std::unique_ptr<IpcBuffer> make_ipc_buffer(int64_t num_bytes, int64_t rank, int64_t num_ranks) {
+  TORCH_CHECK_VALUE(num_ranks >= 1 && num_ranks <= moe_ep::ipc::kMaxRanks, "num_ranks must be in [1, 64]");
+  TORCH_CHECK_VALUE(rank >= 0 && rank < num_ranks, "rank must be in [0, num_ranks)");
+  return std::make_unique<IpcBuffer>(num_bytes, static_cast<int>(rank), static_cast<int>(num_ranks));
+}
+
+void ipc_barrier(IpcBuffer& buffer) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(buffer.device()));
+  buffer.barrier(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(buffer.device())).stream());
+}
+
+void ipc_peer_copy(IpcBuffer& buffer, int64_t dst_rank, int64_t offset, const at::Tensor& src) {
+  TORCH_CHECK_VALUE(src.is_cuda(), "src must be a CUDA tensor");
+  TORCH_CHECK_VALUE(src.get_device() == buffer.device(), "src must be on the buffer's CUDA device");
+  TORCH_CHECK_VALUE(src.is_contiguous(), "src must be contiguous (call .contiguous() first)");
+  TORCH_CHECK_VALUE(dst_rank >= 0 && dst_rank < buffer.num_ranks(), "dst_rank must be in [0, num_ranks)");
+  const c10::cuda::CUDAGuard guard(src.device());
+  const int64_t num_bytes = src.numel() * static_cast<int64_t>(src.element_size());
+  buffer.peer_copy(static_cast<int>(dst_rank), offset, src.data_ptr(), num_bytes,
+                   c10::cuda::getCurrentCUDAStream(src.get_device()).stream());
+}
+
+at::Tensor ipc_local_view(IpcBuffer& buffer) {
+  const auto options = at::TensorOptions()
+                           .dtype(at::kByte)
+                           .device(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(buffer.device())));
+  // No deleter: the memory belongs to the IpcBuffer, which the binding keeps alive (keep_alive).
+  return torch::from_blob(buffer.local_data(), {buffer.num_bytes()}, options);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -76,6 +113,32 @@ PYBIND11_MODULE(_C, m) {
         "Test hook of the bounded device wait: on the current CUDA stream, wait until flag[0] == expected "
         "(flag: int32 CUDA tensor; timeout_s <= 0 means MOE_EP_TIMEOUT_S, default 100 s), else print the "
         "timeout line and trap (the CUDA context is then unusable)");
+
+  pybind11::class_<IpcBuffer>(m, "IpcBuffer",
+                              "A device buffer of this rank shared with the ranks of its node by CUDA IPC "
+                              "(moe_ep.comm.ipc.open_intranode_buffer builds one collectively)")
+      .def(pybind11::init(&make_ipc_buffer), pybind11::arg("num_bytes"), pybind11::arg("rank"),
+           pybind11::arg("num_ranks"), "Allocate and zero num_bytes (plus a header) on the current CUDA device")
+      .def("ipc_handle", [](const IpcBuffer& b) { return pybind11::bytes(b.ipc_handle()); },
+           "This rank's cudaIpcMemHandle_t as bytes")
+      .def("open_peers", &IpcBuffer::open_peers, pybind11::arg("handles"),
+           "Open every rank's handle (list of bytes in rank order, own included); once")
+      .def("barrier", &ipc_barrier,
+           "Enqueue a barrier over all ranks on the current CUDA stream (bounded by MOE_EP_TIMEOUT_S)")
+      .def("peer_copy", &ipc_peer_copy, pybind11::arg("dst_rank"), pybind11::arg("offset"), pybind11::arg("src"),
+           "Enqueue a copy of src's bytes (contiguous CUDA tensor) into rank dst_rank's buffer at byte offset, "
+           "on the current CUDA stream; visible there after a barrier")
+      .def("local_view", &ipc_local_view, pybind11::keep_alive<0, 1>(),
+           "This rank's region as a uint8 CUDA tensor of num_bytes (keeps the buffer alive)")
+      .def("data_ptr", [](const IpcBuffer& b) { return reinterpret_cast<uintptr_t>(b.local_data()); })
+      .def_property_readonly("num_bytes", &IpcBuffer::num_bytes)
+      .def_property_readonly("rank", &IpcBuffer::rank)
+      .def_property_readonly("num_ranks", &IpcBuffer::num_ranks)
+      .def_property_readonly("device", &IpcBuffer::device)
+      .def_property_readonly("epoch", &IpcBuffer::epoch, "Barriers enqueued so far")
+      .def_property_readonly("peers_open", &IpcBuffer::peers_open);
+  m.attr("ipc_max_ranks") = moe_ep::ipc::kMaxRanks;
+  m.attr("ipc_header_bytes") = moe_ep::ipc::kHeaderBytes;
 
   // Kernel families present in this build; the Buffer runs kernels only for their calls.
   m.attr("kernel_families") = pybind11::make_tuple("layout");
