@@ -5,7 +5,7 @@ The CLI, the benchmarks and the demo share this, so every entry point launches r
 from __future__ import annotations
 
 import os
-import socket
+import sys
 from typing import Any, Callable
 
 import torch
@@ -14,12 +14,6 @@ import torch.multiprocessing as mp
 
 # Keep NVLink multicast off (the shared GPUs of the device machines must not use it).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pick_backend(nproc: int, requested: str = "auto") -> str:
@@ -37,13 +31,19 @@ def _worker(rank: int, nproc: int, backend: str, port: int, fn: Callable, args: 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     else:
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=nproc,
+    # The parent hosts the store (see launch), so no rank's exit can pull it from under the others.
+    store = dist.TCPStore("127.0.0.1", port, nproc, is_master=False)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=nproc,
                             device_id=torch.device("cuda", rank) if backend == "nccl" else None)
-    try:
-        fn(rank, nproc, *args)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    fn(rank, nproc, *args)
+    dist.barrier()
+    # Leave without running C++ destructors: tearing down gloo process groups at interpreter exit
+    # sometimes aborts ("terminate called without an active exception") after all work is done.
+    # Every rank has passed the barrier, so nothing is in flight. An exception in fn skips this
+    # and exits non-zero through torch.multiprocessing as usual.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(fn: Callable[..., Any], nproc: int, backend: str = "auto", args: tuple = ()) -> None:
@@ -69,4 +69,11 @@ def launch(fn: Callable[..., Any], nproc: int, backend: str = "auto", args: tupl
     chosen = pick_backend(nproc, backend)
     if chosen == "nccl" and torch.cuda.device_count() < nproc:
         raise ValueError(f"nproc={nproc} with nccl needs {nproc} GPUs, found {torch.cuda.device_count()}")
-    mp.start_processes(_worker, args=(nproc, chosen, free_port(), fn, args), nprocs=nproc, start_method="spawn")
+    # The rendezvous store lives in this (parent) process, which outlives every rank: when rank 0
+    # hosted it, rank 0 finishing first could abort a slower rank's teardown ("terminate called").
+    store = dist.TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False)
+    try:
+        mp.start_processes(_worker, args=(nproc, chosen, store.port, fn, args), nprocs=nproc,
+                           start_method="spawn")
+    finally:
+        del store
