@@ -11,6 +11,8 @@ export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAS
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 STAGES=${STAGES:-build,gpu_tests,nccl_tests,demo,bench}
 status=0
+# Every stage is bounded, so a wedged stage costs its limit, not the whole device call.
+bounded() { local limit=$1; shift; timeout -k 15 "$limit" "$@"; local rc=$?; [ $rc -eq 124 ] && echo "TIMED OUT after ${limit}s: $*"; return $rc; }
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 step() { echo; echo "=== $* ==="; }
 
@@ -32,30 +34,30 @@ fi
 : > "$OUT/tests.log"
 if has gpu_tests; then
   step "pytest -m gpu" | tee -a "$OUT/tests.log"
-  python3 -m pytest -q -m gpu tests 2>&1 | tee -a "$OUT/tests.log" | tail -5 || status=1
+  bounded "${GPU_TESTS_S:-300}" python3 -m pytest -q -m gpu tests 2>&1 | tee -a "$OUT/tests.log" | tail -5 || status=1
 fi
 if has nccl_tests && [ "$NGPU" -lt 2 ]; then
   echo "whole suite over NCCL: skipped, needs 2 GPUs ($NGPU visible)" | tee -a "$OUT/tests.log"
 fi
 if has nccl_tests && [ "$NGPU" -ge 2 ]; then
   step "whole suite, reference backend over NCCL" | tee -a "$OUT/tests.log"
-  MOE_EP_TEST_BACKEND=nccl python3 -m pytest -q tests 2>&1 | tee -a "$OUT/tests.log" | tail -5 || status=1
+  MOE_EP_TEST_BACKEND=nccl bounded "${NCCL_TESTS_S:-360}" python3 -m pytest -q tests 2>&1 | tee -a "$OUT/tests.log" | tail -5 || status=1
 fi
 
 : > "$OUT/bench.log"
 if has demo && [ "$NGPU" -ge 1 ]; then
   # With one GPU the group has one rank: the whole Buffer path still runs on the device over NCCL.
   step "main job over $NGPU GPU(s)" | tee -a "$OUT/bench.log"
-  python3 -m moe_ep run --config configs/demo.yaml --nproc "$NGPU" --json "$OUT/run.json" 2>&1 \
+  bounded 180 python3 -m moe_ep run --config configs/demo.yaml --nproc "$NGPU" --json "$OUT/run.json" 2>&1 \
     | grep -v Warning | tee -a "$OUT/bench.log" || status=1
   step "comm demo over $NGPU GPU(s)" | tee -a "$OUT/bench.log"
-  python3 -m moe_ep demo --nproc "$NGPU" --tokens 4096 --hidden 7168 --top-k 8 --experts-per-rank $((256 / NGPU)) \
+  bounded 180 python3 -m moe_ep demo --nproc "$NGPU" --tokens 4096 --hidden 7168 --top-k 8 --experts-per-rank $((256 / NGPU)) \
     --ll-tokens 128 --json "$OUT/demo.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log" || status=1
 fi
 if has bench; then
   for target in $(python3 -m moe_ep.bench --list 2>/dev/null); do
     step "bench $target" | tee -a "$OUT/bench.log"
-    python3 -m moe_ep.bench "$target" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
+    bounded "${BENCH_S:-420}" python3 -m moe_ep.bench "$target" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
   done
 fi
 exit $status

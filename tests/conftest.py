@@ -8,6 +8,10 @@ Fixtures
                ``pool.run(fn, *args, timeout=120, **kwargs)`` runs the module-level function
                ``fn(ctx, *args, **kwargs)`` on every rank and returns the per-rank results;
                ``ctx`` has ``rank``, ``world_size``, ``device``, ``group``, ``backend``.
+``nccl_pool``  (session) a factory like ``dist_pool`` that always uses NCCL (one rank per GPU):
+               ``nccl_pool(min(2, torch.cuda.device_count()))`` for GPU tests that must run on
+               devices whatever the suite's backend; skips when there are too few GPUs. Same
+               bounded ``run`` (a wedged rank becomes a PoolTimeout with every rank's stack).
 ``dist_backend`` (session) "gloo" or "nccl".
 ``seed``       (function) an int derived from the test's node id: fresh data per test,
                reproducible across runs.
@@ -58,6 +62,28 @@ def dist_pool(dist_backend: str):
         pool = pools.get(world_size)
         if pool is None or not pool.alive:
             pools[world_size] = pool = DistPool(world_size, backend=dist_backend)
+        return pool
+
+    yield get
+    for pool in pools.values():
+        pool.shutdown()
+
+
+@pytest.fixture(scope="session")
+def nccl_pool(dist_backend: str, dist_pool):
+    pools: dict[int, DistPool] = {}
+
+    def get(world_size: int) -> DistPool:
+        if dist_backend == "nccl":
+            return dist_pool(world_size)  # the suite's own pool already is one
+        import torch
+
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available < max(world_size, 1):
+            pytest.skip(f"needs {max(world_size, 1)} GPU(s) for an NCCL rank pool, {available} visible")
+        pool = pools.get(world_size)
+        if pool is None or not pool.alive:
+            pools[world_size] = pool = DistPool(world_size, backend="nccl")
         return pool
 
     yield get

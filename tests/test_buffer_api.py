@@ -219,12 +219,18 @@ def _w_normal_validation(ctx, seed, case):
         # With 10 tokens per rank and 4 of 3R experts each, every rank receives far more than 1 token.
         with pytest.raises(bad, match="num_worst_tokens"):
             buffer.dispatch(x, num_worst_tokens=1, **_layout_kwargs(buffer, topk_idx, topk_weights, num_experts))
+    elif case == "num_worst_tokens_differ":
+        # It sizes the exchanged blocks, so ranks must agree; a mismatch raises instead of wedging.
+        with pytest.raises(bad, match="num_worst_tokens must be the same on every rank"):
+            buffer.dispatch(x, num_worst_tokens=1000 + ctx.rank,
+                            **_layout_kwargs(buffer, topk_idx, topk_weights, num_experts))
     else:
         raise AssertionError(f"unknown case {case}")
 
 
 NORMAL_CASES = ["x_dtype", "x_device", "topk_idx_dtype", "topk_idx_shape", "tokens_mismatch", "expert_id_too_large",
-                "expert_id_below_minus_one", "num_experts_not_divisible", "fp8_hidden", "num_worst_tokens_too_small"]
+                "expert_id_below_minus_one", "num_experts_not_divisible", "fp8_hidden", "num_worst_tokens_too_small",
+                "num_worst_tokens_differ"]
 
 
 # Checks of device values that a CUDA group makes without host synchronization (a device-side

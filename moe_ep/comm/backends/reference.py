@@ -110,6 +110,23 @@ class ReferenceBackend:
         self.num_ranks = dist.get_world_size(group)
         self.device = device
         self.low_latency = LowLatencyState(self)
+        self._agreed_worst_tokens: set[int] = set()
+
+    def _check_worst_tokens_agree(self, num_worst_tokens: int) -> None:
+        """``num_worst_tokens`` sizes the blocks every pair of ranks exchanges, so all ranks must pass
+        the same value (DeepEP's callers pass one global bound too). A mismatch would wedge the
+        collective; instead each new value is compared once across ranks (one host read, cached, so
+        later calls and CUDA-graph captures of an already-seen value cost nothing)."""
+        if num_worst_tokens in self._agreed_worst_tokens or self.num_ranks == 1:
+            return
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"num_worst_tokens={num_worst_tokens} is first used inside a CUDA graph capture; "
+                             "run the call once eagerly first (its value is checked across ranks once)")
+        values = _all_gather(torch.tensor([num_worst_tokens], dtype=torch.int64, device=self.device), self.group,
+                             self.num_ranks).flatten().tolist()
+        if len(set(values)) != 1:
+            raise ValueError(f"num_worst_tokens must be the same on every rank, got {values} (rank order)")
+        self._agreed_worst_tokens.add(num_worst_tokens)
 
     # ---------------------------------------------------------------- layout
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
@@ -158,6 +175,8 @@ class ReferenceBackend:
         return recv_x, recv_topk_idx, recv_topk_weights, counts_list, handle
 
     def _plan_dispatch(self, is_token_in_rank, num_tokens_per_expert, num_worst_tokens: int) -> NormalRouting:
+        if num_worst_tokens > 0:
+            self._check_worst_tokens_agree(num_worst_tokens)
         send_counts = is_token_in_rank.sum(0, dtype=torch.int64)
         gathered = _all_gather(torch.cat([send_counts, num_tokens_per_expert.to(torch.int64)]), self.group,
                                self.num_ranks)
