@@ -5,6 +5,10 @@ moe_intermediate 2048; 4096 tokens/rank prefill, 128 decode) on 1 GPU and on eve
 BF16 and FP8, beside a naive baseline timed in the same process run: Hugging Face's
 ``DeepseekV3MoE`` (its per-expert loop) on 1 GPU, and ``all_to_all_single`` + a per-expert loop on
 several. Prints a table and writes ``layer.json``.
+
+``normal``: the normal dispatch/combine calls (FP8/BF16 dispatch, BF16 combine) over an SM-count
+sweep at DeepEP's test settings, beside ``all_to_all_single`` and the P2P copy ceiling
+(``moe_ep/bench_normal.py``). Writes ``normal.json`` and ``normal.png``.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-TARGETS = ("layer",)
+TARGETS = ("layer", "normal")
 DSV3 = dict(hidden_size=7168, moe_intermediate_size=2048, num_experts=256, top_k=8, rule="deepseek_v3", n_group=8,
             topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5, num_shared_experts=1)
 
@@ -221,26 +225,40 @@ def bench_layer(args) -> None:
             launch(_bench_layer_rank, count, "nccl", args=(opts,))
 
 
+# Sizes left unset on the command line take the target's defaults (normal: bench_normal's).
+LAYER_DEFAULTS = dict(tokens=4096, hidden=7168, experts=256, top_k=8, iters=10)
+
+
+def _bench_layer_with_defaults(args) -> None:
+    for key, value in LAYER_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    bench_layer(args)
+
+
 def main(argv=None) -> None:
+    from . import bench_normal  # imported here: it imports time_cuda from this module
+
     parser = argparse.ArgumentParser(prog="python -m moe_ep.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", nargs="?", choices=TARGETS)
     parser.add_argument("--list", action="store_true", help="print the targets and exit")
     parser.add_argument("--out", default=os.environ.get("OUT", "moe_ep_out"))
-    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per rank (default 4096; normal on CPU: 128)")
     parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=7168)
-    parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--hidden", type=int, default=None, help="default 7168 (normal on CPU: 512)")
+    parser.add_argument("--experts", type=int, default=None, help="default 256 (normal on CPU: 16)")
+    parser.add_argument("--top-k", type=int, default=None, help="default 8 (normal on CPU: 4)")
+    parser.add_argument("--iters", type=int, default=None, help="default: layer 10, normal 20 (CPU: 5)")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline on 1 GPU")
+    bench_normal.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(TARGETS))
         return
     if args.target is None:
         parser.error("name a target (or --list)")
-    {"layer": bench_layer}[args.target](args)
+    {"layer": _bench_layer_with_defaults, "normal": bench_normal.bench_normal}[args.target](args)
 
 
 if __name__ == "__main__":

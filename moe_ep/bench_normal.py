@@ -1,0 +1,374 @@
+"""``python -m moe_ep.bench normal``: the normal (prefill) dispatch/combine kernels, timed as DeepEP's
+own intranode test times them, beside what the machine itself reaches in the same run.
+
+One process per local GPU (NCCL); with no GPU, 2 CPU ranks over gloo at tiny sizes (a smoke test:
+the figures mean nothing there). On one routing (random top-k without duplicates, uniform over
+experts, seeded), for every SM count of ``--sms`` and chunk size of ``--chunks``:
+
+* ``dispatch_fp8``, ``dispatch_bf16``: cached dispatch (``handle=``), which is what DeepEP's test
+  times; ``dispatch_bf16_routed``: a dispatch from the layout (routing exchange and top-k carried
+  along), which is what each MoE layer of a forward pass pays;
+* ``combine_bf16``: the dispatched BF16 rows combined with their handle.
+
+Reference rows, not the Buffer: ``all_to_all_single`` of the BF16 dispatch's bytes with the same
+per-rank split sizes, and the copy ceiling (GPU r -> GPU (r+1) % R on every rank at once; one GPU:
+a local copy counted as read + write bytes).
+
+Bandwidth is counted as DeepEP's test counts it: rows this rank receives, its own included,
+x hidden x 2 bytes (x (1 + 4/128) / 2 for FP8, the scales included); combine sends the same rows
+back. Times are medians over ``--iters`` (CUDA events), the max over ranks; GB/s is each rank's
+bytes over its own median, the min over ranks. Writes ``normal.json`` and ``normal.png`` to
+``--out``. A benchmark measures: the one correctness check (combine of the dispatch = x times the
+number of ranks the token went to) is printed as PASS/FAIL, and no timing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .bench import time_cuda
+from .comm import Buffer, Config, per_token_group_quant_fp8
+from .comm.config import default_combine_config, default_dispatch_config
+from .launch import launch
+
+# The peer's settings (DeepEP's test_intranode, /work/shared/ANCHORS.md) on GPUs; tiny on CPU ranks.
+GPU_DEFAULTS = dict(tokens=4096, hidden=7168, experts=256, top_k=8, iters=20)
+CPU_DEFAULTS = dict(tokens=128, hidden=512, experts=16, top_k=4, iters=5)
+CPU_RANKS = 2
+DEFAULT_SMS = (8, 12, 16, 20, 24, 32)
+NVL_RECV_CHUNK = 256          # DeepEP's test: Config(num_sms, nvl_chunk_size, nvl_buffer_size=256)
+MIN_NVL_BYTES = int(2e9)
+WARMUP = 3
+FP8_BYTES_FACTOR = (1 + 4 / 128) / 2   # FP8 payload + float32 scale per 128 elements, relative to BF16
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 8 << 20}
+OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed", "combine_bf16")
+
+
+# ------------------------------------------------------------------------------ options
+def _int_list(text: str) -> list[int]:
+    """``"8,12,16"`` -> [8, 12, 16] (argparse type)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options only this target reads (the sizes and --iters are shared with ``layer``)."""
+    group = parser.add_argument_group("normal")
+    group.add_argument("--sms", type=_int_list, default=list(DEFAULT_SMS),
+                       help="SM counts to sweep, comma-separated, each even (default 8,12,16,20,24,32)")
+    group.add_argument("--chunks", type=_int_list, default=None,
+                       help="tokens per NVLink chunk (Config.num_max_nvl_chunked_send_tokens) to sweep, "
+                            "comma-separated, each < 256 (default: the tuned config of each op)")
+    group.add_argument("--nvl-bytes", type=int, default=None,
+                       help="Buffer num_nvl_bytes (default: 2e9 or the largest config's hint on GPUs, 0 on CPU)")
+    group.add_argument("--seed", type=int, default=0, help="routing and data seed (rank r uses seed + r)")
+
+
+def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
+    """Options for the ranks: unset sizes take the peer's settings on GPUs, tiny ones on CPU."""
+    defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+    opts = {key: getattr(args, key, None) if getattr(args, key, None) is not None else value
+            for key, value in defaults.items()}
+    bad_sms = [n for n in args.sms if n < 2 or n % 2]
+    if bad_sms:
+        raise SystemExit(f"--sms: every SM count must be even and >= 2 (a sender and a receiver per channel), got {bad_sms}")
+    if args.chunks and any(not 1 <= c < NVL_RECV_CHUNK for c in args.chunks):
+        raise SystemExit(f"--chunks: every chunk must be in [1, {NVL_RECV_CHUNK}), got {args.chunks}")
+    if opts["top_k"] > opts["experts"]:
+        raise SystemExit(f"--top-k {opts['top_k']} exceeds --experts {opts['experts']}")
+    opts.update(sms=list(args.sms), chunks=list(args.chunks) if args.chunks else [None], nvl_bytes=args.nvl_bytes,
+                seed=args.seed, out=args.out)
+    return opts
+
+
+# ------------------------------------------------------------------------------ timing
+def _time_host(fn: Callable[[], object], iters: int, warmup: int = WARMUP, group=None) -> float:
+    """Median milliseconds of ``fn`` on CPU ranks (wall clock): time_cuda's twin where there are no
+    CUDA events, so the CPU smoke test runs the same code path."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier(group=group)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _timer(device: torch.device) -> Callable[..., float]:
+    return time_cuda if device.type == "cuda" else _time_host
+
+
+# ------------------------------------------------------------------------------ data and configs
+def _routing(opts: dict, rank: int, device: torch.device):
+    """x [T, H] bf16, topk_idx [T, K] int64 (K distinct experts per token, uniform), topk_weights.
+    Drawn on the CPU from seed + rank, so a run is reproducible on any device."""
+    gen = torch.Generator(device="cpu").manual_seed(opts["seed"] + rank)
+    tokens, hidden, experts, top_k = opts["tokens"], opts["hidden"], opts["experts"], opts["top_k"]
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+    topk_idx = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=1).indices
+    topk_weights = torch.rand(tokens, top_k, generator=gen)
+    return x.to(device), topk_idx.to(device), topk_weights.to(device)
+
+
+def _configs(num_ranks: int, num_sms: int, chunk: Optional[int]) -> tuple[Config, Config]:
+    """(dispatch, combine) configs: DeepEP's test's ``Config(num_sms, chunk, 256)``, or the tuned
+    default of each op when no chunk is swept."""
+    if chunk is None:
+        return default_dispatch_config(num_ranks, num_sms), default_combine_config(num_ranks, num_sms)
+    config = Config(num_sms, chunk, NVL_RECV_CHUNK)
+    return config, config
+
+
+def _nvl_bytes(opts: dict, num_ranks: int, device: torch.device) -> int:
+    """``num_nvl_bytes``: what was asked, else (GPU) at least 2e9 and every swept config's hint."""
+    if opts["nvl_bytes"] is not None:
+        return opts["nvl_bytes"]
+    if device.type != "cuda":
+        return 0
+    hints = [cfg.get_nvl_buffer_size_hint(opts["hidden"] * 2, num_ranks)
+             for sms in opts["sms"] for chunk in opts["chunks"] for cfg in _configs(num_ranks, sms, chunk)]
+    return max([MIN_NVL_BYTES, *hints])
+
+
+def _backend_info(buffer: Buffer) -> dict:
+    """Which backend ran (kernels or the reference), so a reader of the JSON can tell."""
+    backend = buffer.backend
+    describe = getattr(backend, "describe", None)
+    return {"name": backend.name, "describe": describe() if callable(describe) else None}
+
+
+# ------------------------------------------------------------------------------ measurements
+def _sweep(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle, recv_x, timer) -> list[dict]:
+    """Every op at every (SMs, chunk): rows of this rank's median ms and bytes."""
+    group, iters, num_ranks = buffer.group, opts["iters"], buffer.group_size
+    per_rank, _, per_expert, in_rank, _ = layout
+    x_fp8 = per_token_group_quant_fp8(x)
+    bf16_bytes = recv_x.shape[0] * opts["hidden"] * 2
+    rows = []
+    for num_sms in opts["sms"]:
+        for chunk in opts["chunks"]:
+            Buffer.set_num_sms(num_sms)
+            dispatch_cfg, combine_cfg = _configs(num_ranks, num_sms, chunk)
+            calls = {
+                "dispatch_fp8": (lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_cfg),
+                                 bf16_bytes * FP8_BYTES_FACTOR),
+                "dispatch_bf16": (lambda: buffer.dispatch(x, handle=handle, config=dispatch_cfg), bf16_bytes),
+                "dispatch_bf16_routed": (lambda: buffer.dispatch(
+                    x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                    topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_cfg), bf16_bytes),
+                "combine_bf16": (lambda: buffer.combine(recv_x, handle, config=combine_cfg), bf16_bytes),
+            }
+            for op in OPS:
+                fn, nbytes = calls[op]
+                cfg = combine_cfg if op.startswith("combine") else dispatch_cfg
+                ms = timer(fn, iters, WARMUP, group)
+                rows.append({"op": op, "sms": num_sms, "chunk": cfg.num_max_nvl_chunked_send_tokens,
+                             "ms": ms, "bytes": nbytes})
+    return rows
+
+
+def _all_to_all_row(buffer: Buffer, opts: dict, per_rank: torch.Tensor, timer) -> dict:
+    """``all_to_all_single`` moving what the BF16 dispatch moves: the same rows from each rank to
+    each rank (its own included), hidden x 2 bytes each."""
+    group, hidden = buffer.group, opts["hidden"]
+    send_counts = per_rank.to(torch.int64)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+    send = torch.randn(sum(send_splits), hidden, device=per_rank.device).to(torch.bfloat16)
+    recv = send.new_empty((sum(recv_splits), hidden))
+    ms = timer(lambda: dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group),
+               opts["iters"], WARMUP, group)
+    name = dist.get_backend(group)
+    return {"op": f"{name} all_to_all_single", "sms": None, "chunk": None, "ms": ms,
+            "bytes": sum(recv_splits) * hidden * 2,
+            "what": f"{name} all_to_all_single of the BF16 dispatch's bytes, same per-rank split sizes"}
+
+
+def _copy_row(num_ranks: int, device: torch.device, opts: dict, timer) -> dict:
+    """The copy ceiling: GPU r -> GPU (r + 1) % R on every rank at once (copy engine), or with one
+    rank / on CPU a local copy counted as read + write bytes."""
+    numel = COPY_BYTES[device.type]
+    src = torch.empty(numel, dtype=torch.uint8, device=device)
+    if device.type == "cuda" and num_ranks > 1:
+        peer = torch.device("cuda", (device.index + 1) % min(num_ranks, torch.cuda.device_count()))
+        dst = torch.empty(numel, dtype=torch.uint8, device=peer)
+        op, what, nbytes = "p2p copy", f"copy_ cuda:r -> cuda:(r+1)%{num_ranks}, all ranks at once", numel
+    else:
+        dst = torch.empty_like(src)
+        where = "one GPU" if device.type == "cuda" else "host memory (CPU smoke test, no P2P)"
+        op, what, nbytes = "local copy", f"copy_ within {where}, read + write bytes", 2 * numel
+    ms = timer(lambda: dst.copy_(src), opts["iters"], WARMUP, dist.group.WORLD)
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"op": op, "sms": None, "chunk": None, "ms": ms, "bytes": nbytes, "what": what}
+
+
+def _check_combine(buffer: Buffer, x: torch.Tensor, recv_x: torch.Tensor, handle, in_rank: torch.Tensor) -> dict:
+    """Combine of the dispatched BF16 rows must give x times the number of ranks each token went to
+    (each rank returns its copy unchanged; the sum is in float32, cast to bf16 once)."""
+    combined, _, _ = buffer.combine(recv_x, handle)
+    expected = x.float() * in_rank.sum(1, keepdim=True).float()
+    err = (combined.float() - expected).abs().max().item() if x.numel() else 0.0
+    ok = bool(torch.allclose(combined.float(), expected, rtol=1e-2, atol=1e-2))
+    return {"pass": ok, "max_abs_err": err}
+
+
+# ------------------------------------------------------------------------------ one rank
+def _bench_rank(rank: int, world_size: int, opts: dict) -> None:
+    group = dist.group.WORLD
+    on_gpu = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    timer = _timer(device)
+    x, topk_idx, topk_weights = _routing(opts, rank, device)
+    nvl_bytes = _nvl_bytes(opts, world_size, device)
+    buffer = Buffer(group, num_nvl_bytes=nvl_bytes)
+    layout = buffer.get_dispatch_layout(topk_idx, opts["experts"])
+    per_rank, _, per_expert, in_rank, _ = layout
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                 num_tokens_per_expert=per_expert, topk_idx=topk_idx,
+                                                 topk_weights=topk_weights)
+    rows = _sweep(buffer, opts, x, topk_idx, topk_weights, layout, handle, recv_x, timer)
+    references = [_all_to_all_row(buffer, opts, per_rank, timer), _copy_row(world_size, device, opts, timer)]
+    check = _check_combine(buffer, x, recv_x, handle, in_rank)
+    mine = {"rows": rows, "references": references, "check": check, "recv_rows": recv_x.shape[0]}
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, mine, group=group)
+    if rank == 0:
+        report = _report(gathered, opts, world_size, dist.get_backend(group), device, nvl_bytes, _backend_info(buffer))
+        _print(report)
+        _write(report, opts["out"])
+
+
+# ------------------------------------------------------------------------------ report
+def _merge(per_rank_rows: list[list[dict]]) -> list[dict]:
+    """One row per measurement: µs = max over ranks of the median, GB/s = min over ranks of each
+    rank's bytes over its own median; the per-rank figures kept beside them."""
+    merged = []
+    for i, row in enumerate(per_rank_rows[0]):
+        ranks = [rows[i] for rows in per_rank_rows]
+        gbps = [r["bytes"] / r["ms"] / 1e6 if r["ms"] > 0 else 0.0 for r in ranks]
+        out = {k: v for k, v in row.items() if k not in ("ms", "bytes")}
+        out.update(us=max(r["ms"] for r in ranks) * 1e3, gbps=min(gbps),
+                   us_per_rank=[r["ms"] * 1e3 for r in ranks], gbps_per_rank=gbps,
+                   bytes_per_rank=[int(r["bytes"]) for r in ranks])
+        merged.append(out)
+    return merged
+
+
+def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str, device: torch.device,
+            nvl_bytes: int, backend: dict) -> dict:
+    checks = [g["check"] for g in gathered]
+    return {
+        "target": "normal",
+        "world_size": world_size,
+        "dist_backend": dist_backend,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "buffer_backend": backend["name"],
+        "buffer_backend_describe": backend["describe"],
+        "settings": {key: opts[key] for key in ("tokens", "hidden", "experts", "top_k", "iters", "seed", "sms")}
+                    | {"chunks": opts["chunks"] if opts["chunks"] != [None] else "tuned default per op",
+                       "nvl_bytes": nvl_bytes, "warmup": WARMUP},
+        "counting": "GB/s = rows received by the rank (local included) x hidden x 2 bytes (x (1+4/128)/2 for FP8) "
+                    "/ that rank's median; gbps is the min over ranks, us the max over ranks of the median",
+        "ops": {"dispatch_fp8": "cached dispatch (handle=) of (x_fp8, 1x128 scales), as DeepEP's test times it",
+                "dispatch_bf16": "cached dispatch (handle=) of bf16 x, as DeepEP's test times it",
+                "dispatch_bf16_routed": "dispatch from the layout, top-k carried along (what each layer pays)",
+                "combine_bf16": "combine of the dispatched bf16 rows with their handle"},
+        "recv_rows_per_rank": [g["recv_rows"] for g in gathered],
+        "correctness": {"pass": all(c["pass"] for c in checks), "max_abs_err": max(c["max_abs_err"] for c in checks),
+                        "what": "combine(dispatch(x)) == x * ranks the token went to (bf16 tolerance)"},
+        "rows": _merge([g["rows"] for g in gathered]),
+        "reference_rows": _merge([g["references"] for g in gathered]),
+    }
+
+
+def _line(op: str, sms, chunk, us: float, gbps: float) -> str:
+    dash = lambda v: "-" if v is None else v  # noqa: E731
+    return f"{op:<26}{dash(sms):>5}{dash(chunk):>7}{us:>12.1f}{gbps:>12.1f}"
+
+
+def _print(report: dict) -> None:
+    s = report["settings"]
+    verdict = "PASS" if report["correctness"]["pass"] else "FAIL"
+    print(f"normal benchmark: {report['world_size']} ranks ({report['dist_backend']}, {report['device']}), "
+          f"buffer backend={report['buffer_backend']}; {s['tokens']} tokens/rank, hidden {s['hidden']}, "
+          f"top-{s['top_k']} of {s['experts']} experts, median of {s['iters']}, chunks: {s['chunks']}", flush=True)
+    if report["buffer_backend_describe"]:
+        print(report["buffer_backend_describe"])
+    print(f"correctness (combine of dispatched x == x * ranks reached): {verdict} "
+          f"(max abs err {report['correctness']['max_abs_err']:.3g})")
+    print(f"{'op':<26}{'SMs':>5}{'chunk':>7}{'µs (max)':>12}{'GB/s (min)':>12}")
+    for row in report["rows"]:
+        print(_line(row["op"], row["sms"], row["chunk"], row["us"], row["gbps"]))
+    print("reference (not the Buffer):")
+    for row in report["reference_rows"]:
+        print(_line(row["op"], row["sms"], row["chunk"], row["us"], row["gbps"]) + f"   {row['what']}")
+    print(flush=True)
+
+
+def _write(report: dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "normal.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {path}")
+    note = _plot(report, os.path.join(out_dir, "normal.png"))
+    print(note, flush=True)
+
+
+def _plot(report: dict, path: str) -> str:
+    """GB/s vs SMs per op (best chunk at each SM count, as DeepEP reports), with the reference rows
+    as horizontal lines. matplotlib is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install '.[plot]'): normal.png skipped"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for op in OPS:
+        best: dict[int, float] = {}
+        for row in report["rows"]:
+            if row["op"] == op:
+                best[row["sms"]] = max(best.get(row["sms"], 0.0), row["gbps"])
+        sms = sorted(best)
+        ax.plot(sms, [best[n] for n in sms], marker="o", label=op)
+    for row, style in zip(report["reference_rows"], ("--", ":")):
+        ax.axhline(row["gbps"], linestyle=style, color="gray", label=f"{row['op']} ({row['gbps']:.0f} GB/s)")
+    s = report["settings"]
+    ax.set(xlabel="SMs", ylabel="GB/s (min over ranks)",
+           title=f"normal dispatch/combine, {report['world_size']} ranks, {report['buffer_backend']} backend, "
+                 f"{s['tokens']} tok, H={s['hidden']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+# ------------------------------------------------------------------------------ entry point
+def bench_normal(args: argparse.Namespace) -> None:
+    """Start one rank per local GPU (NCCL), or CPU_RANKS gloo ranks without GPUs, and run the sweep."""
+    on_gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    opts = _resolve(args, on_gpu)
+    nproc = torch.cuda.device_count() if on_gpu else CPU_RANKS
+    os.makedirs(opts["out"], exist_ok=True)
+    launch(_bench_rank, nproc, "nccl" if on_gpu else "gloo", args=(opts,))
