@@ -73,6 +73,8 @@ class IpcBuffer {
   int device() const { return device_; }
   bool peers_open() const { return peers_open_; }
   int64_t epoch() const { return epoch_; }  // barriers enqueued so far
+  // Device array [num_ranks] of every rank's allocation base (regions start kHeaderBytes later).
+  void* const* device_peer_table() const { return peer_bases_device_; }
 
  private:
   void release_peers() noexcept;  // closes the opened handles and frees the pointer table

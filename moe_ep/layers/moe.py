@@ -33,6 +33,9 @@ BufferBytes = Union[int, str]
 _shared_buffers: dict[int, Buffer] = {}
 
 
+AUTO_NVL_BYTES = 1 << 30
+
+
 def get_shared_buffer(group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool) -> Buffer:
     """A Buffer for ``group`` at least as large as asked, reused across layers; rebuilt if too small."""
     key = id(group)
@@ -215,7 +218,10 @@ class ExpertParallelMoE(nn.Module):
     def _resolve_bytes(self) -> tuple[int, int]:
         nvl = self._num_nvl_bytes
         if nvl == "auto":
-            nvl = Config().get_nvl_buffer_size_hint(self.hidden_size * 2, self.ep_size)
+            # The intranode kernels stage whole batches (moe_ep.comm.backends.intranode): 1 GiB holds a
+            # DeepSeek-V3-sized prefill of 4096 tokens per rank on up to 8 ranks. Larger batches: set
+            # num_nvl_bytes (intranode_size_hint gives the bytes).
+            nvl = max(Config().get_nvl_buffer_size_hint(self.hidden_size * 2, self.ep_size), AUTO_NVL_BYTES)
         rdma = self._num_rdma_bytes
         if rdma == "auto":
             rdma = Buffer.get_low_latency_rdma_size_hint(self.low_latency_max_tokens, self.hidden_size,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import translate_device_errors
+from ..ipc import IntranodeBufferError
 from .reference import ReferenceBackend
 
 # Every backend call the Buffer makes, with the kernel family that will implement it.
@@ -27,7 +29,7 @@ class CudaBackend(ReferenceBackend):
 
     name = "cuda"
     # Calls this class has a kernel path for (the others are inherited from the reference).
-    KERNEL_PATHS: tuple[str, ...] = ("get_dispatch_layout",)
+    KERNEL_PATHS: tuple[str, ...] = ("get_dispatch_layout", "dispatch", "combine")
 
     def __init__(self, buffer, extension=None) -> None:
         super().__init__(buffer.group, buffer.device)
@@ -43,8 +45,29 @@ class CudaBackend(ReferenceBackend):
         calls = [call for call in self.KERNEL_PATHS if CALL_FAMILIES[call] in self.kernel_families]
         if "get_dispatch_layout" in calls and self.num_ranks > self._layout_max_ranks:
             calls.remove("get_dispatch_layout")  # the layout kernel keeps a rank mask of 64 bits
+        self.intranode = None
+        self.intranode_note = ""
+        if "dispatch" in calls:
+            self.intranode, self.intranode_note = self._open_intranode(buffer)
+            if self.intranode is None:
+                calls = [c for c in calls if CALL_FAMILIES[c] != "intranode"]
         self.kernel_calls: tuple[str, ...] = tuple(calls)
         self.reference_calls: tuple[str, ...] = tuple(c for c in CALL_FAMILIES if c not in self.kernel_calls)
+
+    def _open_intranode(self, buffer):
+        """The intranode kernels need a shared buffer (num_nvl_bytes > 0) and every rank on one node.
+        The decision is the same on every rank: num_nvl_bytes is (as in DeepEP) passed alike, and
+        open_intranode_buffer raises on every rank when any rank cannot join."""
+        if buffer.num_nvl_bytes <= 0:
+            return None, "num_nvl_bytes=0 (pass num_nvl_bytes > 0 for the intranode kernels)"
+        if self.num_ranks > int(getattr(self.ext, "intranode_max_ranks", 64)):
+            return None, f"{self.num_ranks} ranks exceed the intranode kernels' {self.ext.intranode_max_ranks}"
+        from .intranode import IntranodeEngine
+        try:
+            with translate_device_errors("Buffer (opening the intranode buffer)"):
+                return IntranodeEngine(self.group, self.device, buffer.num_nvl_bytes), ""
+        except IntranodeBufferError as exc:
+            return None, f"the intranode buffer could not be opened ({exc})"
 
     def uses_kernel(self, call: str) -> bool:
         """Whether ``call`` (a name in ``CALL_FAMILIES``) runs a CUDA kernel on this backend."""
@@ -56,8 +79,9 @@ class CudaBackend(ReferenceBackend):
         """One line: which calls run kernels and which fall back to the reference."""
         kernels = ", ".join(self.kernel_calls) or "none"
         reference = ", ".join(self.reference_calls) or "none"
+        note = f" ({self.intranode_note})" if self.intranode_note else ""
         return (f"moe_ep: using the cuda backend (kernel families: {', '.join(self.kernel_families) or 'none'}): "
-                f"CUDA kernels for {kernels}; reference (torch.distributed) for {reference}")
+                f"CUDA kernels for {kernels}; reference (torch.distributed) for {reference}{note}")
 
     # ---------------------------------------------------------------- layout
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
@@ -67,3 +91,26 @@ class CudaBackend(ReferenceBackend):
         per_rank, per_expert, in_rank = self.ext.get_dispatch_layout(topk_idx.contiguous(), num_experts,
                                                                      self.num_ranks)
         return per_rank, None, per_expert, in_rank
+
+    # ---------------------------------------------------------------- dispatch / combine
+    def dispatch(self, x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                 expert_alignment: int, num_worst_tokens: int, num_experts):
+        if self.intranode is None or (handle is not None and not self._is_kernel_handle(handle)):
+            return super().dispatch(x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                                    expert_alignment, num_worst_tokens, num_experts)
+        from .. import buffer as buffer_module
+        self.intranode.num_sms = buffer_module.Buffer.num_sms
+        return self.intranode.dispatch(x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                                       expert_alignment, num_worst_tokens, num_experts)
+
+    def combine(self, x, handle, topk_weights, biases):
+        if self.intranode is None or not self._is_kernel_handle(handle):
+            return super().combine(x, handle, topk_weights, biases)
+        from .. import buffer as buffer_module
+        self.intranode.num_sms = buffer_module.Buffer.num_sms
+        return self.intranode.combine(x, handle, topk_weights, biases)
+
+    @staticmethod
+    def _is_kernel_handle(handle) -> bool:
+        from .intranode import IntranodeRouting
+        return isinstance(handle[3], IntranodeRouting)

@@ -70,6 +70,24 @@ def _all_gather(values: torch.Tensor, group, num_ranks: int) -> torch.Tensor:
     return out.view(num_ranks, -1)
 
 
+def check_worst_tokens_agree(group, device: torch.device, num_worst_tokens: int, agreed: set) -> None:
+    """``num_worst_tokens`` sizes what every pair of ranks exchanges, so all ranks must pass the
+    same value (DeepEP's callers pass one global bound too). A mismatch would wedge the exchange;
+    instead each new value is compared once across ranks (one host read, then cached in
+    ``agreed``, so later calls and CUDA-graph captures of an already-seen value cost nothing)."""
+    num_ranks = dist.get_world_size(group)
+    if num_worst_tokens in agreed or num_ranks == 1:
+        return
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"num_worst_tokens={num_worst_tokens} is first used inside a CUDA graph capture; "
+                         "run the call once eagerly first (its value is checked across ranks once)")
+    values = _all_gather(torch.tensor([num_worst_tokens], dtype=torch.int64, device=device), group,
+                         num_ranks).flatten().tolist()
+    if len(set(values)) != 1:
+        raise ValueError(f"num_worst_tokens must be the same on every rank, got {values} (rank order)")
+    agreed.add(num_worst_tokens)
+
+
 def _round_up(values: torch.Tensor, alignment: int) -> torch.Tensor:
     return (values + alignment - 1) // alignment * alignment
 
@@ -113,20 +131,7 @@ class ReferenceBackend:
         self._agreed_worst_tokens: set[int] = set()
 
     def _check_worst_tokens_agree(self, num_worst_tokens: int) -> None:
-        """``num_worst_tokens`` sizes the blocks every pair of ranks exchanges, so all ranks must pass
-        the same value (DeepEP's callers pass one global bound too). A mismatch would wedge the
-        collective; instead each new value is compared once across ranks (one host read, cached, so
-        later calls and CUDA-graph captures of an already-seen value cost nothing)."""
-        if num_worst_tokens in self._agreed_worst_tokens or self.num_ranks == 1:
-            return
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise ValueError(f"num_worst_tokens={num_worst_tokens} is first used inside a CUDA graph capture; "
-                             "run the call once eagerly first (its value is checked across ranks once)")
-        values = _all_gather(torch.tensor([num_worst_tokens], dtype=torch.int64, device=self.device), self.group,
-                             self.num_ranks).flatten().tolist()
-        if len(set(values)) != 1:
-            raise ValueError(f"num_worst_tokens must be the same on every rank, got {values} (rank order)")
-        self._agreed_worst_tokens.add(num_worst_tokens)
+        check_worst_tokens_agree(self.group, self.device, num_worst_tokens, self._agreed_worst_tokens)
 
     # ---------------------------------------------------------------- layout
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
