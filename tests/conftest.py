@@ -12,6 +12,11 @@ Fixtures
                ``nccl_pool(min(2, torch.cuda.device_count()))`` for GPU tests that must run on
                devices whatever the suite's backend; skips when there are too few GPUs. Same
                bounded ``run`` (a wedged rank becomes a PoolTimeout with every rank's stack).
+``gpu_gloo_pool`` (session) a factory like ``dist_pool`` for the intranode (CUDA IPC) kernel tests:
+               always gloo, and rank r runs on cuda:(r % device_count), so several ranks may share
+               ONE GPU (``ctx.device`` is that GPU; the group moves CPU tensors). Skips, with the
+               reason, when there is no GPU or the built ``moe_ep._C`` has no intranode kernels.
+``require_intranode_kernels`` (function) skips the test, with the reason, under the same conditions.
 ``dist_backend`` (session) "gloo" or "nccl".
 ``seed``       (function) an int derived from the test's node id: fresh data per test,
                reproducible across runs.
@@ -84,6 +89,52 @@ def nccl_pool(dist_backend: str, dist_pool):
         pool = pools.get(world_size)
         if pool is None or not pool.alive:
             pools[world_size] = pool = DistPool(world_size, backend="nccl")
+        return pool
+
+    yield get
+    for pool in pools.values():
+        pool.shutdown()
+
+
+def intranode_kernels_missing() -> str | None:
+    """Why the intranode dispatch/combine kernels cannot run here (None when they can).
+
+    The kernels are present when the extension lists the "intranode" kernel family (as
+    ``CudaBackend`` reads it) or exports ``intranode_dispatch``."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    try:
+        from moe_ep import _C
+    except ImportError as exc:
+        return (f"the CUDA extension moe_ep._C is not built ({exc}); "
+                "build it with `python3 setup.py build_ext --inplace`")
+    if "intranode" not in tuple(getattr(_C, "kernel_families", ())) and not hasattr(_C, "intranode_dispatch"):
+        return ("this build of moe_ep._C has no intranode kernels (neither 'intranode' in "
+                f"kernel_families={tuple(getattr(_C, 'kernel_families', ()))} nor intranode_dispatch); "
+                "rebuild the extension")
+    return None
+
+
+@pytest.fixture
+def require_intranode_kernels() -> None:
+    reason = intranode_kernels_missing()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def gpu_gloo_pool():
+    pools: dict[int, DistPool] = {}
+
+    def get(world_size: int) -> DistPool:
+        reason = intranode_kernels_missing()
+        if reason:
+            pytest.skip(reason)
+        pool = pools.get(world_size)
+        if pool is None or not pool.alive:
+            pools[world_size] = pool = DistPool(world_size, backend="gloo", cuda_devices=True)
         return pool
 
     yield get

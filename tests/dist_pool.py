@@ -10,6 +10,10 @@ Spawning ranks is slow (each process imports torch and joins a process group), s
 (tensors in results are moved to CPU first). ``ctx`` is a :class:`RankContext` with ``rank``,
 ``world_size``, ``device``, ``group`` (``dist.group.WORLD``) and ``backend``.
 
+``DistPool(n, backend="gloo", cuda_devices=True)`` keeps the gloo group but gives rank r the GPU
+cuda:(r % device_count) (set as its current device, and as ``ctx.device``): several ranks may
+share one GPU, as the CUDA-IPC intranode tests need. The group itself still moves CPU tensors.
+
 Failures: an exception on any rank is re-raised in the caller as :class:`RankFailure` carrying
 the rank and the remote traceback. If some ranks are still busy a few seconds after another rank
 failed (typically blocked in a collective the failed rank never reached), or if the call runs past
@@ -102,13 +106,14 @@ def _health_check(ctx: RankContext) -> int:
     import torch
     import torch.distributed as dist
 
-    probe = torch.ones(1, device=ctx.device)
+    # gloo moves CPU tensors (ctx.device may be a GPU with cuda_devices=True); NCCL, GPU tensors.
+    probe = torch.ones(1, device=ctx.device if ctx.backend == "nccl" else "cpu")
     dist.all_reduce(probe, group=ctx.group)
     return int(probe.item())
 
 
 def _worker_main(rank: int, world_size: int, backend: str, init_method: str, task_queue: Any,
-                 result_queue: Any, stack_dir: str) -> None:
+                 result_queue: Any, stack_dir: str, cuda_devices: bool = False) -> None:
     os.environ.update(WORKER_ENV)
     if REPO_ROOT not in sys.path:
         sys.path.insert(0, REPO_ROOT)
@@ -127,6 +132,11 @@ def _worker_main(rank: int, world_size: int, backend: str, init_method: str, tas
         if backend == "nccl":
             torch.cuda.set_device(rank)
             device = torch.device("cuda", rank)
+        elif cuda_devices:
+            if torch.cuda.device_count() == 0:
+                raise RuntimeError("cuda_devices=True but no CUDA device is visible")
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
@@ -159,13 +169,17 @@ def _worker_main(rank: int, world_size: int, backend: str, init_method: str, tas
 class DistPool:
     """``world_size`` persistent ranks in one process group (see the module docstring)."""
 
-    def __init__(self, world_size: int, backend: str = "gloo", start_timeout: float = START_TIMEOUT_S) -> None:
+    def __init__(self, world_size: int, backend: str = "gloo", start_timeout: float = START_TIMEOUT_S,
+                 cuda_devices: bool = False) -> None:
         if backend not in SUPPORTED_BACKENDS:
             raise ValueError(f"backend must be one of {SUPPORTED_BACKENDS}, got {backend!r}")
+        if cuda_devices and backend != "gloo":
+            raise ValueError("cuda_devices=True is for gloo pools (NCCL pools already use cuda:rank)")
         import torch.multiprocessing as mp
 
         self.world_size = world_size
         self.backend = backend
+        self.cuda_devices = cuda_devices
         self.alive = False
         self._seq = 0
         self._stack_dir = tempfile.mkdtemp(prefix=f"moe_ep_pool{world_size}_")
@@ -176,7 +190,7 @@ class DistPool:
         self._procs = [
             context.Process(target=_worker_main, daemon=True, name=f"moe_ep_rank{rank}",
                             args=(rank, world_size, backend, init_method, self._task_queues[rank],
-                                  self._result_queue, self._stack_dir))
+                                  self._result_queue, self._stack_dir, cuda_devices))
             for rank in range(world_size)
         ]
         for proc in self._procs:

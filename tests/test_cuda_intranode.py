@@ -1,0 +1,778 @@
+"""GPU: the intranode (NVLink, CUDA IPC) normal dispatch/combine kernels, through
+``moe_ep.comm.backends.intranode.IntranodeEngine``, against the specification.
+
+The engine's ``dispatch`` and ``combine`` take exactly the positional arguments and give exactly
+the results of ``ReferenceBackend.dispatch`` / ``combine``, bit for bit. What is checked:
+
+1. Shared-GPU ranks (one GPU is enough): a gloo pool whose rank r runs on cuda:(r % count), 2, 3
+   and 4 ranks, each case compared with the independent oracle (tests/oracle.py) built from the
+   same seeded world on every rank. Outputs are allocated by the engine, so they cannot be
+   poisoned beforehand; instead each case runs twice in a row on one engine with different data
+   (anything of the first run that reaches the second run's outputs is a mismatch), and the
+   worst-token padding rows of combine inputs hold NaN (the reference never reads them).
+2. A back-to-back stress run: 1000 random iterations on 2 ranks (sizes, payload forms, cached
+   and worst-token modes all varying), each checked on the GPU against a vectorised expectation
+   that is itself checked against the oracle every 100 iterations.
+3. Bad input on one rank: a ``num_nvl_bytes`` too small for a call (or negative) raises
+   ``ValueError`` naming it, and the engine still works afterwards.
+4. ``Buffer`` on an NCCL group of 2 GPUs equals the reference backend (once the cuda backend
+   runs dispatch through the engine; skipped with the reason until then).
+5. compute-sanitizer memcheck and racecheck over a tiny 2-rank run
+   (tests/intranode_sanitizer_case.py).
+
+Workers are module-level functions (the pool pickles them by reference). Engines are collective
+to build, so each rank process keeps one per (world size, num_nvl_bytes) in ``_ENGINES``; every
+rank runs the same test sequence, so every rank builds them in the same order.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import pytest
+import torch
+
+from moe_ep.comm.fp8 import FP8_DTYPE
+from tests import oracle
+
+pytestmark = pytest.mark.gpu
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_NVL_BYTES = 1 << 30        # holds the largest case below (4 ranks x 2048 tokens x 7168 bf16, top-8)
+SMALL_NVL_BYTES = 8 << 20      # the bad-input test: too small for 4096 x 4096 bf16 rows (32 MiB)
+POISON = float("nan")          # combine-input padding rows (worst-token mode) the engine must never read
+
+Rows = Any  # [N, H] tensor, or (x_fp8 [N, H], scales [N, H / 128])
+
+_ENGINES: dict[tuple[int, int], Any] = {}
+
+
+def engine_for(ctx, num_nvl_bytes: int = NUM_NVL_BYTES):
+    """This rank's engine for the pool's world size, built on first use (collectively).
+
+    Reused across tests on purpose: a model reuses one buffer for every layer, so whatever a call
+    leaves in the shared buffer must never reach a later call's results."""
+    key = (ctx.world_size, num_nvl_bytes)
+    engine = _ENGINES.get(key)
+    if engine is None:
+        from moe_ep.comm.backends.intranode import IntranodeEngine
+
+        engine = _ENGINES[key] = IntranodeEngine(ctx.group, ctx.device, num_nvl_bytes)
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: data on CPU from the seeded oracle world (the same on every rank), moved to the GPU
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    """One dispatch -> (cached dispatch) -> combine sequence. ``tokens``: per rank (the first
+    world-size entries are used); ``routing``: make_world keyword arguments as (name, value)
+    pairs (``routing="skewed"`` sends every token to the last expert unless ``hot_expert`` is
+    given); ``payload``: "bf16", "fp32" or "fp8"; ``worst``: num_worst_tokens = the largest
+    receive of any rank + 5 (the same on every rank); ``signed_zeros``: the combine inputs hold
+    -0.0 (the reference's float32 sum starts from +0.0, so a token whose rows are all -0.0
+    combines to +0.0)."""
+
+    name: str
+    tokens: tuple = (24, 17, 31, 5)
+    hidden: int = 2048
+    payload: str = "bf16"
+    num_topk: int = 4
+    local_experts: int = 3
+    routing: tuple = ()
+    expert_alignment: int = 1
+    worst: bool = False
+    cached: bool = False
+    num_biases: int = 0
+    combine_weights: bool = True
+    signed_zeros: bool = False
+    timeout: float = 180.0
+
+
+SPARSE = (("drop_prob", 0.3), ("all_dropped_token", True))  # -1 entries, and token 0 routed nowhere
+SKEWED = (("routing", "skewed"),)                             # every token to the last expert
+BIG = (2048, 1536, 2048, 1024)
+
+CASES = [
+    Case("random-bf16-h2048", hidden=2048),
+    Case("random-bf16-h2560-bias1", hidden=2560, num_biases=1),
+    Case("random-bf16-h7168-bias2", tokens=(40, 23, 31, 12), hidden=7168, num_biases=2),
+    # 100 elements: not a multiple of 8 (200-byte rows, not a multiple of 16 bytes)
+    Case("masked-bf16-h100-bias2", hidden=100, routing=SPARSE, num_biases=2),
+    Case("masked-bf16-h200-bias1", hidden=200, routing=SPARSE, num_biases=1),
+    Case("masked-bf16-h384", hidden=384, routing=SPARSE),
+    Case("skewed-one-expert-bf16", tokens=(30, 30, 30, 30), hidden=384, routing=SKEWED, num_biases=1),
+    Case("skewed-one-expert-fp8", tokens=(30, 9, 30, 0), hidden=384, payload="fp8", routing=SKEWED),
+    Case("all-masked-bf16", hidden=384, routing=(("drop_prob", 1.0),), num_biases=1),
+    Case("zero-token-rank-bf16", tokens=(19, 0, 11, 6), hidden=2048, routing=SPARSE, num_biases=2),
+    Case("zero-token-rank-fp8", tokens=(0, 19, 0, 6), hidden=2048, payload="fp8", routing=SPARSE),
+    Case("duplicate-experts-bf16", hidden=384, routing=(("duplicate_prob", 0.5),)),
+    Case("top1-bf16", hidden=384, num_topk=1),
+    Case("top8-bf16", hidden=384, num_topk=8, local_experts=4),
+    Case("fp32-h384-bias2", hidden=384, payload="fp32", routing=SPARSE, num_biases=2),
+    Case("fp32-h100-bias1", hidden=100, payload="fp32", num_biases=1),
+    Case("fp8-h384", hidden=384, payload="fp8", routing=SPARSE),
+    Case("fp8-h2048-bias1", hidden=2048, payload="fp8", num_biases=1),
+    Case("fp8-h2560", hidden=2560, payload="fp8"),
+    Case("fp8-h7168-bias2", tokens=(40, 23, 31, 12), hidden=7168, payload="fp8", num_biases=2),
+    Case("align4-bf16", hidden=384, expert_alignment=4),
+    Case("align128-bf16", hidden=2048, routing=SPARSE, expert_alignment=128),
+    Case("align128-fp8", hidden=384, payload="fp8", expert_alignment=128),
+    Case("worst-bf16-bias1", hidden=2048, routing=SPARSE, worst=True, num_biases=1),
+    Case("worst-fp8", hidden=2048, payload="fp8", routing=SPARSE, worst=True),
+    Case("worst-zero-token-ranks-bf16-bias2", tokens=(0, 25, 3, 0), hidden=384, worst=True, num_biases=2),
+    Case("worst-fp32", hidden=100, payload="fp32", routing=SPARSE, worst=True, expert_alignment=4),
+    Case("cached-bf16-bias1", hidden=2048, routing=SPARSE, cached=True, num_biases=1),
+    Case("cached-fp8", hidden=2560, payload="fp8", cached=True),
+    Case("cached-worst-bf16", hidden=384, routing=SPARSE, cached=True, worst=True),
+    Case("cached-worst-fp8-bias1", hidden=384, payload="fp8", cached=True, worst=True, num_biases=1),
+    Case("signed-zeros-bf16-bias1", hidden=384, routing=SPARSE, signed_zeros=True, num_biases=1),
+    Case("no-combine-weights-bf16-bias2", hidden=2048, combine_weights=False, num_biases=2),
+    Case("many-tokens-bf16-h7168-top8", tokens=BIG, hidden=7168, num_topk=8, local_experts=8, routing=SPARSE,
+         num_biases=1, timeout=600.0),
+    Case("many-tokens-fp8-h7168-top8-worst", tokens=BIG, hidden=7168, payload="fp8", num_topk=8, local_experts=8,
+         worst=True, cached=True, timeout=600.0),
+]
+
+
+def case_world(case: Case, world_size: int, seed: int) -> oracle.World:
+    num_experts = case.local_experts * world_size
+    routing = dict(case.routing)
+    if routing.get("routing") == "skewed":
+        routing.setdefault("hot_expert", num_experts - 1)
+    return oracle.make_world(seed, world_size, list(case.tokens[:world_size]), case.hidden, case.num_topk,
+                             num_experts, **routing)
+
+
+def as_payload(x: torch.Tensor, payload: str) -> Rows:
+    """The dispatch input form of a bf16 token matrix."""
+    if payload == "fp8":
+        return oracle.quantize(x)
+    if payload == "fp32":
+        return x.float()
+    assert payload == "bf16", payload
+    return x
+
+
+def combine_dtype(payload: str) -> torch.dtype:
+    """Experts return float32 for float32 payloads and bf16 otherwise (FP8 included)."""
+    return torch.float32 if payload == "fp32" else torch.bfloat16
+
+
+def on(ctx, x):
+    """A fresh, packed copy on the rank's device (never an alias of the oracle's CPU tensors);
+    None stays None. Packed: an empty tensor such as the scales of 0 tokens at hidden 128 can
+    carry a zero stride, which the reference's byte packing rejects."""
+    if x is None:
+        return None
+    if isinstance(x, (tuple, list)):
+        return type(x)(on(ctx, part) for part in x)
+    return torch.empty(x.shape, dtype=x.dtype, device=ctx.device).copy_(x)
+
+
+def on_cpu(x: Rows) -> Rows:
+    return tuple(part.cpu() for part in x) if isinstance(x, tuple) else x.cpu()
+
+
+def received_rows(layouts: list, dst: int) -> int:
+    """Rows rank ``dst`` receives, from every rank's oracle.dispatch_layout."""
+    return sum(int(layout[2][:, dst].sum()) for layout in layouts)
+
+
+def pad_rows(x: Rows, rows: int, fill: float) -> Rows:
+    """``x`` extended to ``rows`` rows of ``fill``: the worst-token padding (FP8 parts are padded
+    with zero bytes, as the reference pads them)."""
+    if isinstance(x, tuple):
+        return tuple(pad_rows(part, rows, 0) for part in x)
+    extra = rows - x.shape[0]
+    assert extra >= 0, f"cannot pad {x.shape[0]} rows to {rows}"
+    if x.dtype == FP8_DTYPE:
+        pad = torch.zeros((extra, *x.shape[1:]), dtype=torch.uint8, device=x.device)
+        return torch.cat([x.view(torch.uint8), pad]).view(FP8_DTYPE)
+    return torch.cat([x, torch.full((extra, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)])
+
+
+def expert_outputs(rank: int, rows: torch.Tensor, signed_zeros: bool = False) -> torch.Tensor:
+    """What ``rank``'s experts return for its received rows: a per-rank scale that is no power
+    of two, so a token's rows from different ranks differ and round differently. (Sums of a
+    few bf16 rows are mostly exact in float32 whatever the order; the float32 cases are the ones
+    where another summation order shows.)"""
+    out = (rows.float() * (1.0 + 0.3 * (rank + 1))).to(rows.dtype)
+    if signed_zeros and out.numel():
+        out[:, ::5] = -0.0
+    return out
+
+
+def make_biases(seed: int, rank: int, num_tokens: int, hidden: int, count: int, dtype: torch.dtype) -> list:
+    """``count`` bias tensors [T, H]: the first in the combine dtype, the second float32 (the
+    Buffer accepts either dtype for either input)."""
+    gen = torch.Generator().manual_seed(seed * 31 + 7 + rank)
+    dtypes = [dtype, torch.float32]
+    return [oracle.make_tokens(gen, num_tokens, hidden).to(dtypes[i]) for i in range(count)]
+
+
+def expected_combine(rank: int, xs_back: Sequence[torch.Tensor], recv_srcs: Sequence[list], num_tokens: int,
+                     hidden: int, biases: list, weights_back: Optional[Sequence[torch.Tensor]], dtype: torch.dtype):
+    """(combined_x, combined_topk_weights or None) as the oracle defines them. The oracle casts
+    to bf16; for float32 inputs the same loop runs here without that cast."""
+    if dtype == torch.bfloat16:
+        return oracle.combine(rank, xs_back, recv_srcs, num_tokens, hidden, tuple(biases), weights_back)
+    acc = torch.zeros(num_tokens, hidden, dtype=torch.float32)
+    weights_acc = None if weights_back is None else torch.zeros(num_tokens, weights_back[0].shape[1])
+    for r, srcs in enumerate(recv_srcs):
+        for n, (src, t) in enumerate(srcs):
+            if src == rank:
+                acc[t] += xs_back[r][n].float()
+                if weights_acc is not None:
+                    weights_acc[t] += weights_back[r][n]
+    for bias in biases:
+        acc += bias.float()
+    return acc.to(dtype), weights_acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+def assert_on_device(ctx, value: Rows, what: str) -> None:
+    for i, part in enumerate(value if isinstance(value, tuple) else (value,)):
+        assert isinstance(part, torch.Tensor), f"{what}[{i}]: expected a tensor, got {type(part).__name__}"
+        assert part.device == ctx.device, f"{what}[{i}]: on {part.device}, expected {ctx.device}"
+
+
+def check_handle(handle, expected: oracle.DispatchExpectation, is_token_in_rank: torch.Tensor, rows: int,
+                 what: str) -> None:
+    """handle[0..2] equal the reference's (its recv_src_idx pads worst-token rows with 0);
+    handle[3] is the routing combine reads."""
+    assert isinstance(handle, tuple) and len(handle) == 4, \
+        f"{what}: handle must be a 4-tuple (rank_prefix_matrix, is_token_in_rank, recv_src_idx, routing), " \
+        f"got {type(handle).__name__} of length {len(handle) if isinstance(handle, tuple) else '-'}"
+    oracle.assert_same(handle[0], expected.rank_prefix_matrix, f"{what}: handle[0] (rank_prefix_matrix)")
+    oracle.assert_same(handle[1], is_token_in_rank, f"{what}: handle[1] (is_token_in_rank)")
+    src_idx = torch.tensor([t for _, t in expected.recv_src], dtype=torch.int32).reshape(-1)
+    oracle.assert_same(handle[2], pad_rows(src_idx, rows, 0), f"{what}: handle[2] (recv_src_idx)")
+    routing = handle[3]
+    assert routing.num_recv_rows == rows, f"{what}: handle[3].num_recv_rows = {routing.num_recv_rows}, expected {rows}"
+    oracle.assert_same(routing.is_token_in_rank, is_token_in_rank, f"{what}: handle[3].is_token_in_rank")
+
+
+def check_dispatch(ctx, got, expected: oracle.DispatchExpectation, is_token_in_rank: torch.Tensor,
+                   num_worst_tokens: int, what: str):
+    """Every output of a (non-cached) dispatch, bit for bit, worst-token padding included.
+    Returns (recv_x, recv_topk_weights, handle)."""
+    assert isinstance(got, tuple) and len(got) == 5, \
+        f"{what}: dispatch must return (recv_x, recv_topk_idx, recv_topk_weights, counts, handle), got {got!r:.200}"
+    recv_x, recv_topk_idx, recv_topk_weights, counts, handle = got
+    rows = num_worst_tokens or expected.num_recv_tokens
+    for name, value in (("recv_x", recv_x), ("recv_topk_idx", recv_topk_idx), ("recv_topk_weights", recv_topk_weights)):
+        assert_on_device(ctx, value, f"{what}: {name}")
+    oracle.assert_same(recv_x, pad_rows(expected.recv_x, rows, 0), f"{what}: recv_x")
+    oracle.assert_same(recv_topk_idx, pad_rows(expected.recv_topk_idx, rows, -1), f"{what}: recv_topk_idx")
+    oracle.assert_same(recv_topk_weights, pad_rows(expected.recv_topk_weights, rows, 0.0), f"{what}: recv_topk_weights")
+    if num_worst_tokens:
+        assert counts == [], f"{what}: num_recv_tokens_per_expert_list must be [] with num_worst_tokens, got {counts!r}"
+    else:
+        assert isinstance(counts, list) and all(type(c) is int for c in counts), \
+            f"{what}: num_recv_tokens_per_expert_list must be a list of int, got {counts!r}"
+        assert counts == expected.num_recv_tokens_per_expert_list, \
+            f"{what}: num_recv_tokens_per_expert_list {counts}, expected {expected.num_recv_tokens_per_expert_list}"
+    check_handle(handle, expected, is_token_in_rank, rows, what)
+    return recv_x, recv_topk_weights, handle
+
+
+def check_cached(ctx, got, expected_x: Rows, what: str) -> None:
+    assert isinstance(got, tuple) and len(got) == 5, f"{what}: cached dispatch must return a 5-tuple"
+    assert all(item is None for item in got[1:]), \
+        f"{what}: cached dispatch returns (recv_x, None, None, None, None); got {[type(i).__name__ for i in got]}"
+    assert_on_device(ctx, got[0], f"{what}: recv_x")
+    oracle.assert_same(got[0], expected_x, f"{what}: recv_x")
+
+
+# ---------------------------------------------------------------------------------------------
+# One case on one rank
+# ---------------------------------------------------------------------------------------------
+
+def run_case(ctx, engine, case: Case, seed: int, what: str) -> int:
+    """Dispatch, cached dispatch (if the case says so) and combine of one seeded world, every
+    result compared with the oracle. Returns the rows this rank received."""
+    num_ranks, me = ctx.world_size, ctx.rank
+    world = case_world(case, num_ranks, seed)
+    num_experts = world.num_experts
+    layouts = [oracle.dispatch_layout(world.topk_idx[r], num_experts, num_ranks) for r in range(num_ranks)]
+    _, per_expert, in_rank = layouts[me]
+    worst = max(received_rows(layouts, dst) for dst in range(num_ranks)) + 5 if case.worst else 0
+
+    # Dispatch.
+    xs = [as_payload(x, case.payload) for x in world.xs]
+    cpu_inputs = (xs[me], in_rank, per_expert, world.topk_idx[me], world.topk_weights[me])
+    inputs = on(ctx, cpu_inputs)
+    got = engine.dispatch(inputs[0], None, *inputs[1:], case.expert_alignment, worst, num_experts)
+    torch.cuda.synchronize(ctx.device)
+    oracle.assert_same(inputs, cpu_inputs, f"{what}: dispatch inputs after the call (must be left unchanged)")
+    expected = oracle.dispatch(me, xs, world.topk_idx, world.topk_weights, num_experts, case.expert_alignment)
+    rows = worst or expected.num_recv_tokens
+    _, _, handle = check_dispatch(ctx, got, expected, in_rank, worst, f"{what}: dispatch")
+
+    # Cached dispatch of fresh payloads through the handle: as Buffer passes it with its defaults
+    # (expert_alignment=1, num_worst_tokens=0) and, in worst-token mode, with the same W again.
+    if case.cached:
+        calls = [(1, 0)] + ([(case.expert_alignment, worst)] if worst else [])
+        for i, (alignment, worst_arg) in enumerate(calls):
+            fresh = [as_payload(x, case.payload) for x in case_world(case, num_ranks, seed + 101 + i).xs]
+            got_cached = engine.dispatch(on(ctx, fresh[me]), handle, None, None, None, None, alignment, worst_arg, None)
+            expected_x = oracle.dispatch(me, fresh, world.topk_idx, world.topk_weights, num_experts).recv_x
+            check_cached(ctx, got_cached, pad_rows(expected_x, rows, 0),
+                         f"{what}: cached dispatch (expert_alignment={alignment}, num_worst_tokens={worst_arg})")
+
+    # Combine: every rank's experts return scaled copies of what they received.
+    dtype = combine_dtype(case.payload)
+    plain = [x.to(dtype) for x in world.xs]
+    routes = [oracle.dispatch(r, plain, world.topk_idx, world.topk_weights, num_experts) for r in range(num_ranks)]
+    xs_back = [expert_outputs(r, routes[r].recv_x, case.signed_zeros) for r in range(num_ranks)]
+    weights_back = [route.recv_topk_weights for route in routes] if case.combine_weights else None
+    num_tokens = world.xs[me].shape[0]
+    biases = make_biases(seed, me, num_tokens, case.hidden, case.num_biases, dtype)
+    expected_x, expected_w = expected_combine(me, xs_back, [route.recv_src for route in routes], num_tokens,
+                                              case.hidden, biases, weights_back, dtype)
+    # Padding rows of the input (worst-token mode) hold NaN: the reference never reads them.
+    cpu_combine = [pad_rows(xs_back[me], rows, POISON)]
+    if weights_back is not None:
+        cpu_combine.append(pad_rows(weights_back[me], rows, POISON))
+    cpu_combine += biases
+    combine_inputs = on(ctx, cpu_combine)
+    x_in = combine_inputs[0]
+    w_in = combine_inputs[1] if weights_back is not None else None
+    biases_in = combine_inputs[2:] if weights_back is not None else combine_inputs[1:]
+    got = engine.combine(x_in, handle, w_in, biases_in)
+    torch.cuda.synchronize(ctx.device)
+    oracle.assert_same(tuple(combine_inputs), tuple(cpu_combine),
+                       f"{what}: combine inputs after the call (must be left unchanged)")
+    assert isinstance(got, tuple) and len(got) == 2, f"{what}: combine must return (combined_x, combined_topk_weights)"
+    assert_on_device(ctx, got[0], f"{what}: combined_x")
+    oracle.assert_same(got[0], expected_x, f"{what}: combined_x")
+    if expected_w is None:
+        assert got[1] is None, f"{what}: combined_topk_weights must be None without topk_weights"
+    else:
+        oracle.assert_same(got[1], expected_w, f"{what}: combined_topk_weights")
+    return expected.num_recv_tokens
+
+
+def _w_case(ctx, case: Case, seed: int) -> list:
+    """The case twice on this rank's engine, with different data each time."""
+    engine = engine_for(ctx)
+    return [run_case(ctx, engine, case, seed + 1_000_003 * rep, f"{case.name} (run {rep + 1} of 2)")
+            for rep in range(2)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_engine_matches_oracle(gpu_gloo_pool, case, world_size, seed):
+    received = gpu_gloo_pool(world_size).run(_w_case, case, seed, timeout=case.timeout)
+    assert len(received) == world_size and all(len(per_rank) == 2 for per_rank in received)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Back-to-back stress
+# ---------------------------------------------------------------------------------------------
+
+STRESS_ITERATIONS = 1000
+STRESS_RANKS = 2
+STRESS_LOCAL_EXPERTS = 8
+STRESS_HIDDEN = (128, 384, 1024, 2048)   # multiples of 128, for FP8
+STRESS_TOPK = (1, 2, 4, 8)
+STRESS_ORACLE_EVERY = 100
+
+
+@dataclass
+class StressWorld:
+    """One iteration's inputs for every rank: CPU copies (for the oracle) and device copies."""
+
+    xs: list            # bf16 [T_r, H]
+    topk_idx: list
+    topk_weights: list
+    num_experts: int
+
+
+def stress_world(gen: torch.Generator, num_ranks: int, hidden: int, num_topk: int, drop_prob: float) -> StressWorld:
+    """Fresh tokens and routing (distinct experts per token, some -1); some ranks get 0 tokens."""
+    num_experts = STRESS_LOCAL_EXPERTS * num_ranks
+    xs, idxs, weights = [], [], []
+    for _ in range(num_ranks):
+        num_tokens = 0 if float(torch.rand((), generator=gen)) < 0.1 else int(torch.randint(1, 129, (), generator=gen))
+        xs.append(oracle.make_tokens(gen, num_tokens, hidden))
+        idx = torch.rand(num_tokens, num_experts, generator=gen).argsort(dim=1)[:, :num_topk]
+        idx[torch.rand(num_tokens, num_topk, generator=gen) < drop_prob] = -1
+        idxs.append(idx.contiguous())
+        # In place: `rand(0, 1) + 0.25` has strides (1, 0), which the reference cannot pack.
+        weights.append(torch.rand(num_tokens, num_topk, generator=gen).add_(0.25))
+    return StressWorld(xs, idxs, weights, num_experts)
+
+
+def fast_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
+    """(num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool) with tensor ops (the same
+    definition as oracle.dispatch_layout, without its per-token loop)."""
+    valid = topk_idx >= 0
+    expert = torch.where(valid, topk_idx, 0)
+    per_expert = torch.zeros(num_experts, dtype=torch.int64, device=topk_idx.device)
+    per_expert.index_add_(0, expert.flatten(), valid.flatten().to(torch.int64))
+    hits = torch.zeros((topk_idx.shape[0], num_ranks), dtype=torch.int32, device=topk_idx.device)
+    hits.scatter_add_(1, expert // (num_experts // num_ranks), valid.to(torch.int32))
+    return per_expert.to(torch.int32), hits > 0
+
+
+def take(x: Rows, index: torch.Tensor) -> Rows:
+    if isinstance(x, tuple):
+        return tuple(take(part, index) for part in x)
+    if x.dtype == FP8_DTYPE:
+        return x.view(torch.uint8).index_select(0, index).view(FP8_DTYPE)
+    return x.index_select(0, index)
+
+
+def cat(parts: list) -> Rows:
+    if isinstance(parts[0], tuple):
+        return tuple(cat([p[i] for p in parts]) for i in range(len(parts[0])))
+    if parts[0].dtype == FP8_DTYPE:
+        return torch.cat([p.view(torch.uint8) for p in parts]).view(FP8_DTYPE)
+    return torch.cat(parts)
+
+
+def fast_dispatch(me: int, xs: list, topk_idx: list, topk_weights: list, in_ranks: list, per_experts: list,
+                  num_experts: int, expert_alignment: int) -> oracle.DispatchExpectation:
+    """oracle.dispatch with tensor ops on the device: rows by source rank, then source token."""
+    num_ranks = len(xs)
+    num_local = num_experts // num_ranks
+    first = me * num_local
+    parts, src, idx, weights = [], [], [], []
+    for r in range(num_ranks):
+        tokens = in_ranks[r][:, me].nonzero().flatten()
+        parts.append(take(xs[r], tokens))
+        src.extend((r, t) for t in tokens.tolist())
+        chosen = topk_idx[r].index_select(0, tokens)
+        local = (chosen >= first) & (chosen < first + num_local)
+        idx.append(torch.where(local, chosen - first, -1))
+        weights.append(torch.where(local, topk_weights[r].index_select(0, tokens), 0.0))
+    counts = torch.stack([in_rank.sum(0) for in_rank in in_ranks]).to(torch.int32)   # [src, dst]
+    per_expert = sum(p[first:first + num_local].to(torch.int64) for p in per_experts)
+    aligned = ((per_expert + expert_alignment - 1) // expert_alignment * expert_alignment).tolist()
+    return oracle.DispatchExpectation(recv_x=cat(parts), recv_topk_idx=torch.cat(idx), recv_topk_weights=torch.cat(weights),
+                                      num_recv_tokens_per_expert_list=aligned,
+                                      rank_prefix_matrix=counts.cumsum(0).to(torch.int32), recv_src=src)
+
+
+def same(got: Rows, want: Rows, what: str) -> None:
+    """Bit-exact equality on the device; on a mismatch, the oracle's message (on CPU copies)."""
+    if isinstance(want, tuple):
+        assert isinstance(got, tuple) and len(got) == len(want), f"{what}: expected a {len(want)}-tuple"
+        for i, (g, w) in enumerate(zip(got, want)):
+            same(g, w, f"{what}[{i}]")
+        return
+    if not (isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape
+            and torch.equal(oracle.bits(got), oracle.bits(want))):
+        oracle.assert_same(got, want.cpu(), what)
+
+
+def stress_step(ctx, engine, gen: torch.Generator, it: int, stats: Counter) -> None:
+    """One random dispatch (+ cached dispatch) + combine, every result checked. Every random
+    choice comes from ``gen``, seeded alike on every rank, so the ranks agree on all of them."""
+    num_ranks, me = ctx.world_size, ctx.rank
+    fp8 = it % 2 == 1
+    hidden = STRESS_HIDDEN[int(torch.randint(len(STRESS_HIDDEN), (), generator=gen))]
+    num_topk = STRESS_TOPK[int(torch.randint(len(STRESS_TOPK), (), generator=gen))]
+    drop_prob = (0.0, 0.2, 0.6)[int(torch.randint(3, (), generator=gen))]
+    alignment = (1, 4, 128)[int(torch.randint(3, (), generator=gen))]
+    cached = float(torch.rand((), generator=gen)) < 0.3
+    use_worst = float(torch.rand((), generator=gen)) < 0.2
+    worst_margin = int(torch.randint(0, 9, (), generator=gen))
+    num_biases = int(torch.randint(3, (), generator=gen))
+    with_weights = float(torch.rand((), generator=gen)) < 0.5
+    world = stress_world(gen, num_ranks, hidden, num_topk, drop_prob)
+    fresh = [oracle.make_tokens(gen, x.shape[0], hidden) for x in world.xs] if cached else None
+    num_experts = world.num_experts
+    what = (f"iteration {it} ({'fp8' if fp8 else 'bf16'}, H={hidden}, K={num_topk}, "
+            f"tokens={[x.shape[0] for x in world.xs]}, alignment={alignment}, cached={cached}, "
+            f"worst={use_worst}, biases={num_biases}, weights={with_weights})")
+
+    def form(xs: list) -> list:
+        return [oracle.quantize(x) for x in xs] if fp8 else xs
+
+    payload = form(world.xs)
+    dev_xs, dev_payload = on(ctx, world.xs), on(ctx, payload)
+    dev_idx, dev_w = on(ctx, world.topk_idx), on(ctx, world.topk_weights)
+    layouts = [fast_layout(idx, num_experts, num_ranks) for idx in dev_idx]
+    per_experts, in_ranks = [layout[0] for layout in layouts], [layout[1] for layout in layouts]
+    most = int(torch.stack([in_rank.sum(0) for in_rank in in_ranks]).sum(0).max())
+    worst = max(1, most + worst_margin) if use_worst else 0
+    expected = fast_dispatch(me, dev_payload, dev_idx, dev_w, in_ranks, per_experts, num_experts, alignment)
+    if it % STRESS_ORACLE_EVERY == 0:  # the fast expectation is itself checked against the oracle
+        slow = oracle.dispatch(me, payload, world.topk_idx, world.topk_weights, num_experts, alignment)
+        for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "rank_prefix_matrix"):
+            oracle.assert_same(on_cpu(getattr(expected, name)), getattr(slow, name),
+                               f"{what}: fast expectation vs oracle: {name}")
+        assert expected.recv_src == slow.recv_src, f"{what}: fast expectation vs oracle: recv_src"
+        assert expected.num_recv_tokens_per_expert_list == slow.num_recv_tokens_per_expert_list, \
+            f"{what}: fast expectation vs oracle: num_recv_tokens_per_expert_list"
+    rows = worst or expected.num_recv_tokens
+
+    got = engine.dispatch(dev_payload[me], None, in_ranks[me], per_experts[me], dev_idx[me], dev_w[me], alignment,
+                          worst, num_experts)
+    assert isinstance(got, tuple) and len(got) == 5, f"{what}: dispatch must return a 5-tuple"
+    recv_x, recv_idx, recv_w, counts, handle = got
+    same(recv_x, pad_rows(expected.recv_x, rows, 0), f"{what}: recv_x")
+    same(recv_idx, pad_rows(expected.recv_topk_idx, rows, -1), f"{what}: recv_topk_idx")
+    same(recv_w, pad_rows(expected.recv_topk_weights, rows, 0.0), f"{what}: recv_topk_weights")
+    want_counts = [] if worst else expected.num_recv_tokens_per_expert_list
+    assert counts == want_counts, f"{what}: num_recv_tokens_per_expert_list {counts!r}, expected {want_counts}"
+    same(handle[0], expected.rank_prefix_matrix, f"{what}: handle[0] (rank_prefix_matrix)")
+    same(handle[1], in_ranks[me], f"{what}: handle[1] (is_token_in_rank)")
+    src_idx = torch.tensor([t for _, t in expected.recv_src], dtype=torch.int32, device=ctx.device)
+    same(handle[2], pad_rows(src_idx, rows, 0), f"{what}: handle[2] (recv_src_idx)")
+
+    if cached:  # new payloads through the handle, as Buffer passes them with its defaults
+        dev_fresh = on(ctx, form(fresh))
+        want = fast_dispatch(me, dev_fresh, dev_idx, dev_w, in_ranks, per_experts, num_experts, 1).recv_x
+        got_cached = engine.dispatch(dev_fresh[me], handle, None, None, None, None, 1, 0, None)
+        assert isinstance(got_cached, tuple) and len(got_cached) == 5 and all(i is None for i in got_cached[1:]), \
+            f"{what}: cached dispatch must return (recv_x, None, None, None, None)"
+        same(got_cached[0], pad_rows(want, rows, 0), f"{what}: cached recv_x")
+
+    # Combine: rank r's experts return expert_outputs(r, .) of the tokens it received, so the row
+    # rank r returns for token t is expert_outputs(r, x[t]) and the sum needs no exchange. Every
+    # fourth iteration they return float32 (where a wrong summation order would show).
+    dtype = torch.float32 if it % 4 == 2 else torch.bfloat16
+    plain_rows = fast_dispatch(me, dev_xs, dev_idx, dev_w, in_ranks, per_experts, num_experts, 1).recv_x
+    x_back = pad_rows(expert_outputs(me, plain_rows.to(dtype)), rows, POISON)
+    num_tokens = world.xs[me].shape[0]
+    bias_gen = torch.Generator().manual_seed(it * 7 + 3 + me)
+    biases = on(ctx, [oracle.make_tokens(bias_gen, num_tokens, hidden).to(dtype)
+                      for dtype in (torch.bfloat16, torch.float32)[:num_biases]])
+    acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=ctx.device)
+    for r in range(num_ranks):  # source-rank order; adding +0.0 where rank r got nothing changes nothing
+        acc += torch.where(in_ranks[me][:, r:r + 1], expert_outputs(r, dev_xs[me].to(dtype)).float(), 0.0)
+    for bias in biases:
+        acc += bias.float()
+    got = engine.combine(x_back, handle, recv_w if with_weights else None, biases)
+    assert isinstance(got, tuple) and len(got) == 2, f"{what}: combine must return a 2-tuple"
+    same(got[0], acc.to(dtype), f"{what}: combined_x ({dtype})")
+    if with_weights:  # each (t, k) weight comes back from its expert's rank; the others add +0.0
+        same(got[1], torch.where(dev_idx[me] >= 0, dev_w[me], 0.0), f"{what}: combined_topk_weights")
+    else:
+        assert got[1] is None, f"{what}: combined_topk_weights must be None without topk_weights"
+
+    stats["fp8" if fp8 else "bf16"] += 1
+    stats["float32_combine"] += int(dtype == torch.float32)
+    stats["cached"] += int(cached)
+    stats["worst"] += int(worst > 0)
+    stats["zero_token_rank"] += int(any(x.shape[0] == 0 for x in world.xs))
+    stats["nothing_received"] += int(expected.num_recv_tokens == 0)
+    stats[f"biases{num_biases}"] += 1
+    stats["weights"] += int(with_weights)
+
+
+def _w_stress(ctx, seed: int, iterations: int) -> dict:
+    engine = engine_for(ctx)
+    stats: Counter = Counter()
+    for it in range(iterations):
+        stress_step(ctx, engine, torch.Generator().manual_seed(seed * 10_007 + it), it, stats)
+    torch.cuda.synchronize(ctx.device)
+    return dict(stats)
+
+
+def test_back_to_back_stress(gpu_gloo_pool, seed):
+    """1000 dispatch/combine iterations back to back on 2 ranks sharing a GPU, every one checked."""
+    stats = gpu_gloo_pool(STRESS_RANKS).run(_w_stress, seed, STRESS_ITERATIONS, timeout=900)
+    assert stats[0] == stats[1], f"the ranks ran different schedules: {stats}"
+    assert stats[0]["bf16"] + stats[0]["fp8"] == STRESS_ITERATIONS, stats[0]
+    for key in ("fp8", "bf16", "float32_combine", "cached", "worst", "zero_token_rank", "biases0", "biases1", "biases2",
+                "weights"):
+        assert stats[0][key] > 0, f"the random schedule never covered {key!r}: {stats[0]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Bad input (one rank: no peer waits on a rank that raised)
+# ---------------------------------------------------------------------------------------------
+
+def _w_too_small(ctx, seed: int) -> None:
+    from moe_ep.comm.backends.intranode import IntranodeEngine
+
+    engine = IntranodeEngine(ctx.group, ctx.device, SMALL_NVL_BYTES)
+    big = Case("too-big", tokens=(4096,), hidden=4096, num_topk=2, local_experts=4)
+    world = case_world(big, 1, seed)
+    _, per_expert, in_rank = oracle.dispatch_layout(world.topk_idx[0], world.num_experts, 1)
+    for payload in ("bf16", "fp8"):  # 32 MiB and 16 MiB of rows for an 8 MiB buffer
+        inputs = on(ctx, (as_payload(world.xs[0], payload), in_rank, per_expert, world.topk_idx[0],
+                          world.topk_weights[0]))
+        with pytest.raises(ValueError, match="num_nvl_bytes"):
+            engine.dispatch(inputs[0], None, *inputs[1:], 1, 0, world.num_experts)
+    # The error left the engine usable: small calls still give the reference's results.
+    for i, payload in enumerate(("bf16", "fp8")):
+        small = Case(f"small-after-error-{payload}", tokens=(33,), hidden=256, payload=payload, num_topk=2,
+                     local_experts=4, routing=SPARSE, cached=True, num_biases=1)
+        run_case(ctx, engine, small, seed + 1 + i, small.name)
+    torch.cuda.synchronize(ctx.device)
+
+
+def test_num_nvl_bytes_too_small_raises(gpu_gloo_pool, seed):
+    gpu_gloo_pool(1).run(_w_too_small, seed, timeout=300)
+
+
+def _w_negative_size(ctx) -> None:
+    from moe_ep.comm.backends.intranode import IntranodeEngine
+
+    with pytest.raises(ValueError, match="num_nvl_bytes"):
+        IntranodeEngine(ctx.group, ctx.device, -1)
+
+
+def test_negative_num_nvl_bytes_raises(gpu_gloo_pool):
+    """The error names the caller's argument (num_nvl_bytes), not an internal one."""
+    gpu_gloo_pool(1).run(_w_negative_size, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Buffer on two GPUs over NCCL equals the reference backend
+# ---------------------------------------------------------------------------------------------
+
+NCCL_CASES = [
+    Case("bf16", tokens=(64, 37), hidden=2048, routing=SPARSE, num_biases=1),
+    Case("fp8", tokens=(45, 64), hidden=2048, payload="fp8", num_biases=2),
+    Case("worst-bf16", tokens=(50, 0), hidden=7168, routing=SPARSE, worst=True),
+    Case("worst-fp8", tokens=(31, 60), hidden=2560, payload="fp8", worst=True, num_biases=1),
+    Case("cached-bf16", tokens=(40, 40), hidden=384, routing=SPARSE, cached=True, expert_alignment=4),
+    Case("cached-worst-fp8", tokens=(29, 41), hidden=384, payload="fp8", cached=True, worst=True),
+]
+
+
+def compare_buffer_with_reference(ctx, buffer, reference, case: Case, seed: int, what: str) -> None:
+    """Identical inputs through Buffer (the intranode kernels) and ReferenceBackend: every
+    output, handle[0..2] included, bit for bit."""
+    num_ranks, me = ctx.world_size, ctx.rank
+    world = case_world(case, num_ranks, seed)
+    num_experts = world.num_experts
+    layouts = [oracle.dispatch_layout(world.topk_idx[r], num_experts, num_ranks) for r in range(num_ranks)]
+    per_rank, per_expert, in_rank = on(ctx, layouts[me])
+    worst = max(received_rows(layouts, dst) for dst in range(num_ranks)) + 3 if case.worst else 0
+    x, idx, weights = on(ctx, (as_payload(world.xs[me], case.payload), world.topk_idx[me], world.topk_weights[me]))
+
+    *got, _event = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                   num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights,
+                                   expert_alignment=case.expert_alignment, num_worst_tokens=worst)
+    want = reference.dispatch(x, None, in_rank, per_expert, idx, weights, case.expert_alignment, worst, num_experts)
+    for i, name in enumerate(("recv_x", "recv_topk_idx", "recv_topk_weights")):
+        oracle.assert_same(got[i], on_cpu(want[i]), f"{what}: {name}")
+    assert got[3] == want[3], f"{what}: num_recv_tokens_per_expert_list {got[3]}, reference {want[3]}"
+    for i in range(3):
+        oracle.assert_same(got[4][i], want[4][i].cpu(), f"{what}: handle[{i}]")
+    handle, ref_handle = got[4], want[4]
+
+    if case.cached:
+        fresh = on(ctx, as_payload(case_world(case, num_ranks, seed + 101).xs[me], case.payload))
+        cached, *rest = buffer.dispatch(fresh, handle=handle)
+        assert all(item is None for item in rest[:4]), f"{what}: cached dispatch returns (recv_x, None x4, event)"
+        ref_cached = reference.dispatch(fresh, ref_handle, None, None, None, None, 1, 0, None)[0]
+        oracle.assert_same(cached, on_cpu(ref_cached), f"{what}: cached recv_x")
+
+    # Combine: the same expert outputs (NaN in worst-token padding rows) and biases for both.
+    rows = handle[3].num_recv_rows
+    x_back = oracle.make_tokens(torch.Generator().manual_seed(seed * 13 + me), rows, case.hidden)
+    x_back[received_rows(layouts, me):] = POISON
+    x_back = on(ctx, x_back)
+    biases = on(ctx, make_biases(seed, me, world.xs[me].shape[0], case.hidden, case.num_biases, torch.bfloat16))
+    combined, combined_w, _event = buffer.combine(x_back, handle, topk_weights=got[2], bias=tuple(biases))
+    ref_combined, ref_w = reference.combine(x_back, ref_handle, want[2], biases)
+    oracle.assert_same(combined, ref_combined.cpu(), f"{what}: combined_x")
+    oracle.assert_same(combined_w, ref_w.cpu(), f"{what}: combined_topk_weights")
+
+
+def _w_buffer_vs_reference(ctx, seed: int) -> None:
+    from moe_ep.comm import Buffer
+    from moe_ep.comm.backends.reference import ReferenceBackend
+
+    buffer = Buffer(ctx.group, num_nvl_bytes=int(1e9))
+    uses_kernel = getattr(buffer.backend, "uses_kernel", None)
+    if uses_kernel is None or not uses_kernel("dispatch"):
+        pytest.skip(f"Buffer's {buffer.backend.name} backend does not run dispatch through the intranode kernels "
+                    "(CudaBackend.uses_kernel('dispatch') is False)")
+    reference = ReferenceBackend(ctx.group, ctx.device)
+    for i, case in enumerate(NCCL_CASES):
+        for rep in range(2):
+            compare_buffer_with_reference(ctx, buffer, reference, case, seed + 17 * i + 1_000_003 * rep,
+                                          f"{case.name} (run {rep + 1} of 2)")
+    torch.cuda.synchronize()
+
+
+def test_buffer_on_two_gpus_equals_reference(nccl_pool, seed):
+    nccl_pool(2).run(_w_buffer_vs_reference, seed, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. compute-sanitizer
+# ---------------------------------------------------------------------------------------------
+
+SANITIZER_TIMEOUT_S = 900
+SANITIZER_SCRIPT = os.path.join(REPO_ROOT, "tests", "intranode_sanitizer_case.py")
+SANITIZER_NVL_BYTES = 64 << 20
+SANITIZER_OK_LINE = "intranode sanitizer case: all checks passed"
+# Tiny on purpose (memcheck and racecheck slow kernels down by orders of magnitude): 17 tokens,
+# hidden 256, 8 experts over 2 ranks, top-2; run by tests/intranode_sanitizer_case.py.
+TINY = {"tokens": (17, 17), "hidden": 256, "num_topk": 2, "local_experts": 4}
+SANITIZER_CASES = [
+    Case("sanitizer-bf16-cached", **TINY, routing=SPARSE, cached=True, num_biases=1),
+    Case("sanitizer-fp8-worst-cached", **TINY, payload="fp8", worst=True, cached=True, num_biases=2),
+    Case("sanitizer-bf16-zero-token-rank", **{**TINY, "tokens": (17, 0)}, expert_alignment=4),
+]
+
+
+def find_compute_sanitizer() -> Optional[str]:
+    """compute-sanitizer on PATH, else in $CUDA_HOME/bin or /usr/local/cuda/bin."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root:
+            candidate = os.path.join(root, "bin", "compute-sanitizer")
+            if os.access(candidate, os.X_OK):
+                return candidate
+    return None
+
+
+def _text(output) -> str:
+    if output is None:
+        return ""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer_reports_no_errors(require_intranode_kernels, tool):
+    sanitizer = find_compute_sanitizer()
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
+    # --require-cuda-init no: the parent process only spawns the ranks and never initializes CUDA.
+    command = [sanitizer, "--tool", tool, "--target-processes", "all", "--require-cuda-init", "no",
+               sys.executable, SANITIZER_SCRIPT]
+    try:
+        proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=SANITIZER_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:  # its captured output is bytes whatever text= says
+        tail = "\n".join(_text(part)[-4000:] for part in (exc.stdout, exc.stderr))
+        pytest.fail(f"{' '.join(command)} ran past {SANITIZER_TIMEOUT_S} s; output tail:\n{tail}")
+    output = proc.stdout + proc.stderr
+    # The sanitizer's first reports say where; the tail says how the run ended.
+    first = [line for line in output.splitlines() if line.startswith("=========") and "Host Frame" not in line][:60]
+    report = f"--- {' '.join(command)}: exit {proc.returncode}\n--- first sanitizer lines\n" + "\n".join(first) + \
+             f"\n--- stdout (tail)\n{proc.stdout[-6000:]}\n--- stderr (tail)\n{proc.stderr[-6000:]}"
+    summaries = re.findall(r"ERROR SUMMARY: (\d+) errors?", output)
+    assert summaries, f"no ERROR SUMMARY line from compute-sanitizer:\n{report}"
+    assert all(int(n) == 0 for n in summaries), f"compute-sanitizer {tool} found errors:\n{report}"
+    assert "ERROR SUMMARY: 0 errors" in output, report
+    assert proc.returncode == 0, f"the sanitized run failed:\n{report}"
+    assert SANITIZER_OK_LINE in proc.stdout, report
