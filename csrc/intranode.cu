@@ -108,7 +108,7 @@ __device__ __forceinline__ int chunk_source(const ChunkMap& map, int chunk, int 
 __global__ void __launch_bounds__(kThreads)
 stage_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t* __restrict__ x,
              const uint8_t* __restrict__ scales, const int64_t* __restrict__ topk_idx,
-             const float* __restrict__ topk_weights, const int* __restrict__ send_slot,
+             const float* __restrict__ topk_weights, bool write_routing, const int* __restrict__ send_slot,
              const int* __restrict__ send_counts, const int* __restrict__ expert_counts, int num_experts) {
   uint8_t* region = region_of(peers, peers.rank);
   uint8_t* rows = region + kControlBytes;
@@ -125,14 +125,14 @@ stage_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t* _
       reinterpret_cast<int64_t*>(row + layout.off_idx)[k] = topk_idx[t * K + k];
       reinterpret_cast<float*>(row + layout.off_weights)[k] = topk_weights[t * K + k];
     }
-    if (send_slot != nullptr) {
+    if (write_routing) {
       for (int r = lane; r < peers.num_ranks; r += 32) {
         const int slot = send_slot[t * peers.num_ranks + r];
         if (slot >= 0) lists[static_cast<int64_t>(r) * num_tokens + slot] = static_cast<int>(t);
       }
     }
   }
-  if (send_slot != nullptr && blockIdx.x == 0) {
+  if (write_routing && blockIdx.x == 0) {
     auto* control = reinterpret_cast<Control*>(region);
     if (threadIdx.x == 0) control->num_tokens = static_cast<int>(num_tokens);
     for (int r = threadIdx.x; r < peers.num_ranks; r += kThreads) control->send_counts[r] = send_counts[r];
@@ -283,7 +283,7 @@ push_kernel(Peers peers, const int* __restrict__ rank_prefix_matrix, const uint8
       const int64_t row = map.start[s] + j0 + i;
       uint8_t* dst = dst_rows + static_cast<int64_t>(i) * row_bytes;
       warp_copy(dst, x + row * x_bytes, x_bytes, lane);
-      if (topk_weights != nullptr) {
+      if (num_topk > 0) {
         for (int k = lane; k < num_topk; k += 32) {
           reinterpret_cast<float*>(dst + weights_offset)[k] = topk_weights[row * num_topk + k];
         }
@@ -376,7 +376,7 @@ reduce_kernel(Peers peers, int64_t num_tokens, int64_t hidden, const bool* __res
                                      (static_cast<unsigned long long>(__ballot_sync(kFullWarp, in_hi)) << 32);
     reduce_token<T, V>(area, stride_rows, row_bytes, mask, slot_lo, slot_hi, hidden, bias0, bias0_bf16, bias1,
                        bias1_bf16, t, out, lane);
-    if (out_weights != nullptr) {
+    if (num_topk > 0) {
       // Lanes k < K sum weight k; the slots are broadcast by every lane, so all lanes loop alike.
       for (int k0 = 0; k0 < num_topk; k0 += 32) {
         const int k = k0 + lane;
@@ -462,17 +462,22 @@ bool HostRecord::wait(long long epoch, double timeout_s) const {
 }
 
 void launch_stage(const Peers& peers, const RowLayout& layout, int64_t num_tokens, const void* x, const void* scales,
-                  const int64_t* topk_idx, const float* topk_weights, const int* send_slot, const int* send_counts,
-                  const int* expert_counts, int num_experts, int num_blocks, cudaStream_t stream) {
+                  const int64_t* topk_idx, const float* topk_weights, bool write_routing, const int* send_slot,
+                  const int* send_counts, const int* expert_counts, int num_experts, int num_blocks,
+                  cudaStream_t stream) {
   check_peers(peers);
+  if (write_routing && (send_counts == nullptr || (num_experts > 0 && expert_counts == nullptr) ||
+                        (num_tokens > 0 && send_slot == nullptr))) {
+    throw std::invalid_argument("moe_ep intranode: stage with routing needs send_slot, send_counts and expert_counts");
+  }
   if (num_experts < 0 || num_experts > kMaxExperts) {
     throw std::invalid_argument("moe_ep intranode: num_experts must be in [0, " + std::to_string(kMaxExperts) +
                                 "], got " + std::to_string(num_experts));
   }
   const int blocks = clamp_blocks(num_blocks, num_tokens, kWarps);
   stage_kernel<<<blocks, kThreads, 0, stream>>>(peers, layout, num_tokens, static_cast<const uint8_t*>(x),
-                                                static_cast<const uint8_t*>(scales), topk_idx, topk_weights, send_slot,
-                                                send_counts, expert_counts, num_experts);
+                                                static_cast<const uint8_t*>(scales), topk_idx, topk_weights, write_routing,
+                                                send_slot, send_counts, expert_counts, num_experts);
   cuda_check(cudaGetLastError(), "intranode stage_kernel launch");
 }
 
@@ -496,7 +501,7 @@ void launch_pull(const Peers& peers, const RowLayout& layout, const int* rank_pr
                  cudaStream_t stream) {
   check_peers(peers);
   if (num_rows > INT32_MAX) throw std::invalid_argument("moe_ep intranode: too many received rows");
-  if (layout.num_topk > 0 && (recv_topk_idx == nullptr || recv_topk_weights == nullptr)) {
+  if (num_rows > 0 && layout.num_topk > 0 && (recv_topk_idx == nullptr || recv_topk_weights == nullptr)) {
     throw std::invalid_argument("moe_ep intranode: top-k outputs missing");
   }
   const int blocks = clamp_blocks(num_blocks, (num_rows + 31) / 32 + 1, kWarps);
@@ -509,7 +514,9 @@ void launch_pull(const Peers& peers, const RowLayout& layout, const int* rank_pr
 void launch_push(const Peers& peers, const int* rank_prefix_matrix, const void* x, int64_t x_bytes,
                  const float* topk_weights, int num_topk, int64_t stride_rows, int num_blocks, cudaStream_t stream) {
   check_peers(peers);
-  const int64_t row_bytes = combine_row_bytes(x_bytes, topk_weights != nullptr ? num_topk : 0);
+  // num_topk (0: no weights), not the pointer, sizes the rows: a rank that received no rows has
+  // an empty (null) weights tensor, and every rank must agree on the row size.
+  const int64_t row_bytes = combine_row_bytes(x_bytes, num_topk);
   push_kernel<<<clamp_blocks(num_blocks, 1 << 30, 1), kThreads, 0, stream>>>(
       peers, rank_prefix_matrix, static_cast<const uint8_t*>(x), x_bytes, topk_weights, num_topk, stride_rows, row_bytes);
   cuda_check(cudaGetLastError(), "intranode push_kernel launch");
@@ -522,7 +529,7 @@ void launch_reduce(const Peers& peers, int64_t num_tokens, int64_t hidden, bool 
   check_peers(peers);
   if (num_tokens == 0) return;
   const int64_t elem = x_is_bf16 ? 2 : 4;
-  const int64_t row_bytes = combine_row_bytes(hidden * elem, out_weights != nullptr ? num_topk : 0);
+  const int64_t row_bytes = combine_row_bytes(hidden * elem, num_topk);
   const int blocks = clamp_blocks(num_blocks, num_tokens, kWarps);
   // 16-byte packs need every row start (out, biases: t * hidden elements) 16-byte aligned.
   const int vec = static_cast<int>(16 / elem);

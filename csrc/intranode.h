@@ -97,12 +97,15 @@ struct Peers {
 };
 
 // stage: copies rows [0, num_tokens) of x (x_bytes each), scales (scale_bytes each, may be null
-// when 0), topk_idx/topk_weights ([T, K], null when K == 0) into this rank's region; when
-// send_slot is given ([T, R] int32: the token's index among those sent to rank r, or -1), writes
-// the send lists and the control block (send_counts [R], expert_counts [E] int32).
+// when 0), topk_idx/topk_weights ([T, K], null when K == 0) into this rank's region; with
+// write_routing (every non-cached dispatch, even of 0 tokens: the peers read the counts) also
+// writes the send lists from send_slot ([T, R] int32: the token's index among those sent to rank
+// r, or -1) and the control block (send_counts [R], expert_counts [E] int32). Pointers of empty
+// arrays may be null (torch gives empty tensors no storage), so flags, not pointers, decide.
 void launch_stage(const Peers& peers, const RowLayout& layout, int64_t num_tokens, const void* x, const void* scales,
-                  const int64_t* topk_idx, const float* topk_weights, const int* send_slot, const int* send_counts,
-                  const int* expert_counts, int num_experts, int num_blocks, cudaStream_t stream);
+                  const int64_t* topk_idx, const float* topk_weights, bool write_routing, const int* send_slot,
+                  const int* send_counts, const int* expert_counts, int num_experts, int num_blocks,
+                  cudaStream_t stream);
 
 // notify: reads every rank's control block. Writes rank_prefix_matrix [R, R] int32 and
 // peer_tokens [R] int32 (device). With num_worst_tokens == 0 publishes the record (epoch last);
@@ -119,13 +122,13 @@ void launch_pull(const Peers& peers, const RowLayout& layout, const int* rank_pr
                  float* recv_topk_weights, int64_t num_rows, int num_local_experts, int num_blocks,
                  cudaStream_t stream);
 
-// push: rows [0, received) of x (x_bytes each) and topk_weights ([N, K] float32, may be null)
+// push: rows [0, received) of x (x_bytes each) and topk_weights ([N, K] float32; num_topk = 0: none)
 // go to their source rank's region at [this rank][row - first row from that source].
 void launch_push(const Peers& peers, const int* rank_prefix_matrix, const void* x, int64_t x_bytes,
                  const float* topk_weights, int num_topk, int64_t stride_rows, int num_blocks, cudaStream_t stream);
 
 // reduce: out[t] = cast(sum over ranks r in order with is_token_in_rank[t, r] of row(r, send_slot[t, r])
-// + bias0[t] + bias1[t]); out_weights[t] likewise without biases (when num_topk > 0).
+// + bias0[t] + bias1[t]); out_weights[t] likewise without biases (num_topk > 0; 0: no weights).
 // x_is_bf16: rows and out are bf16 (else float32); bias*_is_bf16 likewise per bias (null: none).
 void launch_reduce(const Peers& peers, int64_t num_tokens, int64_t hidden, bool x_is_bf16, const bool* is_token_in_rank,
                    const int* send_slot, int64_t stride_rows, int num_topk, const void* bias0, bool bias0_is_bf16,

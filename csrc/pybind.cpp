@@ -122,7 +122,13 @@ T* ptr_or_null(const std::optional<at::Tensor>& t, const IpcBuffer& buffer, cons
   return static_cast<T*>(t->data_ptr());
 }
 
-int64_t row_bytes_of(const at::Tensor& t) { return t.dim() < 2 ? 0 : t.numel() / std::max<int64_t>(t.size(0), 1) * t.element_size(); }
+// Bytes of one row (every dimension after the first), also for tensors with 0 rows.
+int64_t row_bytes_of(const at::Tensor& t) {
+  if (t.dim() < 2) return 0;
+  int64_t elements = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) elements *= t.size(d);
+  return elements * t.element_size();
+}
 
 void intranode_stage(IpcBuffer& buffer, const at::Tensor& x, const std::optional<at::Tensor>& scales,
                      const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
@@ -137,7 +143,7 @@ void intranode_stage(IpcBuffer& buffer, const at::Tensor& x, const std::optional
   const c10::cuda::CUDAGuard guard(x.device());
   in::launch_stage(peers_of(buffer), layout, x.size(0), x.data_ptr(), ptr_or_null<const void>(scales, buffer, "scales"),
                    ptr_or_null<const int64_t>(topk_idx, buffer, "topk_idx"),
-                   ptr_or_null<const float>(topk_weights, buffer, "topk_weights"),
+                   ptr_or_null<const float>(topk_weights, buffer, "topk_weights"), send_counts.has_value(),
                    ptr_or_null<const int>(send_slot, buffer, "send_slot"),
                    ptr_or_null<const int>(send_counts, buffer, "send_counts"),
                    ptr_or_null<const int>(expert_counts, buffer, "expert_counts"), num_experts,

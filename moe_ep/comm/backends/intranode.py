@@ -73,6 +73,8 @@ class IntranodeEngine:
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.device = device
+        if isinstance(num_nvl_bytes, bool) or not isinstance(num_nvl_bytes, int) or num_nvl_bytes < 0:
+            raise ValueError(f"num_nvl_bytes must be a non-negative int, got {num_nvl_bytes!r}")
         self.num_nvl_bytes = int(num_nvl_bytes)
         self.num_sms = 20
         self.ext = _extension()

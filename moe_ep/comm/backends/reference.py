@@ -33,6 +33,8 @@ Payload = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 # --------------------------------------------------------------------------------------------
 def _as_bytes(t: torch.Tensor, num_rows: int) -> torch.Tensor:
     row_bytes = t.element_size() * math.prod(t.shape[1:])  # explicit: num_rows may be 0
+    if t.numel() == 0:  # empty tensors may carry strides that .view(uint8) rejects
+        return torch.empty((num_rows, row_bytes), dtype=torch.uint8, device=t.device)
     return t.contiguous().view(torch.uint8).reshape(num_rows, row_bytes)
 
 
