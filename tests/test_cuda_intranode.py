@@ -588,7 +588,10 @@ def _w_stress(ctx, seed: int, iterations: int) -> dict:
 def test_back_to_back_stress(gpu_gloo_pool, seed):
     """1000 dispatch/combine iterations back to back on 2 ranks sharing a GPU, every one checked."""
     stats = gpu_gloo_pool(STRESS_RANKS).run(_w_stress, seed, STRESS_ITERATIONS, timeout=900)
-    assert stats[0] == stats[1], f"the ranks ran different schedules: {stats}"
+    # "nothing_received" is this rank's own count (it depends on where the routing sent tokens);
+    # every other counter describes the shared schedule and must agree.
+    shared = [{k: v for k, v in rank_stats.items() if k != "nothing_received"} for rank_stats in stats]
+    assert shared[0] == shared[1], f"the ranks ran different schedules: {stats}"
     assert stats[0]["bf16"] + stats[0]["fp8"] == STRESS_ITERATIONS, stats[0]
     for key in ("fp8", "bf16", "float32_combine", "cached", "worst", "zero_token_rank", "biases0", "biases1", "biases2",
                 "weights"):
@@ -770,9 +773,12 @@ def test_compute_sanitizer_reports_no_errors(require_intranode_kernels, tool):
     first = [line for line in output.splitlines() if line.startswith("=========") and "Host Frame" not in line][:60]
     report = f"--- {' '.join(command)}: exit {proc.returncode}\n--- first sanitizer lines\n" + "\n".join(first) + \
              f"\n--- stdout (tail)\n{proc.stdout[-6000:]}\n--- stderr (tail)\n{proc.stderr[-6000:]}"
-    summaries = re.findall(r"ERROR SUMMARY: (\d+) errors?", output)
-    assert summaries, f"no ERROR SUMMARY line from compute-sanitizer:\n{report}"
+    # memcheck ends with "ERROR SUMMARY: N errors"; racecheck with
+    # "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)".
+    pattern = r"ERROR SUMMARY: (\d+) errors?" if tool == "memcheck" else \
+        r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?"
+    summaries = re.findall(pattern, output)
+    assert summaries, f"no summary line from compute-sanitizer {tool}:\n{report}"
     assert all(int(n) == 0 for n in summaries), f"compute-sanitizer {tool} found errors:\n{report}"
-    assert "ERROR SUMMARY: 0 errors" in output, report
     assert proc.returncode == 0, f"the sanitized run failed:\n{report}"
     assert SANITIZER_OK_LINE in proc.stdout, report
