@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "bounded_wait.cuh"
+#include "device_copy.cuh"
 #include "intranode.h"
 #include "runtime.h"
 
@@ -25,55 +26,15 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kNotifyThreads = 512;
-constexpr int kUnroll = 8;
 constexpr unsigned kFullWarp = 0xffffffffu;
-
-__host__ __device__ __forceinline__ int64_t align16(int64_t v) { return (v + 15) / 16 * 16; }
 
 __device__ __forceinline__ uint8_t* region_of(const Peers& peers, int rank) {
   return static_cast<uint8_t*>(peers.bases[rank]) + peers.region_offset;
 }
 
-template <typename V>
-__device__ __forceinline__ V load_stream(const V* ptr) {
-  return __ldcg(ptr);  // L2 only: the rows are read once, and may live on another GPU
-}
-
-// Warp-cooperative copy of nbytes with vectors of type V (every address and nbytes V-aligned).
-template <typename V>
-__device__ __forceinline__ void warp_copy_vectors(uint8_t* dst, const uint8_t* src, int64_t nbytes, int lane) {
-  const int64_t n = nbytes / static_cast<int64_t>(sizeof(V));
-  auto* d = reinterpret_cast<V*>(dst);
-  const auto* s = reinterpret_cast<const V*>(src);
-  int64_t i = lane;
-  for (; i + 32 * (kUnroll - 1) < n; i += 32 * kUnroll) {
-    V v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = load_stream(s + i + 32 * u);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) d[i + 32 * u] = v[u];
-  }
-  for (; i < n; i += 32) d[i] = load_stream(s + i);
-}
-
-__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t nbytes, int lane) {
-  const uint64_t bits = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | static_cast<uint64_t>(nbytes);
-  if (bits % 16 == 0) {
-    warp_copy_vectors<uint4>(dst, src, nbytes, lane);
-  } else if (bits % 8 == 0) {
-    warp_copy_vectors<uint2>(dst, src, nbytes, lane);
-  } else if (bits % 4 == 0) {
-    warp_copy_vectors<unsigned int>(dst, src, nbytes, lane);
-  } else if (bits % 2 == 0) {
-    warp_copy_vectors<unsigned short>(dst, src, nbytes, lane);
-  } else {
-    warp_copy_vectors<unsigned char>(dst, src, nbytes, lane);
-  }
-}
-
-__device__ __forceinline__ void warp_zero(uint8_t* dst, int64_t nbytes, int lane) {
-  for (int64_t i = lane; i < nbytes; i += 32) dst[i] = 0;
-}
+using copy::align16;
+using copy::warp_copy;
+using copy::warp_zero;
 
 // The rows a rank receives, grouped by source rank, cut into chunks of 32 (one per warp step).
 struct ChunkMap {

@@ -14,6 +14,7 @@
 #include "intranode.h"
 #include "ipc_buffer.h"
 #include "layout.h"
+#include "low_latency.h"
 #include "runtime.h"
 
 namespace {
@@ -224,6 +225,97 @@ void intranode_reduce(IpcBuffer& buffer, const at::Tensor& is_token_in_rank, con
                     ptr_or_null<float>(out_weights, buffer, "out_weights"), static_cast<int>(num_sms), stream_of(buffer));
 }
 
+// Family "low_latency" (csrc/low_latency.h): Python (moe_ep/comm/backends/low_latency.py) owns the
+// buffers and the double-buffer index; these wrappers check sizes and launch on the current stream.
+namespace ll = moe_ep::low_latency;
+
+ll::LLLayout ll_layout_for(const IpcBuffer& buffer, int64_t num_experts, int64_t m, int64_t hidden, int64_t num_topk,
+                           bool use_fp8, int64_t buffer_index) {
+  const auto layout = ll::make_layout(buffer.num_ranks(), static_cast<int>(num_experts), static_cast<int>(m),
+                                      static_cast<int>(hidden), static_cast<int>(num_topk), use_fp8);
+  TORCH_CHECK_VALUE(buffer_index == 0 || buffer_index == 1, "buffer_index must be 0 or 1");
+  TORCH_CHECK_VALUE(2 * layout.buffer_bytes <= buffer.num_bytes(),
+                    "the low-latency buffer is too small for these sizes (see moe_ep.comm.backends.low_latency.ll_size_hint)");
+  return layout;
+}
+
+void ll_dispatch(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, int64_t m, int64_t buffer_index,
+                 const at::Tensor& x, const at::Tensor& topk_idx, const std::optional<at::Tensor>& mask, bool use_fp8,
+                 bool round_scale, bool use_ue8m0, const at::Tensor& counts_e, const at::Tensor& pair_pos,
+                 const at::Tensor& recv_x, const std::optional<at::Tensor>& recv_scales, const at::Tensor& recv_count,
+                 const at::Tensor& src_info, const at::Tensor& layout_range, const std::optional<at::Tensor>& stats,
+                 int64_t num_sms) {
+  check_on_buffer(x, buffer, "x");
+  check_on_buffer(topk_idx, buffer, "topk_idx");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "x must be bfloat16");
+  TORCH_CHECK_TYPE(topk_idx.scalar_type() == at::kLong, "topk_idx must be int64");
+  const auto layout = ll_layout_for(buffer, num_experts, m, x.size(1), topk_idx.size(1), use_fp8, buffer_index);
+  ll::DispatchArgs a;
+  a.peers = peers_of(buffer);
+  a.layout = layout;
+  a.buffer_offset = buffer_index * layout.buffer_bytes;
+  a.x = x.data_ptr();
+  a.topk_idx = topk_idx.data_ptr<int64_t>();
+  a.num_tokens = static_cast<int>(x.size(0));
+  a.mask = ptr_or_null<const int>(mask, buffer, "mask");
+  a.round_scale = round_scale;
+  a.use_ue8m0 = use_ue8m0;
+  a.counts_e = static_cast<int*>(counts_e.data_ptr());
+  a.pair_pos = static_cast<int*>(pair_pos.data_ptr());
+  a.recv_x = recv_x.data_ptr();
+  a.recv_scales = ptr_or_null<void>(recv_scales, buffer, "recv_scales");
+  a.recv_count = static_cast<int*>(recv_count.data_ptr());
+  a.src_info = static_cast<int*>(src_info.data_ptr());
+  a.layout_range = static_cast<int64_t*>(layout_range.data_ptr());
+  a.cumulative_stats = ptr_or_null<int>(stats, buffer, "cumulative_local_expert_recv_stats");
+  a.timeout_ns = ll::timeout_ns_from_env();
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int sms = static_cast<int>(num_sms);
+  if (send) ll::launch_dispatch_send(a, sms, stream_of(buffer));
+  if (recv) ll::launch_dispatch_recv(a, sms, stream_of(buffer));
+}
+
+void ll_combine(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, int64_t m, int64_t buffer_index,
+                bool dispatch_used_fp8, const at::Tensor& x, const at::Tensor& layout_range, const at::Tensor& topk_idx,
+                const at::Tensor& topk_weights, const std::optional<at::Tensor>& mask, const at::Tensor& pair_pos,
+                const at::Tensor& out, int64_t num_sms) {
+  check_on_buffer(x, buffer, "x");
+  check_on_buffer(out, buffer, "out");
+  check_on_buffer(topk_weights, buffer, "topk_weights");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16, "x and out must be bfloat16");
+  TORCH_CHECK_TYPE(topk_weights.scalar_type() == at::kFloat, "topk_weights must be float32");
+  const auto layout =
+      ll_layout_for(buffer, num_experts, m, x.size(2), topk_idx.size(1), dispatch_used_fp8, buffer_index);
+  ll::CombineArgs a;
+  a.peers = peers_of(buffer);
+  a.layout = layout;
+  a.buffer_offset = buffer_index * layout.buffer_bytes;
+  a.x = x.data_ptr();
+  a.layout_range = static_cast<const int64_t*>(layout_range.data_ptr());
+  a.topk_idx = topk_idx.data_ptr<int64_t>();
+  a.topk_weights = topk_weights.data_ptr<float>();
+  a.num_tokens = static_cast<int>(topk_idx.size(0));
+  a.mask = ptr_or_null<const int>(mask, buffer, "mask");
+  a.pair_pos = static_cast<const int*>(pair_pos.data_ptr());
+  a.out = out.data_ptr();
+  a.timeout_ns = ll::timeout_ns_from_env();
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int sms = static_cast<int>(num_sms);
+  if (send) ll::launch_combine_send(a, sms, stream_of(buffer));
+  if (recv) ll::launch_combine_recv(a, sms, stream_of(buffer));
+}
+
+pybind11::dict ll_layout_info(int64_t num_ranks, int64_t num_experts, int64_t m, int64_t hidden, int64_t num_topk,
+                              bool use_fp8) {
+  const auto l = ll::make_layout(static_cast<int>(num_ranks), static_cast<int>(num_experts), static_cast<int>(m),
+                                 static_cast<int>(hidden), static_cast<int>(num_topk), use_fp8);
+  pybind11::dict d;
+  d["buffer_bytes"] = l.buffer_bytes;
+  d["flags_bytes"] = l.off_darea;
+  d["msg_bytes"] = l.msg_bytes;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -303,6 +395,22 @@ PYBIND11_MODULE(_C, m) {
   m.attr("intranode_max_experts") = in::kMaxExperts;
   m.attr("intranode_max_ranks") = in::kMaxRanks;
 
+  m.def("ll_dispatch", &ll_dispatch, pybind11::arg("buffer"), pybind11::arg("send"), pybind11::arg("recv"),
+        pybind11::arg("num_experts"), pybind11::arg("m"), pybind11::arg("buffer_index"), pybind11::arg("x"),
+        pybind11::arg("topk_idx"), pybind11::arg("mask"), pybind11::arg("use_fp8"), pybind11::arg("round_scale"),
+        pybind11::arg("use_ue8m0"), pybind11::arg("counts_e"), pybind11::arg("pair_pos"), pybind11::arg("recv_x"),
+        pybind11::arg("recv_scales"), pybind11::arg("recv_count"), pybind11::arg("src_info"),
+        pybind11::arg("layout_range"), pybind11::arg("stats"), pybind11::arg("num_sms"));
+  m.def("ll_combine", &ll_combine, pybind11::arg("buffer"), pybind11::arg("send"), pybind11::arg("recv"),
+        pybind11::arg("num_experts"), pybind11::arg("m"), pybind11::arg("buffer_index"),
+        pybind11::arg("dispatch_used_fp8"), pybind11::arg("x"), pybind11::arg("layout_range"),
+        pybind11::arg("topk_idx"), pybind11::arg("topk_weights"), pybind11::arg("mask"), pybind11::arg("pair_pos"),
+        pybind11::arg("out"), pybind11::arg("num_sms"));
+  m.def("ll_layout_info", &ll_layout_info, pybind11::arg("num_ranks"), pybind11::arg("num_experts"), pybind11::arg("m"),
+        pybind11::arg("hidden"), pybind11::arg("num_topk"), pybind11::arg("use_fp8"),
+        "Sizes of one low-latency buffer: {buffer_bytes, flags_bytes, msg_bytes}");
+  m.attr("ll_max_experts") = ll::kMaxExperts;
+
   // Kernel families present in this build; the Buffer runs kernels only for their calls.
-  m.attr("kernel_families") = pybind11::make_tuple("layout", "intranode");
+  m.attr("kernel_families") = pybind11::make_tuple("layout", "intranode", "low_latency");
 }

@@ -8,6 +8,8 @@ so results are the same either way (the reference is the specification).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..errors import translate_device_errors
@@ -24,12 +26,25 @@ CALL_FAMILIES: dict[str, str] = {
 }
 
 
+# Families whose kernels have passed the GPU tests run by default; the others only when named in
+# MOE_EP_EXPERIMENTAL_KERNELS (comma-separated), e.g. MOE_EP_EXPERIMENTAL_KERNELS=low_latency.
+VERIFIED_FAMILIES = ("layout", "intranode")
+EXPERIMENTAL_ENV = "MOE_EP_EXPERIMENTAL_KERNELS"
+
+
+def enabled_families(built: tuple[str, ...]) -> tuple[str, ...]:
+    """The built families the backend may use: verified ones, plus experimental ones opted into."""
+    opted = {name.strip() for name in os.environ.get(EXPERIMENTAL_ENV, "").split(",") if name.strip()}
+    return tuple(f for f in built if f in VERIFIED_FAMILIES or f in opted)
+
+
 class CudaBackend(ReferenceBackend):
     """Built by ``Buffer`` as ``CudaBackend(buffer)`` for groups whose tensors are on a GPU."""
 
     name = "cuda"
     # Calls this class has a kernel path for (the others are inherited from the reference).
-    KERNEL_PATHS: tuple[str, ...] = ("get_dispatch_layout", "dispatch", "combine")
+    KERNEL_PATHS: tuple[str, ...] = ("get_dispatch_layout", "dispatch", "combine", "low_latency_dispatch",
+                                      "low_latency_combine")
 
     def __init__(self, buffer, extension=None) -> None:
         super().__init__(buffer.group, buffer.device)
@@ -39,18 +54,27 @@ class CudaBackend(ReferenceBackend):
         if extension is None:
             raise RuntimeError("CudaBackend needs the CUDA extension moe_ep._C; it is not built")
         self.ext = extension
-        self.kernel_families: tuple[str, ...] = tuple(getattr(extension, "kernel_families", ()))
+        self.kernel_families: tuple[str, ...] = enabled_families(tuple(getattr(extension, "kernel_families", ())))
         self._layout_max_ranks = int(getattr(extension, "layout_max_ranks", 64))
         self._layout_max_experts = int(getattr(extension, "layout_max_experts", 0))
         calls = [call for call in self.KERNEL_PATHS if CALL_FAMILIES[call] in self.kernel_families]
         if "get_dispatch_layout" in calls and self.num_ranks > self._layout_max_ranks:
             calls.remove("get_dispatch_layout")  # the layout kernel keeps a rank mask of 64 bits
         self.intranode = None
-        self.intranode_note = ""
+        notes = []
         if "dispatch" in calls:
-            self.intranode, self.intranode_note = self._open_intranode(buffer)
+            self.intranode, note = self._open_intranode(buffer)
             if self.intranode is None:
                 calls = [c for c in calls if CALL_FAMILIES[c] != "intranode"]
+                notes.append(note)
+        if "low_latency_dispatch" in calls:
+            engine, note = self._open_low_latency(buffer)
+            if engine is None:
+                calls = [c for c in calls if CALL_FAMILIES[c] != "low_latency"]
+                notes.append(note)
+            else:
+                self.low_latency = engine  # the reference's LowLatencyState, replaced by the kernels
+        self.intranode_note = "; ".join(n for n in notes if n)
         self.kernel_calls: tuple[str, ...] = tuple(calls)
         self.reference_calls: tuple[str, ...] = tuple(c for c in CALL_FAMILIES if c not in self.kernel_calls)
 
@@ -68,6 +92,18 @@ class CudaBackend(ReferenceBackend):
                 return IntranodeEngine(self.group, self.device, buffer.num_nvl_bytes), ""
         except IntranodeBufferError as exc:
             return None, f"the intranode buffer could not be opened ({exc})"
+
+    def _open_low_latency(self, buffer):
+        """The low-latency kernels need low_latency_mode=True and num_rdma_bytes > 0 (the same on
+        every rank, as in DeepEP), and every rank on one node (CUDA IPC: the NVLink path)."""
+        if not buffer.low_latency_mode or buffer.num_rdma_bytes <= 0:
+            return None, "low-latency kernels need low_latency_mode=True and num_rdma_bytes > 0"
+        from .low_latency import LowLatencyEngine
+        try:
+            with translate_device_errors("Buffer (opening the low-latency buffer)"):
+                return LowLatencyEngine(self.group, self.device, buffer.num_rdma_bytes), ""
+        except IntranodeBufferError as exc:
+            return None, f"the low-latency buffer could not be opened ({exc})"
 
     def uses_kernel(self, call: str) -> bool:
         """Whether ``call`` (a name in ``CALL_FAMILIES``) runs a CUDA kernel on this backend."""

@@ -1,0 +1,111 @@
+#pragma once
+// Kernel family "low_latency": decode-time dispatch and combine with fixed-size buffers, no host
+// synchronisation (CUDA-graph capturable) and a send/receive split for the receive hook.
+// Torch-free: raw pointers + cudaStream_t; moe_ep/comm/backends/low_latency.py owns the policy.
+//
+// Transport: every rank's buffer region is reachable through a table of peer pointers (today the
+// CUDA-IPC buffers of csrc/ipc_buffer.h; an NVSHMEM heap gives the same table through
+// nvshmem_ptr for the peers reachable over NVLink). Kernels store straight into peers' memory and
+// publish with release stores at system scope; receivers acquire with bounded waits.
+//
+// One buffer (of two, double buffering) in a rank's region, offsets from LLLayout:
+//   dispatch flags [L][R] int32   source s's count for local expert l, plus one (0: not yet);
+//                                 reset to 0 by the receiver once read
+//   combine flags  [R] int32      1 once rank d has written back every row of this rank's
+//                                 tokens; reset by the receiver
+//   done counters  [2] int32      last-block detection inside this rank's own kernels
+//   dispatch area  [L][R][M] messages: payload (bf16 row, or fp8 row + float32 scales), then the
+//                                 source token index (int32)
+//   combine area   [E][M] bf16 rows: the reply of expert e for this rank's j-th row sent to e
+//                                 (j: the pair's position among this rank's pairs for e, in
+//                                 (token, k) order), so the reduce finds every reply directly
+//
+// Layout guarantees (equal to the reference backend): in recv_x[l], sources appear in rank order,
+// each source's rows in its (token, k) order; layout_range[l][s] = begin << 32 | count. A source
+// may send at most M rows to one expert (duplicate experts in one token's top-k beyond that are
+// dropped).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "intranode.h"  // Peers
+
+namespace moe_ep {
+namespace low_latency {
+
+constexpr int kMaxRanks = 64;
+constexpr int kMaxExperts = 1024;
+constexpr int kGroup = 128;  // FP8 scale group
+
+struct LLLayout {
+  int num_ranks = 0;
+  int num_experts = 0;
+  int num_local = 0;
+  int m = 0;        // num_max_dispatch_tokens_per_rank
+  int hidden = 0;
+  int num_topk = 0;
+  bool use_fp8 = false;
+  int64_t x_bytes = 0;      // payload bytes of a message row
+  int64_t msg_bytes = 0;    // message stride
+  int64_t off_scales = 0;   // inside a message
+  int64_t off_src = 0;      // inside a message
+  int64_t off_dflags = 0;
+  int64_t off_cflags = 0;
+  int64_t off_done = 0;
+  int64_t off_darea = 0;
+  int64_t off_carea = 0;
+  int64_t buffer_bytes = 0;  // one of the two buffers
+};
+LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_topk, bool use_fp8);
+
+struct DispatchArgs {
+  intranode::Peers peers;
+  LLLayout layout;
+  int64_t buffer_offset;          // byte offset of the buffer in use inside every region
+  const void* x;                  // [T, H] bf16
+  const int64_t* topk_idx;        // [T, K]
+  int num_tokens;
+  const int* mask;                // [R] int32, 1 = masked rank (may be null)
+  bool round_scale;
+  bool use_ue8m0;
+  int* counts_e;                  // [E] this rank's rows per global expert (statistics, tests)
+  int* pair_pos;                  // [T*K] the pair's row among this rank's rows for its expert
+  // receive side outputs
+  void* recv_x;                   // [L, R*M, H] bf16 or fp8
+  void* recv_scales;              // fp8: float32 [L, G, R*M] or int32 [L, G/4, R*M] (ue8m0); else null
+  int* recv_count;                // [L]
+  int* src_info;                  // [L, R*M]
+  int64_t* layout_range;          // [L, R]
+  int* cumulative_stats;          // [L] or null
+  uint64_t timeout_ns;
+};
+
+// MOE_EP_TIMEOUT_S (default 100 s) in nanoseconds, for the args' timeout_ns (csrc/bounded_wait.cuh).
+uint64_t timeout_ns_from_env();
+
+void launch_dispatch_send(const DispatchArgs& args, int num_sms, cudaStream_t stream);
+void launch_dispatch_recv(const DispatchArgs& args, int num_sms, cudaStream_t stream);
+
+struct CombineArgs {
+  intranode::Peers peers;
+  LLLayout layout;
+  int64_t buffer_offset;
+  const void* x;                  // [L, R*M, H] bf16 (the experts' outputs in recv_x's layout)
+  const int64_t* layout_range;    // [L, R] from the dispatch
+  const int64_t* topk_idx;        // [T, K]
+  const float* topk_weights;      // [T, K]
+  int num_tokens;
+  const int* mask;
+  const int* pair_pos;
+  void* out;                      // [T, H] bf16
+  uint64_t timeout_ns;
+};
+
+void launch_combine_send(const CombineArgs& args, int num_sms, cudaStream_t stream);
+void launch_combine_recv(const CombineArgs& args, int num_sms, cudaStream_t stream);
+
+// clean_low_latency_buffer zeroes [0, off_darea) of both buffers (flags and done counters); the
+// host does it with a memset of its own region, so no kernel is needed.
+
+}  // namespace low_latency
+}  // namespace moe_ep

@@ -1,0 +1,209 @@
+"""Low-latency (decode) dispatch and combine on the CUDA kernels of ``csrc/low_latency.cu``.
+
+:class:`LowLatencyEngine` has the interface of the reference backend's ``LowLatencyState``
+(``dispatch``, ``combine``, ``clean``, ``next_combine_buffer``, ``mask``), so ``Buffer`` drives
+either the same way. Policy lives here: the two result buffers (double buffering: two dispatches
+may be in flight, e.g. with receive hooks), which buffer a call uses, and the hook split.
+
+Transport: the kernels store straight into peers' memory through a table of peer pointers, here
+from a CUDA-IPC buffer of ``num_rdma_bytes`` per rank (``moe_ep.comm.ipc``): the NVLink path,
+inside one node. Nothing is read on the host, so a decode step can be captured in a CUDA graph
+(every replay reuses the buffer index chosen at capture; the kernels reset their flags after
+reading them, so consecutive replays need no cleaning).
+
+Results equal the reference backend's: the same counts, ``layout_range``, ``src_info`` and row
+placement; FP8 values and scales from the same formula (scales may differ in the last bit of a
+division); the combine sums ``weight x row`` over k in float32, then casts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import NUM_LOW_LATENCY_BUFFERS
+from ..fp8 import FP8_DTYPE, FP8_GROUP_SIZE
+from ..ipc import open_intranode_buffer
+
+
+def _extension():
+    from moe_ep import _C
+    return _C
+
+
+def ll_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int,
+                 num_topk: int = 8) -> int:
+    """Bytes the low-latency kernels need (both buffers); ``Buffer.get_low_latency_rdma_size_hint``
+    is never smaller."""
+    info = _extension().ll_layout_info(num_ranks, num_experts, num_max_dispatch_tokens_per_rank, hidden, num_topk,
+                                       False)
+    return int(NUM_LOW_LATENCY_BUFFERS * info["buffer_bytes"])
+
+
+@dataclass
+class _Result:
+    """One of the two result buffers, and what its dispatch was (for the matching combine)."""
+
+    data: torch.Tensor             # [L, R*M, H] bf16 or uint8 (fp8 bytes)
+    scales: Optional[torch.Tensor]  # flat column-major storage (fp8 only)
+    recv_count: torch.Tensor       # [L] int32
+    src_info: torch.Tensor         # [L, R*M] int32
+    layout_range: torch.Tensor     # [L, R] int64
+    counts_e: torch.Tensor         # [E] int32: this rank's rows per expert
+    pair_pos: torch.Tensor         # [M*K] int32
+    combine_input: torch.Tensor    # [L, R*M, H] bf16 (zero-copy combine)
+    use_fp8: bool = False
+    num_topk: int = 0
+
+
+class LowLatencyEngine:
+    """Building one is collective over ``group`` (any backend; ranks may share one GPU)."""
+
+    def __init__(self, group, device: torch.device, num_bytes: int, num_sms: Optional[int] = None) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"LowLatencyEngine needs a CUDA device, got {device}")
+        if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes <= 0:
+            raise ValueError(f"num_rdma_bytes must be a positive int for the low-latency kernels, got {num_bytes!r}")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.device = device
+        self.num_bytes = num_bytes
+        self.ext = _extension()
+        # Decode kernels are latency-bound: they may use every SM (as DeepEP's low-latency kernels).
+        self.num_sms = num_sms or torch.cuda.get_device_properties(device).multi_processor_count
+        with torch.cuda.device(device):
+            self.ipc = open_intranode_buffer(group, num_bytes)
+        self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=device)
+        self.key = None
+        self.results: list[_Result] = []
+        self.buffer_idx = 0
+        self.last_wait_ns = 0
+
+    # -------------------------------------------------------- buffers
+    def _ensure(self, m: int, hidden: int, num_experts: int, num_topk: int, use_fp8: bool, use_ue8m0: bool) -> None:
+        key = (m, hidden, num_experts, num_topk, use_fp8, use_ue8m0)
+        if self.key == key:
+            return
+        info = self.ext.ll_layout_info(self.num_ranks, num_experts, m, hidden, num_topk, use_fp8)
+        needed = NUM_LOW_LATENCY_BUFFERS * info["buffer_bytes"]
+        if needed > self.num_bytes:
+            raise ValueError(f"num_rdma_bytes={self.num_bytes} is too small for the low-latency kernels with "
+                             f"M={m}, hidden={hidden}, num_experts={num_experts}, top-k={num_topk}: they need {needed}")
+        num_local = num_experts // self.num_ranks
+        slots = self.num_ranks * m
+        dev = self.device
+        self.results = []
+        for _ in range(NUM_LOW_LATENCY_BUFFERS):
+            if use_fp8:
+                data = torch.zeros((num_local, slots, hidden), dtype=torch.uint8, device=dev)
+                groups = hidden // FP8_GROUP_SIZE // (4 if use_ue8m0 else 1)
+                scales = torch.zeros(num_local * groups * slots, dtype=torch.int32 if use_ue8m0 else torch.float32,
+                                     device=dev)
+            else:
+                data = torch.zeros((num_local, slots, hidden), dtype=torch.bfloat16, device=dev)
+                scales = None
+            self.results.append(_Result(
+                data, scales,
+                recv_count=torch.zeros(num_local, dtype=torch.int32, device=dev),
+                src_info=torch.full((num_local, slots), -1, dtype=torch.int32, device=dev),
+                layout_range=torch.zeros((num_local, self.num_ranks), dtype=torch.int64, device=dev),
+                counts_e=torch.zeros(num_experts, dtype=torch.int32, device=dev),
+                pair_pos=torch.zeros(max(m * num_topk, 1), dtype=torch.int32, device=dev),
+                combine_input=torch.zeros((num_local, slots, hidden), dtype=torch.bfloat16, device=dev)))
+        self.key = key
+
+    def clean(self) -> None:
+        """Zero both buffers' flags (after a failed call, or when other kernels used the memory)."""
+        view = self.ipc.local_view()
+        if self.key is not None:
+            m, hidden, num_experts, num_topk, use_fp8, _ = self.key
+            info = self.ext.ll_layout_info(self.num_ranks, num_experts, m, hidden, num_topk, use_fp8)
+            for b in range(NUM_LOW_LATENCY_BUFFERS):
+                start = b * info["buffer_bytes"]
+                view[start:start + info["flags_bytes"]].zero_()
+        else:
+            view.zero_()
+        for result in self.results:
+            result.recv_count.zero_()
+            result.src_info.fill_(-1)
+            result.layout_range.zero_()
+
+    def _result_of(self, handle) -> int:
+        for b, result in enumerate(self.results):
+            if handle[0] is result.src_info:
+                return b
+        raise ValueError("handle: it does not come from this Buffer's current low-latency buffers "
+                         "(a dispatch with other sizes replaced them, or it comes from another Buffer)")
+
+    def next_combine_buffer(self, handle) -> torch.Tensor:
+        return self.results[self._result_of(handle)].combine_input
+
+    def _views(self, result: _Result, hidden: int, use_fp8: bool, use_ue8m0: bool):
+        if not use_fp8:
+            return result.data
+        num_local, slots = result.data.shape[:2]
+        groups = hidden // FP8_GROUP_SIZE // (4 if use_ue8m0 else 1)
+        scales = result.scales.view(num_local, groups, slots).transpose(1, 2)
+        return result.data.view(FP8_DTYPE), scales
+
+    # -------------------------------------------------------- dispatch
+    def dispatch(self, x, topk_idx, m: int, num_experts: int, recv_stats, use_fp8: bool, round_scale: bool,
+                 use_ue8m0: bool, return_recv_hook: bool):
+        hidden = x.shape[1]
+        num_topk = topk_idx.shape[1]
+        self._ensure(m, hidden, num_experts, num_topk, use_fp8, use_ue8m0)
+        b = self.buffer_idx
+        self.buffer_idx ^= 1
+        result = self.results[b]
+        result.use_fp8, result.num_topk = use_fp8, num_topk
+        x = x.contiguous()
+        topk_idx = topk_idx.contiguous()
+        mask = self.mask
+
+        def launch(send: bool, recv: bool) -> None:
+            self.ext.ll_dispatch(self.ipc, send, recv, num_experts, m, b, x, topk_idx, mask, use_fp8, round_scale,
+                                 use_ue8m0, result.counts_e, result.pair_pos, result.data, result.scales,
+                                 result.recv_count, result.src_info, result.layout_range, recv_stats, self.num_sms)
+
+        handle = (result.src_info, result.layout_range, m, hidden, num_experts)
+        recv_x = self._views(result, hidden, use_fp8, use_ue8m0)
+        if return_recv_hook:
+            launch(True, False)
+            return recv_x, result.recv_count, handle, lambda: launch(False, True)
+        launch(True, True)
+        return recv_x, result.recv_count, handle, None
+
+    # -------------------------------------------------------- combine
+    def combine(self, x: torch.Tensor, topk_idx, topk_weights, handle, out: Optional[torch.Tensor],
+                return_recv_hook: bool):
+        b = self._result_of(handle)
+        result = self.results[b]
+        _, layout_range, m, hidden, num_experts = handle
+        if topk_idx.shape[1] != result.num_topk:
+            raise ValueError(f"topk_idx has {topk_idx.shape[1]} columns but the dispatch behind this handle had "
+                             f"{result.num_topk}")
+        x = x.contiguous()
+        topk_idx = topk_idx.contiguous()
+        topk_weights = topk_weights.to(torch.float32).contiguous()
+        # The kernel writes rows contiguously; a strided out= gets them through a copy.
+        direct = out is not None and out.is_contiguous()
+        combined = out if direct else torch.empty((topk_idx.shape[0], hidden), dtype=torch.bfloat16,
+                                                  device=self.device)
+
+        def launch(send: bool, recv: bool) -> None:
+            self.ext.ll_combine(self.ipc, send, recv, num_experts, m, b, result.use_fp8, x, layout_range, topk_idx,
+                                topk_weights, self.mask, result.pair_pos, combined, self.num_sms)
+            if recv and out is not None and not direct:
+                out.copy_(combined)
+
+        result_tensor = out if out is not None else combined
+
+        if return_recv_hook:
+            launch(True, False)
+            hook: Optional[Callable[[], None]] = lambda: launch(False, True)
+            return result_tensor, hook
+        launch(True, True)
+        return result_tensor, None
