@@ -234,10 +234,12 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
     }
     __syncthreads();
   }
-  // The last block to finish publishes "all rows are back" to every source.
+  // The last block to finish publishes "all rows are back" to every source. Every thread fences its
+  // own stores first, so the flag (released after the count says every block is done) covers them.
   __shared__ bool last;
+  __threadfence_system();
+  __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();
     int* done = reinterpret_cast<int*>(buffer_of(a.peers, me, a.buffer_offset) + L.off_done);
     last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
   }
