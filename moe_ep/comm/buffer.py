@@ -324,6 +324,8 @@ class Buffer:
                 check.check_topk_idx(topk_idx, num_tokens, num_experts, self.device)
                 check.check_topk_weights(topk_weights, topk_idx, self.device)
 
+        backend.num_sms = self._call_num_sms(config)
+
         def run():
             return backend.dispatch(x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                                     expert_alignment, num_worst_tokens, num_experts)
@@ -363,6 +365,8 @@ class Buffer:
             if tuple(b.shape) != (num_tokens, x.shape[1]):
                 raise ValueError(f"bias[{i}] must have shape [{num_tokens}, {x.shape[1]}], got {tuple(b.shape)}")
 
+        backend.num_sms = self._call_num_sms(config)
+
         def run():
             return backend.combine(x, handle, topk_weights, biases)
 
@@ -391,6 +395,11 @@ class Buffer:
     def _check_normal_handle(self, handle) -> None:
         if not isinstance(handle, tuple) or len(handle) != 4 or not hasattr(handle[3], "is_token_in_rank"):
             raise TypeError("handle must be the handle a normal dispatch of this library returned")
+
+    @staticmethod
+    def _call_num_sms(config: Optional[Config]) -> int:
+        """SMs a normal call may hold: its config's, else ``Buffer.set_num_sms``'s (as in DeepEP)."""
+        return config.num_sms if config is not None else Buffer.num_sms
 
     @staticmethod
     def _check_config(config) -> None:

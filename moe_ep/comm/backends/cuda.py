@@ -134,16 +134,14 @@ class CudaBackend(ReferenceBackend):
         if self.intranode is None or (handle is not None and not self._is_kernel_handle(handle)):
             return super().dispatch(x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                                     expert_alignment, num_worst_tokens, num_experts)
-        from .. import buffer as buffer_module
-        self.intranode.num_sms = buffer_module.Buffer.num_sms
+        self.intranode.num_sms = self.num_sms
         return self.intranode.dispatch(x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                                        expert_alignment, num_worst_tokens, num_experts)
 
     def combine(self, x, handle, topk_weights, biases):
         if self.intranode is None or not self._is_kernel_handle(handle):
             return super().combine(x, handle, topk_weights, biases)
-        from .. import buffer as buffer_module
-        self.intranode.num_sms = buffer_module.Buffer.num_sms
+        self.intranode.num_sms = self.num_sms
         return self.intranode.combine(x, handle, topk_weights, biases)
 
     @staticmethod

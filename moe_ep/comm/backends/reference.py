@@ -123,6 +123,8 @@ class ReferenceBackend:
     """Implements every Buffer operation with torch.distributed collectives (see module doc)."""
 
     name = "reference"
+    # SMs a normal call may hold (the Buffer sets it per call from its Config); collectives ignore it.
+    num_sms: int = 20
 
     def __init__(self, group, device: torch.device) -> None:
         self.group = group
