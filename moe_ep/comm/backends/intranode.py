@@ -18,8 +18,9 @@ bounded wait (``MOE_EP_TIMEOUT_S``) with a timeout error instead of hanging.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -87,11 +88,24 @@ class IntranodeEngine:
             self.peer_tokens = torch.zeros(self.num_ranks, dtype=torch.int32, device=device)
         self._epoch = 0
         self._agreed_worst_tokens: set[int] = set()
+        # Set to a list to record (step, start event, end event) per step: the benchmark's breakdown.
+        self.profile: Optional[list] = None
         # Small host-side agreements (num_worst_tokens) go over the group's own backend.
         nccl = "nccl" in str(dist.get_backend(group)).lower()
         self._collective_device = device if nccl else torch.device("cpu")
 
     # ---------------------------------------------------------------- helpers
+    @contextlib.contextmanager
+    def _step(self, name: str) -> Iterator[None]:
+        if self.profile is None:
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.profile.append((name, start, end))
+
     def _check_fits(self, needed: int, what: str) -> None:
         if needed > self.num_nvl_bytes:
             raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for this {what} on rank {self.rank}: "
@@ -135,10 +149,13 @@ class IntranodeEngine:
             topk_weights = None if topk_weights is None else topk_weights.to(torch.float32).contiguous()
 
         sms = int(self.num_sms)
-        self.ipc.barrier()  # every rank is done reading our region (previous step)
-        self.ext.intranode_stage(self.ipc, x_data, scales, topk_idx, topk_weights, send_slot, send_counts,
-                                 expert_counts, sms)
-        self.ipc.barrier()  # every rank's rows, lists and counts are in place
+        with self._step("barrier"):
+            self.ipc.barrier()  # every rank is done reading our region (previous step)
+        with self._step("stage"):
+            self.ext.intranode_stage(self.ipc, x_data, scales, topk_idx, topk_weights, send_slot, send_counts,
+                                     expert_counts, sms)
+        with self._step("barrier"):
+            self.ipc.barrier()  # every rank's rows, lists and counts are in place
 
         counts_list: list[int] = []
         if cached:
@@ -148,13 +165,14 @@ class IntranodeEngine:
             num_local = num_experts // R
             rank_prefix_matrix = torch.empty((R, R), dtype=torch.int32, device=self.device)
             self._epoch += 1
-            self.ext.intranode_notify(self.ipc, self.record, num_experts, expert_alignment, num_worst_tokens,
-                                      rank_prefix_matrix, self.peer_tokens, self._epoch)
-            if num_worst_tokens > 0:
-                num_rows = stride_rows = num_worst_tokens
-            else:
-                num_rows, stride_rows, counts_list = self._wait_sizes(num_local)
-                counts_list = list(counts_list)
+            with self._step("notify + host wait"):
+                self.ext.intranode_notify(self.ipc, self.record, num_experts, expert_alignment, num_worst_tokens,
+                                          rank_prefix_matrix, self.peer_tokens, self._epoch)
+                if num_worst_tokens > 0:
+                    num_rows = stride_rows = num_worst_tokens
+                else:
+                    num_rows, stride_rows, counts_list = self._wait_sizes(num_local)
+                    counts_list = list(counts_list)
             recv_src_idx = torch.empty(num_rows, dtype=torch.int32, device=self.device)
 
         recv_x = torch.empty((num_rows, hidden), dtype=x_data.dtype, device=self.device)
@@ -165,8 +183,10 @@ class IntranodeEngine:
             recv_topk_idx = torch.empty((num_rows, num_topk), dtype=torch.int64, device=self.device)
             recv_topk_weights = torch.empty((num_rows, num_topk), dtype=torch.float32, device=self.device)
         num_local = (num_experts // R) if num_experts else 0
-        self.ext.intranode_pull(self.ipc, scale_bytes, num_topk, rank_prefix_matrix, self.peer_tokens, cached,
-                                recv_src_idx, recv_x, recv_scales, recv_topk_idx, recv_topk_weights, num_local, sms)
+        with self._step("pull"):
+            self.ext.intranode_pull(self.ipc, scale_bytes, num_topk, rank_prefix_matrix, self.peer_tokens, cached,
+                                    recv_src_idx, recv_x, recv_scales, recv_topk_idx, recv_topk_weights, num_local,
+                                    sms)
         out_x = (recv_x, recv_scales) if is_fp8 else recv_x
         if cached:
             return out_x, None, None, None, None
@@ -189,14 +209,18 @@ class IntranodeEngine:
         self._check_fits(needed, "combine")
         biases = [b.contiguous() for b in biases]
         sms = int(self.num_sms)
-        self.ipc.barrier()  # every rank is done reading its region (previous step)
-        self.ext.intranode_push(self.ipc, routing.rank_prefix_matrix, x, topk_weights, routing.stride_rows, sms)
-        self.ipc.barrier()  # every row is back at its source
+        with self._step("barrier"):
+            self.ipc.barrier()  # every rank is done reading its region (previous step)
+        with self._step("push"):
+            self.ext.intranode_push(self.ipc, routing.rank_prefix_matrix, x, topk_weights, routing.stride_rows, sms)
+        with self._step("barrier"):
+            self.ipc.barrier()  # every row is back at its source
         out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=self.device)
         out_weights = None
         if num_topk:
             out_weights = torch.empty((num_tokens, num_topk), dtype=torch.float32, device=self.device)
-        self.ext.intranode_reduce(self.ipc, routing.is_token_in_rank.contiguous(), routing.send_slot,
-                                  routing.stride_rows, num_topk, biases[0] if biases else None,
-                                  biases[1] if len(biases) > 1 else None, out, out_weights, sms)
+        with self._step("reduce"):
+            self.ext.intranode_reduce(self.ipc, routing.is_token_in_rank.contiguous(), routing.send_slot,
+                                      routing.stride_rows, num_topk, biases[0] if biases else None,
+                                      biases[1] if len(biases) > 1 else None, out, out_weights, sms)
         return out, out_weights
