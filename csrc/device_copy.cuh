@@ -18,27 +18,29 @@ __device__ __forceinline__ V load_stream(const V* ptr) {
   return __ldcg(ptr);  // L2 only: the rows are read once, and may live on another GPU
 }
 
-// Warp-cooperative copy of nbytes with vectors of type V (every address and nbytes V-aligned).
-template <typename V>
+// Warp-cooperative copy of nbytes with vectors of type V (every address and nbytes V-aligned),
+// U vectors in flight per lane.
+template <typename V, int U = kUnroll>
 __device__ __forceinline__ void warp_copy_vectors(uint8_t* dst, const uint8_t* src, int64_t nbytes, int lane) {
   const int64_t n = nbytes / static_cast<int64_t>(sizeof(V));
   auto* d = reinterpret_cast<V*>(dst);
   const auto* s = reinterpret_cast<const V*>(src);
   int64_t i = lane;
-  for (; i + 32 * (kUnroll - 1) < n; i += 32 * kUnroll) {
-    V v[kUnroll];
+  for (; i + 32 * (U - 1) < n; i += 32 * U) {
+    V v[U];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = load_stream(s + i + 32 * u);
+    for (int u = 0; u < U; ++u) v[u] = load_stream(s + i + 32 * u);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) d[i + 32 * u] = v[u];
+    for (int u = 0; u < U; ++u) d[i + 32 * u] = v[u];
   }
   for (; i < n; i += 32) d[i] = load_stream(s + i);
 }
 
+template <int U = kUnroll>
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t nbytes, int lane) {
   const uint64_t bits = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | static_cast<uint64_t>(nbytes);
   if (bits % 16 == 0) {
-    warp_copy_vectors<uint4>(dst, src, nbytes, lane);
+    warp_copy_vectors<uint4, U>(dst, src, nbytes, lane);
   } else if (bits % 8 == 0) {
     warp_copy_vectors<uint2>(dst, src, nbytes, lane);
   } else if (bits % 4 == 0) {

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -159,6 +160,7 @@ notify_kernel(Peers peers, int num_experts, int expert_alignment, int num_worst_
 }
 
 // -------------------------------------------------------------------------------------- pull
+template <int U>
 __global__ void __launch_bounds__(kThreads)
 pull_kernel(Peers peers, RowLayout layout, const int* __restrict__ rank_prefix_matrix,
             const int* __restrict__ peer_tokens, bool cached, int* recv_src_idx, uint8_t* __restrict__ recv_x,
@@ -196,9 +198,9 @@ pull_kernel(Peers peers, RowLayout layout, const int* __restrict__ rank_prefix_m
       const int t = __shfl_sync(kFullWarp, token, i);
       const int64_t row = row0 + i;
       const uint8_t* src = src_rows + static_cast<int64_t>(t) * layout.stride;
-      warp_copy(recv_x + row * layout.x_bytes, src, layout.x_bytes, lane);
+      warp_copy<U>(recv_x + row * layout.x_bytes, src, layout.x_bytes, lane);
       if (layout.scale_bytes > 0) {
-        warp_copy(recv_scales + row * layout.scale_bytes, src + layout.off_scales, layout.scale_bytes, lane);
+        warp_copy<U>(recv_scales + row * layout.scale_bytes, src + layout.off_scales, layout.scale_bytes, lane);
       }
       for (int k = lane; k < K; k += 32) {
         const int64_t id = __ldcg(reinterpret_cast<const long long*>(src + layout.off_idx) + k);
@@ -223,6 +225,7 @@ pull_kernel(Peers peers, RowLayout layout, const int* __restrict__ rank_prefix_m
 }
 
 // -------------------------------------------------------------------------------------- push
+template <int U>
 __global__ void __launch_bounds__(kThreads)
 push_kernel(Peers peers, const int* __restrict__ rank_prefix_matrix, const uint8_t* __restrict__ x, int64_t x_bytes,
             const float* __restrict__ topk_weights, int num_topk, int64_t stride_rows, int64_t row_bytes) {
@@ -243,7 +246,7 @@ push_kernel(Peers peers, const int* __restrict__ rank_prefix_matrix, const uint8
     for (int i = 0; i < n; ++i) {
       const int64_t row = map.start[s] + j0 + i;
       uint8_t* dst = dst_rows + static_cast<int64_t>(i) * row_bytes;
-      warp_copy(dst, x + row * x_bytes, x_bytes, lane);
+      warp_copy<U>(dst, x + row * x_bytes, x_bytes, lane);
       if (num_topk > 0) {
         for (int k = lane; k < num_topk; k += 32) {
           reinterpret_cast<float*>(dst + weights_offset)[k] = topk_weights[row * num_topk + k];
@@ -353,6 +356,18 @@ reduce_kernel(Peers peers, int64_t num_tokens, int64_t hidden, const bool* __res
       }
     }
   }
+}
+
+// 16-byte vectors in flight per lane in the NVLink copies (pull, push): MOE_EP_INTRANODE_UNROLL =
+// 4, 8 (default) or 16, read at every launch, so a benchmark can compare them without a rebuild.
+int unroll_from_env() {
+  const char* raw = std::getenv("MOE_EP_INTRANODE_UNROLL");
+  if (raw == nullptr || *raw == '\0') return 8;
+  const std::string value(raw);
+  if (value == "4") return 4;
+  if (value == "8") return 8;
+  if (value == "16") return 16;
+  throw std::invalid_argument("moe_ep: MOE_EP_INTRANODE_UNROLL must be 4, 8 or 16, got '" + value + "'");
 }
 
 int clamp_blocks(int num_blocks, int64_t work_items, int items_per_block) {
@@ -466,9 +481,16 @@ void launch_pull(const Peers& peers, const RowLayout& layout, const int* rank_pr
     throw std::invalid_argument("moe_ep intranode: top-k outputs missing");
   }
   const int blocks = clamp_blocks(num_blocks, (num_rows + 31) / 32 + 1, kWarps);
-  pull_kernel<<<blocks, kThreads, 0, stream>>>(peers, layout, rank_prefix_matrix, peer_tokens, cached, recv_src_idx,
-                                               static_cast<uint8_t*>(recv_x), static_cast<uint8_t*>(recv_scales),
-                                               recv_topk_idx, recv_topk_weights, num_rows, num_local_experts);
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks, kThreads, 0, stream>>>(peers, layout, rank_prefix_matrix, peer_tokens, cached, recv_src_idx,
+                                            static_cast<uint8_t*>(recv_x), static_cast<uint8_t*>(recv_scales),
+                                            recv_topk_idx, recv_topk_weights, num_rows, num_local_experts);
+  };
+  switch (unroll_from_env()) {
+    case 4: launch(pull_kernel<4>); break;
+    case 16: launch(pull_kernel<16>); break;
+    default: launch(pull_kernel<8>); break;
+  }
   cuda_check(cudaGetLastError(), "intranode pull_kernel launch");
 }
 
@@ -478,8 +500,16 @@ void launch_push(const Peers& peers, const int* rank_prefix_matrix, const void* 
   // num_topk (0: no weights), not the pointer, sizes the rows: a rank that received no rows has
   // an empty (null) weights tensor, and every rank must agree on the row size.
   const int64_t row_bytes = combine_row_bytes(x_bytes, num_topk);
-  push_kernel<<<clamp_blocks(num_blocks, 1 << 30, 1), kThreads, 0, stream>>>(
-      peers, rank_prefix_matrix, static_cast<const uint8_t*>(x), x_bytes, topk_weights, num_topk, stride_rows, row_bytes);
+  auto launch = [&](auto kernel) {
+    kernel<<<clamp_blocks(num_blocks, 1 << 30, 1), kThreads, 0, stream>>>(
+        peers, rank_prefix_matrix, static_cast<const uint8_t*>(x), x_bytes, topk_weights, num_topk, stride_rows,
+        row_bytes);
+  };
+  switch (unroll_from_env()) {
+    case 4: launch(push_kernel<4>); break;
+    case 16: launch(push_kernel<16>); break;
+    default: launch(push_kernel<8>); break;
+  }
   cuda_check(cudaGetLastError(), "intranode push_kernel launch");
 }
 
