@@ -15,8 +15,8 @@ the results of ``ReferenceBackend.dispatch`` / ``combine``, bit for bit. What is
    that is itself checked against the oracle every 100 iterations.
 3. Bad input on one rank: a ``num_nvl_bytes`` too small for a call (or negative) raises
    ``ValueError`` naming it, and the engine still works afterwards.
-4. ``Buffer`` on an NCCL group of 2 GPUs equals the reference backend (once the cuda backend
-   runs dispatch through the engine; skipped with the reason until then).
+4. ``Buffer`` on an NCCL group of 1 and of 2 GPUs equals the reference backend (skipped with the
+   reason where the cuda backend does not run dispatch through the engine).
 5. compute-sanitizer memcheck and racecheck over a tiny 2-rank run
    (tests/intranode_sanitizer_case.py).
 
@@ -639,7 +639,7 @@ def test_negative_num_nvl_bytes_raises(gpu_gloo_pool):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Buffer on two GPUs over NCCL equals the reference backend
+# 4. Buffer over NCCL (1 and 2 GPUs) equals the reference backend
 # ---------------------------------------------------------------------------------------------
 
 NCCL_CASES = [
@@ -710,8 +710,10 @@ def _w_buffer_vs_reference(ctx, seed: int) -> None:
     torch.cuda.synchronize()
 
 
-def test_buffer_on_two_gpus_equals_reference(nccl_pool, seed):
-    nccl_pool(2).run(_w_buffer_vs_reference, seed, timeout=300)
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_buffer_over_nccl_equals_reference(nccl_pool, world_size, seed):
+    """One rank per GPU: 1 (the Buffer -> CudaBackend -> engine path on any GPU machine) and 2."""
+    nccl_pool(world_size).run(_w_buffer_vs_reference, seed, timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------
