@@ -9,6 +9,12 @@ several. Prints a table and writes ``layer.json``.
 ``normal``: the normal dispatch/combine calls (FP8/BF16 dispatch, BF16 combine) over an SM-count
 sweep at DeepEP's test settings, beside ``all_to_all_single`` and the P2P copy ceiling
 (``moe_ep/bench_normal.py``). Writes ``normal.json`` and ``normal.png``.
+
+``ll``: the low-latency (decode) calls at DeepEP's low-latency test settings: dispatch, combine,
+the hook-mode send/receive split and CUDA-graph replay, over a tokens-per-rank sweep, beside the
+reference backend on the same data (``moe_ep/bench_ll.py``). Writes ``ll.json`` and ``ll.png``.
+
+Helpers shared by the targets (timers, routing, per-rank merging, report writing) live here.
 """
 from __future__ import annotations
 
@@ -17,12 +23,13 @@ import json
 import os
 import statistics
 import sys
+import time
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-TARGETS = ("layer", "normal")
+TARGETS = ("layer", "normal", "ll")
 DSV3 = dict(hidden_size=7168, moe_intermediate_size=2048, num_experts=256, top_k=8, rule="deepseek_v3", n_group=8,
             topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5, num_shared_experts=1)
 
@@ -43,6 +50,101 @@ def time_cuda(fn: Callable[[], object], iters: int, warmup: int = 2, group=None)
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def time_host(fn: Callable[[], object], iters: int, warmup: int = 3, group=None) -> float:
+    """Median milliseconds of ``fn`` on CPU ranks (wall clock): time_cuda's twin where there are no
+    CUDA events, so the CPU smoke tests run the same code path."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier(group=group)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def timer_for(device: torch.device) -> Callable[..., float]:
+    """time_cuda on GPUs, time_host on CPU ranks."""
+    return time_cuda if device.type == "cuda" else time_host
+
+
+# ------------------------------------------------------------------------------ shared by the targets
+def int_list(text: str) -> list[int]:
+    """``"8,12,16"`` -> [8, 12, 16] (argparse type)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def resolve_defaults(args: argparse.Namespace, defaults: dict) -> dict:
+    """``defaults`` with every option the command line set (not None) taking its place."""
+    return {key: getattr(args, key, None) if getattr(args, key, None) is not None else value
+            for key, value in defaults.items()}
+
+
+def random_routing(opts: dict, rank: int, device: torch.device):
+    """x [T, H] bf16, topk_idx [T, K] int64 (K distinct experts per token, uniform), topk_weights
+    [T, K] float32 in [0, 1), for ``opts`` tokens/hidden/experts/top_k. Drawn on the CPU from
+    seed + rank, so a run is reproducible on any device."""
+    gen = torch.Generator(device="cpu").manual_seed(opts["seed"] + rank)
+    tokens, hidden, experts, top_k = opts["tokens"], opts["hidden"], opts["experts"], opts["top_k"]
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+    topk_idx = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=1).indices
+    topk_weights = torch.rand(tokens, top_k, generator=gen)
+    return x.to(device), topk_idx.to(device), topk_weights.to(device)
+
+
+def backend_info(buffer) -> dict:
+    """Which backend a Buffer runs (kernels or the reference), so a reader of the JSON can tell."""
+    backend = buffer.backend
+    describe = getattr(backend, "describe", None)
+    return {"name": backend.name, "describe": describe() if callable(describe) else None}
+
+
+def merge_rows(per_rank_rows: list[list[dict]]) -> list[dict]:
+    """One row per measurement from every rank's rows (same order on every rank): µs = max over
+    ranks of the median, GB/s = min over ranks of each rank's bytes over its own median (None where
+    a row has ``bytes`` None); the per-rank figures kept beside them."""
+    merged = []
+    for i, row in enumerate(per_rank_rows[0]):
+        ranks = [rows[i] for rows in per_rank_rows]
+        counted = row["bytes"] is not None
+        gbps = [r["bytes"] / r["ms"] / 1e6 if r["ms"] > 0 else 0.0 for r in ranks] if counted else None
+        out = {k: v for k, v in row.items() if k not in ("ms", "bytes")}
+        out.update(us=max(r["ms"] for r in ranks) * 1e3, gbps=min(gbps) if counted else None,
+                   us_per_rank=[r["ms"] * 1e3 for r in ranks], gbps_per_rank=gbps,
+                   bytes_per_rank=[int(r["bytes"]) for r in ranks] if counted else None)
+        merged.append(out)
+    return merged
+
+
+def import_pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def write_report(report: dict, out_dir: str, stem: str, plot: Callable[[dict, str], str]) -> None:
+    """Write ``stem.json`` to ``out_dir`` and let ``plot(report, path)`` draw ``stem.png`` (it returns
+    the line to print: the path written, or why it was skipped)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{stem}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {path}")
+    print(plot(report, os.path.join(out_dir, f"{stem}.png")), flush=True)
 
 
 # ------------------------------------------------------------------------------ naive baselines
@@ -237,28 +339,30 @@ def _bench_layer_with_defaults(args) -> None:
 
 
 def main(argv=None) -> None:
-    from . import bench_normal  # imported here: it imports time_cuda from this module
+    from . import bench_ll, bench_normal  # imported here: they import helpers from this module
 
     parser = argparse.ArgumentParser(prog="python -m moe_ep.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", nargs="?", choices=TARGETS)
     parser.add_argument("--list", action="store_true", help="print the targets and exit")
     parser.add_argument("--out", default=os.environ.get("OUT", "moe_ep_out"))
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per rank (default 4096; normal on CPU: 128)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per rank (default 4096; normal on CPU: 128; ll 128, on CPU 8)")
     parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=None, help="default 7168 (normal on CPU: 512)")
-    parser.add_argument("--experts", type=int, default=None, help="default 256 (normal on CPU: 16)")
-    parser.add_argument("--top-k", type=int, default=None, help="default 8 (normal on CPU: 4)")
-    parser.add_argument("--iters", type=int, default=None, help="default: layer 10, normal 20 (CPU: 5)")
+    parser.add_argument("--hidden", type=int, default=None, help="default 7168 (CPU: normal 512, ll 256)")
+    parser.add_argument("--experts", type=int, default=None, help="default 256, ll 288 (CPU: normal 16, ll 8)")
+    parser.add_argument("--top-k", type=int, default=None, help="default 8 (CPU: 4)")
+    parser.add_argument("--iters", type=int, default=None, help="default: layer 10, normal 20, ll 50 (CPU: 5, ll 3)")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline on 1 GPU")
     bench_normal.add_arguments(parser)
+    bench_ll.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(TARGETS))
         return
     if args.target is None:
         parser.error("name a target (or --list)")
-    {"layer": _bench_layer_with_defaults, "normal": bench_normal.bench_normal}[args.target](args)
+    {"layer": _bench_layer_with_defaults, "normal": bench_normal.bench_normal, "ll": bench_ll.bench_ll}[args.target](args)
 
 
 if __name__ == "__main__":

@@ -24,16 +24,14 @@ number of ranks the token went to) is printed as PASS/FAIL, and no timing is ass
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from .bench import time_cuda
+from .bench import (backend_info, import_pyplot, int_list, merge_rows, random_routing, resolve_defaults, timer_for,
+                    write_report)
 from .comm import Buffer, Config, per_token_group_quant_fp8
 from .comm.config import default_combine_config, default_dispatch_config
 from .launch import launch
@@ -52,23 +50,12 @@ OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed", "combine_bf16")
 
 
 # ------------------------------------------------------------------------------ options
-def _int_list(text: str) -> list[int]:
-    """``"8,12,16"`` -> [8, 12, 16] (argparse type)."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options only this target reads (the sizes and --iters are shared with ``layer``)."""
     group = parser.add_argument_group("normal")
-    group.add_argument("--sms", type=_int_list, default=list(DEFAULT_SMS),
+    group.add_argument("--sms", type=int_list, default=list(DEFAULT_SMS),
                        help="SM counts to sweep, comma-separated, each even (default 8,12,16,20,24,32)")
-    group.add_argument("--chunks", type=_int_list, default=None,
+    group.add_argument("--chunks", type=int_list, default=None,
                        help="tokens per NVLink chunk (Config.num_max_nvl_chunked_send_tokens) to sweep, "
                             "comma-separated, each < 256 (default: the tuned config of each op)")
     group.add_argument("--nvl-bytes", type=int, default=None,
@@ -79,8 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
     """Options for the ranks: unset sizes take the peer's settings on GPUs, tiny ones on CPU."""
     defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
-    opts = {key: getattr(args, key, None) if getattr(args, key, None) is not None else value
-            for key, value in defaults.items()}
+    opts = resolve_defaults(args, defaults)
     bad_sms = [n for n in args.sms if n < 2 or n % 2]
     if bad_sms:
         raise SystemExit(f"--sms: every SM count must be even and >= 2 (a sender and a receiver per channel), got {bad_sms}")
@@ -93,37 +79,7 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
     return opts
 
 
-# ------------------------------------------------------------------------------ timing
-def _time_host(fn: Callable[[], object], iters: int, warmup: int = WARMUP, group=None) -> float:
-    """Median milliseconds of ``fn`` on CPU ranks (wall clock): time_cuda's twin where there are no
-    CUDA events, so the CPU smoke test runs the same code path."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier(group=group)
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def _timer(device: torch.device) -> Callable[..., float]:
-    return time_cuda if device.type == "cuda" else _time_host
-
-
 # ------------------------------------------------------------------------------ data and configs
-def _routing(opts: dict, rank: int, device: torch.device):
-    """x [T, H] bf16, topk_idx [T, K] int64 (K distinct experts per token, uniform), topk_weights.
-    Drawn on the CPU from seed + rank, so a run is reproducible on any device."""
-    gen = torch.Generator(device="cpu").manual_seed(opts["seed"] + rank)
-    tokens, hidden, experts, top_k = opts["tokens"], opts["hidden"], opts["experts"], opts["top_k"]
-    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
-    topk_idx = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=1).indices
-    topk_weights = torch.rand(tokens, top_k, generator=gen)
-    return x.to(device), topk_idx.to(device), topk_weights.to(device)
-
-
 def _configs(num_ranks: int, num_sms: int, chunk: Optional[int]) -> tuple[Config, Config]:
     """(dispatch, combine) configs: DeepEP's test's ``Config(num_sms, chunk, 256)``, or the tuned
     default of each op when no chunk is swept."""
@@ -142,13 +98,6 @@ def _nvl_bytes(opts: dict, num_ranks: int, device: torch.device) -> int:
     hints = [cfg.get_nvl_buffer_size_hint(opts["hidden"] * 2, num_ranks)
              for sms in opts["sms"] for chunk in opts["chunks"] for cfg in _configs(num_ranks, sms, chunk)]
     return max([MIN_NVL_BYTES, *hints])
-
-
-def _backend_info(buffer: Buffer) -> dict:
-    """Which backend ran (kernels or the reference), so a reader of the JSON can tell."""
-    backend = buffer.backend
-    describe = getattr(backend, "describe", None)
-    return {"name": backend.name, "describe": describe() if callable(describe) else None}
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -234,8 +183,8 @@ def _bench_rank(rank: int, world_size: int, opts: dict) -> None:
     group = dist.group.WORLD
     on_gpu = dist.get_backend(group) == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    timer = _timer(device)
-    x, topk_idx, topk_weights = _routing(opts, rank, device)
+    timer = timer_for(device)
+    x, topk_idx, topk_weights = random_routing(opts, rank, device)
     nvl_bytes = _nvl_bytes(opts, world_size, device)
     buffer = Buffer(group, num_nvl_bytes=nvl_bytes)
     layout = buffer.get_dispatch_layout(topk_idx, opts["experts"])
@@ -250,27 +199,12 @@ def _bench_rank(rank: int, world_size: int, opts: dict) -> None:
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, mine, group=group)
     if rank == 0:
-        report = _report(gathered, opts, world_size, dist.get_backend(group), device, nvl_bytes, _backend_info(buffer))
+        report = _report(gathered, opts, world_size, dist.get_backend(group), device, nvl_bytes, backend_info(buffer))
         _print(report)
         _write(report, opts["out"])
 
 
 # ------------------------------------------------------------------------------ report
-def _merge(per_rank_rows: list[list[dict]]) -> list[dict]:
-    """One row per measurement: µs = max over ranks of the median, GB/s = min over ranks of each
-    rank's bytes over its own median; the per-rank figures kept beside them."""
-    merged = []
-    for i, row in enumerate(per_rank_rows[0]):
-        ranks = [rows[i] for rows in per_rank_rows]
-        gbps = [r["bytes"] / r["ms"] / 1e6 if r["ms"] > 0 else 0.0 for r in ranks]
-        out = {k: v for k, v in row.items() if k not in ("ms", "bytes")}
-        out.update(us=max(r["ms"] for r in ranks) * 1e3, gbps=min(gbps),
-                   us_per_rank=[r["ms"] * 1e3 for r in ranks], gbps_per_rank=gbps,
-                   bytes_per_rank=[int(r["bytes"]) for r in ranks])
-        merged.append(out)
-    return merged
-
-
 def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str, device: torch.device,
             nvl_bytes: int, backend: dict) -> dict:
     checks = [g["check"] for g in gathered]
@@ -294,8 +228,8 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
         "recv_rows_per_rank": [g["recv_rows"] for g in gathered],
         "correctness": {"pass": all(c["pass"] for c in checks), "max_abs_err": max(c["max_abs_err"] for c in checks),
                         "what": "combine(dispatch(x)) == x * ranks the token went to (bf16 tolerance)"},
-        "rows": _merge([g["rows"] for g in gathered]),
-        "reference_rows": _merge([g["references"] for g in gathered]),
+        "rows": merge_rows([g["rows"] for g in gathered]),
+        "reference_rows": merge_rows([g["references"] for g in gathered]),
     }
 
 
@@ -324,23 +258,14 @@ def _print(report: dict) -> None:
 
 
 def _write(report: dict, out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "normal.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {path}")
-    note = _plot(report, os.path.join(out_dir, "normal.png"))
-    print(note, flush=True)
+    write_report(report, out_dir, "normal", _plot)
 
 
 def _plot(report: dict, path: str) -> str:
     """GB/s vs SMs per op (best chunk at each SM count, as DeepEP reports), with the reference rows
     as horizontal lines. matplotlib is optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = import_pyplot()
+    if plt is None:
         return "matplotlib is not installed (pip install '.[plot]'): normal.png skipped"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for op in OPS:

@@ -23,7 +23,7 @@ def _bench(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
 def test_list_names_every_target_one_per_line():
     proc = _bench(["--list"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["layer", "normal"]
+    assert proc.stdout.split() == ["layer", "normal", "ll"]
 
 
 def test_normal_cpu_smoke(tmp_path):

@@ -1,0 +1,557 @@
+"""``python -m moe_ep.bench ll``: the low-latency (decode) calls ``low_latency_dispatch`` and
+``low_latency_combine``, timed as DeepEP's own low-latency test times them, beside the reference
+backend on the same data, in one run.
+
+One process per local GPU (NCCL); with no GPU, 2 CPU ranks over gloo at tiny sizes (a smoke test:
+the figures mean nothing there). Defaults are the peer's settings (DeepEP's test_low_latency,
+/work/shared/ANCHORS.md): 128 tokens/rank, hidden 7168, top-8 of 288 experts, FP8 dispatch, BF16
+combine. The rank processes set ``MOE_EP_EXPERIMENTAL_KERNELS`` to include ``low_latency`` before
+building the Buffer, so the low-latency kernels run where the extension has them; the JSON records
+what actually ran (``backend.describe()``, ``backend.uses_kernel(...)``).
+
+For every tokens-per-rank count of ``--sweep`` (and ``--tokens``), on one routing (random top-k
+without duplicates, uniform over experts, about 1% of the entries set to -1 as DeepEP's test does,
+seeded), and one Buffer (``num_max_dispatch_tokens_per_rank`` = the largest count), for the Buffer
+under test and for the baseline:
+
+* ``eager``: dispatch and combine timed inside a dispatch + combine iteration (as DeepEP times
+  them, each with CUDA events); ``dispatch+combine`` is their sum in the same iteration;
+* ``hook``: ``return_recv_hook=True``: the send call and ``hook()`` timed separately, with an
+  untimed pause between them (DeepEP puts a large GEMM there) so the receive finds its data;
+* ``graph``: dispatch + hook and combine + hook captured as CUDA graphs (after warm-up on a side
+  stream, as torch requires) and replayed (GPUs only).
+
+Timing (GPU): each iteration starts with a barrier, then a GPU delay (``torch.cuda._sleep``) and a
+one-element all-reduce, as DeepEP's ``barrier_comm_profiling`` does with a GEMM and an all-reduce:
+the host enqueues the calls while the GPU sleeps and the all-reduce lines the GPUs up, so the
+events measure device time, not the Python launch overhead (graph replays have none anyway).
+Times are medians over ``--iters`` after warm-up, the max over ranks. Bandwidth is counted as
+DeepEP's test counts it: num_selections (this rank's valid top-k entries) x bytes per token
+(FP8: hidden + hidden/128 x 4 scale bytes; BF16: hidden x 2) for dispatch, x hidden x 2 for
+combine; GB/s is each rank's bytes over its own median, the min over ranks.
+
+The baseline is a second Buffer built in the same processes with ``MOE_EP_EXPERIMENTAL_KERNELS``
+unset, whose low-latency calls run the reference backend (torch.distributed ``all_to_all_single``),
+through the same API. One correctness guard (not a test): the combine of a known toy expert output
+(the dispatched rows dequantized to BF16, times a factor per expert) is checked against the
+expected sum and against the baseline's result, printed as PASS/FAIL. Writes ``ll.json`` and
+``ll.png`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .bench import import_pyplot, int_list, merge_rows, random_routing, resolve_defaults, write_report
+from .bench_normal import CPU_RANKS, WARMUP
+from .comm import Buffer, per_token_group_dequant_fp8
+from .comm.backends.cuda import EXPERIMENTAL_ENV
+from .comm.backends.reference import ReferenceBackend
+from .comm.fp8 import FP8_GROUP_SIZE
+from .launch import launch
+
+# The peer's settings (DeepEP's test_low_latency, /work/shared/ANCHORS.md) on GPUs; tiny on CPU ranks.
+GPU_DEFAULTS = dict(tokens=128, hidden=7168, experts=288, top_k=8, iters=50)
+CPU_DEFAULTS = dict(tokens=8, hidden=256, experts=8, top_k=4, iters=3)
+GPU_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CPU_SWEEP = (1, 2, 4, 8)
+HEAD_US = 2000      # GPU delay before each timed iteration: the host enqueues the calls meanwhile
+GAP_US = 200        # hook mode: untimed pause between a send and its hook()
+MASKED_PER_MILLE = 10  # top-k entries set to -1: 10 of 128 x 8 = 1024 at the peer's settings, as DeepEP's test
+EXPERT_FACTORS = 4  # toy expert e multiplies its rows by 1 + (e % 4) / 4
+BACKENDS = ("buffer", "reference")
+OPS = {"eager": ("dispatch", "combine", "dispatch+combine"),
+       "hook": ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv"),
+       "graph": ("dispatch", "combine", "dispatch+combine")}
+# DeepEP V1 on 2 x H200 (/work/shared/ANCHORS.md), quoted, not measured here.
+PEER = {"what": "DeepEP V1 test_low_latency on 2 x H200 (NVSHMEM NVLink path), quoted from /work/shared/ANCHORS.md",
+        "settings": "128 tokens/rank, hidden 7168, top-8 of 288 experts, FP8 dispatch, BF16 combine",
+        "dispatch_us": "28-31", "combine_us": 39.7, "dispatch+combine_us": 71.8,
+        "dispatch_gbps": "244-267", "combine_gbps": 365, "dispatch+combine_gbps": 307,
+        "hook_us": {"dispatch_send": 20.2, "dispatch_recv": 8.1, "combine_send": 32.2, "combine_recv": 9.7},
+        "by_tokens_us": {"32": {"dispatch": 20.6, "combine": 18.5}, "128": {"dispatch": "28-31", "combine": 39.7},
+                         "256": {"dispatch": 47.0, "combine": 77.7}}}
+
+
+# ------------------------------------------------------------------------------ options
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options only this target reads (sizes, --iters and --seed are shared with the others)."""
+    group = parser.add_argument_group("ll")
+    group.add_argument("--sweep", type=int_list, default=None,
+                       help="tokens per rank to sweep, comma-separated (default 1,2,4,...,256; CPU: 1,2,4,8); "
+                            "num_max_dispatch_tokens_per_rank is the largest of these and --tokens")
+    group.add_argument("--no-fp8", action="store_true", help="ll: dispatch BF16 instead of FP8")
+
+
+def _resolve(args: argparse.Namespace, on_gpu: bool, world_size: int) -> dict:
+    """Options for the ranks: unset sizes take the peer's settings on GPUs, tiny ones on CPU."""
+    opts = resolve_defaults(args, GPU_DEFAULTS if on_gpu else CPU_DEFAULTS)
+    sweep = list(args.sweep) if args.sweep else list(GPU_SWEEP if on_gpu else CPU_SWEEP)
+    fp8 = not args.no_fp8
+    if min(sweep + [opts["tokens"]]) < 1:
+        raise SystemExit(f"--tokens/--sweep: token counts must be >= 1, got {opts['tokens']} and {sweep}")
+    if opts["iters"] < 1:
+        raise SystemExit(f"--iters must be >= 1, got {opts['iters']}")
+    if opts["experts"] % world_size:
+        raise SystemExit(f"--experts {opts['experts']} must be divisible by the {world_size} ranks")
+    if not 1 <= opts["top_k"] <= opts["experts"]:
+        raise SystemExit(f"--top-k {opts['top_k']} must be in [1, --experts {opts['experts']}]")
+    if fp8 and opts["hidden"] % FP8_GROUP_SIZE:
+        raise SystemExit(f"--hidden {opts['hidden']} must be a multiple of {FP8_GROUP_SIZE} for FP8 (or pass --no-fp8)")
+    points = sorted(set(sweep) | {opts["tokens"]})
+    opts.update(sweep=sorted(set(sweep)), points=points, max_tokens=max(points), fp8=fp8, seed=getattr(args, "seed", 0),
+                out=args.out)
+    return opts
+
+
+# ------------------------------------------------------------------------------ timing
+class StepTimer:
+    """Median milliseconds of each of a sequence of steps run once per iteration (and of their sum).
+
+    GPU: CUDA events around each step; every iteration starts with synchronize + barrier, a GPU
+    delay of ``head_us`` and a one-element all-reduce (so the host is ahead and the GPUs start
+    together), and a step may ask for an untimed ``gap_us`` pause before it. CPU: wall clock after
+    a barrier, the pause a host sleep."""
+
+    def __init__(self, device: torch.device, group, head_us: float = HEAD_US, gap_us: float = GAP_US) -> None:
+        self.cuda = device.type == "cuda"
+        self.group, self.head_us, self.gap_us = group, head_us, gap_us
+        if self.cuda:
+            self.token = torch.ones(1, device=device)
+            self.cycles_per_us = self._calibrate()
+
+    @staticmethod
+    def _calibrate() -> float:
+        """Cycles of ``torch.cuda._sleep`` per microsecond on this GPU (measured)."""
+        cycles, rate = 1 << 20, 0.0
+        for _ in range(2):  # the first call warms up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            torch.cuda.synchronize()
+            rate = cycles / max(start.elapsed_time(end) * 1e3, 1e-3)
+        return rate
+
+    def _pause(self, us: float) -> None:
+        if self.cuda:
+            torch.cuda._sleep(int(us * self.cycles_per_us))
+        else:
+            time.sleep(us / 1e6)
+
+    def _once(self, steps: list[tuple[Callable[[], object], bool]]) -> list[float]:
+        if not self.cuda:
+            dist.barrier(group=self.group)
+            times = []
+            for fn, pause in steps:
+                if pause:
+                    self._pause(self.gap_us)
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+            return times
+        torch.cuda.synchronize()
+        dist.barrier(group=self.group)
+        self._pause(self.head_us)
+        dist.all_reduce(self.token, op=dist.ReduceOp.MAX, group=self.group)
+        events = []
+        for fn, pause in steps:
+            if pause:
+                self._pause(self.gap_us)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+
+    def __call__(self, steps: list[tuple[Callable[[], object], bool]], iters: int, warmup: int = WARMUP) -> list[float]:
+        """``steps``: (fn, pause before it). Returns each step's median ms, then the median of the sums."""
+        samples: list[list[float]] = []
+        for i in range(warmup + iters):
+            times = self._once(steps)
+            if i >= warmup:
+                samples.append(times + [sum(times)])
+        return [statistics.median(column) for column in zip(*samples)]
+
+
+# ------------------------------------------------------------------------------ data and buffers
+def ll_routing(opts: dict, tokens: int, rank: int, device: torch.device):
+    """``random_routing`` at ``tokens`` tokens, with about 1% of the top-k entries (at least one) set
+    to -1 at seeded random places, as DeepEP's low-latency test does."""
+    x, topk_idx, topk_weights = random_routing(dict(opts, tokens=tokens), rank, device)
+    gen = torch.Generator(device="cpu").manual_seed(opts["seed"] + 7919 * (rank + 1) + tokens)
+    masked = max(1, tokens * opts["top_k"] * MASKED_PER_MILLE // 1024)
+    rows = torch.randint(0, tokens, (masked,), generator=gen)
+    cols = torch.randint(0, opts["top_k"], (masked,), generator=gen)
+    topk_idx[rows.to(device), cols.to(device)] = -1
+    return x, topk_idx, topk_weights
+
+
+def dispatch_bytes_per_selection(hidden: int, fp8: bool) -> int:
+    """DeepEP's count: FP8 = hidden bytes + a float32 scale per 128; BF16 = hidden x 2."""
+    return hidden + hidden // FP8_GROUP_SIZE * 4 if fp8 else hidden * 2
+
+
+def _uses(backend, call: str) -> bool:
+    uses_kernel = getattr(backend, "uses_kernel", None)
+    return bool(uses_kernel(call)) if callable(uses_kernel) else False
+
+
+def _describe(buffer: Buffer) -> dict:
+    backend = buffer.backend
+    describe = getattr(backend, "describe", None)
+    return {"name": backend.name, "describe": describe() if callable(describe) else None,
+            "uses_kernel": {call: _uses(backend, call) for call in ("low_latency_dispatch", "low_latency_combine")}}
+
+
+def _build_buffers(group, opts: dict, world_size: int):
+    """(buffer under test, baseline, how the baseline was made, the env value the test ran with).
+    The experimental low-latency kernels are switched on for the first Buffer only."""
+    num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(opts["max_tokens"], opts["hidden"], world_size,
+                                                           opts["experts"])
+    kwargs = dict(num_rdma_bytes=num_rdma_bytes, low_latency_mode=True,
+                  num_qps_per_rank=max(1, opts["experts"] // world_size))
+    previous = os.environ.get(EXPERIMENTAL_ENV, "")
+    families = [name.strip() for name in previous.split(",") if name.strip()]
+    enabled = ",".join(families if "low_latency" in families else families + ["low_latency"])
+    os.environ[EXPERIMENTAL_ENV] = enabled
+    try:
+        buffer = Buffer(group, **kwargs)
+        del os.environ[EXPERIMENTAL_ENV]
+        baseline = Buffer(group, **kwargs)
+    finally:
+        os.environ[EXPERIMENTAL_ENV] = enabled
+    how = (f"a second Buffer (same arguments) built with {EXPERIMENTAL_ENV} unset: its low_latency_dispatch/"
+           "combine run the reference backend (torch.distributed all_to_all_single), through the same API")
+    if _uses(baseline.backend, "low_latency_dispatch") or _uses(baseline.backend, "low_latency_combine"):
+        # low_latency became a verified family: unsetting the variable no longer selects the reference.
+        baseline.backend = baseline.runtime = ReferenceBackend(baseline.group, baseline.device)
+        how = ("a second Buffer (same arguments) whose backend was replaced by ReferenceBackend(group, device): "
+               "its low_latency_dispatch/combine run torch.distributed all_to_all_single, through the same API")
+    return buffer, baseline, how, num_rdma_bytes, enabled
+
+
+# ------------------------------------------------------------------------------ measurements
+class _Calls:
+    """The low-latency calls of one Buffer on one routing, as zero-argument steps; each dispatch
+    leaves its handle for the combine after it, each send its hook for the ``recv`` step."""
+
+    def __init__(self, buffer: Buffer, opts: dict, x, topk_idx, topk_weights, expert_out: torch.Tensor) -> None:
+        self.buffer, self.opts = buffer, opts
+        self.x, self.topk_idx, self.topk_weights, self.expert_out = x, topk_idx, topk_weights, expert_out
+        self.handle, self.hook = None, None
+
+    def dispatch(self, return_recv_hook: bool = False) -> None:
+        _, _, self.handle, _, self.hook = self.buffer.low_latency_dispatch(
+            self.x, self.topk_idx, self.opts["max_tokens"], self.opts["experts"], use_fp8=self.opts["fp8"],
+            return_recv_hook=return_recv_hook)
+
+    def combine(self, return_recv_hook: bool = False) -> None:
+        _, _, self.hook = self.buffer.low_latency_combine(self.expert_out, self.topk_idx, self.topk_weights,
+                                                          self.handle, return_recv_hook=return_recv_hook)
+
+    def recv(self) -> None:
+        self.hook()
+
+    def dispatch_send(self) -> None:
+        self.dispatch(True)
+
+    def combine_send(self) -> None:
+        self.combine(True)
+
+    def dispatch_hooked(self) -> None:
+        self.dispatch(True)
+        self.recv()
+
+    def combine_hooked(self) -> None:
+        self.combine(True)
+        self.recv()
+
+
+def _capture(calls: _Calls, group):
+    """CUDA graphs of dispatch + hook and of combine + hook (warm-up on a side stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP):
+            calls.dispatch_hooked()
+            calls.combine_hooked()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    dist.barrier(group=group)
+    dispatch_graph, combine_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(dispatch_graph):
+        calls.dispatch_hooked()
+    with torch.cuda.graph(combine_graph):
+        calls.combine_hooked()
+    torch.cuda.synchronize()
+    return dispatch_graph, combine_graph
+
+
+def _measure(name: str, buffer: Buffer, opts: dict, data, expert_out, timer: StepTimer, group,
+             graph_errors: dict) -> list[dict]:
+    """This rank's rows (median ms and bytes) for one Buffer at one token count."""
+    x, topk_idx, topk_weights = data
+    tokens, iters = x.shape[0], opts["iters"]
+    selections = int((topk_idx >= 0).sum().item())
+    d_bytes = selections * dispatch_bytes_per_selection(opts["hidden"], opts["fp8"])
+    c_bytes = selections * opts["hidden"] * 2
+    calls = _Calls(buffer, opts, x, topk_idx, topk_weights, expert_out)
+
+    def rows(mode: str, times: list[float], counted: bool) -> list[dict]:
+        nbytes = (d_bytes, c_bytes, d_bytes + c_bytes) if counted else (None,) * len(OPS[mode])
+        return [{"tokens": tokens, "backend": name, "mode": mode, "op": op, "ms": ms, "bytes": b}
+                for op, ms, b in zip(OPS[mode], times, nbytes)]
+
+    out = rows("eager", timer([(calls.dispatch, False), (calls.combine, False)], iters), True)
+    hooked = timer([(calls.dispatch_send, False), (calls.recv, True), (calls.combine_send, False),
+                    (calls.recv, True)], iters)
+    out += rows("hook", hooked[:4], False)
+    if timer.cuda:
+        error = None
+        try:
+            graphs = _capture(calls, group)
+        except Exception as exc:  # recorded (every rank skips the graph rows alike), not fatal
+            graphs, error = None, f"{type(exc).__name__}: {exc}"
+        errors: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(errors, error, group=group)
+        if any(errors):
+            graph_errors[f"{name} tokens={tokens}"] = errors
+        else:
+            dispatch_graph, combine_graph = graphs
+            out += rows("graph", timer([(dispatch_graph.replay, False), (combine_graph.replay, False)], iters), True)
+        del graphs
+        torch.cuda.synchronize()
+    return out
+
+
+def _toy_factor(expert: torch.Tensor) -> torch.Tensor:
+    """What toy expert e multiplies its input by: 1 + (e % 4) / 4 (exact in bf16)."""
+    return 1 + (expert % EXPERT_FACTORS).float() / EXPERT_FACTORS
+
+
+def _check(buffer: Buffer, baseline: Buffer, opts: dict, data, rank: int, world_size: int) -> dict:
+    """Combine of a known toy expert output, from the Buffer under test, against the expected sum
+    sum_k w[t, k] x factor(e_k) x x[t] (FP8/BF16 tolerance) and against the baseline's combine."""
+    x, topk_idx, topk_weights = data
+    num_local = opts["experts"] // world_size
+    local_factor = _toy_factor(rank * num_local + torch.arange(num_local, device=x.device)).view(-1, 1, 1)
+    results = {}
+    for name, buf in (("buffer", buffer), ("reference", baseline)):
+        recv_x, recv_count, handle, _, _ = buf.low_latency_dispatch(x, topk_idx, opts["max_tokens"], opts["experts"],
+                                                                    use_fp8=opts["fp8"])
+        rows = per_token_group_dequant_fp8(*recv_x) if opts["fp8"] else recv_x
+        expert_out = (rows.float() * local_factor).to(torch.bfloat16)
+        combined, _, _ = buf.low_latency_combine(expert_out, topk_idx, topk_weights, handle)
+        results[name] = (combined.float(), recv_count.clone())
+    valid = topk_idx >= 0
+    coeff = torch.where(valid, topk_weights * _toy_factor(topk_idx.clamp(min=0)), 0.0)
+    expected = x.float() * coeff.sum(1, keepdim=True)
+    # FP8 e4m3 keeps 3 mantissa bits (relative error <= 1/16 per element) + bf16 roundings; BF16: roundings.
+    rtol = 0.07 if opts["fp8"] else 0.01
+    bound = rtol * coeff.abs().sum(1, keepdim=True) * x.float().abs() + 1e-2
+    ours, ours_count = results["buffer"]
+    ref, ref_count = results["reference"]
+    err_expected = (ours - expected).abs()
+    err_reference = (ours - ref).abs()
+    ok = bool((err_expected <= bound).all() and (err_reference <= bound).all() and torch.equal(ours_count, ref_count)
+              and torch.isfinite(ours).all())
+    return {"pass": ok, "max_abs_err_expected": err_expected.max().item() if x.numel() else 0.0,
+            "max_abs_err_reference": err_reference.max().item() if x.numel() else 0.0,
+            "recv_count_equal": bool(torch.equal(ours_count, ref_count))}
+
+
+# ------------------------------------------------------------------------------ one rank
+def _bench_rank(rank: int, world_size: int, opts: dict) -> None:
+    group = dist.group.WORLD
+    on_gpu = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    buffer, baseline, how, num_rdma_bytes, env_value = _build_buffers(group, opts, world_size)
+    timer = StepTimer(device, group)
+    num_local = opts["experts"] // world_size
+    gen = torch.Generator(device="cpu").manual_seed(opts["seed"] + 104729 + rank)
+    expert_out = torch.randn(num_local, world_size * opts["max_tokens"], opts["hidden"], generator=gen)
+    expert_out = expert_out.to(torch.bfloat16).to(device)
+    rows, selections, graph_errors = [], [], {}
+    for tokens in opts["points"]:
+        data = ll_routing(opts, tokens, rank, device)
+        selections.append(int((data[1] >= 0).sum().item()))
+        for name, buf in zip(BACKENDS, (buffer, baseline)):
+            rows += _measure(name, buf, opts, data, expert_out, timer, group, graph_errors)
+    check = _check(buffer, baseline, opts, ll_routing(opts, opts["tokens"], rank, device), rank, world_size)
+    mine = {"rows": rows, "selections": selections, "check": check}
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, mine, group=group)
+    if rank == 0:
+        info = {"buffer": _describe(buffer), "baseline": _describe(baseline), "baseline_how": how,
+                "num_rdma_bytes": num_rdma_bytes, "env": env_value, "graph_errors": graph_errors,
+                "graphs": on_gpu, "head_us": HEAD_US if on_gpu else None}
+        report = _report(gathered, opts, world_size, dist.get_backend(group), device, info)
+        _print(report)
+        write_report(report, opts["out"], "ll", _plot)
+
+
+# ------------------------------------------------------------------------------ report
+def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str, device: torch.device,
+            info: dict) -> dict:
+    checks = [g["check"] for g in gathered]
+    if not info["graphs"]:
+        graph_note = "skipped: no CUDA (CPU ranks)"
+    elif info["graph_errors"]:
+        graph_note = "captured and replayed, except where graph_errors says the capture failed"
+    else:
+        graph_note = ("dispatch + hook() and combine + hook() (return_recv_hook=True) captured as two CUDA graphs "
+                      "after warm-up on a side stream; replays timed as eager calls are")
+    timing = ("GPU: per iteration synchronize + barrier, a GPU delay (torch.cuda._sleep, head_us) and a one-element "
+              "all-reduce, then CUDA events around each call: device time, host launch overhead excluded (as DeepEP's "
+              "kineto kernel times; a host slower than head_us to enqueue an iteration would show in the times); "
+              if info["graphs"] else "CPU: wall clock after a barrier per iteration; ")
+    timing += (f"median of iters after {WARMUP} warm-up iterations; us = max over ranks of the medians. eager: "
+               "dispatch then combine in one iteration (dispatch+combine = their sum); hook: send call and hook() "
+               "timed separately with an untimed pause of gap_us before each hook()")
+    return {
+        "target": "ll",
+        "world_size": world_size,
+        "dist_backend": dist_backend,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "experimental_kernels_env": {EXPERIMENTAL_ENV: info["env"]},
+        "buffer_backend": info["buffer"]["name"],
+        "buffer_backend_describe": info["buffer"]["describe"],
+        "buffer_uses_kernel": info["buffer"]["uses_kernel"],
+        "baseline": {"backend": "reference", "how": info["baseline_how"], "buffer_backend": info["baseline"]["name"],
+                     "describe": info["baseline"]["describe"], "uses_kernel": info["baseline"]["uses_kernel"]},
+        "settings": {key: opts[key] for key in ("tokens", "hidden", "experts", "top_k", "iters", "seed", "fp8", "sweep")}
+                    | {"num_max_dispatch_tokens_per_rank": opts["max_tokens"], "num_rdma_bytes": info["num_rdma_bytes"],
+                       "warmup": WARMUP, "head_us": info["head_us"], "gap_us": GAP_US,
+                       "masked_topk_entries": f"max(1, tokens x top_k x {MASKED_PER_MILLE} // 1024) set to -1"},
+        "counting": "dispatch bytes = num_selections x (FP8: hidden + hidden/128 x 4; BF16: hidden x 2), combine bytes "
+                    "= num_selections x hidden x 2, num_selections = this rank's valid top-k entries (DeepEP's test); "
+                    "gbps = min over ranks of that rank's bytes / its median; hook rows carry no bytes",
+        "timing": timing,
+        "graph": graph_note,
+        "graph_errors": info["graph_errors"],
+        "num_selections_per_rank": [{"tokens": t, "per_rank": [g["selections"][i] for g in gathered]}
+                                    for i, t in enumerate(opts["points"])],
+        "correctness": {"pass": all(c["pass"] for c in checks),
+                        "max_abs_err_expected": max(c["max_abs_err_expected"] for c in checks),
+                        "max_abs_err_reference": max(c["max_abs_err_reference"] for c in checks),
+                        "recv_count_equal": all(c["recv_count_equal"] for c in checks),
+                        "what": f"at {opts['tokens']} tokens/rank: combine of the dispatched rows dequantized to bf16, "
+                                f"times 1 + (expert % 4)/4 per expert, == sum_k w x factor x x within "
+                                f"{'FP8 (7%)' if opts['fp8'] else 'BF16 (1%)'} of sum_k |w x factor x x| + 0.01, and "
+                                f"== the baseline's combine within the same bound; recv_count equal"},
+        "rows": merge_rows([g["rows"] for g in gathered]),
+        "peer": PEER,
+    }
+
+
+def _find(report: dict, tokens: int, backend: str, mode: str, op: str) -> Optional[dict]:
+    for row in report["rows"]:
+        if (row["tokens"], row["backend"], row["mode"], row["op"]) == (tokens, backend, mode, op):
+            return row
+    return None
+
+
+def _cell(row: Optional[dict], gbps: bool = True) -> str:
+    if row is None:
+        return f"{'-':>10}" + (f"{'-':>8}" if gbps else "")
+    text = f"{row['us']:>10.1f}"
+    if gbps:
+        text += f"{row['gbps']:>8.1f}" if row["gbps"] is not None else f"{'-':>8}"
+    return text
+
+
+def _print(report: dict) -> None:
+    s = report["settings"]
+    verdict = "PASS" if report["correctness"]["pass"] else "FAIL"
+    used = report["buffer_uses_kernel"]
+    print(f"ll benchmark: {report['world_size']} ranks ({report['dist_backend']}, {report['device']}); "
+          f"{s['tokens']} tokens/rank, hidden {s['hidden']}, top-{s['top_k']} of {s['experts']} experts, "
+          f"{'FP8' if s['fp8'] else 'BF16'} dispatch, BF16 combine, median of {s['iters']}, "
+          f"num_max_dispatch_tokens_per_rank {s['num_max_dispatch_tokens_per_rank']}", flush=True)
+    print(f"buffer backend={report['buffer_backend']} ({EXPERIMENTAL_ENV}={report['experimental_kernels_env'][EXPERIMENTAL_ENV]}): "
+          f"low-latency kernels ran for dispatch: {'yes' if used['low_latency_dispatch'] else 'no'}, "
+          f"combine: {'yes' if used['low_latency_combine'] else 'no'}")
+    if report["buffer_backend_describe"]:
+        print(report["buffer_backend_describe"])
+    print(f"baseline: {report['baseline']['how']}")
+    c = report["correctness"]
+    print(f"correctness (combine of a toy expert output vs expected and vs baseline): {verdict} "
+          f"(max abs err {c['max_abs_err_expected']:.3g} vs expected, {c['max_abs_err_reference']:.3g} vs baseline)")
+    print(f"graphs: {report['graph']}")
+    for where, errors in report["graph_errors"].items():
+        print(f"  graph capture failed for {where}: {errors}")
+    tokens = s["tokens"]
+    print(f"\nat {tokens} tokens/rank      {'ours µs':>10}{'GB/s':>8}{'ref µs':>10}{'GB/s':>8}{'ref/ours':>10}")
+    for mode, ops in OPS.items():
+        for op in ops:
+            ours, ref = (_find(report, tokens, b, mode, op) for b in BACKENDS)
+            if ours is None and ref is None:
+                continue
+            ratio = f"{ref['us'] / ours['us']:>9.2f}x" if ours and ref and ours["us"] > 0 else f"{'-':>10}"
+            print(f"{op:<18}{mode:<7}{_cell(ours)}{_cell(ref)}{ratio}")
+    modes = [m for m in ("eager", "graph") if any(r["mode"] == m for r in report["rows"])]
+    print("\nlatency vs tokens per rank (µs, max over ranks): dispatch / combine / dispatch+combine")
+    label = {"buffer": "ours", "reference": "reference"}
+    print(f"{'tokens':>6}" + "".join(f"{label[b] + ' ' + m:>27}" for b in BACKENDS for m in modes))
+    for t in sorted({row["tokens"] for row in report["rows"]}):
+        cells = []
+        for b in BACKENDS:
+            for m in modes:
+                rows = [_find(report, t, b, m, op) for op in OPS[m]]
+                cells.append(" / ".join(f"{r['us']:.1f}" if r else "-" for r in rows))
+        print(f"{t:>6}" + "".join(f"{cell:>27}" for cell in cells))
+    if report["device"] != "cpu":
+        p = report["peer"]
+        print(f"peer, quoted (not measured here): {p['what']}: dispatch {p['dispatch_us']} µs, combine "
+              f"{p['combine_us']} µs, dispatch+combine {p['dispatch+combine_us']} µs at {p['settings']}")
+    print(flush=True)
+
+
+def _plot(report: dict, path: str) -> str:
+    """Latency vs tokens per rank (log2 axis): ours and the baseline, eager and graph replay.
+    matplotlib is optional."""
+    plt = import_pyplot()
+    if plt is None:
+        return "matplotlib is not installed (pip install '.[plot]'): ll.png skipped"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = [("buffer", "eager", "dispatch", "-"), ("buffer", "eager", "combine", "-"),
+             ("buffer", "eager", "dispatch+combine", "-"), ("buffer", "graph", "dispatch+combine", "-."),
+             ("reference", "eager", "dispatch+combine", "--"), ("reference", "graph", "dispatch+combine", ":")]
+    for backend, mode, op, style in lines:
+        points = sorted((r["tokens"], r["us"]) for r in report["rows"]
+                        if (r["backend"], r["mode"], r["op"]) == (backend, mode, op))
+        if points:
+            label = f"{'ours' if backend == 'buffer' else 'reference'} {op} ({mode})"
+            ax.plot([p[0] for p in points], [p[1] for p in points], linestyle=style, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    s = report["settings"]
+    ax.set(xlabel="tokens per rank", ylabel="µs (max over ranks)",
+           title=f"low-latency dispatch/combine, {report['world_size']} ranks, {report['buffer_backend']} backend\n"
+                 f"H={s['hidden']}, top-{s['top_k']} of {s['experts']}, {'FP8' if s['fp8'] else 'BF16'} dispatch")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+# ------------------------------------------------------------------------------ entry point
+def bench_ll(args: argparse.Namespace) -> None:
+    """Start one rank per local GPU (NCCL), or CPU_RANKS gloo ranks without GPUs, and run it all."""
+    on_gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    nproc = torch.cuda.device_count() if on_gpu else CPU_RANKS
+    opts = _resolve(args, on_gpu, nproc)
+    os.makedirs(opts["out"], exist_ok=True)
+    launch(_bench_rank, nproc, "nccl" if on_gpu else "gloo", args=(opts,))
