@@ -8,7 +8,9 @@
 // nvshmem_ptr for the peers reachable over NVLink). Kernels store straight into peers' memory and
 // publish with release stores at system scope; receivers acquire with bounded waits.
 //
-// One buffer (of two, double buffering) in a rank's region, offsets from LLLayout:
+// Two buffers (double buffering) in a rank's region: dispatches alternate between the buffers'
+// dispatch areas, combines between their combine areas (independently, chosen by the host), so at
+// most two calls of a kind may be outstanding. One buffer, offsets from LLLayout:
 //   dispatch flags [L][R] int32   source s's count for local expert l, plus one (0: not yet);
 //                                 reset to 0 by the receiver once read
 //   combine flags  [R] int32      1 once rank d has written back every row of this rank's

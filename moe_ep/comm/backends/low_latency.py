@@ -79,7 +79,9 @@ class LowLatencyEngine:
         self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=device)
         self.key = None
         self.results: list[_Result] = []
-        self.buffer_idx = 0
+        self.buffer_idx = 0    # dispatches alternate between the two buffers' dispatch areas
+        self.combine_idx = 0   # combines alternate between their combine areas, independently, so
+        #                        repeated combines of one handle never reuse the area a peer reads
         self.last_wait_ns = 0
 
     # -------------------------------------------------------- buffers
@@ -193,8 +195,11 @@ class LowLatencyEngine:
         combined = out if direct else torch.empty((topk_idx.shape[0], hidden), dtype=torch.bfloat16,
                                                   device=self.device)
 
+        area = self.combine_idx
+        self.combine_idx ^= 1
+
         def launch(send: bool, recv: bool) -> None:
-            self.ext.ll_combine(self.ipc, send, recv, num_experts, m, b, result.use_fp8, x, layout_range, topk_idx,
+            self.ext.ll_combine(self.ipc, send, recv, num_experts, m, area, result.use_fp8, x, layout_range, topk_idx,
                                 topk_weights, self.mask, result.pair_pos, combined, self.num_sms)
             if recv and out is not None and not direct:
                 out.copy_(combined)
