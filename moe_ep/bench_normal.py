@@ -46,6 +46,7 @@ MIN_NVL_BYTES = int(2e9)
 WARMUP = 3
 FP8_BYTES_FACTOR = (1 + 4 / 128) / 2   # FP8 payload + float32 scale per 128 elements, relative to BF16
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 8 << 20}
+UNROLL_ENV = "MOE_EP_INTRANODE_UNROLL"
 OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed", "combine_bf16")
 
 
@@ -61,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nvl-bytes", type=int, default=None,
                        help="Buffer num_nvl_bytes (default: 2e9 or the largest config's hint on GPUs, 0 on CPU)")
     group.add_argument("--seed", type=int, default=0, help="routing and data seed (rank r uses seed + r)")
+    group.add_argument("--unroll", type=int_list, default=[4, 16],
+                       help="extra 16-byte vectors-in-flight variants of the NVLink copies (MOE_EP_INTRANODE_UNROLL), "
+                            "timed at 12 and 24 SMs beside the default 8 (default 4,16; the kernels accept 4, 8, 16)")
 
 
 def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
@@ -74,8 +78,11 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
         raise SystemExit(f"--chunks: every chunk must be in [1, {NVL_RECV_CHUNK}), got {args.chunks}")
     if opts["top_k"] > opts["experts"]:
         raise SystemExit(f"--top-k {opts['top_k']} exceeds --experts {opts['experts']}")
+    bad_unroll = [u for u in args.unroll if u not in (4, 8, 16)]
+    if bad_unroll:
+        raise SystemExit(f"--unroll: each value must be 4, 8 or 16, got {bad_unroll}")
     opts.update(sms=list(args.sms), chunks=list(args.chunks) if args.chunks else [None], nvl_bytes=args.nvl_bytes,
-                seed=args.seed, out=args.out)
+                seed=args.seed, out=args.out, unroll=[u for u in args.unroll if u != 8])
     return opts
 
 
@@ -101,33 +108,69 @@ def _nvl_bytes(opts: dict, num_ranks: int, device: torch.device) -> int:
 
 
 # ------------------------------------------------------------------------------ measurements
-def _sweep(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle, recv_x, timer) -> list[dict]:
-    """Every op at every (SMs, chunk): rows of this rank's median ms and bytes."""
-    group, iters, num_ranks = buffer.group, opts["iters"], buffer.group_size
+def _calls(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle, recv_x, num_sms: int,
+           chunk: Optional[int]) -> dict:
+    """Each op as (call, bytes counted, its config) at one (SMs, chunk)."""
     per_rank, _, per_expert, in_rank, _ = layout
     x_fp8 = per_token_group_quant_fp8(x)
     bf16_bytes = recv_x.shape[0] * opts["hidden"] * 2
+    dispatch_cfg, combine_cfg = _configs(buffer.group_size, num_sms, chunk)
+    return {
+        "dispatch_fp8": (lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_cfg),
+                         bf16_bytes * FP8_BYTES_FACTOR, dispatch_cfg),
+        "dispatch_bf16": (lambda: buffer.dispatch(x, handle=handle, config=dispatch_cfg), bf16_bytes, dispatch_cfg),
+        "dispatch_bf16_routed": (lambda: buffer.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_cfg), bf16_bytes, dispatch_cfg),
+        "combine_bf16": (lambda: buffer.combine(recv_x, handle, config=combine_cfg), bf16_bytes, combine_cfg),
+    }
+
+
+def _sweep(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle, recv_x, timer) -> list[dict]:
+    """Every op at every (SMs, chunk) with the default copy unroll (8), then the --unroll variants
+    at 12 and 24 SMs: rows of this rank's median ms and bytes."""
+    group, iters = buffer.group, opts["iters"]
+    points = [(sms, chunk, 8) for sms in opts["sms"] for chunk in opts["chunks"]]
+    points += [(sms, chunk, unroll) for unroll in opts["unroll"] for sms in (12, 24) if sms in opts["sms"]
+               for chunk in opts["chunks"]]
     rows = []
-    for num_sms in opts["sms"]:
-        for chunk in opts["chunks"]:
-            Buffer.set_num_sms(num_sms)
-            dispatch_cfg, combine_cfg = _configs(num_ranks, num_sms, chunk)
-            calls = {
-                "dispatch_fp8": (lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_cfg),
-                                 bf16_bytes * FP8_BYTES_FACTOR),
-                "dispatch_bf16": (lambda: buffer.dispatch(x, handle=handle, config=dispatch_cfg), bf16_bytes),
-                "dispatch_bf16_routed": (lambda: buffer.dispatch(
-                    x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                    topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_cfg), bf16_bytes),
-                "combine_bf16": (lambda: buffer.combine(recv_x, handle, config=combine_cfg), bf16_bytes),
-            }
-            for op in OPS:
-                fn, nbytes = calls[op]
-                cfg = combine_cfg if op.startswith("combine") else dispatch_cfg
-                ms = timer(fn, iters, WARMUP, group)
-                rows.append({"op": op, "sms": num_sms, "chunk": cfg.num_max_nvl_chunked_send_tokens,
-                             "ms": ms, "bytes": nbytes})
+    for num_sms, chunk, unroll in points:
+        Buffer.set_num_sms(num_sms)
+        os.environ[UNROLL_ENV] = str(unroll)  # read by the kernels' launchers at every launch
+        calls = _calls(buffer, opts, x, topk_idx, topk_weights, layout, handle, recv_x, num_sms, chunk)
+        for op in OPS:
+            fn, nbytes, cfg = calls[op]
+            ms = timer(fn, iters, WARMUP, group)
+            rows.append({"op": op, "sms": num_sms, "chunk": cfg.num_max_nvl_chunked_send_tokens, "unroll": unroll,
+                         "ms": ms, "bytes": nbytes})
+    os.environ[UNROLL_ENV] = "8"
     return rows
+
+
+def _breakdown(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle, recv_x) -> dict:
+    """Per-step GPU time of each op at 24 SMs (or the largest swept count below it), from the
+    intranode engine's CUDA events: what bounds each op. Empty without the kernels."""
+    engine = getattr(buffer.backend, "intranode", None)
+    if engine is None:
+        return {}
+    eligible = [n for n in opts["sms"] if n <= 24] or opts["sms"]
+    num_sms = max(eligible)
+    Buffer.set_num_sms(num_sms)
+    calls = _calls(buffer, opts, x, topk_idx, topk_weights, layout, handle, recv_x, num_sms, None)
+    steps: dict = {"sms": num_sms}
+    for op in OPS:
+        fn = calls[op][0]
+        fn()  # warm
+        dist.barrier(group=buffer.group)
+        engine.profile = []
+        fn()
+        torch.cuda.synchronize()
+        timings: dict[str, float] = {}
+        for name, start, end in engine.profile:
+            timings[name] = timings.get(name, 0.0) + start.elapsed_time(end) * 1e3
+        engine.profile = None
+        steps[op] = timings
+    return steps
 
 
 def _all_to_all_row(buffer: Buffer, opts: dict, per_rank: torch.Tensor, timer) -> dict:
@@ -195,7 +238,9 @@ def _bench_rank(rank: int, world_size: int, opts: dict) -> None:
     rows = _sweep(buffer, opts, x, topk_idx, topk_weights, layout, handle, recv_x, timer)
     references = [_all_to_all_row(buffer, opts, per_rank, timer), _copy_row(world_size, device, opts, timer)]
     check = _check_combine(buffer, x, recv_x, handle, in_rank)
-    mine = {"rows": rows, "references": references, "check": check, "recv_rows": recv_x.shape[0]}
+    breakdown = _breakdown(buffer, opts, x, topk_idx, topk_weights, layout, handle, recv_x) if on_gpu else {}
+    mine = {"rows": rows, "references": references, "check": check, "recv_rows": recv_x.shape[0],
+            "breakdown": breakdown}
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, mine, group=group)
     if rank == 0:
@@ -230,12 +275,15 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
                         "what": "combine(dispatch(x)) == x * ranks the token went to (bf16 tolerance)"},
         "rows": merge_rows([g["rows"] for g in gathered]),
         "reference_rows": merge_rows([g["references"] for g in gathered]),
+        "breakdown_per_rank": [g["breakdown"] for g in gathered],
+        "breakdown_what": "GPU µs of each engine step (barrier, stage, notify + host wait, pull; barrier, push, "
+                          "reduce) in one call of each op, per rank (empty without the intranode kernels)",
     }
 
 
-def _line(op: str, sms, chunk, us: float, gbps: float) -> str:
+def _line(op: str, sms, chunk, us: float, gbps: float, unroll=None) -> str:
     dash = lambda v: "-" if v is None else v  # noqa: E731
-    return f"{op:<26}{dash(sms):>5}{dash(chunk):>7}{us:>12.1f}{gbps:>12.1f}"
+    return f"{op:<26}{dash(sms):>5}{dash(chunk):>7}{dash(unroll):>7}{us:>12.1f}{gbps:>12.1f}"
 
 
 def _print(report: dict) -> None:
@@ -248,9 +296,14 @@ def _print(report: dict) -> None:
         print(report["buffer_backend_describe"])
     print(f"correctness (combine of dispatched x == x * ranks reached): {verdict} "
           f"(max abs err {report['correctness']['max_abs_err']:.3g})")
-    print(f"{'op':<26}{'SMs':>5}{'chunk':>7}{'µs (max)':>12}{'GB/s (min)':>12}")
+    print(f"{'op':<26}{'SMs':>5}{'chunk':>7}{'unroll':>7}{'µs (max)':>12}{'GB/s (min)':>12}")
     for row in report["rows"]:
-        print(_line(row["op"], row["sms"], row["chunk"], row["us"], row["gbps"]))
+        print(_line(row["op"], row["sms"], row["chunk"], row["us"], row["gbps"], row.get("unroll")))
+    for rank, steps in enumerate(report["breakdown_per_rank"]):
+        if steps:
+            print(f"rank {rank} steps at {steps['sms']} SMs (GPU µs): " + "; ".join(
+                f"{op}: " + ", ".join(f"{name} {us:.1f}" for name, us in timings.items())
+                for op, timings in steps.items() if op != "sms"))
     print("reference (not the Buffer):")
     for row in report["reference_rows"]:
         print(_line(row["op"], row["sms"], row["chunk"], row["us"], row["gbps"]) + f"   {row['what']}")
