@@ -71,7 +71,8 @@ __global__ void __launch_bounds__(kThreads)
 stage_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t* __restrict__ x,
              const uint8_t* __restrict__ scales, const int64_t* __restrict__ topk_idx,
              const float* __restrict__ topk_weights, bool write_routing, const int* __restrict__ send_slot,
-             const int* __restrict__ send_counts, const int* __restrict__ expert_counts, int num_experts) {
+             const int* __restrict__ send_counts, const int* __restrict__ expert_counts, int num_experts,
+             long long overflow) {
   uint8_t* region = region_of(peers, peers.rank);
   uint8_t* rows = region + kControlBytes;
   int* lists = reinterpret_cast<int*>(rows + align16(num_tokens * layout.stride));
@@ -79,7 +80,7 @@ stage_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t* _
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarps;
   const int K = layout.num_topk;
-  for (int64_t t = warp; t < num_tokens; t += num_warps) {
+  for (int64_t t = warp; t < num_tokens && overflow == 0; t += num_warps) {
     uint8_t* row = rows + t * layout.stride;
     warp_copy(row, x + t * layout.x_bytes, layout.x_bytes, lane);
     if (layout.scale_bytes > 0) warp_copy(row + layout.off_scales, scales + t * layout.scale_bytes, layout.scale_bytes, lane);
@@ -96,7 +97,10 @@ stage_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t* _
   }
   if (write_routing && blockIdx.x == 0) {
     auto* control = reinterpret_cast<Control*>(region);
-    if (threadIdx.x == 0) control->num_tokens = static_cast<int>(num_tokens);
+    if (threadIdx.x == 0) {
+      control->num_tokens = static_cast<int>(num_tokens);
+      control->overflow = overflow;
+    }
     for (int r = threadIdx.x; r < peers.num_ranks; r += kThreads) control->send_counts[r] = send_counts[r];
     for (int e = threadIdx.x; e < num_experts; e += kThreads) control->expert_counts[e] = expert_counts[e];
   }
@@ -114,10 +118,21 @@ notify_kernel(Peers peers, int num_experts, int expert_alignment, int num_worst_
     const auto* control = reinterpret_cast<const Control*>(region_of(peers, i / R));
     matrix[i] = __ldcg(&control->send_counts[i % R]);
   }
+  __shared__ long long overflow[kMaxRanks];
   for (int s = threadIdx.x; s < R; s += kNotifyThreads) {
-    tokens[s] = __ldcg(&reinterpret_cast<const Control*>(region_of(peers, s))->num_tokens);
+    const auto* control = reinterpret_cast<const Control*>(region_of(peers, s));
+    tokens[s] = __ldcg(&control->num_tokens);
+    overflow[s] = __ldcg(&control->overflow);
   }
   __syncthreads();
+  long long worst_overflow = 0;
+  int overflow_rank = -1;
+  for (int s = 0; s < R; ++s) {
+    if (overflow[s] > worst_overflow) {
+      worst_overflow = overflow[s];
+      overflow_rank = s;
+    }
+  }
   for (int d = threadIdx.x; d < R; d += kNotifyThreads) {
     int acc = 0;
     for (int s = 0; s < R; ++s) {
@@ -129,6 +144,11 @@ notify_kernel(Peers peers, int num_experts, int expert_alignment, int num_worst_
   int num_recv = 0;
   for (int s = 0; s < R; ++s) num_recv += matrix[s * R + me];
   if (num_worst_tokens > 0) {
+    if (worst_overflow > 0 && threadIdx.x == 0) {
+      printf("moe_ep intranode dispatch: rank %d's dispatch needs %lld bytes of num_nvl_bytes, more than its buffer "
+             "holds; raise num_nvl_bytes (rank %d stops here)\n", overflow_rank, worst_overflow, me);
+      __trap();
+    }
     if (num_recv > num_worst_tokens && threadIdx.x == 0) {
       printf("moe_ep intranode dispatch: rank %d receives %d tokens but num_worst_tokens=%d; raise num_worst_tokens\n",
              me, num_recv, num_worst_tokens);
@@ -150,6 +170,8 @@ notify_kernel(Peers peers, int num_experts, int expert_alignment, int num_worst_
     for (int s = 0; s < R; ++s) max_tokens = max(max_tokens, tokens[s]);
     record->num_recv = num_recv;
     record->max_tokens = max_tokens;
+    record->overflow_bytes = worst_overflow;
+    record->overflow_rank = overflow_rank;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -439,8 +461,8 @@ bool HostRecord::wait(long long epoch, double timeout_s) const {
 
 void launch_stage(const Peers& peers, const RowLayout& layout, int64_t num_tokens, const void* x, const void* scales,
                   const int64_t* topk_idx, const float* topk_weights, bool write_routing, const int* send_slot,
-                  const int* send_counts, const int* expert_counts, int num_experts, int num_blocks,
-                  cudaStream_t stream) {
+                  const int* send_counts, const int* expert_counts, int num_experts, int64_t overflow,
+                  int num_blocks, cudaStream_t stream) {
   check_peers(peers);
   if (write_routing && (send_counts == nullptr || (num_experts > 0 && expert_counts == nullptr) ||
                         (num_tokens > 0 && send_slot == nullptr))) {
@@ -453,7 +475,7 @@ void launch_stage(const Peers& peers, const RowLayout& layout, int64_t num_token
   const int blocks = clamp_blocks(num_blocks, num_tokens, kWarps);
   stage_kernel<<<blocks, kThreads, 0, stream>>>(peers, layout, num_tokens, static_cast<const uint8_t*>(x),
                                                 static_cast<const uint8_t*>(scales), topk_idx, topk_weights, write_routing,
-                                                send_slot, send_counts, expert_counts, num_experts);
+                                                send_slot, send_counts, expert_counts, num_experts, overflow);
   cuda_check(cudaGetLastError(), "intranode stage_kernel launch");
 }
 

@@ -38,6 +38,7 @@ constexpr int64_t kControlBytes = 64 * 1024;
 struct Control {
   int num_tokens;
   int pad;
+  long long overflow;  // > 0: this rank's dispatch needs that many bytes, more than its buffer has
   int send_counts[kMaxRanks];
   int expert_counts[kMaxExperts];
 };
@@ -65,6 +66,8 @@ int64_t combine_bytes_needed(int64_t stride_rows, int64_t row_bytes, int num_ran
 // Receive sizes a notify step publishes to the host (mapped pinned memory).
 struct HostRecordView {
   long long epoch;
+  long long overflow_bytes;  // the largest overflow of any rank (0: every rank's dispatch fits)
+  int overflow_rank;         // a rank with that overflow
   int num_recv;
   int max_tokens;
   int counts[kMaxExperts];  // per local expert, rounded up to expert_alignment
@@ -102,14 +105,17 @@ struct Peers {
 // writes the send lists from send_slot ([T, R] int32: the token's index among those sent to rank
 // r, or -1) and the control block (send_counts [R], expert_counts [E] int32). Pointers of empty
 // arrays may be null (torch gives empty tensors no storage), so flags, not pointers, decide.
+// overflow > 0 (the bytes this dispatch needs, beyond the buffer): nothing is staged, the control
+// block says so, and notify tells every rank (so all raise the same error instead of one waiting).
 void launch_stage(const Peers& peers, const RowLayout& layout, int64_t num_tokens, const void* x, const void* scales,
                   const int64_t* topk_idx, const float* topk_weights, bool write_routing, const int* send_slot,
-                  const int* send_counts, const int* expert_counts, int num_experts, int num_blocks,
-                  cudaStream_t stream);
+                  const int* send_counts, const int* expert_counts, int num_experts, int64_t overflow,
+                  int num_blocks, cudaStream_t stream);
 
 // notify: reads every rank's control block. Writes rank_prefix_matrix [R, R] int32 and
-// peer_tokens [R] int32 (device). With num_worst_tokens == 0 publishes the record (epoch last);
-// else traps, with a message, if this rank receives more than num_worst_tokens rows.
+// peer_tokens [R] int32 (device). With num_worst_tokens == 0 publishes the record (epoch last),
+// overflow included; else traps, with a message, if this rank receives more than
+// num_worst_tokens rows or a rank's buffer overflowed.
 void launch_notify(const Peers& peers, int num_experts, int expert_alignment, int num_worst_tokens,
                    int* rank_prefix_matrix, int* peer_tokens, HostRecordView* record, long long epoch,
                    uint64_t timeout_ns, cudaStream_t stream);

@@ -134,7 +134,7 @@ int64_t row_bytes_of(const at::Tensor& t) {
 void intranode_stage(IpcBuffer& buffer, const at::Tensor& x, const std::optional<at::Tensor>& scales,
                      const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
                      const std::optional<at::Tensor>& send_slot, const std::optional<at::Tensor>& send_counts,
-                     const std::optional<at::Tensor>& expert_counts, int64_t num_sms) {
+                     const std::optional<at::Tensor>& expert_counts, int64_t overflow, int64_t num_sms) {
   check_on_buffer(x, buffer, "x");
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D");
   const int num_topk = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
@@ -147,7 +147,7 @@ void intranode_stage(IpcBuffer& buffer, const at::Tensor& x, const std::optional
                    ptr_or_null<const float>(topk_weights, buffer, "topk_weights"), send_counts.has_value(),
                    ptr_or_null<const int>(send_slot, buffer, "send_slot"),
                    ptr_or_null<const int>(send_counts, buffer, "send_counts"),
-                   ptr_or_null<const int>(expert_counts, buffer, "expert_counts"), num_experts,
+                   ptr_or_null<const int>(expert_counts, buffer, "expert_counts"), num_experts, overflow,
                    static_cast<int>(num_sms), stream_of(buffer));
 }
 
@@ -174,7 +174,7 @@ pybind11::object host_record_wait(const in::HostRecord& record, int64_t epoch, d
   const auto& view = record.host_view();
   pybind11::list counts;
   for (int64_t e = 0; e < num_local; ++e) counts.append(view.counts[e]);
-  return pybind11::make_tuple(view.num_recv, view.max_tokens, counts);
+  return pybind11::make_tuple(view.num_recv, view.max_tokens, counts, view.overflow_bytes, view.overflow_rank);
 }
 
 void intranode_pull(IpcBuffer& buffer, int64_t scale_bytes, int64_t num_topk, const at::Tensor& rank_prefix_matrix,
@@ -366,10 +366,11 @@ PYBIND11_MODULE(_C, m) {
                                    "Mapped pinned host memory where a dispatch's notify step publishes receive sizes")
       .def(pybind11::init<>())
       .def("wait", &host_record_wait, pybind11::arg("epoch"), pybind11::arg("timeout_s"), pybind11::arg("num_local_experts"),
-           "Wait (GIL released) until the record reaches epoch: (num_recv, max_tokens, counts) or None on timeout");
+           "Wait (GIL released) until the record reaches epoch: (num_recv, max_tokens, counts, overflow_bytes, "
+           "overflow_rank) or None on timeout");
   m.def("intranode_stage", &intranode_stage, pybind11::arg("buffer"), pybind11::arg("x"), pybind11::arg("scales"),
         pybind11::arg("topk_idx"), pybind11::arg("topk_weights"), pybind11::arg("send_slot"), pybind11::arg("send_counts"),
-        pybind11::arg("expert_counts"), pybind11::arg("num_sms"));
+        pybind11::arg("expert_counts"), pybind11::arg("overflow"), pybind11::arg("num_sms"));
   m.def("intranode_notify", &intranode_notify, pybind11::arg("buffer"), pybind11::arg("record"),
         pybind11::arg("num_experts"), pybind11::arg("expert_alignment"), pybind11::arg("num_worst_tokens"),
         pybind11::arg("rank_prefix_matrix"), pybind11::arg("peer_tokens"), pybind11::arg("epoch"));

@@ -626,6 +626,28 @@ def test_num_nvl_bytes_too_small_raises(gpu_gloo_pool, seed):
     gpu_gloo_pool(1).run(_w_too_small, seed, timeout=300)
 
 
+def _w_one_rank_overflows(ctx, seed: int) -> None:
+    """Only rank 0's dispatch is too big for its buffer: EVERY rank raises (the notify step tells
+    them), naming rank 0, instead of the others waiting for a rank that gave up."""
+    from moe_ep.comm.backends.intranode import IntranodeEngine
+
+    engine = IntranodeEngine(ctx.group, ctx.device, SMALL_NVL_BYTES)
+    uneven = Case("uneven", tokens=(4096, 8), hidden=4096, num_topk=2, local_experts=4)
+    world = case_world(uneven, ctx.world_size, seed)
+    _, per_expert, in_rank = oracle.dispatch_layout(world.topk_idx[ctx.rank], world.num_experts, ctx.world_size)
+    inputs = on(ctx, (world.xs[ctx.rank], in_rank, per_expert, world.topk_idx[ctx.rank], world.topk_weights[ctx.rank]))
+    with pytest.raises(ValueError, match=r"num_nvl_bytes=.*rank 0 needs"):
+        engine.dispatch(inputs[0], None, *inputs[1:], 1, 0, world.num_experts)
+    small = Case("small-after-overflow", tokens=(21, 34), hidden=256, num_topk=2, local_experts=4, routing=SPARSE,
+                 num_biases=1)
+    run_case(ctx, engine, small, seed + 1, small.name)
+    torch.cuda.synchronize(ctx.device)
+
+
+def test_one_rank_overflowing_raises_on_every_rank(gpu_gloo_pool, seed):
+    gpu_gloo_pool(2).run(_w_one_rank_overflows, seed, timeout=300)
+
+
 def _w_negative_size(ctx) -> None:
     from moe_ep.comm.backends.intranode import IntranodeEngine
 

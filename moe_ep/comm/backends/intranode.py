@@ -11,10 +11,12 @@ ascending, then the biases).
 
 Buffer size: a dispatch of T tokens stages every token once (its row: x, scales, top-k) plus the
 send lists; a combine holds, per rank, R x S rows where S is the largest token count of any rank
-(or ``num_worst_tokens``). :func:`intranode_size_hint` gives the bytes; a call that does not fit
-raises ``ValueError`` naming ``num_nvl_bytes`` and the size needed. Every rank must be able to
-fit its call: ranks with more tokens than others fail alone, and the others then stop at their
-bounded wait (``MOE_EP_TIMEOUT_S``) with a timeout error instead of hanging.
+(or ``num_worst_tokens``). :func:`intranode_size_hint` gives the bytes. A dispatch that does not
+fit on some rank raises ``ValueError`` naming ``num_nvl_bytes`` and the bytes needed on EVERY
+rank (the overflowing rank stages nothing and says so in its control block, which the notify step
+reads); with ``num_worst_tokens`` (no host wait) the notify kernel prints that and traps instead.
+A combine's size is the same on every rank, so all of them raise alike. A cached dispatch with a
+larger payload than its original raises on the ranks that overflow only.
 """
 from __future__ import annotations
 
@@ -111,7 +113,7 @@ class IntranodeEngine:
             raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for this {what} on rank {self.rank}: "
                              f"it needs {needed} bytes (see moe_ep.comm.backends.intranode.intranode_size_hint)")
 
-    def _wait_sizes(self, num_local_experts: int) -> tuple[int, int, list[int]]:
+    def _wait_sizes(self, num_local_experts: int) -> tuple[int, int, list[int], int, int]:
         got = self.record.wait(self._epoch, timeout_seconds(), num_local_experts)
         if got is None:
             raise MoeEpTimeoutError(f"rank {self.rank}: dispatch waited {timeout_seconds():.0f} s for the receive sizes "
@@ -133,7 +135,12 @@ class IntranodeEngine:
         num_topk = 0 if topk_idx is None else topk_idx.shape[1]
         scale_bytes = 0 if scales is None else scales.shape[1] * scales.element_size()
         x_bytes = hidden * x_data.element_size()
-        self._check_fits(self.ext.intranode_dispatch_bytes(num_tokens, x_bytes, scale_bytes, num_topk, R), "dispatch")
+        needed = self.ext.intranode_dispatch_bytes(num_tokens, x_bytes, scale_bytes, num_topk, R)
+        overflow = 0
+        if cached:
+            self._check_fits(needed, "cached dispatch")  # no notify step to tell the peers: raises here only
+        elif needed > self.num_nvl_bytes:
+            overflow = needed  # staged as "nothing"; notify tells every rank, and every rank raises below
         if num_worst_tokens > 0 and not cached:
             check_worst_tokens_agree(self.group, self._collective_device, num_worst_tokens,
                                      self._agreed_worst_tokens)
@@ -153,7 +160,7 @@ class IntranodeEngine:
             self.ipc.barrier()  # every rank is done reading our region (previous step)
         with self._step("stage"):
             self.ext.intranode_stage(self.ipc, x_data, scales, topk_idx, topk_weights, send_slot, send_counts,
-                                     expert_counts, sms)
+                                     expert_counts, overflow, sms)
         with self._step("barrier"):
             self.ipc.barrier()  # every rank's rows, lists and counts are in place
 
@@ -171,8 +178,12 @@ class IntranodeEngine:
                 if num_worst_tokens > 0:
                     num_rows = stride_rows = num_worst_tokens
                 else:
-                    num_rows, stride_rows, counts_list = self._wait_sizes(num_local)
+                    num_rows, stride_rows, counts_list, overflow_bytes, overflow_rank = self._wait_sizes(num_local)
                     counts_list = list(counts_list)
+                    if overflow_bytes > 0:
+                        raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for this dispatch: rank "
+                                         f"{overflow_rank} needs {overflow_bytes} bytes (every rank raises this; see "
+                                         "moe_ep.comm.backends.intranode.intranode_size_hint)")
             recv_src_idx = torch.empty(num_rows, dtype=torch.int32, device=self.device)
 
         recv_x = torch.empty((num_rows, hidden), dtype=x_data.dtype, device=self.device)
