@@ -49,6 +49,12 @@ __device__ __forceinline__ void st_release_sys(int* ptr, int value) {
 
 __device__ __forceinline__ bool is_masked(const int* mask, int rank) { return mask != nullptr && mask[rank] != 0; }
 
+// A masked (failed) rank neither sends to nor waits for anyone, and nobody sends to or waits for
+// it: the pair (me, peer) is cut when either side is masked. Every rank holds the same mask.
+__device__ __forceinline__ bool cut(const int* mask, int me, int peer) {
+  return is_masked(mask, me) || is_masked(mask, peer);
+}
+
 // Smallest power of two >= s (s > 0, finite): exact, unlike exp2(ceil(log2(s))) in float.
 __device__ __forceinline__ float pow2_ceil(float s) {
   const unsigned bits = __float_as_uint(s);
@@ -98,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
   for (int e = warp; e < L.num_experts; e += num_warps) {
     const int d = e / L.num_local;
     const int l = e % L.num_local;
-    const bool masked = is_masked(a.mask, d);
+    const bool masked = cut(a.mask, me, d);
     uint8_t* slots = buffer_of(a.peers, d, a.buffer_offset) + L.off_darea +
                      (static_cast<int64_t>(l) * L.num_ranks + me) * L.m * L.msg_bytes;
     int count = 0;
@@ -151,11 +157,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a)
     if (threadIdx.x < R) {
       const int s = threadIdx.x;
       int count = 0;
-      if (!is_masked(a.mask, s)) {
+      if (!cut(a.mask, me, s)) {
         int* flag = reinterpret_cast<int*>(own + L.off_dflags) + l * R + s;
         const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src]", me, s, a.timeout_ns};
         count = wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flag), 0, wait::Cmp::kNe, site) - 1;
         *reinterpret_cast<volatile int*>(flag) = 0;  // ready for this buffer's next use
+        count = min(max(count, 0), L.m);             // a sender never publishes more than M
       }
       counts[s] = count;
     }
@@ -224,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
     for (int idx = warp; idx < total; idx += kWarps) {
       int s = 0;
       while (begins[s + 1] <= idx) ++s;
-      if (is_masked(a.mask, s)) continue;
+      if (cut(a.mask, me, s)) continue;
       const int j = idx - begins[s];
       // Expert e = me * num_local + l replies into slot [e][j] of the source's combine area.
       uint8_t* dst = buffer_of(a.peers, s, a.buffer_offset) + L.off_carea +
@@ -247,7 +254,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
   if (last && threadIdx.x < R) {
     const int s = threadIdx.x;
     __threadfence_system();
-    if (!is_masked(a.mask, s)) {
+    if (!cut(a.mask, me, s)) {
       int* flag = reinterpret_cast<int*>(buffer_of(a.peers, s, a.buffer_offset) + L.off_cflags) + me;
       st_release_sys(flag, 1);
     }
@@ -262,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   const int R = L.num_ranks;
   const int lane = threadIdx.x % 32;
   uint8_t* own = buffer_of(a.peers, me, a.buffer_offset);
-  if (threadIdx.x < R && !is_masked(a.mask, threadIdx.x)) {
+  if (threadIdx.x < R && !cut(a.mask, me, threadIdx.x)) {
     const int d = threadIdx.x;
     const wait::WaitSite site{"low_latency_combine_recv", "combine_flag[src]", me, d, a.timeout_ns};
     wait::wait_value<wait::Scope::kSys>(reinterpret_cast<const int*>(own + L.off_cflags) + d, 0, wait::Cmp::kNe, site);
@@ -285,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
       const int64_t e = a.topk_idx[t * L.num_topk + k];
       if (e < 0) continue;
       const int d = static_cast<int>(e / L.num_local);
-      if (is_masked(a.mask, d)) continue;
+      if (cut(a.mask, me, d)) continue;
       const int pos = a.pair_pos[t * L.num_topk + k];
       if (pos >= L.m) continue;  // dropped at dispatch (see header)
       const float w = a.topk_weights[t * L.num_topk + k];

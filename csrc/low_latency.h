@@ -67,7 +67,7 @@ struct DispatchArgs {
   const void* x;                  // [T, H] bf16
   const int64_t* topk_idx;        // [T, K]
   int num_tokens;
-  const int* mask;                // [R] int32, 1 = masked rank (may be null)
+  const int* mask;                // [R] int32, 1 = masked rank (may be null); the same on every rank
   bool round_scale;
   bool use_ue8m0;
   int* counts_e;                  // [E] this rank's rows per global expert (statistics, tests)
@@ -97,7 +97,7 @@ struct CombineArgs {
   const int64_t* topk_idx;        // [T, K]
   const float* topk_weights;      // [T, K]
   int num_tokens;
-  const int* mask;
+  const int* mask;                // the mask the dispatch used (its pair positions depend on it)
   const int* pair_pos;
   void* out;                      // [T, H] bf16
   uint64_t timeout_ns;

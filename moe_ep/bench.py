@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Callable, Optional
 

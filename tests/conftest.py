@@ -96,11 +96,10 @@ def nccl_pool(dist_backend: str, dist_pool):
         pool.shutdown()
 
 
-def intranode_kernels_missing() -> str | None:
-    """Why the intranode dispatch/combine kernels cannot run here (None when they can).
-
-    The kernels are present when the extension lists the "intranode" kernel family (as
-    ``CudaBackend`` reads it) or exports ``intranode_dispatch``."""
+def kernels_missing(family: str, entry_point: str) -> str | None:
+    """Why a kernel family cannot run here (None when it can): no GPU, no extension, or a build
+    without the family (neither listed in ``kernel_families``, as ``CudaBackend`` reads it, nor
+    exporting ``entry_point``)."""
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
@@ -110,11 +109,15 @@ def intranode_kernels_missing() -> str | None:
     except ImportError as exc:
         return (f"the CUDA extension moe_ep._C is not built ({exc}); "
                 "build it with `python3 setup.py build_ext --inplace`")
-    if "intranode" not in tuple(getattr(_C, "kernel_families", ())) and not hasattr(_C, "intranode_dispatch"):
-        return ("this build of moe_ep._C has no intranode kernels (neither 'intranode' in "
-                f"kernel_families={tuple(getattr(_C, 'kernel_families', ()))} nor intranode_dispatch); "
-                "rebuild the extension")
+    families = tuple(getattr(_C, "kernel_families", ()))
+    if family not in families and not hasattr(_C, entry_point):
+        return (f"this build of moe_ep._C has no {family} kernels (neither {family!r} in "
+                f"kernel_families={families} nor {entry_point}); rebuild the extension")
     return None
+
+
+def intranode_kernels_missing() -> str | None:
+    return kernels_missing("intranode", "intranode_dispatch")
 
 
 @pytest.fixture

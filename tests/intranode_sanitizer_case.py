@@ -24,43 +24,22 @@ SEED = 20250917
 
 
 def _rank_main(rank: int, world_size: int, port: int) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from tests.dist_pool import RankContext
+    from tests.sanitizer import finish_rank, shared_gpu_rank
     from tests.test_cuda_intranode import SANITIZER_CASES, SANITIZER_NVL_BYTES, engine_for, run_case
 
-    device = torch.device("cuda", rank % torch.cuda.device_count())
-    torch.cuda.set_device(device)
-    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-    ctx = RankContext(rank, world_size, device, dist.group.WORLD, "gloo")
+    ctx = shared_gpu_rank(rank, world_size, port)
     engine = engine_for(ctx, SANITIZER_NVL_BYTES)
     for i, case in enumerate(SANITIZER_CASES):
         for rep in range(2):
             run_case(ctx, engine, case, SEED + 101 * i + 7 * rep, f"{case.name} (run {rep + 1} of 2)")
-    torch.cuda.synchronize()
-    dist.barrier()  # no rank unmaps its buffer while a peer may still read it
-    print(f"rank {rank}: {len(SANITIZER_CASES) * 2} runs checked", flush=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown, as moe_ep.launch does: tearing down gloo groups at exit sometimes
-    # aborts after all work is done. Every rank has passed the barrier, so nothing is in flight.
-    os._exit(0)
+    finish_rank(f"rank {rank}: {len(SANITIZER_CASES) * 2} runs checked")
 
 
 def main() -> int:
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
+    from tests.sanitizer import spawn_ranks
     from tests.test_cuda_intranode import SANITIZER_OK_LINE
 
-    # The parent hosts the rendezvous store, so no rank's exit can pull it from under the others.
-    store = dist.TCPStore("127.0.0.1", 0, WORLD_SIZE, is_master=True, wait_for_workers=False)
-    mp.start_processes(_rank_main, args=(WORLD_SIZE, store.port), nprocs=WORLD_SIZE, start_method="spawn")
-    del store
-    print(SANITIZER_OK_LINE, flush=True)
-    return 0
+    return spawn_ranks(_rank_main, WORLD_SIZE, SANITIZER_OK_LINE)
 
 
 if __name__ == "__main__":

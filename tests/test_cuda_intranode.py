@@ -27,10 +27,6 @@ rank runs the same test sequence, so every rank builds them in the same order.
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -40,6 +36,7 @@ import torch
 
 from moe_ep.comm.fp8 import FP8_DTYPE
 from tests import oracle
+from tests.sanitizer import assert_sanitizer_clean
 
 pytestmark = pytest.mark.gpu
 
@@ -756,53 +753,7 @@ SANITIZER_CASES = [
 ]
 
 
-def find_compute_sanitizer() -> Optional[str]:
-    """compute-sanitizer on PATH, else in $CUDA_HOME/bin or /usr/local/cuda/bin."""
-    found = shutil.which("compute-sanitizer")
-    if found:
-        return found
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root:
-            candidate = os.path.join(root, "bin", "compute-sanitizer")
-            if os.access(candidate, os.X_OK):
-                return candidate
-    return None
-
-
-def _text(output) -> str:
-    if output is None:
-        return ""
-    return output.decode(errors="replace") if isinstance(output, bytes) else output
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_reports_no_errors(require_intranode_kernels, tool):
-    sanitizer = find_compute_sanitizer()
-    if sanitizer is None:
-        pytest.skip("compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
-    # --require-cuda-init no: the parent process only spawns the ranks and never initializes CUDA.
-    command = [sanitizer, "--tool", tool, "--target-processes", "all", "--require-cuda-init", "no",
-               sys.executable, SANITIZER_SCRIPT]
-    try:
-        proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=SANITIZER_TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:  # its captured output is bytes whatever text= says
-        tail = "\n".join(_text(part)[-4000:] for part in (exc.stdout, exc.stderr))
-        pytest.fail(f"{' '.join(command)} ran past {SANITIZER_TIMEOUT_S} s; output tail:\n{tail}")
-    output = proc.stdout + proc.stderr
-    # The sanitizer's first reports say where; the tail says how the run ended.
-    first = [line for line in output.splitlines() if line.startswith("=========") and "Host Frame" not in line][:60]
-    report = f"--- {' '.join(command)}: exit {proc.returncode}\n--- first sanitizer lines\n" + "\n".join(first) + \
-             f"\n--- stdout (tail)\n{proc.stdout[-6000:]}\n--- stderr (tail)\n{proc.stderr[-6000:]}"
-    # memcheck ends with "ERROR SUMMARY: N errors"; racecheck with
-    # "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)".
-    pattern = r"ERROR SUMMARY: (\d+) errors?" if tool == "memcheck" else \
-        r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?"
-    summaries = re.findall(pattern, output)
-    assert summaries, f"no summary line from compute-sanitizer {tool}:\n{report}"
-    assert all(int(n) == 0 for n in summaries), f"compute-sanitizer {tool} found errors:\n{report}"
-    assert proc.returncode == 0, f"the sanitized run failed:\n{report}"
-    assert SANITIZER_OK_LINE in proc.stdout, report
+    assert_sanitizer_clean(tool, SANITIZER_SCRIPT, SANITIZER_OK_LINE, SANITIZER_TIMEOUT_S)

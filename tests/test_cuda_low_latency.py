@@ -44,9 +44,6 @@ source to one expert.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -59,7 +56,8 @@ import torch.distributed as dist
 from moe_ep.comm.fp8 import (FP8_AMAX_FLOOR, FP8_DTYPE, FP8_GROUP_SIZE, FP8_MAX, pack_ue8m0,
                              per_token_group_dequant_fp8, unpack_ue8m0)
 from tests import oracle
-from tests.test_cuda_intranode import _text, find_compute_sanitizer
+from tests.conftest import kernels_missing
+from tests.sanitizer import assert_sanitizer_clean
 
 pytestmark = pytest.mark.gpu
 
@@ -99,17 +97,7 @@ _LAYOUTS: dict[int, tuple] = {}
 
 def ll_kernels_missing() -> Optional[str]:
     """Why the low-latency kernels cannot run here (None when they can)."""
-    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
-        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
-    try:
-        from moe_ep import _C
-    except ImportError as exc:
-        return (f"the CUDA extension moe_ep._C is not built ({exc}); "
-                "build it with `python3 setup.py build_ext --inplace`")
-    if not hasattr(_C, "ll_dispatch"):
-        return ("this build of moe_ep._C has no low-latency kernels (no ll_dispatch; kernel_families="
-                f"{tuple(getattr(_C, 'kernel_families', ()))}); rebuild the extension")
-    return None
+    return kernels_missing("low_latency", "ll_dispatch")
 
 
 def require_ll_kernels() -> None:
@@ -1232,30 +1220,4 @@ SANITIZER_CASES = [
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_reports_no_errors(tool):
     require_ll_kernels()
-    sanitizer = find_compute_sanitizer()
-    if sanitizer is None:
-        pytest.skip("compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
-    # --require-cuda-init no: the parent process only spawns the ranks and never initializes CUDA.
-    command = [sanitizer, "--tool", tool, "--target-processes", "all", "--require-cuda-init", "no",
-               sys.executable, SANITIZER_SCRIPT]
-    try:
-        proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=SANITIZER_TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:  # its captured output is bytes whatever text= says
-        tail = "\n".join(_text(part)[-4000:] for part in (exc.stdout, exc.stderr))
-        pytest.fail(f"{' '.join(command)} ran past {SANITIZER_TIMEOUT_S} s; output tail:\n{tail}")
-    output = proc.stdout + proc.stderr
-    first = [line for line in output.splitlines() if line.startswith("=========") and "Host Frame" not in line][:60]
-    report = f"--- {' '.join(command)}: exit {proc.returncode}\n--- first sanitizer lines\n" + "\n".join(first) + \
-             f"\n--- stdout (tail)\n{proc.stdout[-6000:]}\n--- stderr (tail)\n{proc.stderr[-6000:]}"
-    # memcheck ends with "ERROR SUMMARY: N errors"; racecheck with
-    # "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)".
-    pattern = r"ERROR SUMMARY: (\d+) errors?" if tool == "memcheck" else \
-        r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?"
-    summaries = re.findall(pattern, output)
-    assert summaries, f"no summary line from compute-sanitizer {tool}:\n{report}"
-    assert all(int(n) == 0 for n in summaries), f"compute-sanitizer {tool} found errors:\n{report}"
-    assert proc.returncode == 0, f"the sanitized run failed:\n{report}"
-    assert SANITIZER_OK_LINE in proc.stdout, report
+    assert_sanitizer_clean(tool, SANITIZER_SCRIPT, SANITIZER_OK_LINE, SANITIZER_TIMEOUT_S)

@@ -14,7 +14,7 @@ HIDDEN = 512
 
 
 def _graph_worker(ctx) -> None:
-    rank, world_size = ctx.rank, ctx.world_size
+    rank = ctx.rank
     import torch.distributed as dist
 
     from moe_ep.layers.moe import ExpertParallelMoE

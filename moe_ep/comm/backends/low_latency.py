@@ -11,6 +11,11 @@ inside one node. Nothing is read on the host, so a decode step can be captured i
 (every replay reuses the buffer index chosen at capture; the kernels reset their flags after
 reading them, so consecutive replays need no cleaning).
 
+Rank masking: a masked rank is cut off both ways (it neither sends nor waits, and nobody sends to
+or waits for it); its own calls return empty counts and a zero combine. The mask a dispatch used
+is kept for its combine. At most two dispatches (and two combines) may be outstanding at once
+across the group: a rank must not start a third before every rank completed the first.
+
 Results equal the reference backend's: the same counts, ``layout_range``, ``src_info`` and row
 placement; FP8 values and scales from the same formula (scales may differ in the last bit of a
 division); the combine sums ``weight x row`` over k in float32, then casts.
@@ -31,6 +36,13 @@ from ..ipc import open_intranode_buffer
 def _extension():
     from moe_ep import _C
     return _C
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (the kernels load rows in 8- and 16-byte pieces); a view at an
+    odd offset is copied."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def ll_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int,
@@ -54,6 +66,7 @@ class _Result:
     counts_e: torch.Tensor         # [E] int32: this rank's rows per expert
     pair_pos: torch.Tensor         # [M*K] int32
     combine_input: torch.Tensor    # [L, R*M, H] bf16 (zero-copy combine)
+    mask: torch.Tensor             # [R] int32: the mask its dispatch used (the combine must use the same)
     use_fp8: bool = False
     num_topk: int = 0
 
@@ -114,20 +127,28 @@ class LowLatencyEngine:
                 layout_range=torch.zeros((num_local, self.num_ranks), dtype=torch.int64, device=dev),
                 counts_e=torch.zeros(num_experts, dtype=torch.int32, device=dev),
                 pair_pos=torch.zeros(max(m * num_topk, 1), dtype=torch.int32, device=dev),
-                combine_input=torch.zeros((num_local, slots, hidden), dtype=torch.bfloat16, device=dev)))
+                combine_input=torch.zeros((num_local, slots, hidden), dtype=torch.bfloat16, device=dev),
+                mask=torch.zeros(self.num_ranks, dtype=torch.int32, device=dev)))
+        # New sizes move every flag: zero where the new layout keeps them (old payload bytes may sit
+        # there), then a device barrier, so no peer publishes into a flag before it is zeroed.
+        self._zero_flags(info)
+        self.ipc.barrier()
         self.key = key
 
-    def clean(self) -> None:
-        """Zero both buffers' flags (after a failed call, or when other kernels used the memory)."""
+    def _zero_flags(self, info: dict) -> None:
         view = self.ipc.local_view()
+        for b in range(NUM_LOW_LATENCY_BUFFERS):
+            start = b * info["buffer_bytes"]
+            view[start:start + info["flags_bytes"]].zero_()
+
+    def clean(self) -> None:
+        """Zero both buffers' flags (after a failed call, or when other kernels used the memory).
+        The Buffer synchronizes and barriers after it, as DeepEP's clean_low_latency_buffer."""
         if self.key is not None:
             m, hidden, num_experts, num_topk, use_fp8, _ = self.key
-            info = self.ext.ll_layout_info(self.num_ranks, num_experts, m, hidden, num_topk, use_fp8)
-            for b in range(NUM_LOW_LATENCY_BUFFERS):
-                start = b * info["buffer_bytes"]
-                view[start:start + info["flags_bytes"]].zero_()
+            self._zero_flags(self.ext.ll_layout_info(self.num_ranks, num_experts, m, hidden, num_topk, use_fp8))
         else:
-            view.zero_()
+            self.ipc.local_view().zero_()
         for result in self.results:
             result.recv_count.zero_()
             result.src_info.fill_(-1)
@@ -156,14 +177,17 @@ class LowLatencyEngine:
                  use_ue8m0: bool, return_recv_hook: bool):
         hidden = x.shape[1]
         num_topk = topk_idx.shape[1]
+        if x.shape[0] > m:
+            raise ValueError(f"x has {x.shape[0]} tokens, more than num_max_dispatch_tokens_per_rank={m}")
         self._ensure(m, hidden, num_experts, num_topk, use_fp8, use_ue8m0)
         b = self.buffer_idx
         self.buffer_idx ^= 1
         result = self.results[b]
         result.use_fp8, result.num_topk = use_fp8, num_topk
-        x = x.contiguous()
+        x = _aligned(x)
         topk_idx = topk_idx.contiguous()
-        mask = self.mask
+        result.mask.copy_(self.mask)  # the combine of this dispatch uses the same mask
+        mask = result.mask
 
         def launch(send: bool, recv: bool) -> None:
             self.ext.ll_dispatch(self.ipc, send, recv, num_experts, m, b, x, topk_idx, mask, use_fp8, round_scale,
@@ -187,11 +211,11 @@ class LowLatencyEngine:
         if topk_idx.shape[1] != result.num_topk:
             raise ValueError(f"topk_idx has {topk_idx.shape[1]} columns but the dispatch behind this handle had "
                              f"{result.num_topk}")
-        x = x.contiguous()
+        x = _aligned(x)
         topk_idx = topk_idx.contiguous()
         topk_weights = topk_weights.to(torch.float32).contiguous()
-        # The kernel writes rows contiguously; a strided out= gets them through a copy.
-        direct = out is not None and out.is_contiguous()
+        # The kernel writes 16-byte rows pieces; a strided or unaligned out= gets them through a copy.
+        direct = out is not None and out.is_contiguous() and out.data_ptr() % 16 == 0
         combined = out if direct else torch.empty((topk_idx.shape[0], hidden), dtype=torch.bfloat16,
                                                   device=self.device)
 
@@ -200,7 +224,7 @@ class LowLatencyEngine:
 
         def launch(send: bool, recv: bool) -> None:
             self.ext.ll_combine(self.ipc, send, recv, num_experts, m, area, result.use_fp8, x, layout_range, topk_idx,
-                                topk_weights, self.mask, result.pair_pos, combined, self.num_sms)
+                                topk_weights, result.mask, result.pair_pos, combined, self.num_sms)
             if recv and out is not None and not direct:
                 out.copy_(combined)
 
