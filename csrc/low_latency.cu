@@ -39,8 +39,8 @@ constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr float kFp8Max = 448.0f;
 constexpr float kAmaxFloor = 1e-4f;  // moe_ep.comm.fp8.FP8_AMAX_FLOOR
 
-__device__ __forceinline__ uint8_t* buffer_of(const Peers& peers, int rank, int64_t buffer_offset) {
-  return static_cast<uint8_t*>(peers.bases[rank]) + peers.region_offset + buffer_offset;
+__device__ __forceinline__ uint8_t* buffer_of(const Peers& peers, int rank, int64_t offset) {
+  return static_cast<uint8_t*>(peers.bases[rank]) + peers.region_offset + offset;
 }
 
 __device__ __forceinline__ void st_release_sys(int* ptr, int value) {
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
     const int d = e / L.num_local;
     const int l = e % L.num_local;
     const bool masked = cut(a.mask, me, d);
-    uint8_t* slots = buffer_of(a.peers, d, a.buffer_offset) + L.off_darea +
+    uint8_t* slots = buffer_of(a.peers, d, a.data_offset) + L.off_darea +
                      (static_cast<int64_t>(l) * L.num_ranks + me) * L.m * L.msg_bytes;
     int count = 0;
     for (int base = 0; base < pairs && !masked; base += 32) {
@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
       a.counts_e[e] = masked ? 0 : count;
       if (!masked) {
         __threadfence_system();  // the rows above before the count that publishes them
-        int* flag = reinterpret_cast<int*>(buffer_of(a.peers, d, a.buffer_offset) + L.off_dflags) +
+        int* flag = reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + L.off_dflags) +
                     l * L.num_ranks + me;
         st_release_sys(flag, count + 1);
       }
@@ -151,14 +151,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a)
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int64_t slots = static_cast<int64_t>(R) * L.m;
-  uint8_t* own = buffer_of(a.peers, me, a.buffer_offset);
+  uint8_t* own = buffer_of(a.peers, me, a.data_offset);
+  uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
   const int groups = L.hidden / kGroup;
   for (int l = blockIdx.x; l < L.num_local; l += gridDim.x) {
     if (threadIdx.x < R) {
       const int s = threadIdx.x;
       int count = 0;
       if (!cut(a.mask, me, s)) {
-        int* flag = reinterpret_cast<int*>(own + L.off_dflags) + l * R + s;
+        int* flag = reinterpret_cast<int*>(own_flags + L.off_dflags) + l * R + s;
         const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src]", me, s, a.timeout_ns};
         count = wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flag), 0, wait::Cmp::kNe, site) - 1;
         *reinterpret_cast<volatile int*>(flag) = 0;  // ready for this buffer's next use
@@ -234,7 +235,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
       if (cut(a.mask, me, s)) continue;
       const int j = idx - begins[s];
       // Expert e = me * num_local + l replies into slot [e][j] of the source's combine area.
-      uint8_t* dst = buffer_of(a.peers, s, a.buffer_offset) + L.off_carea +
+      uint8_t* dst = buffer_of(a.peers, s, a.data_offset) + L.off_carea +
                      ((static_cast<int64_t>(me) * L.num_local + l) * L.m + j) * row_bytes;
       const uint8_t* src = static_cast<const uint8_t*>(a.x) + (static_cast<int64_t>(l) * slots + idx) * row_bytes;
       warp_copy(dst, src, row_bytes, lane);
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
-    int* done = reinterpret_cast<int*>(buffer_of(a.peers, me, a.buffer_offset) + L.off_done);
+    int* done = reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + L.off_done);
     last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
   }
   __syncthreads();
@@ -255,11 +256,11 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
     const int s = threadIdx.x;
     __threadfence_system();
     if (!cut(a.mask, me, s)) {
-      int* flag = reinterpret_cast<int*>(buffer_of(a.peers, s, a.buffer_offset) + L.off_cflags) + me;
+      int* flag = reinterpret_cast<int*>(buffer_of(a.peers, s, a.flags_offset) + L.off_cflags) + me;
       st_release_sys(flag, 1);
     }
   }
-  if (last && threadIdx.x == 0) *reinterpret_cast<int*>(buffer_of(a.peers, me, a.buffer_offset) + L.off_done) = 0;
+  if (last && threadIdx.x == 0) *reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + L.off_done) = 0;
 }
 
 // ------------------------------------------------------------------------------ combine recv
@@ -268,11 +269,13 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   const int me = a.peers.rank;
   const int R = L.num_ranks;
   const int lane = threadIdx.x % 32;
-  uint8_t* own = buffer_of(a.peers, me, a.buffer_offset);
+  uint8_t* own = buffer_of(a.peers, me, a.data_offset);
+  uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
   if (threadIdx.x < R && !cut(a.mask, me, threadIdx.x)) {
     const int d = threadIdx.x;
     const wait::WaitSite site{"low_latency_combine_recv", "combine_flag[src]", me, d, a.timeout_ns};
-    wait::wait_value<wait::Scope::kSys>(reinterpret_cast<const int*>(own + L.off_cflags) + d, 0, wait::Cmp::kNe, site);
+    wait::wait_value<wait::Scope::kSys>(reinterpret_cast<const int*>(own_flags + L.off_cflags) + d, 0, wait::Cmp::kNe,
+                                        site);
   }
   __syncthreads();
   const int64_t row_elems = L.hidden;
@@ -320,12 +323,12 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   __shared__ bool last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    int* done = reinterpret_cast<int*>(own + L.off_done) + 1;
+    int* done = reinterpret_cast<int*>(own_flags + L.off_done) + 1;
     last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
   }
   __syncthreads();
-  if (last && threadIdx.x < R) reinterpret_cast<volatile int*>(own + L.off_cflags)[threadIdx.x] = 0;
-  if (last && threadIdx.x == 0) reinterpret_cast<int*>(own + L.off_done)[1] = 0;
+  if (last && threadIdx.x < R) reinterpret_cast<volatile int*>(own_flags + L.off_cflags)[threadIdx.x] = 0;
+  if (last && threadIdx.x == 0) reinterpret_cast<int*>(own_flags + L.off_done)[1] = 0;
 }
 
 int grid_for(int work, int per_block, int num_sms) {
@@ -366,10 +369,11 @@ LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_
   l.off_scales = align16(l.x_bytes);
   l.off_src = l.off_scales + (use_fp8 ? align16(static_cast<int64_t>(hidden / kGroup) * 4) : 0);
   l.msg_bytes = l.off_src + 16;
+  // Flags sit at offsets that do not depend on the sizes (see the header), data after them.
   l.off_dflags = 0;
-  l.off_cflags = align16(static_cast<int64_t>(l.num_local) * num_ranks * 4);
-  l.off_done = l.off_cflags + align16(static_cast<int64_t>(num_ranks) * 4);
-  l.off_darea = (l.off_done + 16 + 127) / 128 * 128;
+  l.off_cflags = static_cast<int64_t>(kMaxExperts) * 4;
+  l.off_done = l.off_cflags + static_cast<int64_t>(kMaxRanks) * 4;
+  l.off_darea = 0;
   const int64_t darea = static_cast<int64_t>(l.num_local) * num_ranks * m * l.msg_bytes;
   l.off_carea = (l.off_darea + darea + 127) / 128 * 128;
   const int64_t carea = static_cast<int64_t>(num_experts) * m * hidden * 2;

@@ -8,19 +8,23 @@
 // nvshmem_ptr for the peers reachable over NVLink). Kernels store straight into peers' memory and
 // publish with release stores at system scope; receivers acquire with bounded waits.
 //
-// Two buffers (double buffering) in a rank's region: dispatches alternate between the buffers'
-// dispatch areas, combines between their combine areas (independently, chosen by the host), so at
-// most two calls of a kind may be outstanding. One buffer, offsets from LLLayout:
-//   dispatch flags [L][R] int32   source s's count for local expert l, plus one (0: not yet);
-//                                 reset to 0 by the receiver once read
-//   combine flags  [R] int32      1 once rank d has written back every row of this rank's
-//                                 tokens; reset by the receiver
-//   done counters  [2] int32      last-block detection inside this rank's own kernels
-//   dispatch area  [L][R][M] messages: payload (bf16 row, or fp8 row + float32 scales), then the
-//                                 source token index (int32)
-//   combine area   [E][M] bf16 rows: the reply of expert e for this rank's j-th row sent to e
-//                                 (j: the pair's position among this rank's pairs for e, in
-//                                 (token, k) order), so the reduce finds every reply directly
+// A rank's region: first the flags of both buffers, at offsets that never depend on the sizes
+// (so a call with other sizes can never read a stale flag from bytes that used to hold data; every
+// flag is reset by its reader), then the two buffers' data. Dispatches alternate between the
+// buffers' dispatch areas, combines between their combine areas (independently, chosen by the
+// host), so at most two calls of a kind may be outstanding.
+//   flags of buffer b, at b * kFlagsPerBuffer:
+//     dispatch flags [L][R] int32  source s's count for local expert l, plus one (0: not yet);
+//                                  reset to 0 by the receiver once read
+//     combine flags  [R] int32     1 once rank d has written back every row of this rank's
+//                                  tokens; reset by the receiver
+//     done counters  [2] int32     last-block detection inside this rank's own kernels
+//   data of buffer b, at kFlagsBytes + b * buffer_bytes:
+//     dispatch area  [L][R][M] messages: payload (bf16 row, or fp8 row + float32 scales), then the
+//                                  source token index (int32)
+//     combine area   [E][M] bf16 rows: the reply of expert e for this rank's j-th row sent to e
+//                                  (j: the pair's position among this rank's pairs for e, in
+//                                  (token, k) order), so the reduce finds every reply directly
 //
 // Layout guarantees (equal to the reference backend): in recv_x[l], sources appear in rank order,
 // each source's rows in its (token, k) order; layout_range[l][s] = begin << 32 | count. A source
@@ -38,6 +42,9 @@ namespace low_latency {
 constexpr int kMaxRanks = 64;
 constexpr int kMaxExperts = 1024;
 constexpr int kGroup = 128;  // FP8 scale group
+constexpr int64_t kFlagsPerBuffer = 8192;  // kMaxExperts + kMaxRanks int32 flags, 2 done counters
+constexpr int64_t kFlagsBytes = 2 * kFlagsPerBuffer;
+static_assert((kMaxExperts + kMaxRanks + 2) * 4 <= kFlagsPerBuffer, "the flags must fit their region");
 
 struct LLLayout {
   int num_ranks = 0;
@@ -51,19 +58,20 @@ struct LLLayout {
   int64_t msg_bytes = 0;    // message stride
   int64_t off_scales = 0;   // inside a message
   int64_t off_src = 0;      // inside a message
-  int64_t off_dflags = 0;
+  int64_t off_dflags = 0;   // from the buffer's flags
   int64_t off_cflags = 0;
   int64_t off_done = 0;
-  int64_t off_darea = 0;
+  int64_t off_darea = 0;    // from the buffer's data
   int64_t off_carea = 0;
-  int64_t buffer_bytes = 0;  // one of the two buffers
+  int64_t buffer_bytes = 0;  // data of one of the two buffers
 };
 LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_topk, bool use_fp8);
 
 struct DispatchArgs {
   intranode::Peers peers;
   LLLayout layout;
-  int64_t buffer_offset;          // byte offset of the buffer in use inside every region
+  int64_t flags_offset;           // region offsets of the buffer in use: its flags
+  int64_t data_offset;            // and its data
   const void* x;                  // [T, H] bf16
   const int64_t* topk_idx;        // [T, K]
   int num_tokens;
@@ -91,7 +99,8 @@ void launch_dispatch_recv(const DispatchArgs& args, int num_sms, cudaStream_t st
 struct CombineArgs {
   intranode::Peers peers;
   LLLayout layout;
-  int64_t buffer_offset;
+  int64_t flags_offset;
+  int64_t data_offset;
   const void* x;                  // [L, R*M, H] bf16 (the experts' outputs in recv_x's layout)
   const int64_t* layout_range;    // [L, R] from the dispatch
   const int64_t* topk_idx;        // [T, K]
@@ -106,8 +115,10 @@ struct CombineArgs {
 void launch_combine_send(const CombineArgs& args, int num_sms, cudaStream_t stream);
 void launch_combine_recv(const CombineArgs& args, int num_sms, cudaStream_t stream);
 
-// clean_low_latency_buffer zeroes [0, off_darea) of both buffers (flags and done counters); the
-// host does it with a memset of its own region, so no kernel is needed.
+// clean_low_latency_buffer zeroes [0, kFlagsBytes) of the own region (every flag and counter); the
+// host does it with a memset, so no kernel is needed.
+// Region bytes the two buffers need.
+inline int64_t region_bytes(const LLLayout& layout) { return kFlagsBytes + 2 * layout.buffer_bytes; }
 
 }  // namespace low_latency
 }  // namespace moe_ep

@@ -234,7 +234,7 @@ ll::LLLayout ll_layout_for(const IpcBuffer& buffer, int64_t num_experts, int64_t
   const auto layout = ll::make_layout(buffer.num_ranks(), static_cast<int>(num_experts), static_cast<int>(m),
                                       static_cast<int>(hidden), static_cast<int>(num_topk), use_fp8);
   TORCH_CHECK_VALUE(buffer_index == 0 || buffer_index == 1, "buffer_index must be 0 or 1");
-  TORCH_CHECK_VALUE(2 * layout.buffer_bytes <= buffer.num_bytes(),
+  TORCH_CHECK_VALUE(ll::region_bytes(layout) <= buffer.num_bytes(),
                     "the low-latency buffer is too small for these sizes (see moe_ep.comm.backends.low_latency.ll_size_hint)");
   return layout;
 }
@@ -253,7 +253,8 @@ void ll_dispatch(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, i
   ll::DispatchArgs a;
   a.peers = peers_of(buffer);
   a.layout = layout;
-  a.buffer_offset = buffer_index * layout.buffer_bytes;
+  a.flags_offset = buffer_index * ll::kFlagsPerBuffer;
+  a.data_offset = ll::kFlagsBytes + buffer_index * layout.buffer_bytes;
   a.x = x.data_ptr();
   a.topk_idx = topk_idx.data_ptr<int64_t>();
   a.num_tokens = static_cast<int>(x.size(0));
@@ -289,7 +290,8 @@ void ll_combine(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, in
   ll::CombineArgs a;
   a.peers = peers_of(buffer);
   a.layout = layout;
-  a.buffer_offset = buffer_index * layout.buffer_bytes;
+  a.flags_offset = buffer_index * ll::kFlagsPerBuffer;
+  a.data_offset = ll::kFlagsBytes + buffer_index * layout.buffer_bytes;
   a.x = x.data_ptr();
   a.layout_range = static_cast<const int64_t*>(layout_range.data_ptr());
   a.topk_idx = topk_idx.data_ptr<int64_t>();
@@ -311,7 +313,8 @@ pybind11::dict ll_layout_info(int64_t num_ranks, int64_t num_experts, int64_t m,
                                  static_cast<int>(hidden), static_cast<int>(num_topk), use_fp8);
   pybind11::dict d;
   d["buffer_bytes"] = l.buffer_bytes;
-  d["flags_bytes"] = l.off_darea;
+  d["flags_bytes"] = ll::kFlagsBytes;
+  d["region_bytes"] = ll::region_bytes(l);
   d["msg_bytes"] = l.msg_bytes;
   return d;
 }
@@ -409,7 +412,8 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("out"), pybind11::arg("num_sms"));
   m.def("ll_layout_info", &ll_layout_info, pybind11::arg("num_ranks"), pybind11::arg("num_experts"), pybind11::arg("m"),
         pybind11::arg("hidden"), pybind11::arg("num_topk"), pybind11::arg("use_fp8"),
-        "Sizes of one low-latency buffer: {buffer_bytes, flags_bytes, msg_bytes}");
+        "Sizes of the low-latency region: {region_bytes (all), flags_bytes (both buffers' flags, first), "
+        "buffer_bytes (one buffer's data), msg_bytes}");
   m.attr("ll_max_experts") = ll::kMaxExperts;
 
   // Kernel families present in this build; the Buffer runs kernels only for their calls.

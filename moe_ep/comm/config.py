@@ -8,6 +8,9 @@ from .fp8 import FP8_GROUP_SIZE
 # Bytes of per-row metadata the low-latency path carries beside each token (source index,
 # local expert, flags), rounded to 16 so payloads stay 16-byte aligned.
 LL_ROW_META_BYTES = 16
+# The low-latency kernels keep both buffers' flags in a fixed area first (csrc/low_latency.h
+# kFlagsBytes; tests/test_cuda_low_latency.py checks this hint against the kernels' own sizes).
+LL_FLAGS_BYTES = 16384
 NUM_LOW_LATENCY_BUFFERS = 2  # double buffering: two results may be alive at once
 
 
@@ -72,7 +75,7 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     recv = num_experts * m * dispatch_row + num_experts * m * combine_row
     counters = 2 * num_experts * 8 + num_ranks * 8
     per_buffer = _align(send + recv + counters, 128)
-    return NUM_LOW_LATENCY_BUFFERS * per_buffer
+    return NUM_LOW_LATENCY_BUFFERS * per_buffer + LL_FLAGS_BYTES
 
 
 # Tuned defaults per rank count (DeepEP-compatible lookup); the CUDA backend's benchmark refines them.

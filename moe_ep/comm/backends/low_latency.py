@@ -51,7 +51,7 @@ def ll_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: 
     is never smaller."""
     info = _extension().ll_layout_info(num_ranks, num_experts, num_max_dispatch_tokens_per_rank, hidden, num_topk,
                                        False)
-    return int(NUM_LOW_LATENCY_BUFFERS * info["buffer_bytes"])
+    return int(info["region_bytes"])
 
 
 @dataclass
@@ -103,7 +103,7 @@ class LowLatencyEngine:
         if self.key == key:
             return
         info = self.ext.ll_layout_info(self.num_ranks, num_experts, m, hidden, num_topk, use_fp8)
-        needed = NUM_LOW_LATENCY_BUFFERS * info["buffer_bytes"]
+        needed = info["region_bytes"]
         if needed > self.num_bytes:
             raise ValueError(f"num_rdma_bytes={self.num_bytes} is too small for the low-latency kernels with "
                              f"M={m}, hidden={hidden}, num_experts={num_experts}, top-k={num_topk}: they need {needed}")
@@ -129,26 +129,14 @@ class LowLatencyEngine:
                 pair_pos=torch.zeros(max(m * num_topk, 1), dtype=torch.int32, device=dev),
                 combine_input=torch.zeros((num_local, slots, hidden), dtype=torch.bfloat16, device=dev),
                 mask=torch.zeros(self.num_ranks, dtype=torch.int32, device=dev)))
-        # New sizes move every flag: zero where the new layout keeps them (old payload bytes may sit
-        # there), then a device barrier, so no peer publishes into a flag before it is zeroed.
-        self._zero_flags(info)
-        self.ipc.barrier()
+        # The flags do not move with the sizes (csrc/low_latency.h), so new sizes need no cleaning.
         self.key = key
 
-    def _zero_flags(self, info: dict) -> None:
-        view = self.ipc.local_view()
-        for b in range(NUM_LOW_LATENCY_BUFFERS):
-            start = b * info["buffer_bytes"]
-            view[start:start + info["flags_bytes"]].zero_()
-
     def clean(self) -> None:
-        """Zero both buffers' flags (after a failed call, or when other kernels used the memory).
-        The Buffer synchronizes and barriers after it, as DeepEP's clean_low_latency_buffer."""
-        if self.key is not None:
-            m, hidden, num_experts, num_topk, use_fp8, _ = self.key
-            self._zero_flags(self.ext.ll_layout_info(self.num_ranks, num_experts, m, hidden, num_topk, use_fp8))
-        else:
-            self.ipc.local_view().zero_()
+        """Zero every flag (after a failed call, or when other kernels used the memory). The Buffer
+        synchronizes and barriers after it, as DeepEP's clean_low_latency_buffer."""
+        flags_bytes = self.ext.ll_layout_info(self.num_ranks, self.num_ranks, 1, 8, 1, False)["flags_bytes"]
+        self.ipc.local_view()[:flags_bytes].zero_()
         for result in self.results:
             result.recv_count.zero_()
             result.src_info.fill_(-1)
