@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine verifies a whole change: build the extension in place, run the GPU
 # tests, run the whole suite with the reference backend over NCCL (GPU tensors), run the demo and
-# the benchmarks that exist. Logs and JSON go to $OUT (the device tool's folder) or ./moe_ep_out.
+# the benchmarks that exist. Every stage is bounded; a device call allows 10 minutes, so on the
+# 2-GPU kind split it: STAGES=build,gpu_tests,nccl_tests then STAGES=demo,bench (the build stays). Logs and JSON go to $OUT (the device tool's folder) or ./moe_ep_out.
 # At most 8 files come back from $OUT: keep to build.log, tests.log, bench.log and a few JSON/PNG.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,9 +33,17 @@ if has build; then
 fi
 
 : > "$OUT/tests.log"
+# A wedged device wait traps after 30 s here instead of 100 s (bounded_wait.cuh), so one hang
+# cannot eat the stage.
 if has gpu_tests; then
-  step "pytest -m gpu" | tee -a "$OUT/tests.log"
-  bounded "${GPU_TESTS_S:-300}" python3 -m pytest -q -m gpu tests 2>&1 | tee -a "$OUT/tests.log" | tail -5 || status=1
+  step "pytest -m 'gpu and not slow'" | tee -a "$OUT/tests.log"
+  MOE_EP_TIMEOUT_S=30 bounded "${GPU_TESTS_S:-420}" python3 -m pytest -q -m "gpu and not slow" tests 2>&1 \
+    | tee -a "$OUT/tests.log" | tail -5 || status=1
+fi
+if has gpu_slow; then  # opt-in (STAGES=...,gpu_slow): compute-sanitizer runs and other long tests
+  step "pytest -m 'gpu and slow'" | tee -a "$OUT/tests.log"
+  MOE_EP_TIMEOUT_S=60 bounded "${GPU_SLOW_S:-500}" python3 -m pytest -q -m "gpu and slow" tests 2>&1 \
+    | tee -a "$OUT/tests.log" | tail -5 || status=1
 fi
 if has nccl_tests && [ "$NGPU" -lt 2 ]; then
   echo "whole suite over NCCL: skipped, needs 2 GPUs ($NGPU visible)" | tee -a "$OUT/tests.log"
