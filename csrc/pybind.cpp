@@ -415,6 +415,7 @@ PYBIND11_MODULE(_C, m) {
         "Sizes of the low-latency region: {region_bytes (all), flags_bytes (both buffers' flags, first), "
         "buffer_bytes (one buffer's data), msg_bytes}");
   m.attr("ll_max_experts") = ll::kMaxExperts;
+  m.attr("ll_flags_bytes") = ll::kFlagsBytes;
 
   // Kernel families present in this build; the Buffer runs kernels only for their calls.
   m.attr("kernel_families") = pybind11::make_tuple("layout", "intranode", "low_latency");

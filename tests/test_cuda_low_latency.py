@@ -1221,3 +1221,13 @@ SANITIZER_CASES = [
 def test_compute_sanitizer_reports_no_errors(tool):
     require_ll_kernels()
     assert_sanitizer_clean(tool, SANITIZER_SCRIPT, SANITIZER_OK_LINE, SANITIZER_TIMEOUT_S)
+
+
+def test_flag_area_matches_the_size_hint():
+    """The Python size hint reserves the kernels' fixed flag area (moe_ep.comm.config mirrors the
+    C++ constant; this keeps the two from drifting apart)."""
+    require_ll_kernels()
+    from moe_ep import _C
+    from moe_ep.comm.config import LL_FLAGS_BYTES
+
+    assert int(_C.ll_flags_bytes) == LL_FLAGS_BYTES

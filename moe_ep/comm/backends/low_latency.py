@@ -135,8 +135,7 @@ class LowLatencyEngine:
     def clean(self) -> None:
         """Zero every flag (after a failed call, or when other kernels used the memory). The Buffer
         synchronizes and barriers after it, as DeepEP's clean_low_latency_buffer."""
-        flags_bytes = self.ext.ll_layout_info(self.num_ranks, self.num_ranks, 1, 8, 1, False)["flags_bytes"]
-        self.ipc.local_view()[:flags_bytes].zero_()
+        self.ipc.local_view()[:int(self.ext.ll_flags_bytes)].zero_()
         for result in self.results:
             result.recv_count.zero_()
             result.src_info.fill_(-1)
