@@ -32,12 +32,22 @@ __device__ __forceinline__ void red_add_release_sys(unsigned long long* ptr, uns
 #endif
 }
 
+// The barrier's epoch lives on the device (a counter in the own header that every barrier kernel
+// increments), not in a kernel argument: a CUDA graph that captured barriers replays them with
+// fresh epochs, so replays synchronize exactly like eager calls.
 // Thread t (< num_ranks): announce "rank entered barrier `epoch`" in rank t's header, then wait
 // until rank t has announced the same in this rank's header.
 __global__ void __launch_bounds__(kBarrierThreads)
 intranode_barrier_kernel(void* const* __restrict__ peer_bases, long long* own_counters, int rank, int num_ranks,
-                         long long epoch, uint64_t timeout_ns) {
+                         uint64_t timeout_ns) {
+  __shared__ long long epoch;
   const int t = static_cast<int>(threadIdx.x);
+  if (t == 0) {
+    long long* own_epoch = own_counters + kEpochSlot;
+    epoch = *own_epoch + 1;
+    *own_epoch = epoch;
+  }
+  __syncthreads();
   if (t >= num_ranks) return;
   // Order everything this rank wrote before the barrier (earlier kernels of the stream included,
   // e.g. peer_copy into peers' buffers) before the counter update, at system scope.
@@ -203,11 +213,10 @@ void IpcBuffer::barrier(cudaStream_t stream) {
   if (!peers_open_) throw std::runtime_error("moe_ep IpcBuffer.barrier: call open_peers() first");
   const uint64_t timeout_ns = wait::timeout_ns_from_env();  // validated before anything is launched
   const DeviceScope scope(device_);
-  const long long epoch = static_cast<long long>(epoch_ + 1);
   intranode_barrier_kernel<<<1, kBarrierThreads, 0, stream>>>(peer_bases_device_, static_cast<long long*>(base_),
-                                                              rank_, num_ranks_, epoch, timeout_ns);
+                                                              rank_, num_ranks_, timeout_ns);
   cuda_check(cudaGetLastError(), "intranode_barrier_kernel launch");
-  epoch_ = epoch;
+  epoch_ += 1;  // host-side count of enqueued barriers (graph replays add device epochs beyond it)
 }
 
 void IpcBuffer::peer_copy(int dst_rank, int64_t offset, const void* src, int64_t num_bytes, cudaStream_t stream) {

@@ -12,8 +12,9 @@
 // The whole allocation is zeroed, and the zeroing has completed, before ipc_handle() returns, so
 // a peer cannot add to a counter that is later overwritten by the zeroing.
 //
-// Barrier: every call has an epoch e = 1, 2, 3, ... (a host-side count of this object's barrier
-// calls). Rank r adds 1 (release, system scope) to counter[r] of every rank's header, then waits
+// Barrier: every call has an epoch e = 1, 2, 3, ... (kept on the device in the own header slot
+// kEpochSlot and advanced by each barrier kernel, so CUDA-graph replays of captured barriers get
+// fresh epochs). Rank r adds 1 (release, system scope) to counter[r] of every rank's header, then waits
 // (acquire loads, bounded: csrc/bounded_wait.cuh) until its own counter[src] >= e for every src.
 // Counters only grow, so there is nothing to reset and no race between consecutive barriers: a
 // fast rank entering barrier e+1 only makes counters reach e+1, which still satisfies >= e.
@@ -31,9 +32,11 @@ namespace moe_ep {
 namespace ipc {
 
 constexpr int kMaxRanks = 64;
+// Header slot (int64 index) of this rank's own barrier epoch, after the kMaxRanks counters.
+constexpr int kEpochSlot = kMaxRanks;
 // Barrier counters (kMaxRanks int64), padded so the user region starts 4 KiB aligned.
 constexpr int64_t kHeaderBytes = 4096;
-static_assert(kMaxRanks * 8 <= kHeaderBytes, "the barrier counters must fit in the header");
+static_assert((kMaxRanks + 1) * 8 <= kHeaderBytes, "the barrier counters and epoch must fit in the header");
 // Size of a cudaIpcMemHandle_t as bytes.
 constexpr int64_t kHandleBytes = static_cast<int64_t>(sizeof(cudaIpcMemHandle_t));
 

@@ -595,6 +595,62 @@ def test_back_to_back_stress(gpu_gloo_pool, seed):
         assert stats[0][key] > 0, f"the random schedule never covered {key!r}: {stats[0]}"
 
 
+GRAPH_REPLAYS = 200
+
+
+def _graph_inputs(ctx, seed: int, tokens: int, hidden: int, num_topk: int, num_experts: int):
+    """One replay's inputs (the same world on every rank) and this rank's exact expectation:
+    combine(dispatch(x)) = x * (ranks the token reached), and the weights summed back = the valid
+    top-k weights (each expert's rank returns its own entries, the others 0)."""
+    world = oracle.make_world(seed, ctx.world_size, tokens, hidden, num_topk, num_experts, **dict(SPARSE))
+    x, idx, weights = world.xs[ctx.rank], world.topk_idx[ctx.rank], world.topk_weights[ctx.rank]
+    _, per_expert, in_rank = oracle.dispatch_layout(idx, num_experts, ctx.world_size)
+    # + 0.0: a token that reached no rank combines to +0.0 (the sum starts at +0.0), never -0.0.
+    expected_x = (x.float() * in_rank.sum(1, keepdim=True).float() + 0.0).to(torch.bfloat16)
+    expected_w = torch.where(idx >= 0, weights, 0.0)
+    return (x, idx, weights, in_rank, per_expert.to(torch.int32)), expected_x, expected_w
+
+
+def _w_graph_replays(ctx, seed: int) -> None:
+    """Worst-token dispatch + combine captured in a CUDA graph and replayed with fresh inputs (new
+    tokens AND new routing each time): every replay must equal its exact expectation. The
+    barriers' epochs live on the device, so replays synchronize as eager calls do."""
+    engine = engine_for(ctx)
+    tokens, hidden, num_topk, num_experts = 40, 512, 4, 8 * ctx.world_size
+    worst = tokens * ctx.world_size  # a bound on any rank's receive, whatever the routing
+    inputs, _, _ = _graph_inputs(ctx, seed, tokens, hidden, num_topk, num_experts)
+    static = on(ctx, inputs)
+
+    def step():
+        x, idx, weights, in_rank, per_expert = static
+        recv_x, _, recv_w, _, handle = engine.dispatch(x, None, in_rank, per_expert, idx, weights, 1, worst,
+                                                       num_experts)
+        return engine.combine(recv_x, handle, recv_w, [])
+
+    side = torch.cuda.Stream(ctx.device)
+    side.wait_stream(torch.cuda.current_stream(ctx.device))
+    with torch.cuda.stream(side):
+        for _ in range(2):  # eager warm-up (also settles the once-per-value num_worst_tokens check)
+            step()
+    torch.cuda.current_stream(ctx.device).wait_stream(side)
+    torch.cuda.synchronize(ctx.device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_x, out_w = step()
+    for replay in range(GRAPH_REPLAYS):
+        fresh, expected_x, expected_w = _graph_inputs(ctx, seed + 1 + replay, tokens, hidden, num_topk, num_experts)
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize(ctx.device)
+        oracle.assert_same(out_x, expected_x, f"replay {replay}: combined_x")
+        oracle.assert_same(out_w, expected_w, f"replay {replay}: combined_topk_weights")
+
+
+def test_cuda_graph_replays_with_fresh_routing(gpu_gloo_pool, seed):
+    gpu_gloo_pool(2).run(_w_graph_replays, seed, timeout=600)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Bad input (one rank: no peer waits on a rank that raised)
 # ---------------------------------------------------------------------------------------------
