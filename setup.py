@@ -65,7 +65,49 @@ def _extension_kwargs():
         # the extension links and imports on machines without a driver (CI).
         libraries=[],
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+    modules = [ext]
+    nvshmem = _nvshmem_extension(include_dirs, cxx_flags)
+    if nvshmem is not None:
+        modules.append(nvshmem)
+    return {"ext_modules": modules, "cmdclass": {"build_ext": BuildExtension}}
+
+
+def _nvshmem_home() -> str | None:
+    """NVSHMEM_DIR, else the nvidia-nvshmem-cu13 wheel's folder (include/ and lib/), else None."""
+    home = os.environ.get("NVSHMEM_DIR")
+    if home:
+        return home
+    try:
+        import nvidia.nvshmem as wheel
+    except ImportError:
+        return None
+    return list(wheel.__path__)[0]
+
+
+def _nvshmem_extension(include_dirs: list[str], cxx_flags: list[str]):
+    """moe_ep._nvshmem: NVSHMEM's host runtime for the low-latency buffers, built only where NVSHMEM
+    is found, as a separate optional module (a failure to build it warns and leaves moe_ep._C
+    alone; moe_ep._C never links NVSHMEM, so it imports where NVSHMEM is absent)."""
+    from torch.utils.cpp_extension import CUDAExtension
+
+    home = _nvshmem_home()
+    if home is None or not os.path.isdir(os.path.join(home, "include")):
+        print("moe_ep: NVSHMEM not found (set NVSHMEM_DIR or install nvidia-nvshmem-cu13): "
+              "building without moe_ep._nvshmem", file=sys.stderr)
+        return None
+    lib = os.path.join(home, "lib")
+    host_libs = sorted(glob.glob(os.path.join(lib, "libnvshmem_host.so*")))
+    if not host_libs:
+        print(f"moe_ep: no libnvshmem_host.so in {lib}: building without moe_ep._nvshmem", file=sys.stderr)
+        return None
+    return CUDAExtension(
+        name="moe_ep._nvshmem",
+        sources=["csrc/nvshmem/runtime.cpp"],
+        include_dirs=[os.path.join(home, "include"), *include_dirs],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=[f"-L{lib}", f"-l:{os.path.basename(host_libs[0])}", f"-Wl,-rpath,{lib}"],
+        optional=True,
+    )
 
 
 ok, why_not = _cuda_build_possible()

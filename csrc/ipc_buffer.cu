@@ -137,6 +137,45 @@ IpcBuffer::IpcBuffer(int64_t num_bytes, int rank, int num_ranks) {
   peer_bases_[static_cast<size_t>(rank)] = base_;
 }
 
+std::unique_ptr<IpcBuffer> IpcBuffer::adopt(const std::vector<uintptr_t>& bases, int rank, int64_t num_bytes) {
+  const int num_ranks = static_cast<int>(bases.size());
+  if (num_ranks < 1 || num_ranks > kMaxRanks) {
+    throw std::invalid_argument(bad_arg("bases", "must hold one address per rank, 1 to " + std::to_string(kMaxRanks) +
+                                                     ", got " + std::to_string(num_ranks)));
+  }
+  if (rank < 0 || rank >= num_ranks) {
+    throw std::invalid_argument(bad_arg("rank", "must be in [0, " + std::to_string(num_ranks) + "), got " +
+                                                    std::to_string(rank)));
+  }
+  if (num_bytes < 0) throw std::invalid_argument(bad_arg("num_bytes", "must be >= 0, got " + std::to_string(num_bytes)));
+  for (int i = 0; i < num_ranks; ++i) {
+    if (bases[static_cast<size_t>(i)] == 0) {
+      throw std::invalid_argument(bad_arg("bases", "[" + std::to_string(i) + "] is null: rank " + std::to_string(i) +
+                                                       " is not reachable by loads and stores from rank " +
+                                                       std::to_string(rank)));
+    }
+  }
+  std::unique_ptr<IpcBuffer> buffer(new IpcBuffer());
+  buffer->owned_ = false;
+  buffer->num_bytes_ = num_bytes;
+  buffer->rank_ = rank;
+  buffer->num_ranks_ = num_ranks;
+  cuda_check(cudaGetDevice(&buffer->device_), "cudaGetDevice");
+  cudaFuncAttributes attributes;
+  cuda_check(cudaFuncGetAttributes(&attributes, intranode_barrier_kernel), "cudaFuncGetAttributes(intranode_barrier)");
+  cuda_check(cudaFuncGetAttributes(&attributes, peer_copy_kernel), "cudaFuncGetAttributes(peer_copy)");
+  buffer->base_ = reinterpret_cast<void*>(bases[static_cast<size_t>(rank)]);
+  buffer->peer_bases_.resize(static_cast<size_t>(num_ranks));
+  for (int i = 0; i < num_ranks; ++i) buffer->peer_bases_[static_cast<size_t>(i)] = reinterpret_cast<void*>(bases[static_cast<size_t>(i)]);
+  buffer->opened_.assign(static_cast<size_t>(num_ranks), false);
+  const size_t table_bytes = sizeof(void*) * static_cast<size_t>(num_ranks);
+  cuda_check(cudaMalloc(reinterpret_cast<void**>(&buffer->peer_bases_device_), table_bytes), "cudaMalloc(peer table)");
+  cuda_check(cudaMemcpy(buffer->peer_bases_device_, buffer->peer_bases_.data(), table_bytes, cudaMemcpyHostToDevice),
+             "cudaMemcpy(peer table)");
+  buffer->peers_open_ = true;
+  return buffer;
+}
+
 IpcBuffer::~IpcBuffer() {
   // Never throws: errors (e.g. after a trapped kernel made the context unusable) are ignored.
   int previous = -1;
@@ -144,7 +183,7 @@ IpcBuffer::~IpcBuffer() {
   if (have_previous && previous != device_) (void)cudaSetDevice(device_);
   (void)cudaDeviceSynchronize();  // no kernel of ours may still use the peers' memory or ours
   release_peers();
-  if (base_ != nullptr) (void)cudaFree(base_);
+  if (base_ != nullptr && owned_) (void)cudaFree(base_);  // adopted memory belongs to its allocator
   base_ = nullptr;
   if (have_previous && previous != device_) (void)cudaSetDevice(previous);
 }

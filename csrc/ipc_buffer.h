@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,11 @@ class IpcBuffer {
   // header still exists, so barrier() works), 1 <= num_ranks <= kMaxRanks, 0 <= rank < num_ranks;
   // std::runtime_error (moe_ep::cuda_check) if a CUDA call fails.
   IpcBuffer(int64_t num_bytes, int rank, int num_ranks);
+  // Adopts memory every rank can already reach (e.g. NVSHMEM symmetric memory with the peers'
+  // addresses from nvshmem_ptr): bases[i] is rank i's allocation of kHeaderBytes + num_bytes,
+  // zeroed, as seen from this process. Nothing is allocated, opened or freed; the peers count as
+  // open, so barrier() and the kernels work the same.
+  static std::unique_ptr<IpcBuffer> adopt(const std::vector<uintptr_t>& bases, int rank, int64_t num_bytes);
   ~IpcBuffer();
   IpcBuffer(const IpcBuffer&) = delete;
   IpcBuffer& operator=(const IpcBuffer&) = delete;
@@ -80,6 +86,7 @@ class IpcBuffer {
   void* const* device_peer_table() const { return peer_bases_device_; }
 
  private:
+  IpcBuffer() = default;
   void release_peers() noexcept;  // closes the opened handles and frees the pointer table
 
   int64_t num_bytes_ = 0;
@@ -91,6 +98,7 @@ class IpcBuffer {
   std::vector<bool> opened_;               // which entries came from cudaIpcOpenMemHandle
   void** peer_bases_device_ = nullptr;     // device copy of peer_bases_
   bool peers_open_ = false;
+  bool owned_ = true;                      // false: adopted memory (see adopt)
   int64_t epoch_ = 0;
 };
 

@@ -344,6 +344,15 @@ PYBIND11_MODULE(_C, m) {
                               "(moe_ep.comm.ipc.open_intranode_buffer builds one collectively)")
       .def(pybind11::init(&make_ipc_buffer), pybind11::arg("num_bytes"), pybind11::arg("rank"),
            pybind11::arg("num_ranks"), "Allocate and zero num_bytes (plus a header) on the current CUDA device")
+      .def_static("adopt",
+                  [](const std::vector<uintptr_t>& bases, int64_t rank, int64_t num_bytes) {
+                    TORCH_CHECK_VALUE(rank >= 0 && rank < static_cast<int64_t>(bases.size()),
+                                      "rank must be in [0, len(bases))");
+                    return IpcBuffer::adopt(bases, static_cast<int>(rank), num_bytes);
+                  },
+                  pybind11::arg("bases"), pybind11::arg("rank"), pybind11::arg("num_bytes"),
+                  "Wrap memory every rank already reaches (bases[i]: rank i's allocation of header + num_bytes, "
+                  "zeroed, as addresses in this process, e.g. from nvshmem_ptr); nothing is allocated or freed")
       .def("ipc_handle", [](const IpcBuffer& b) { return pybind11::bytes(b.ipc_handle()); },
            "This rank's cudaIpcMemHandle_t as bytes")
       .def("open_peers", &IpcBuffer::open_peers, pybind11::arg("handles"),

@@ -5,9 +5,11 @@
 either the same way. Policy lives here: the two result buffers (double buffering: two dispatches
 may be in flight, e.g. with receive hooks), which buffer a call uses, and the hook split.
 
-Transport: the kernels store straight into peers' memory through a table of peer pointers, here
-from a CUDA-IPC buffer of ``num_rdma_bytes`` per rank (``moe_ep.comm.ipc``): the NVLink path,
-inside one node. Nothing is read on the host, so a decode step can be captured in a CUDA graph
+Transport: the kernels store straight into peers' memory through a table of peer pointers, from a
+CUDA-IPC buffer of ``num_rdma_bytes`` per rank (``moe_ep.comm.ipc``, the default) or, with
+``MOE_EP_LL_TRANSPORT=nvshmem``, from NVSHMEM symmetric memory (``moe_ep.comm.nvshmem``: unique-id
+bootstrap over torch.distributed, peer addresses from ``nvshmem_ptr``). Either way this is the
+NVLink path, inside one node; NVSHMEM's RDMA puts (IBGDA, across nodes) are not written yet. Nothing is read on the host, so a decode step can be captured in a CUDA graph
 (every replay reuses the buffer index chosen at capture; the kernels reset their flags after
 reading them, so consecutive replays need no cleaning).
 
@@ -22,6 +24,7 @@ division); the combine sums ``weight x row`` over k in float32, then casts.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -31,6 +34,11 @@ import torch.distributed as dist
 from ..config import NUM_LOW_LATENCY_BUFFERS
 from ..fp8 import FP8_DTYPE, FP8_GROUP_SIZE
 from ..ipc import open_intranode_buffer
+
+
+# Where the buffers live: "ipc" (CUDA-IPC buffers, any torch.distributed backend, ranks may share a
+# GPU) or "nvshmem" (NVSHMEM symmetric memory, one GPU per rank; moe_ep.comm.nvshmem).
+TRANSPORT_ENV = "MOE_EP_LL_TRANSPORT"
 
 
 def _extension():
@@ -87,8 +95,15 @@ class LowLatencyEngine:
         self.ext = _extension()
         # Decode kernels are latency-bound: they may use every SM (as DeepEP's low-latency kernels).
         self.num_sms = num_sms or torch.cuda.get_device_properties(device).multi_processor_count
+        self.transport = os.environ.get(TRANSPORT_ENV, "ipc")
         with torch.cuda.device(device):
-            self.ipc = open_intranode_buffer(group, num_bytes)
+            if self.transport == "ipc":
+                self.ipc = open_intranode_buffer(group, num_bytes)
+            elif self.transport == "nvshmem":
+                from ..nvshmem import open_nvshmem_buffer
+                self.ipc = open_nvshmem_buffer(group, num_bytes)
+            else:
+                raise ValueError(f"{TRANSPORT_ENV} must be 'ipc' or 'nvshmem', got {self.transport!r}")
         self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=device)
         self.key = None
         self.results: list[_Result] = []
