@@ -127,6 +127,11 @@ class Buffer:
         if not self.explicitly_destroy:
             raise RuntimeError("destroy() is for Buffers built with explicitly_destroy=True; "
                                "others free their memory when garbage-collected")
+        if self.device.type == "cuda":
+            # Peers write into this rank's shared buffers: every rank finishes its kernels and meets
+            # the others before any of them unmaps or frees (collective, as DeepEP's destroy).
+            torch.cuda.synchronize(self.device)
+            dist.barrier(group=self.group)
         self._raw_buffers.clear()
         self.backend = None
         self._destroyed = True
