@@ -48,7 +48,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .bench import import_pyplot, int_list, merge_rows, random_routing, resolve_defaults, write_report
+from .bench import import_pyplot, int_list, merge_rows, random_routing, resolve_defaults, save_plot, write_report
 from .bench_normal import CPU_RANKS, WARMUP
 from .comm import Buffer, per_token_group_dequant_fp8
 from .comm.backends.cuda import EXPERIMENTAL_ENV
@@ -539,12 +539,7 @@ def _plot(report: dict, path: str) -> str:
     ax.set(xlabel="tokens per rank", ylabel="µs (max over ranks)",
            title=f"low-latency dispatch/combine, {report['world_size']} ranks, {report['buffer_backend']} backend\n"
                  f"H={s['hidden']}, top-{s['top_k']} of {s['experts']}, {'FP8' if s['fp8'] else 'BF16'} dispatch")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return f"wrote {path}"
+    return save_plot(plt, fig, ax, path, grid_which="both")
 
 
 # ------------------------------------------------------------------------------ entry point

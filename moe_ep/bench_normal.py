@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .bench import (backend_info, import_pyplot, int_list, merge_rows, random_routing, resolve_defaults, timer_for,
-                    write_report)
+from .bench import (backend_info, import_pyplot, int_list, merge_rows, random_routing, resolve_defaults, save_plot,
+                    timer_for, write_report)
 from .comm import Buffer, Config, per_token_group_quant_fp8
 from .comm.config import default_combine_config, default_dispatch_config
 from .launch import launch
@@ -334,12 +334,7 @@ def _plot(report: dict, path: str) -> str:
     ax.set(xlabel="SMs", ylabel="GB/s (min over ranks)",
            title=f"normal dispatch/combine, {report['world_size']} ranks, {report['buffer_backend']} backend, "
                  f"{s['tokens']} tok, H={s['hidden']}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return f"wrote {path}"
+    return save_plot(plt, fig, ax, path)
 
 
 # ------------------------------------------------------------------------------ entry point
