@@ -119,6 +119,9 @@ void launch_combine_recv(const CombineArgs& args, int num_sms, cudaStream_t stre
 // host does it with a memset, so no kernel is needed.
 // Region bytes the two buffers need.
 inline int64_t region_bytes(const LLLayout& layout) { return kFlagsBytes + 2 * layout.buffer_bytes; }
+// Region offsets of buffer `index` (0 or 1): its flags, and its data.
+inline int64_t flags_offset(int64_t index) { return index * kFlagsPerBuffer; }
+inline int64_t data_offset(const LLLayout& layout, int64_t index) { return kFlagsBytes + index * layout.buffer_bytes; }
 
 }  // namespace low_latency
 }  // namespace moe_ep

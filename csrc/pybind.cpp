@@ -253,8 +253,8 @@ void ll_dispatch(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, i
   ll::DispatchArgs a;
   a.peers = peers_of(buffer);
   a.layout = layout;
-  a.flags_offset = buffer_index * ll::kFlagsPerBuffer;
-  a.data_offset = ll::kFlagsBytes + buffer_index * layout.buffer_bytes;
+  a.flags_offset = ll::flags_offset(buffer_index);
+  a.data_offset = ll::data_offset(layout, buffer_index);
   a.x = x.data_ptr();
   a.topk_idx = topk_idx.data_ptr<int64_t>();
   a.num_tokens = static_cast<int>(x.size(0));
@@ -290,8 +290,8 @@ void ll_combine(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, in
   ll::CombineArgs a;
   a.peers = peers_of(buffer);
   a.layout = layout;
-  a.flags_offset = buffer_index * ll::kFlagsPerBuffer;
-  a.data_offset = ll::kFlagsBytes + buffer_index * layout.buffer_bytes;
+  a.flags_offset = ll::flags_offset(buffer_index);
+  a.data_offset = ll::data_offset(layout, buffer_index);
   a.x = x.data_ptr();
   a.layout_range = static_cast<const int64_t*>(layout_range.data_ptr());
   a.topk_idx = topk_idx.data_ptr<int64_t>();

@@ -135,6 +135,19 @@ def import_pyplot():
     return plt
 
 
+def report_header(target: str, world_size: int, dist_backend: str, device: torch.device, backend: dict) -> dict:
+    """The fields every benchmark report starts with: what ran, where, on which backend."""
+    return {
+        "target": target,
+        "world_size": world_size,
+        "dist_backend": dist_backend,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "buffer_backend": backend["name"],
+        "buffer_backend_describe": backend["describe"],
+    }
+
+
 def save_plot(plt, fig, ax, path: str, grid_which: str = "major") -> str:
     """The benchmarks' common plot ending: legend, grid, tight layout, PNG at 120 dpi, close."""
     ax.legend(fontsize=8)

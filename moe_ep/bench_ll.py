@@ -48,7 +48,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .bench import import_pyplot, int_list, merge_rows, random_routing, resolve_defaults, save_plot, write_report
+from .bench import (import_pyplot, int_list, merge_rows, random_routing, report_header, resolve_defaults, save_plot,
+                    write_report)
 from .bench_normal import CPU_RANKS, WARMUP
 from .comm import Buffer, per_token_group_dequant_fp8
 from .comm.backends.cuda import EXPERIMENTAL_ENV
@@ -418,14 +419,8 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
                "dispatch then combine in one iteration (dispatch+combine = their sum); hook: send call and hook() "
                "timed separately with an untimed pause of gap_us before each hook()")
     return {
-        "target": "ll",
-        "world_size": world_size,
-        "dist_backend": dist_backend,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **report_header("ll", world_size, dist_backend, device, info["buffer"]),
         "experimental_kernels_env": {EXPERIMENTAL_ENV: info["env"]},
-        "buffer_backend": info["buffer"]["name"],
-        "buffer_backend_describe": info["buffer"]["describe"],
         "buffer_uses_kernel": info["buffer"]["uses_kernel"],
         "baseline": {"backend": "reference", "how": info["baseline_how"], "buffer_backend": info["baseline"]["name"],
                      "describe": info["baseline"]["describe"], "uses_kernel": info["baseline"]["uses_kernel"]},

@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .bench import (backend_info, import_pyplot, int_list, merge_rows, random_routing, resolve_defaults, save_plot,
-                    timer_for, write_report)
+from .bench import (backend_info, import_pyplot, int_list, merge_rows, random_routing, report_header, resolve_defaults,
+                    save_plot, timer_for, write_report)
 from .comm import Buffer, Config, per_token_group_quant_fp8
 from .comm.config import default_combine_config, default_dispatch_config
 from .launch import launch
@@ -254,13 +254,7 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
             nvl_bytes: int, backend: dict) -> dict:
     checks = [g["check"] for g in gathered]
     return {
-        "target": "normal",
-        "world_size": world_size,
-        "dist_backend": dist_backend,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "buffer_backend": backend["name"],
-        "buffer_backend_describe": backend["describe"],
+        **report_header("normal", world_size, dist_backend, device, backend),
         "settings": {key: opts[key] for key in ("tokens", "hidden", "experts", "top_k", "iters", "seed", "sms")}
                     | {"chunks": opts["chunks"] if opts["chunks"] != [None] else "tuned default per op",
                        "nvl_bytes": nvl_bytes, "warmup": WARMUP},
