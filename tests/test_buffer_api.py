@@ -75,6 +75,8 @@ def _w_raise_before_collective(ctx):
     if ctx.rank == 1:
         raise ValueError("rank 1 never reaches the all_reduce")
     dist.all_reduce(torch.ones(1, device=ctx.device), group=ctx.group)
+    if ctx.device.type == "cuda":  # NCCL only enqueues the collective: wedge where the host waits for it
+        torch.cuda.synchronize(ctx.device)
 
 
 def test_pool_timeout_kills_the_pool(dist_pool):

@@ -81,3 +81,49 @@ def test_every_cu_file_compiles_with_nvcc(tmp_path, name, flags):
     failures = [(src, rc, log) for src, rc, log in results if rc != 0]
     report = "\n\n".join(f"--- {os.path.relpath(src, REPO_ROOT)} ({name}): exit {rc}\n{log}" for src, rc, log in failures)
     assert not failures, f"{len(failures)} of {len(sources)} csrc/*.cu files failed to compile:\n{report}"
+
+
+def _nvshmem_wheel_home() -> str | None:
+    home = os.environ.get("NVSHMEM_DIR")
+    if home:
+        return home
+    try:
+        import nvidia.nvshmem as wheel
+    except ImportError:
+        return None
+    return list(wheel.__path__)[0]
+
+
+def test_nvshmem_runtime_links_against_the_host_library_alone(tmp_path):
+    """moe_ep._nvshmem links only libnvshmem_host.so: every NVSHMEM symbol it uses must be exported
+    there (nvshmemx_init_attr is not: it calls nvshmemi_init_thread of the static device library,
+    which made the module fail to import on the GPU machine)."""
+    nvcc, home = _find_nvcc(), _nvshmem_wheel_home()
+    if nvcc is None or home is None or shutil.which("nm") is None:
+        pytest.skip(f"needs nvcc, nm and NVSHMEM (NVSHMEM_DIR or nvidia-nvshmem-cu13): nvcc={nvcc}, nvshmem={home}")
+    host_libs = sorted(glob.glob(os.path.join(home, "lib", "libnvshmem_host.so*")))
+    if not host_libs:
+        pytest.skip(f"no libnvshmem_host.so in {home}/lib")
+    try:
+        import pybind11  # noqa: F401
+        pybind_include = pybind11.get_include()
+    except ImportError:
+        import torch.utils.cpp_extension as ext
+
+        pybind_include = next((p for p in ext.include_paths() if os.path.isfile(os.path.join(p, "pybind11", "pybind11.h"))), None)
+    import sysconfig
+
+    if pybind_include is None:
+        pytest.skip("pybind11 headers not found")
+    source = os.path.join(CSRC, "nvshmem", "runtime.cpp")
+    obj = os.path.join(str(tmp_path), "runtime.o")
+    cmd = [nvcc, "-std=c++17", "-x", "cu", "-c", source, "-o", obj, "-I", os.path.join(home, "include"),
+           "-I", pybind_include, "-I", sysconfig.get_paths()["include"], *_include_flags(nvcc)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    assert proc.returncode == 0, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
+    used = subprocess.run(["nm", "-u", obj], capture_output=True, text=True, check=True).stdout.split()
+    exported = subprocess.run(["nm", "-D", "--defined-only", host_libs[0]], capture_output=True, text=True,
+                              check=True).stdout
+    names = {line.split()[-1].split("@")[0] for line in exported.splitlines() if line.strip()}
+    missing = [s for s in used if "nvshmem" in s and s not in names]
+    assert used and not missing, f"NVSHMEM symbols runtime.cpp needs that {host_libs[0]} does not export: {missing}"

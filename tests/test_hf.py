@@ -310,8 +310,11 @@ def test_replace_moe_blocks_full_model(kind, expected, seed):
     assert _rel_err(out.logits, ref.logits) < PREFILL_TOL
     # output_router_logits still collects one [B*S, E] tensor per MoE layer (the model's hooks fire
     # on the adapter's router tap), and Mixtral/Qwen3's load-balancing loss is unchanged.
-    assert len(out.router_logits) == len(ref.router_logits) == expected
-    for o, r in zip(out.router_logits, ref.router_logits):
+    if getattr(ref, "router_logits", None) is None:  # this transformers' model does not return them
+        assert getattr(out, "router_logits", None) is None
+    else:
+        assert len(out.router_logits) == len(ref.router_logits) == expected
+    for o, r in zip(getattr(out, "router_logits", None) or (), getattr(ref, "router_logits", None) or ()):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
     if getattr(ref, "aux_loss", None) is not None:
         torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)

@@ -5,7 +5,7 @@
 // here needs NVSHMEM's device library or relocatable device code; the module links
 // libnvshmem_host only, and it is a separate module so that moe_ep._C imports where NVSHMEM is not
 // installed. Bootstrap: a unique id made on one rank and broadcast over torch.distributed
-// (moe_ep/comm/nvshmem.py), then nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID).
+// (moe_ep/comm/nvshmem.py), then nvshmemx_hostlib_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID).
 #include <cuda_runtime.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -46,8 +46,10 @@ void init(int rank, int num_ranks, const std::string& id_bytes) {
   if (nvshmemx_set_attr_uniqueid_args(rank, num_ranks, &id, &attr) != 0) {
     throw std::runtime_error("moe_ep._nvshmem: nvshmemx_set_attr_uniqueid_args failed");
   }
-  if (nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr) != 0) {
-    throw std::runtime_error("moe_ep._nvshmem: nvshmemx_init_attr (unique id bootstrap) failed");
+  // The host library alone: the kernels only store through nvshmem_ptr addresses, no NVSHMEM device
+  // calls, so nothing needs libnvshmem_device.a (whose nvshmemi_init_thread nvshmemx_init_attr calls).
+  if (nvshmemx_hostlib_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr) != 0) {
+    throw std::runtime_error("moe_ep._nvshmem: nvshmemx_hostlib_init_attr (unique id bootstrap) failed");
   }
   g_initialized = true;
   if (nvshmem_my_pe() != rank || nvshmem_n_pes() != num_ranks) {
@@ -76,7 +78,7 @@ uintptr_t peer_pointer(uintptr_t addr, int pe) {
 void free_symmetric(uintptr_t addr) { nvshmem_free(reinterpret_cast<void*>(addr)); }
 
 void finalize() {
-  if (g_initialized) nvshmem_finalize();
+  if (g_initialized) nvshmemx_hostlib_finalize();
   g_initialized = false;
 }
 

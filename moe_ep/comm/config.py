@@ -74,7 +74,7 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     send = m * dispatch_row + num_experts * m * combine_row
     recv = num_experts * m * dispatch_row + num_experts * m * combine_row
     counters = 2 * num_experts * 8 + num_ranks * 8
-    per_buffer = _align(send + recv + counters, 128)
+    per_buffer = _align(send + recv + counters, 128) + 2 * 128  # each area starts 128-byte aligned
     return NUM_LOW_LATENCY_BUFFERS * per_buffer + LL_FLAGS_BYTES
 
 

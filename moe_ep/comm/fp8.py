@@ -22,6 +22,13 @@ FP8_BLOCK_SIZE = 128
 FP8_AMAX_FLOOR = 1e-4
 
 
+def _div_exact(amax: torch.Tensor, bound: float) -> torch.Tensor:
+    """amax / bound, correctly rounded on every device. CUDA divides by a Python scalar as a
+    multiplication by its reciprocal (1 ulp off at times), which would make these scales differ
+    from the kernels' (IEEE division) and from the CPU's, and flip FP8 roundings at group edges."""
+    return amax / torch.full_like(amax, bound)
+
+
 def _check_groupable(x: torch.Tensor, name: str, group_size: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -46,7 +53,7 @@ def per_token_group_quant_fp8(
     _check_groupable(x, "x", group_size)
     groups = x.float().unflatten(-1, (x.shape[-1] // group_size, group_size))
     amax = groups.abs().amax(dim=-1).clamp_min(FP8_AMAX_FLOOR)
-    scales = amax / FP8_MAX
+    scales = _div_exact(amax, FP8_MAX)
     if round_scale:
         scales = round_scale_to_pow2(scales)
     q = (groups / scales.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
@@ -117,7 +124,7 @@ def per_block_quant_fp8(w: torch.Tensor, block: int = FP8_BLOCK_SIZE) -> tuple[t
     padded = torch.nn.functional.pad(w.float(), (0, kb * block - k, 0, nb * block - n))
     tiles = padded.unflatten(-1, (kb, block)).unflatten(-3, (nb, block))  # [..., nb, b, kb, b]
     amax = tiles.abs().amax(dim=(-3, -1)).clamp_min(FP8_AMAX_FLOOR)  # [..., nb, kb]
-    scales = amax / FP8_MAX
+    scales = _div_exact(amax, FP8_MAX)
     q = (tiles / scales[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     q = q.flatten(-2).flatten(-3, -2)[..., :n, :k]
     return q.contiguous(), scales

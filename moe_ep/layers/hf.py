@@ -459,16 +459,20 @@ def _hook_new_taps(model: nn.Module, names: list[str]) -> None:
         if tap is None:
             continue
         parts = name.split(".")
-        owner, owner_depth = None, 0
-        for depth in range(len(parts), -1, -1):  # the nearest PreTrainedModel owns the recorder specs
+        # The nearest enclosing PreTrainedModel with recorder specs owns them (transformers versions
+        # differ on which of the inner model and the *ForCausalLM wrapper registers them).
+        owner, owner_depth, registered = None, 0, {}
+        for depth in range(len(parts), -1, -1):
             candidate = model.get_submodule(".".join(parts[:depth])) if depth else model
-            if isinstance(candidate, PreTrainedModel):
-                owner, owner_depth = candidate, depth
-                break
-        if owner is None or not getattr(owner, "_output_capturing_hooks_installed", False):
-            continue  # hooks not installed yet: they will be, on the taps too
+            if isinstance(candidate, PreTrainedModel) and getattr(candidate, "_output_capturing_hooks_installed", False):
+                registered = _CAN_RECORD_REGISTRY.get(candidate) or {}
+                if registered:
+                    owner, owner_depth = candidate, depth
+                    break
+        if owner is None:
+            continue  # hooks not installed yet (they will be, on the taps too), or nothing to record
         module_name = "." + ".".join(parts[owner_depth:] + ["gate"])
-        for key, specs in _CAN_RECORD_REGISTRY.get(owner).items():
+        for key, specs in registered.items():
             for spec in specs if isinstance(specs, list) else [specs]:
                 if not isinstance(spec, OutputRecorder):
                     spec = OutputRecorder(target_class=None if isinstance(spec, str) else spec,
