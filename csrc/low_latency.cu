@@ -1,14 +1,17 @@
 // Kernel family "low_latency" (see low_latency.h for the buffer layout and the guarantees).
 //
-//   dispatch send   one warp per global expert e: finds this rank's (token, k) pairs for e in
-//                   order (warp ballots over topk_idx), writes each token (cast to FP8 in the warp
-//                   when asked) into the slot [l][this rank][j] of e's rank, then publishes the
+//   dispatch send   block b owns a contiguous range of tokens. Every block histograms topk_idx in
+//                   shared memory, so it knows each of its pairs' slot (the pair's position among
+//                   this rank's pairs for that expert) and each expert's total without waiting for
+//                   another block. Each token is read and cast to FP8 once (a half-warp per
+//                   128-column group), then stored into every top-k destination's slot
+//                   [l][this rank][j]. The block that counts an expert's last pair publishes the
 //                   count with a release store. Nothing waits: the hook's "send" half.
 //   dispatch recv   one block per local expert: waits (bounded) for every source's count, packs
 //                   the rows in source-rank order into recv_x, writes src_info, layout_range,
 //                   recv_count and the statistics, and resets the flags it read.
-//   combine send    one block per local expert: each received row goes back to its source, into
-//                   the source's combine area at [global expert][j];
+//   combine send    every received row goes back to its source, into the source's combine area at
+//                   [global expert][j]; rows are cut in pieces spread over every warp of the grid;
 //                   the last block to finish publishes one flag per source.
 //   combine recv    waits for every rank's flag, then one warp per (token, 256 hidden columns)
 //                   sums weight x row over k in float32 and casts; the last block resets flags.
@@ -63,80 +66,147 @@ __device__ __forceinline__ float pow2_ceil(float s) {
   return __uint_as_float((exponent + (mantissa != 0 ? 1u : 0u)) << 23);
 }
 
-// The warp casts one bf16 row to FP8 with one float32 scale per 128 columns (amax / 448, floored,
-// optionally rounded up to a power of two), as moe_ep.comm.fp8.per_token_group_quant_fp8.
-__device__ __forceinline__ void warp_cast_fp8(uint8_t* dst, float* dst_scales, const __nv_bfloat16* src, int hidden,
-                                              bool round_scale, int lane) {
-  for (int g = 0; g < hidden / kGroup; ++g) {
-    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(src + g * kGroup) + lane);  // 4 bf16 per lane
-    const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
-    float f[4];
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      f[i] = __bfloat162float(v[i]);
-      amax = fmaxf(amax, fabsf(f[i]));
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullWarp, amax, offset));
-    float scale = fmaxf(amax, kAmaxFloor) / kFp8Max;
-    if (round_scale) scale = pow2_ceil(scale);
-    unsigned packed = 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float q = fminf(fmaxf(f[i] / scale, -kFp8Max), kFp8Max);
-      const __nv_fp8_storage_t b = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
-      packed |= static_cast<unsigned>(b) << (8 * i);
-    }
-    reinterpret_cast<unsigned*>(dst + g * kGroup)[lane] = packed;
-    if (lane == 0) dst_scales[g] = scale;
-  }
-}
-
 // ----------------------------------------------------------------------------- dispatch send
+// Slot of pair (token, k) = its position among this rank's pairs for the same expert, in (token, k)
+// order: the pairs before it with that expert. Every block histograms topk_idx in shared memory
+// (all pairs per expert, and those before its own tokens), so no block waits for another.
+__device__ __forceinline__ bool valid_expert(int64_t e, int num_experts) { return e >= 0 && e < num_experts; }
+
+// Block b owns tokens [t0, t1): it reads and casts each of them once, and stores the message to
+// every destination of its top-k. The last block to count an expert's pairs publishes its count.
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a) {
   const LLLayout& L = a.layout;
-  const int lane = threadIdx.x % 32;
+  __shared__ int total[kMaxExperts];   // this rank's pairs per expert
+  __shared__ int before[kMaxExperts];  // ... among the pairs before this block's tokens
+  __shared__ uint8_t* dst[kMaxTopk];   // the current token's message slots (null: nothing to send)
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
   const int me = a.peers.rank;
-  const int pairs = a.num_tokens * L.num_topk;
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_warps = gridDim.x * kWarps;
-  for (int e = warp; e < L.num_experts; e += num_warps) {
+  const int K = L.num_topk;
+  const int E = L.num_experts;
+  const int t0 = static_cast<int>(static_cast<int64_t>(a.num_tokens) * blockIdx.x / gridDim.x);
+  const int t1 = static_cast<int>(static_cast<int64_t>(a.num_tokens) * (blockIdx.x + 1) / gridDim.x);
+  const int p0 = t0 * K;
+  const int p1 = t1 * K;
+  const int pairs = a.num_tokens * K;
+  for (int e = tid; e < E; e += kThreads) total[e] = before[e] = 0;
+  __syncthreads();
+  for (int p = tid; p < pairs; p += kThreads) {
+    const int64_t e = __ldg(a.topk_idx + p);
+    if (!valid_expert(e, E)) continue;  // -1: no expert
+    atomicAdd(&total[e], 1);
+    if (p < p0) atomicAdd(&before[e], 1);
+  }
+  __syncthreads();
+  // Statistics, and the flags of experts this rank sends nothing to (nothing to wait for).
+  for (int e = blockIdx.x * kThreads + tid; e < E; e += gridDim.x * kThreads) {
     const int d = e / L.num_local;
-    const int l = e % L.num_local;
     const bool masked = cut(a.mask, me, d);
-    uint8_t* slots = buffer_of(a.peers, d, a.data_offset) + L.off_darea +
-                     (static_cast<int64_t>(l) * L.num_ranks + me) * L.m * L.msg_bytes;
-    int count = 0;
-    for (int base = 0; base < pairs && !masked; base += 32) {
-      const int p = base + lane;
-      const bool hit = p < pairs && a.topk_idx[p] == e;
-      const unsigned ballot = __ballot_sync(kFullWarp, hit);
-      if (hit) a.pair_pos[p] = count + __popc(ballot & ((1u << lane) - 1u));
-      for (unsigned bits = ballot; bits != 0; bits &= bits - 1) {
-        const int j = count++;
-        if (j >= L.m) continue;  // more than M rows of one source for one expert: dropped (see header)
-        const int t = (base + __ffs(bits) - 1) / L.num_topk;
-        uint8_t* msg = slots + static_cast<int64_t>(j) * L.msg_bytes;
-        const auto* row = static_cast<const __nv_bfloat16*>(a.x) + static_cast<int64_t>(t) * L.hidden;
-        if (L.use_fp8) {
-          warp_cast_fp8(msg, reinterpret_cast<float*>(msg + L.off_scales), row, L.hidden, a.round_scale, lane);
-        } else {
-          warp_copy(msg, reinterpret_cast<const uint8_t*>(row), L.x_bytes, lane);
+    a.counts_e[e] = masked ? 0 : min(total[e], L.m);
+    if (!masked && total[e] == 0) {
+      int* flag = reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + L.off_dflags) +
+                  (e % L.num_local) * L.num_ranks + me;
+      st_release_sys(flag, 1);
+    }
+  }
+  for (int p = p0 + tid; p < p1; p += kThreads) {
+    const int64_t e = __ldg(a.topk_idx + p);
+    if (!valid_expert(e, E)) continue;
+    int pos = before[e];
+    for (int q = p0; q < p; ++q) pos += __ldg(a.topk_idx + q) == e ? 1 : 0;
+    a.pair_pos[p] = pos;
+  }
+  __syncthreads();  // this block's pair positions are visible to the whole block
+
+  const int groups = L.hidden / kGroup;
+  for (int t = t0; t < t1; ++t) {
+    if (tid < K) {
+      const int p = t * K + tid;
+      const int64_t e = __ldg(a.topk_idx + p);
+      uint8_t* slot = nullptr;
+      if (valid_expert(e, E)) {
+        const int d = static_cast<int>(e / L.num_local);
+        const int j = a.pair_pos[p];
+        if (!cut(a.mask, me, d) && j < L.m) {  // beyond M rows of one source for one expert: dropped (see header)
+          slot = buffer_of(a.peers, d, a.data_offset) + L.off_darea +
+                 ((static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j) * L.msg_bytes;
+          *reinterpret_cast<int*>(slot + L.off_src) = t;
         }
-        if (lane == 0) *reinterpret_cast<int*>(msg + L.off_src) = t;
+      }
+      dst[tid] = slot;
+    }
+    __syncthreads();
+    const __nv_bfloat16* row = static_cast<const __nv_bfloat16*>(a.x) + static_cast<int64_t>(t) * L.hidden;
+    if (L.use_fp8) {
+      // A half-warp casts one 128-column group (8 columns per lane), once for all destinations.
+      const int half = lane / 16;
+      const int hl = lane % 16;
+      for (int gbase = warp * 2; gbase < groups; gbase += kWarps * 2) {
+        const int g = gbase + half;
+        const bool active = g < groups;
+        float f[8];
+        float amax = 0.0f;
+        if (active) {
+          const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + g * kGroup) + hl);
+          const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            f[i] = __bfloat162float(v[i]);
+            amax = fmaxf(amax, fabsf(f[i]));
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) f[i] = 0.0f;
+        }
+#pragma unroll
+        for (int offset = 8; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullWarp, amax, offset));
+        // amax / 448, floored, optionally rounded up to a power of two: moe_ep.comm.fp8's quantizer.
+        float scale = fmaxf(amax, kAmaxFloor) / kFp8Max;
+        if (a.round_scale) scale = pow2_ceil(scale);
+        uint2 packed = make_uint2(0u, 0u);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float q = fminf(fmaxf(f[i] / scale, -kFp8Max), kFp8Max);
+          const unsigned b = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
+          if (i < 4) packed.x |= b << (8 * i); else packed.y |= b << (8 * (i - 4));
+        }
+        if (!active) continue;
+        for (int k = 0; k < K; ++k) {
+          uint8_t* msg = dst[k];
+          if (msg == nullptr) continue;
+          reinterpret_cast<uint2*>(msg + g * kGroup)[hl] = packed;
+          if (hl == 0) reinterpret_cast<float*>(msg + L.off_scales)[g] = scale;
+        }
+      }
+    } else {
+      const int64_t vectors = L.x_bytes / 16;  // hidden % 8 == 0 (make_layout)
+      const uint4* src = reinterpret_cast<const uint4*>(row);
+      for (int64_t v = tid; v < vectors; v += kThreads) {
+        const uint4 value = __ldg(src + v);
+        for (int k = 0; k < K; ++k) {
+          if (dst[k] != nullptr) reinterpret_cast<uint4*>(dst[k])[v] = value;
+        }
       }
     }
-    if (count > L.m) count = L.m;
-    __syncwarp();
-    if (lane == 0) {
-      a.counts_e[e] = masked ? 0 : count;
-      if (!masked) {
-        __threadfence_system();  // the rows above before the count that publishes them
-        int* flag = reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + L.off_dflags) +
-                    l * L.num_ranks + me;
-        st_release_sys(flag, count + 1);
-      }
+    __syncthreads();  // dst[] is rewritten for the next token
+  }
+
+  // Publish: every thread fences its own stores; then each pair counts once, and the pair that
+  // completes its expert's total releases the count (the expert's rows from every block before it).
+  __threadfence_system();
+  __syncthreads();
+  for (int p = p0 + tid; p < p1; p += kThreads) {
+    const int64_t e = __ldg(a.topk_idx + p);
+    if (!valid_expert(e, E)) continue;
+    const int d = static_cast<int>(e / L.num_local);
+    if (cut(a.mask, me, d)) continue;
+    if (atomicAdd(a.send_done + e, 1) + 1 == total[e]) {
+      __threadfence_system();
+      a.send_done[e] = 0;  // every pair of e has counted: ready for the next dispatch
+      int* flag = reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + L.off_dflags) +
+                  (e % L.num_local) * L.num_ranks + me;
+      st_release_sys(flag, min(total[e], L.m) + 1);
     }
   }
 }
@@ -212,35 +282,83 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a)
 }
 
 // ------------------------------------------------------------------------------ combine send
+// Exclusive prefix sum of n <= 2 * kThreads ints, in place in shared memory (the whole block calls it).
+__device__ void block_exclusive_scan(int* data, int n) {
+  __shared__ int warp_sums[kWarps];
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int a0 = 2 * tid < n ? data[2 * tid] : 0;
+  const int a1 = 2 * tid + 1 < n ? data[2 * tid + 1] : 0;
+  int inclusive = a0 + a1;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int up = __shfl_up_sync(kFullWarp, inclusive, offset);
+    if (lane >= offset) inclusive += up;
+  }
+  if (lane == 31) warp_sums[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < kWarps ? warp_sums[lane] : 0;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const int up = __shfl_up_sync(kFullWarp, w, offset);
+      if (lane >= offset) w += up;
+    }
+    if (lane < kWarps) warp_sums[lane] = w;  // inclusive over warps
+  }
+  __syncthreads();
+  const int exclusive = inclusive - (a0 + a1) + (warp > 0 ? warp_sums[warp - 1] : 0);
+  if (2 * tid < n) data[2 * tid] = exclusive;
+  if (2 * tid + 1 < n) data[2 * tid + 1] = exclusive + a0;
+  __syncthreads();
+}
+
+constexpr int64_t kPieceBytes = 4096;  // combine rows travel in pieces of about this size, one per warp
+
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
   const LLLayout& L = a.layout;
-  __shared__ int begins[kMaxRanks + 1];
+  __shared__ int first_row[kMaxExperts];  // prefix over local experts of their received rows
   const int me = a.peers.rank;
   const int R = L.num_ranks;
   const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
   const int64_t slots = static_cast<int64_t>(R) * L.m;
   const int64_t row_bytes = static_cast<int64_t>(L.hidden) * 2;
-  for (int l = blockIdx.x; l < L.num_local; l += gridDim.x) {
-    if (threadIdx.x == 0) {
-      for (int s = 0; s < R; ++s) begins[s] = static_cast<int>(a.layout_range[static_cast<int64_t>(l) * R + s] >> 32);
-      const int64_t last = a.layout_range[static_cast<int64_t>(l) * R + R - 1];
-      begins[R] = static_cast<int>(last >> 32) + static_cast<int>(last & 0xFFFFFFFF);
+  for (int l = threadIdx.x; l < L.num_local; l += kThreads) {
+    const int64_t last = a.layout_range[static_cast<int64_t>(l) * R + R - 1];
+    first_row[l] = static_cast<int>(last >> 32) + static_cast<int>(last & 0xFFFFFFFF);  // rows of expert l
+  }
+  __syncthreads();
+  const int last_rows = first_row[L.num_local - 1];
+  block_exclusive_scan(first_row, L.num_local);  // syncs before it writes
+  const int64_t rows = first_row[L.num_local - 1] + last_rows;
+  const int64_t pieces = (row_bytes + kPieceBytes - 1) / kPieceBytes;
+  const int64_t piece_bytes = align16((row_bytes + pieces - 1) / pieces);
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t item = warp; item < rows * pieces; item += num_warps) {
+    const int r = static_cast<int>(item / pieces);
+    const int64_t begin = (item % pieces) * piece_bytes;
+    const int64_t nbytes = min(piece_bytes, row_bytes - begin);
+    int lo = 0, hi = L.num_local - 1;  // the expert l with first_row[l] <= r < first_row[l + 1]
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (first_row[mid] <= r) lo = mid; else hi = mid - 1;
     }
-    __syncthreads();
-    const int total = begins[R];
-    for (int idx = warp; idx < total; idx += kWarps) {
-      int s = 0;
-      while (begins[s + 1] <= idx) ++s;
-      if (cut(a.mask, me, s)) continue;
-      const int j = idx - begins[s];
-      // Expert e = me * num_local + l replies into slot [e][j] of the source's combine area.
-      uint8_t* dst = buffer_of(a.peers, s, a.data_offset) + L.off_carea +
-                     ((static_cast<int64_t>(me) * L.num_local + l) * L.m + j) * row_bytes;
-      const uint8_t* src = static_cast<const uint8_t*>(a.x) + (static_cast<int64_t>(l) * slots + idx) * row_bytes;
-      warp_copy(dst, src, row_bytes, lane);
+    const int l = lo;
+    const int idx = r - first_row[l];
+    const int64_t* range = a.layout_range + static_cast<int64_t>(l) * R;
+    int s = 0;  // the source whose rows [begin, begin + count) hold idx
+    for (int step = 1 << 6; step > 0; step >>= 1) {
+      if (s + step < R && static_cast<int>(range[s + step] >> 32) <= idx) s += step;
     }
-    __syncthreads();
+    if (cut(a.mask, me, s)) continue;
+    const int j = idx - static_cast<int>(range[s] >> 32);
+    // Expert e = me * num_local + l replies into slot [e][j] of the source's combine area.
+    uint8_t* dst = buffer_of(a.peers, s, a.data_offset) + L.off_carea +
+                   ((static_cast<int64_t>(me) * L.num_local + l) * L.m + j) * row_bytes + begin;
+    const uint8_t* src = static_cast<const uint8_t*>(a.x) + (static_cast<int64_t>(l) * slots + idx) * row_bytes + begin;
+    warp_copy(dst, src, nbytes, lane);
   }
   // The last block to finish publishes "all rows are back" to every source. Every thread fences its
   // own stores first, so the flag (released after the count says every block is done) covers them.
@@ -288,36 +406,46 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   for (int64_t item = warp; item < items; item += num_warps) {
     const int64_t t = item / slices;
     const int64_t col = (item % slices) * 256 + lane * 8;
+    if (col >= row_elems) continue;  // hidden % 8 == 0: a lane's 8 columns are all in or all out
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    for (int k = 0; k < L.num_topk; ++k) {
-      const int64_t e = a.topk_idx[t * L.num_topk + k];
-      if (e < 0) continue;
-      const int d = static_cast<int>(e / L.num_local);
-      if (cut(a.mask, me, d)) continue;
-      const int pos = a.pair_pos[t * L.num_topk + k];
-      if (pos >= L.m) continue;  // dropped at dispatch (see header)
-      const float w = a.topk_weights[t * L.num_topk + k];
-      const __nv_bfloat16* row = area + (e * L.m + pos) * row_elems;
-      if (col + 8 <= row_elems) {
-        const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(row + col));
-        const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
+    // kBatch replies in flight per lane before any is summed (the k order of the sum is kept).
+    constexpr int kBatch = 4;
+    for (int k0 = 0; k0 < L.num_topk; k0 += kBatch) {
+      uint4 raw[kBatch];
+      float w[kBatch];
+      bool valid[kBatch];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] += w * __bfloat162float(v[i]);
-      } else {
-        for (int i = 0; i < 8 && col + i < row_elems; ++i) acc[i] += w * __bfloat162float(row[col + i]);
+      for (int u = 0; u < kBatch; ++u) {
+        const int k = k0 + u;
+        valid[u] = false;
+        w[u] = 0.0f;
+        raw[u] = make_uint4(0u, 0u, 0u, 0u);
+        if (k >= L.num_topk) continue;
+        const int64_t e = a.topk_idx[t * L.num_topk + k];
+        if (e < 0) continue;
+        const int d = static_cast<int>(e / L.num_local);
+        if (cut(a.mask, me, d)) continue;
+        const int pos = a.pair_pos[t * L.num_topk + k];
+        if (pos >= L.m) continue;  // dropped at dispatch (see header)
+        valid[u] = true;
+        w[u] = a.topk_weights[t * L.num_topk + k];
+        raw[u] = __ldcg(reinterpret_cast<const uint4*>(area + (e * L.m + pos) * row_elems + col));
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (!valid[u]) continue;
+        const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw[u]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += w[u] * __bfloat162float(v[i]);
       }
     }
-    if (col + 8 <= row_elems) {
-      uint4 packed;
-      __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&packed);
+    uint4 packed;
+    __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&packed);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16_rn(acc[i]);
-      *reinterpret_cast<uint4*>(out + t * row_elems + col) = packed;
-    } else {
-      for (int i = 0; i < 8 && col + i < row_elems; ++i) out[t * row_elems + col + i] = __float2bfloat16_rn(acc[i]);
-    }
+    for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16_rn(acc[i]);
+    *reinterpret_cast<uint4*>(out + t * row_elems + col) = packed;
   }
   // The last block resets the flags every block has waited for.
   __shared__ bool last;
@@ -352,7 +480,11 @@ LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_
     throw std::invalid_argument("moe_ep low_latency: num_experts must be a multiple of num_ranks, at most " +
                                 std::to_string(kMaxExperts) + ", got " + std::to_string(num_experts));
   }
-  if (m < 1 || hidden < 1 || num_topk < 1) throw std::invalid_argument("moe_ep low_latency: M, hidden and top-k must be >= 1");
+  if (m < 1 || hidden < 1) throw std::invalid_argument("moe_ep low_latency: M and hidden must be >= 1");
+  if (num_topk < 1 || num_topk > kMaxTopk) {
+    throw std::invalid_argument("moe_ep low_latency: top-k (topk_idx.size(1)) must be in [1, " + std::to_string(kMaxTopk) +
+                                "], got " + std::to_string(num_topk));
+  }
   if (hidden % 8 != 0) throw std::invalid_argument("moe_ep low_latency: hidden must be a multiple of 8, got " + std::to_string(hidden));
   if (use_fp8 && hidden % kGroup != 0) {
     throw std::invalid_argument("moe_ep low_latency: hidden must be a multiple of 128 for FP8, got " + std::to_string(hidden));
@@ -385,7 +517,7 @@ uint64_t timeout_ns_from_env() { return wait::timeout_ns_from_env(); }
 
 void launch_dispatch_send(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
   check_layout(args.layout, args.peers);
-  dispatch_send_kernel<<<grid_for(args.layout.num_experts, kWarps, num_sms), kThreads, 0, stream>>>(args);
+  dispatch_send_kernel<<<grid_for(args.num_tokens, 1, num_sms), kThreads, 0, stream>>>(args);
   cuda_check(cudaGetLastError(), "low_latency dispatch_send_kernel launch");
 }
 
@@ -397,7 +529,8 @@ void launch_dispatch_recv(const DispatchArgs& args, int num_sms, cudaStream_t st
 
 void launch_combine_send(const CombineArgs& args, int num_sms, cudaStream_t stream) {
   check_layout(args.layout, args.peers);
-  combine_send_kernel<<<grid_for(args.layout.num_local, 1, num_sms), kThreads, 0, stream>>>(args);
+  // The rows each expert received are known on the device only: every SM takes a share.
+  combine_send_kernel<<<num_sms < 1 ? 1 : num_sms, kThreads, 0, stream>>>(args);
   cuda_check(cudaGetLastError(), "low_latency combine_send_kernel launch");
 }
 

@@ -41,6 +41,7 @@ namespace low_latency {
 
 constexpr int kMaxRanks = 64;
 constexpr int kMaxExperts = 1024;
+constexpr int kMaxTopk = 32;
 constexpr int kGroup = 128;  // FP8 scale group
 constexpr int64_t kFlagsPerBuffer = 8192;  // kMaxExperts + kMaxRanks int32 flags, 2 done counters
 constexpr int64_t kFlagsBytes = 2 * kFlagsPerBuffer;
@@ -80,6 +81,8 @@ struct DispatchArgs {
   bool use_ue8m0;
   int* counts_e;                  // [E] this rank's rows per global expert (statistics, tests)
   int* pair_pos;                  // [T*K] the pair's row among this rank's rows for its expert
+  int* send_done;                 // [E] int32 workspace, zero before the first dispatch; each
+                                  // expert's counter returns to zero once its count is published
   // receive side outputs
   void* recv_x;                   // [L, R*M, H] bf16 or fp8
   void* recv_scales;              // fp8: float32 [L, G, R*M] or int32 [L, G/4, R*M] (ue8m0); else null
