@@ -437,50 +437,22 @@ def replace_moe_blocks(model: nn.Module, group=None, *, block_types: Optional[It
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         block = getattr(parent, child)
-        setattr(parent, child, HFMoEAdapter.from_hf_block(block, config=config, group=group, **kwargs))
+        adapter = HFMoEAdapter.from_hf_block(block, config=config, group=group, **kwargs)
+        _inherit_router_hooks(adapter.gate, getattr(block, "gate", None))
+        setattr(parent, child, adapter)
         del block
-    _hook_new_taps(model, targets)
     return len(targets)
 
 
-def _hook_new_taps(model: nn.Module, names: list[str]) -> None:
-    """transformers 5 installs its output-recording hooks once, on the first forward that asks for
-    an output (``output_router_logits=True``...), and marks the model. If that already happened, the
-    adapters' router taps arrived too late for it: give them the hooks the model's recorder specs
-    would have given them. Best effort: a transformers without this machinery needs nothing."""
-    try:
-        from transformers.modeling_utils import PreTrainedModel
-        from transformers.utils.output_capturing import (_CAN_RECORD_REGISTRY, OutputRecorder,
-                                                         install_output_capuring_hook)
-    except ImportError:
+def _inherit_router_hooks(tap: Optional[nn.Module], router: Optional[nn.Module]) -> None:
+    """Give the adapter's router tap the forward hooks the replaced router carried. transformers 5
+    installs its output-recording hooks (``output_router_logits``...) once, on the first forward that
+    asks for an output; a model that already ran one would otherwise record nothing from the taps.
+    Copying the hooks themselves works whatever transformers' recorder looks like inside."""
+    if tap is None or router is None:
         return
-    for name in names:
-        tap = model.get_submodule(name).gate
-        if tap is None:
-            continue
-        parts = name.split(".")
-        # The nearest enclosing PreTrainedModel with recorder specs owns them (transformers versions
-        # differ on which of the inner model and the *ForCausalLM wrapper registers them).
-        owner, owner_depth, registered = None, 0, {}
-        for depth in range(len(parts), -1, -1):
-            candidate = model.get_submodule(".".join(parts[:depth])) if depth else model
-            if isinstance(candidate, PreTrainedModel) and getattr(candidate, "_output_capturing_hooks_installed", False):
-                registered = _CAN_RECORD_REGISTRY.get(candidate) or {}
-                if registered:
-                    owner, owner_depth = candidate, depth
-                    break
-        if owner is None:
-            continue  # hooks not installed yet (they will be, on the taps too), or nothing to record
-        module_name = "." + ".".join(parts[owner_depth:] + ["gate"])
-        for key, specs in registered.items():
-            for spec in specs if isinstance(specs, list) else [specs]:
-                if not isinstance(spec, OutputRecorder):
-                    spec = OutputRecorder(target_class=None if isinstance(spec, str) else spec,
-                                          index=0 if "hidden_states" in key else 1,
-                                          class_name=spec if isinstance(spec, str) else None)
-                matches = ((spec.target_class is not None and isinstance(tap, spec.target_class))
-                           or (spec.class_name is not None and module_name.endswith(spec.class_name)))
-                if matches and spec.layer_name is not None:
-                    matches = "." + spec.layer_name.strip(".") + "." in module_name + "."
-                if matches:
-                    install_output_capuring_hook(tap, key, spec.index, spec.capture_initial_hidden_state)
+    for attr in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks_with_kwargs"):
+        source = getattr(router, attr, None)
+        if source:
+            getattr(tap, attr).update(source)
