@@ -50,6 +50,19 @@ __device__ __forceinline__ void st_release_sys(int* ptr, int value) {
   asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
 
+// A flag that orders no data before it (a count of zero rows): no fence needed.
+__device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
+  asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+// Every thread's stores so far, then one system-scope fence for the block: the barrier orders the
+// block's stores before the fence, which orders them before whatever the block does next.
+__device__ __forceinline__ void block_fence_system() {
+  __syncthreads();
+  if (threadIdx.x == 0) __threadfence_system();
+  __syncthreads();
+}
+
 __device__ __forceinline__ bool is_masked(const int* mask, int rank) { return mask != nullptr && mask[rank] != 0; }
 
 // A masked (failed) rank neither sends to nor waits for anyone, and nobody sends to or waits for
@@ -107,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
     if (!masked && total[e] == 0) {
       int* flag = reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + L.off_dflags) +
                   (e % L.num_local) * L.num_ranks + me;
-      st_release_sys(flag, 1);
+      st_relaxed_sys(flag, 1);
     }
   }
   for (int p = p0 + tid; p < p1; p += kThreads) {
@@ -192,10 +205,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
     __syncthreads();  // dst[] is rewritten for the next token
   }
 
-  // Publish: every thread fences its own stores; then each pair counts once, and the pair that
-  // completes its expert's total releases the count (the expert's rows from every block before it).
-  __threadfence_system();
-  __syncthreads();
+  // Publish: the block's stores are fenced; then each pair counts once, and the pair that completes
+  // its expert's total releases the count (the expert's rows from every block before it).
+  block_fence_system();
   for (int p = p0 + tid; p < p1; p += kThreads) {
     const int64_t e = __ldg(a.topk_idx + p);
     if (!valid_expert(e, E)) continue;
@@ -206,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
       a.send_done[e] = 0;  // every pair of e has counted: ready for the next dispatch
       int* flag = reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + L.off_dflags) +
                   (e % L.num_local) * L.num_ranks + me;
-      st_release_sys(flag, min(total[e], L.m) + 1);
+      st_relaxed_sys(flag, min(total[e], L.m) + 1);  // after the fence above: a release
     }
   }
 }
@@ -360,11 +372,10 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
     const uint8_t* src = static_cast<const uint8_t*>(a.x) + (static_cast<int64_t>(l) * slots + idx) * row_bytes + begin;
     warp_copy(dst, src, nbytes, lane);
   }
-  // The last block to finish publishes "all rows are back" to every source. Every thread fences its
-  // own stores first, so the flag (released after the count says every block is done) covers them.
+  // The last block to finish publishes "all rows are back" to every source. Each block fences its
+  // stores first, so the flag (released after the count says every block is done) covers them.
   __shared__ bool last;
-  __threadfence_system();
-  __syncthreads();
+  block_fence_system();
   if (threadIdx.x == 0) {
     int* done = reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + L.off_done);
     last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;

@@ -13,6 +13,7 @@ STAGES=build bash scripts/gpu_check.sh
     "tests/test_cuda_intranode.py::test_buffer_over_nccl_equals_reference" 2>&1 | tail -15
   echo "=== NCCL suite: the files that failed ==="
   MOE_EP_TEST_BACKEND=nccl timeout -k 10 ${NCCL_S:-120} python3 -m pytest -q -m "not gpu" \
-    tests/test_buffer_low_latency.py tests/test_buffer_api.py tests/test_hf.py 2>&1 | tail -8
+    ${NCCL_FILES:-tests/test_buffer_low_latency.py tests/test_buffer_api.py tests/test_hf.py} 2>&1 | tail -30
 } 2>&1 | tee "$OUT/round.log"
+[ "${PROFILE:-0}" = 1 ] && timeout -k 10 120 python3 scripts/profile_ll.py --out "$OUT" > "$OUT/profile_ll.log" 2>&1
 timeout -k 10 ${BENCH_S:-150} python3 -m moe_ep.bench ll --out "$OUT" 2>&1 | grep -v "^moe_ep: using" | tee "$OUT/bench_ll.log"
