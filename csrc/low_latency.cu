@@ -63,6 +63,21 @@ __device__ __forceinline__ void block_fence_system() {
   __syncthreads();
 }
 
+// Bad input found on the device (the host does not read topk_idx: no synchronisation): print one
+// line naming the call, the entry and the bound, then trap (the host raises MoeEpTimeoutError, whose
+// text points at this line). Only the first thread to find one prints.
+__device__ int bad_input_reported = 0;
+__device__ __noinline__ void bad_topk_entry(const char* call, int rank, int64_t pair, int num_topk, long long value,
+                                            int num_experts) {
+  if (atomicCAS(&bad_input_reported, 0, 1) == 0) {
+    printf("moe_ep: %s on rank %d: topk_idx[%lld][%d] = %lld is outside [-1, %d] (num_experts = %d)\n", call, rank,
+           static_cast<long long>(pair / num_topk), static_cast<int>(pair % num_topk), value, num_experts - 1,
+           num_experts);
+  }
+  __threadfence_system();
+  asm volatile("trap;");
+}
+
 __device__ __forceinline__ bool is_masked(const int* mask, int rank) { return mask != nullptr && mask[rank] != 0; }
 
 // A masked (failed) rank neither sends to nor waits for anyone, and nobody sends to or waits for
@@ -107,7 +122,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
   __syncthreads();
   for (int p = tid; p < pairs; p += kThreads) {
     const int64_t e = __ldg(a.topk_idx + p);
-    if (!valid_expert(e, E)) continue;  // -1: no expert
+    if (e < -1 || e >= E) bad_topk_entry("low_latency_dispatch", me, p, K, e, E);
+    if (e < 0) continue;  // -1: no expert
     atomicAdd(&total[e], 1);
     if (p < p0) atomicAdd(&before[e], 1);
   }
@@ -435,6 +451,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
         raw[u] = make_uint4(0u, 0u, 0u, 0u);
         if (k >= L.num_topk) continue;
         const int64_t e = a.topk_idx[t * L.num_topk + k];
+        if (e < -1 || e >= L.num_experts) bad_topk_entry("low_latency_combine", me, t * L.num_topk + k, L.num_topk, e, L.num_experts);
         if (e < 0) continue;
         const int d = static_cast<int>(e / L.num_local);
         if (cut(a.mask, me, d)) continue;

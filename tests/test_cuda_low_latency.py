@@ -1231,3 +1231,64 @@ def test_flag_area_matches_the_size_hint():
     from moe_ep.comm.config import LL_FLAGS_BYTES
 
     assert int(_C.ll_flags_bytes) == LL_FLAGS_BYTES
+
+
+# ---------------------------------------------------------------------------------------------
+# Out-of-range expert ids: the kernels check topk_idx themselves (no host sync, no assert kernels)
+# ---------------------------------------------------------------------------------------------
+
+_BAD_ENTRY_CHILD = r'''
+import os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+os.environ["MOE_EP_EXPERIMENTAL_KERNELS"] = "low_latency"
+from moe_ep.comm import Buffer
+from moe_ep.comm.errors import MoeEpTimeoutError
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+torch.cuda.set_device(0)
+buffer = Buffer(dist.group.WORLD, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(8, 256, 1, 16),
+                low_latency_mode=True, num_qps_per_rank=16)
+assert buffer.backend.uses_kernel("{call}"), buffer.backend.describe()
+x = torch.randn(5, 256, device="cuda").to(torch.bfloat16)
+topk_idx = torch.randint(0, 16, (5, 2), device="cuda")
+recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, 8, 16)
+torch.cuda.synchronize()
+topk_idx[3, 1] = {bad}
+try:
+    if "{call}" == "low_latency_dispatch":
+        buffer.low_latency_dispatch(x, topk_idx, 8, 16)
+    else:
+        buffer.low_latency_combine(recv_x, topk_idx, torch.rand(5, 2, device="cuda"), handle)
+    torch.cuda.synchronize()
+except MoeEpTimeoutError as exc:
+    print("RAISED MoeEpTimeoutError:", str(exc)[:200], flush=True)
+    os._exit(3)
+except RuntimeError as exc:
+    print("RAISED", type(exc).__name__, str(exc)[:200], flush=True)
+    os._exit(4)
+print("NO ERROR", flush=True)
+'''
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("call,bad", [("low_latency_dispatch", 16), ("low_latency_dispatch", -2),
+                                      ("low_latency_combine", 99)])
+def test_out_of_range_expert_id_traps_with_a_message(call, bad):
+    """An expert id outside [-1, E) stops the kernel with one line naming the call, the entry and
+    the bound, and the host gets an exception: never silent garbage. In a child process: the trap
+    leaves the CUDA context unusable."""
+    import socket
+    import subprocess
+    import sys
+
+    require_ll_kernels()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = _BAD_ENTRY_CHILD.format(root=root, port=port, call=call, bad=bad)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    output = proc.stdout + proc.stderr
+    assert "NO ERROR" not in output, output
+    assert proc.returncode in (3, 4), output
+    assert f"moe_ep: {call} on rank 0: topk_idx[3][1] = {bad} is outside [-1, 15] (num_experts = 16)" in output, output

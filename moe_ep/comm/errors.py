@@ -95,7 +95,9 @@ def _readable(exc: BaseException, what: str) -> MoeEpTimeoutError:
         f"error was: {first_line}). The kernel printed one line on this process's stdout starting "
         f"'moe_ep: device wait timed out' that names the kernel, rank, channel/peer, the counter, "
         f"its last value and the expected value: usually a peer rank that never reached the matching "
-        f"call, or crashed. Timeout in force: {_timeout_description()}. The CUDA context is now "
+        f"call, or crashed. (The low-latency kernels also trap, after a line 'moe_ep: low_latency_... "
+        f"topk_idx[t][k] = v is outside [-1, E-1]', on an out-of-range expert id: no host sync checks it.) "
+        f"Timeout in force: {_timeout_description()}. The CUDA context is now "
         f"unusable: every later CUDA call in this process fails, so the process must restart.")
 
 

@@ -60,14 +60,17 @@ def check_hidden_states(x, name: str, device: torch.device, allow_fp8_tuple: boo
 
 
 def check_topk_idx(topk_idx, num_tokens: int, num_experts: int, device: torch.device,
-                   name: str = "topk_idx", sync_free: bool = False) -> int:
+                   name: str = "topk_idx", sync_free: bool = False, values: bool = True) -> int:
     """[T, K] int64 with values in [-1, num_experts). Returns K.
 
     With ``sync_free`` (low-latency calls) a CUDA tensor's values are checked on the device
-    with a message instead of being read on the host."""
+    with a message instead of being read on the host. ``values=False``: the caller's kernel checks
+    the values itself (the low-latency kernels do, for free, in the pass they make over topk_idx)."""
     check_tensor(topk_idx, name, dtypes=[torch.int64], dim=2, device=device)
     if topk_idx.shape[0] != num_tokens:
         raise ValueError(f"{name} has {topk_idx.shape[0]} rows but x has {num_tokens} tokens")
+    if not values:
+        return topk_idx.shape[1]
     if topk_idx.numel() and topk_idx.is_cuda and (sync_free or torch.cuda.is_current_stream_capturing()):
         in_range = ((topk_idx >= -1) & (topk_idx < num_experts)).all()
         torch._assert_async(in_range, f"moe_ep: {name} holds an expert id outside [-1, {num_experts - 1}]")
