@@ -7,9 +7,11 @@
 //                   128-column group), then stored into every top-k destination's slot
 //                   [l][this rank][j]. The block that counts an expert's last pair publishes the
 //                   count with a release store. Nothing waits: the hook's "send" half.
-//   dispatch recv   one block per local expert: waits (bounded) for every source's count, packs
-//                   the rows in source-rank order into recv_x, writes src_info, layout_range,
-//                   recv_count and the statistics, and resets the flags it read.
+//   dispatch recv   every block waits (bounded) for every (expert, source) count, so it knows
+//                   where each row goes; rows are packed in source-rank order into recv_x, in
+//                   pieces spread over every warp of the grid; src_info, layout_range, recv_count
+//                   and the statistics are written once; the last block past the waits resets the
+//                   flags.
 //   combine send    every received row goes back to its source, into the source's combine area at
 //                   [global expert][j]; rows are cut in pieces spread over every warp of the grid;
 //                   the last block to finish publishes one flag per source.
@@ -239,77 +241,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
   }
 }
 
-// ----------------------------------------------------------------------------- dispatch recv
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a) {
-  const LLLayout& L = a.layout;
-  __shared__ int counts[kMaxRanks];
-  __shared__ int begins[kMaxRanks + 1];
-  const int me = a.peers.rank;
-  const int R = L.num_ranks;
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int64_t slots = static_cast<int64_t>(R) * L.m;
-  uint8_t* own = buffer_of(a.peers, me, a.data_offset);
-  uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
-  const int groups = L.hidden / kGroup;
-  for (int l = blockIdx.x; l < L.num_local; l += gridDim.x) {
-    if (threadIdx.x < R) {
-      const int s = threadIdx.x;
-      int count = 0;
-      if (!cut(a.mask, me, s)) {
-        int* flag = reinterpret_cast<int*>(own_flags + L.off_dflags) + l * R + s;
-        const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src]", me, s, a.timeout_ns};
-        count = wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flag), 0, wait::Cmp::kNe, site) - 1;
-        *reinterpret_cast<volatile int*>(flag) = 0;  // ready for this buffer's next use
-        count = min(max(count, 0), L.m);             // a sender never publishes more than M
-      }
-      counts[s] = count;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int acc = 0;
-      for (int s = 0; s < R; ++s) {
-        begins[s] = acc;
-        a.layout_range[static_cast<int64_t>(l) * R + s] = (static_cast<int64_t>(acc) << 32) | counts[s];
-        acc += counts[s];
-      }
-      begins[R] = acc;
-      a.recv_count[l] = acc;
-      if (a.cumulative_stats != nullptr) a.cumulative_stats[l] += acc;
-    }
-    __syncthreads();
-    const int total = begins[R];
-    for (int idx = warp; idx < total; idx += kWarps) {
-      int s = 0;
-      while (begins[s + 1] <= idx) ++s;
-      const int j = idx - begins[s];
-      const uint8_t* msg = own + L.off_darea + ((static_cast<int64_t>(l) * R + s) * L.m + j) * L.msg_bytes;
-      const int64_t row = static_cast<int64_t>(l) * slots + idx;
-      warp_copy(static_cast<uint8_t*>(a.recv_x) + row * L.x_bytes, msg, L.x_bytes, lane);
-      if (L.use_fp8) {
-        const float* scales = reinterpret_cast<const float*>(msg + L.off_scales);
-        if (a.use_ue8m0) {
-          // Scales [L, G/4, slots] int32: group 4w+i's exponent byte in byte i of word w.
-          for (int w = lane; w < groups / 4; w += 32) {
-            unsigned word = 0;
-            for (int i = 0; i < 4; ++i) word |= ((__float_as_uint(scales[4 * w + i]) >> 23) & 0xFFu) << (8 * i);
-            static_cast<int*>(a.recv_scales)[(static_cast<int64_t>(l) * (groups / 4) + w) * slots + idx] =
-                static_cast<int>(word);
-          }
-        } else {
-          for (int g = lane; g < groups; g += 32) {
-            static_cast<float*>(a.recv_scales)[(static_cast<int64_t>(l) * groups + g) * slots + idx] = scales[g];
-          }
-        }
-      }
-      if (lane == 0) a.src_info[row] = *reinterpret_cast<const int*>(msg + L.off_src);
-    }
-    for (int64_t idx = total + threadIdx.x; idx < slots; idx += kThreads) a.src_info[l * slots + idx] = -1;
-    __syncthreads();  // the shared counts are reused by this block's next expert
-  }
-}
-
-// ------------------------------------------------------------------------------ combine send
 // Exclusive prefix sum of n <= 2 * kThreads ints, in place in shared memory (the whole block calls it).
 __device__ void block_exclusive_scan(int* data, int n) {
   __shared__ int warp_sums[kWarps];
@@ -342,7 +273,120 @@ __device__ void block_exclusive_scan(int* data, int n) {
   __syncthreads();
 }
 
-constexpr int64_t kPieceBytes = 4096;  // combine rows travel in pieces of about this size, one per warp
+constexpr int64_t kPieceBytes = 4096;  // rows are copied in pieces of about this size, one per warp
+
+// The largest i in [0, n) with prefix[i] <= value (prefix non-decreasing, prefix[0] <= value): the
+// entry whose rows hold row `value` (entries without rows share their prefix with the next one).
+__device__ __forceinline__ int find_entry(const int* prefix, int n, int value) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (prefix[mid] <= value) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// ----------------------------------------------------------------------------- dispatch recv
+// Every block waits for all (expert, source) counts (polling its own memory), so each knows where
+// every row goes; the rows of all experts are then spread, in pieces, over every warp of the grid.
+// The last block past the waits resets the flags.
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a) {
+  const LLLayout& L = a.layout;
+  __shared__ int counts[kMaxExperts];  // [l][s]: rows of source s for local expert l
+  __shared__ int first[kMaxExperts];   // [l][s]: their first row among all received rows ([l][s] order)
+  __shared__ bool last;
+  const int me = a.peers.rank;
+  const int R = L.num_ranks;
+  const int E = L.num_experts;  // = num_local x R entries
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int64_t slots = static_cast<int64_t>(R) * L.m;
+  uint8_t* own = buffer_of(a.peers, me, a.data_offset);
+  uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
+  int* flags = reinterpret_cast<int*>(own_flags + L.off_dflags);
+  for (int i = tid; i < E; i += kThreads) {
+    const int s = i % R;
+    int count = 0;
+    if (!cut(a.mask, me, s)) {
+      const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src]", me, s, a.timeout_ns};
+      count = wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), 0, wait::Cmp::kNe, site) - 1;
+      count = min(max(count, 0), L.m);  // a sender never publishes more than M
+    }
+    counts[i] = count;
+    first[i] = count;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int* done = reinterpret_cast<int*>(own_flags + L.off_done) + 2;
+    last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
+  }
+  const int last_count = counts[E - 1];
+  block_exclusive_scan(first, E);  // syncs first: `last` is set
+  if (last) {  // every block has read every flag: ready for this buffer's next dispatch
+    for (int i = tid; i < E; i += kThreads) reinterpret_cast<volatile int*>(flags)[i] = 0;
+    if (tid == 0) reinterpret_cast<volatile int*>(own_flags + L.off_done)[2] = 0;
+  }
+  const int rows = first[E - 1] + last_count;
+  const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
+  // layout_range, recv_count and statistics: entry i = (l, s) belongs to one thread of the grid.
+  for (int64_t i = gtid; i < E; i += grid_threads) {
+    const int l = static_cast<int>(i / R);
+    const int s = static_cast<int>(i % R);
+    const int expert_first = first[l * R];
+    a.layout_range[i] = (static_cast<int64_t>(first[i] - expert_first) << 32) | counts[i];
+    if (s == 0) {
+      const int expert_end = l + 1 < L.num_local ? first[(l + 1) * R] : rows;
+      a.recv_count[l] = expert_end - expert_first;
+      if (a.cumulative_stats != nullptr) a.cumulative_stats[l] += expert_end - expert_first;
+    }
+  }
+  // Slots past an expert's rows: src_info -1.
+  for (int64_t q = gtid; q < static_cast<int64_t>(L.num_local) * slots; q += grid_threads) {
+    const int l = static_cast<int>(q / slots);
+    const int expert_end = l + 1 < L.num_local ? first[(l + 1) * R] : rows;
+    if (q % slots >= expert_end - first[l * R]) a.src_info[q] = -1;
+  }
+  const int groups = L.hidden / kGroup;
+  const int64_t pieces = (L.x_bytes + kPieceBytes - 1) / kPieceBytes;
+  const int64_t piece_bytes = align16((L.x_bytes + pieces - 1) / pieces);
+  const int64_t warp = gtid / 32;
+  const int64_t num_warps = grid_threads / 32;
+  for (int64_t item = warp; item < rows * pieces; item += num_warps) {
+    const int r = static_cast<int>(item / pieces);
+    const int64_t piece = item % pieces;
+    const int i = find_entry(first, E, r);
+    const int l = i / R;
+    const int s = i % R;
+    const int j = r - first[i];
+    const int idx = r - first[l * R];
+    const uint8_t* msg = own + L.off_darea + ((static_cast<int64_t>(l) * R + s) * L.m + j) * L.msg_bytes;
+    const int64_t row = static_cast<int64_t>(l) * slots + idx;
+    const int64_t begin = piece * piece_bytes;
+    warp_copy(static_cast<uint8_t*>(a.recv_x) + row * L.x_bytes + begin, msg + begin,
+              min(piece_bytes, L.x_bytes - begin), lane);
+    if (piece != 0) continue;
+    if (L.use_fp8) {
+      const float* scales = reinterpret_cast<const float*>(msg + L.off_scales);
+      if (a.use_ue8m0) {
+        // Scales [L, G/4, slots] int32: group 4w+i's exponent byte in byte i of word w.
+        for (int w = lane; w < groups / 4; w += 32) {
+          unsigned word = 0;
+          for (int b = 0; b < 4; ++b) word |= ((__float_as_uint(scales[4 * w + b]) >> 23) & 0xFFu) << (8 * b);
+          static_cast<int*>(a.recv_scales)[(static_cast<int64_t>(l) * (groups / 4) + w) * slots + idx] =
+              static_cast<int>(word);
+        }
+      } else {
+        for (int g = lane; g < groups; g += 32) {
+          static_cast<float*>(a.recv_scales)[(static_cast<int64_t>(l) * groups + g) * slots + idx] = scales[g];
+        }
+      }
+    }
+    if (lane == 0) a.src_info[row] = *reinterpret_cast<const int*>(msg + L.off_src);
+  }
+}
+
+// ------------------------------------------------------------------------------ combine send
 
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
   const LLLayout& L = a.layout;
@@ -368,12 +412,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
     const int r = static_cast<int>(item / pieces);
     const int64_t begin = (item % pieces) * piece_bytes;
     const int64_t nbytes = min(piece_bytes, row_bytes - begin);
-    int lo = 0, hi = L.num_local - 1;  // the expert l with first_row[l] <= r < first_row[l + 1]
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (first_row[mid] <= r) lo = mid; else hi = mid - 1;
-    }
-    const int l = lo;
+    const int l = find_entry(first_row, L.num_local, r);  // first_row[l] <= r < first_row[l + 1]
     const int idx = r - first_row[l];
     const int64_t* range = a.layout_range + static_cast<int64_t>(l) * R;
     int s = 0;  // the source whose rows [begin, begin + count) hold idx
@@ -551,7 +590,8 @@ void launch_dispatch_send(const DispatchArgs& args, int num_sms, cudaStream_t st
 
 void launch_dispatch_recv(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
   check_layout(args.layout, args.peers);
-  dispatch_recv_kernel<<<grid_for(args.layout.num_local, 1, num_sms), kThreads, 0, stream>>>(args);
+  // Where the rows go is known on the device only: every SM takes a share.
+  dispatch_recv_kernel<<<num_sms < 1 ? 1 : num_sms, kThreads, 0, stream>>>(args);
   cuda_check(cudaGetLastError(), "low_latency dispatch_recv_kernel launch");
 }
 

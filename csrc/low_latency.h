@@ -18,7 +18,8 @@
 //                                  reset to 0 by the receiver once read
 //     combine flags  [R] int32     1 once rank d has written back every row of this rank's
 //                                  tokens; reset by the receiver
-//     done counters  [2] int32     last-block detection inside this rank's own kernels
+//     done counters  [3] int32     last-block detection inside this rank's own kernels (combine
+//                                  send, combine recv, dispatch recv)
 //   data of buffer b, at kFlagsBytes + b * buffer_bytes:
 //     dispatch area  [L][R][M] messages: payload (bf16 row, or fp8 row + float32 scales), then the
 //                                  source token index (int32)
@@ -43,9 +44,9 @@ constexpr int kMaxRanks = 64;
 constexpr int kMaxExperts = 1024;
 constexpr int kMaxTopk = 32;
 constexpr int kGroup = 128;  // FP8 scale group
-constexpr int64_t kFlagsPerBuffer = 8192;  // kMaxExperts + kMaxRanks int32 flags, 2 done counters
+constexpr int64_t kFlagsPerBuffer = 8192;  // kMaxExperts + kMaxRanks int32 flags, 3 done counters
 constexpr int64_t kFlagsBytes = 2 * kFlagsPerBuffer;
-static_assert((kMaxExperts + kMaxRanks + 2) * 4 <= kFlagsPerBuffer, "the flags must fit their region");
+static_assert((kMaxExperts + kMaxRanks + 3) * 4 <= kFlagsPerBuffer, "the flags must fit their region");
 
 struct LLLayout {
   int num_ranks = 0;
