@@ -220,13 +220,20 @@ pull_kernel(Peers peers, RowLayout layout, const int* __restrict__ rank_prefix_m
       const int t = __shfl_sync(kFullWarp, token, i);
       const int64_t row = row0 + i;
       const uint8_t* src = src_rows + static_cast<int64_t>(t) * layout.stride;
+      // The first 32 top-k entries are loaded before the row, so their latency hides behind it.
+      int64_t id0 = 0;
+      float w0 = 0.0f;
+      if (lane < K) {
+        id0 = __ldcg(reinterpret_cast<const long long*>(src + layout.off_idx) + lane);
+        w0 = __ldcg(reinterpret_cast<const float*>(src + layout.off_weights) + lane);
+      }
       warp_copy<U>(recv_x + row * layout.x_bytes, src, layout.x_bytes, lane);
       if (layout.scale_bytes > 0) {
         warp_copy<U>(recv_scales + row * layout.scale_bytes, src + layout.off_scales, layout.scale_bytes, lane);
       }
       for (int k = lane; k < K; k += 32) {
-        const int64_t id = __ldcg(reinterpret_cast<const long long*>(src + layout.off_idx) + k);
-        const float w = __ldcg(reinterpret_cast<const float*>(src + layout.off_weights) + k);
+        const int64_t id = k < 32 ? id0 : __ldcg(reinterpret_cast<const long long*>(src + layout.off_idx) + k);
+        const float w = k < 32 ? w0 : __ldcg(reinterpret_cast<const float*>(src + layout.off_weights) + k);
         const bool mine = id >= first_expert && id < first_expert + num_local_experts;
         recv_topk_idx[row * K + k] = mine ? id - first_expert : -1;
         recv_topk_weights[row * K + k] = mine ? w : 0.0f;
@@ -304,40 +311,60 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
+// A lane sums kReduceSteps vectors of a row at once: their loads are in flight together (one
+// vector per step made the reduce wait on one load latency per rank and step).
+constexpr int kReduceSteps = 4;
+
 template <typename T, int V>
 __device__ __forceinline__ void reduce_token(const uint8_t* area, int64_t stride_rows, int64_t row_bytes,
                                              unsigned long long mask, int slot_lo, int slot_hi, int64_t hidden,
                                              const void* bias0, bool bias0_bf16, const void* bias1, bool bias1_bf16,
                                              int64_t t, T* out, int lane) {
+  constexpr int U = kReduceSteps;
   const int64_t steps = hidden / V;
-  // The loop bound is uniform across the warp (the slot broadcasts need every lane).
-  for (int64_t base = 0; base < steps; base += 32) {
-    const int64_t i = base + lane;
-    const bool active = i < steps;
-    float acc[V];
+  // The loop bounds are uniform across the warp (the slot broadcasts need every lane).
+  for (int64_t base = 0; base < steps; base += 32 * U) {
+    float acc[U][V];
 #pragma unroll
-    for (int v = 0; v < V; ++v) acc[v] = 0.0f;
-    for (unsigned long long m = mask; m != 0; m &= m - 1) {
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[u][v] = 0.0f;
+    }
+    for (unsigned long long m = mask; m != 0; m &= m - 1) {  // ranks in increasing order, as before
       const int r = __ffsll(static_cast<long long>(m)) - 1;
       const int slot = __shfl_sync(kFullWarp, r < 32 ? slot_lo : slot_hi, r % 32);
-      if (active) {
-        const auto* row =
-            reinterpret_cast<const Pack<T, V>*>(area + (static_cast<int64_t>(r) * stride_rows + slot) * row_bytes);
-        const Pack<T, V> p = row[i];
+      const auto* row =
+          reinterpret_cast<const Pack<T, V>*>(area + (static_cast<int64_t>(r) * stride_rows + slot) * row_bytes);
+      Pack<T, V> p[U];
 #pragma unroll
-        for (int v = 0; v < V; ++v) acc[v] += to_float<T>(p.v[v]);
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = base + u * 32 + lane;
+        if (i < steps) p[u] = row[i];
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = base + u * 32 + lane;
+        if (i < steps) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[u][v] += to_float<T>(p[u].v[v]);
+        }
       }
     }
-    if (!active) continue;
-    Pack<T, V> o;
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const int64_t index = t * hidden + i * V + v;
-      if (bias0 != nullptr) acc[v] += bias_at(bias0, bias0_bf16, index);
-      if (bias1 != nullptr) acc[v] += bias_at(bias1, bias1_bf16, index);
-      o.v[v] = from_float<T>(acc[v]);
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * 32 + lane;
+      if (i >= steps) continue;
+      Pack<T, V> o;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int64_t index = t * hidden + i * V + v;
+        float value = acc[u][v];
+        if (bias0 != nullptr) value += bias_at(bias0, bias0_bf16, index);
+        if (bias1 != nullptr) value += bias_at(bias1, bias1_bf16, index);
+        o.v[v] = from_float<T>(value);
+      }
+      reinterpret_cast<Pack<T, V>*>(out + t * hidden)[i] = o;
     }
-    reinterpret_cast<Pack<T, V>*>(out + t * hidden)[i] = o;
   }
 }
 
