@@ -339,7 +339,11 @@ def bench_layer(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     print(f"layer benchmark: hidden={args.hidden} experts={args.experts} top-{args.top_k} "
           f"moe_intermediate=2048, prefill {args.tokens} tokens/rank, decode {args.decode_tokens}", flush=True)
-    gpu_counts = [1] + ([torch.cuda.device_count()] if torch.cuda.device_count() > 1 else [])
+    available = torch.cuda.device_count()
+    gpu_counts = args.gpu_counts or ([1] + ([available] if available > 1 else []))
+    too_many = [c for c in gpu_counts if not 1 <= c <= available]
+    if too_many:
+        raise SystemExit(f"--gpu-counts: each count must be in [1, {available}] (GPUs visible), got {too_many}")
     for count in gpu_counts:
         if count == 1:
             torch.cuda.set_device(0)
@@ -376,6 +380,8 @@ def main(argv=None) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="default 8 (CPU: 4)")
     parser.add_argument("--iters", type=int, default=None, help="default: layer 10, normal 20, ll 50 (CPU: 5, ll 3)")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline on 1 GPU")
+    parser.add_argument("--gpu-counts", type=int_list, default=None,
+                        help="layer: GPU counts to run, comma-separated (default: 1 and every visible GPU)")
     bench_normal.add_arguments(parser)
     bench_ll.add_arguments(parser)
     args = parser.parse_args(argv)

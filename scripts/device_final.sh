@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The 2-GPU closing call: every stage bounded, the most needed first (the NCCL suite and the layer
+# benchmark close issues 2 and 3; then kernel tests; then the comm benchmarks). Logs in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+log="$OUT/final.log"
+stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
+ls moe_ep/_C*.so >/dev/null 2>&1 || STAGES=build bash scripts/gpu_check.sh
+{
+  stage "whole suite but the gpu-marked tests, reference backend over NCCL"
+  MOE_EP_TEST_BACKEND=nccl timeout -k 10 ${NCCL_S:-130} python3 -m pytest -q -m "not gpu" tests 2>&1 | tail -6
+  stage "bench layer on 2 GPUs"
+  timeout -k 10 ${LAYER_S:-130} python3 -m moe_ep.bench layer --gpu-counts 2 --iters 5 --out "$OUT" 2>&1 | grep -v "^moe_ep: using\|Warning"
+  stage "LL + NVSHMEM GPU tests"
+  MOE_EP_TIMEOUT_S=30 timeout -k 10 ${LL_TESTS_S:-80} python3 -m pytest -q -m "gpu and not slow" \
+    tests/test_cuda_low_latency.py tests/test_nvshmem.py 2>&1 | tail -6
+  stage "intranode GPU tests"
+  MOE_EP_TIMEOUT_S=30 timeout -k 10 ${INTRANODE_S:-110} python3 -m pytest -q -m "gpu and not slow" \
+    tests/test_cuda_intranode.py 2>&1 | tail -6
+  stage "bench normal"
+  timeout -k 10 ${NORMAL_S:-60} python3 -m moe_ep.bench normal --sms 12,24 --unroll 4 --out "$OUT" 2>&1 | grep -v "^moe_ep: using"
+  stage "bench ll"
+  timeout -k 10 ${LL_S:-70} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 --out "$OUT" 2>&1 | grep -v "^moe_ep: using"
+  stage "done"
+} 2>&1 | tee "$log"
