@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import Buffer, per_token_group_dequant_fp8, per_token_group_quant_fp8
+from .comm.config import auto_num_nvl_bytes
 from .launch import launch
 
 
@@ -37,7 +38,9 @@ def _demo_rank(rank: int, world_size: int, opts: dict) -> None:
     tokens, hidden, top_k = opts["tokens"], opts["hidden"], opts["top_k"]
     num_experts = opts["experts_per_rank"] * world_size
     ll_tokens = min(tokens, opts["ll_tokens"])
-    buffer = Buffer(None, num_nvl_bytes=0, low_latency_mode=True,
+    # GPU ranks get an NVLink buffer, so dispatch/combine run the intranode kernels (CPU ranks: none).
+    nvl_bytes = auto_num_nvl_bytes(hidden * 2, world_size) if device.type == "cuda" else 0
+    buffer = Buffer(None, num_nvl_bytes=nvl_bytes, low_latency_mode=True,
                     num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(ll_tokens, hidden, world_size, num_experts))
     x = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=torch.bfloat16)
     scores = torch.rand(tokens, num_experts, generator=gen)

@@ -95,3 +95,14 @@ def default_dispatch_config(num_ranks: int, num_sms: int) -> Config:
 def default_combine_config(num_ranks: int, num_sms: int) -> Config:
     base = _COMBINE_CONFIGS.get(num_ranks, Config(num_sms))
     return Config(num_sms, *list(vars(base).values())[1:])
+
+
+# The intranode kernels stage whole batches (moe_ep.comm.backends.intranode): 1 GiB holds a
+# DeepSeek-V3-sized prefill of 4096 tokens per rank on up to 8 ranks. Larger batches: pass
+# num_nvl_bytes (intranode_size_hint gives the bytes).
+AUTO_NVL_BYTES = 1 << 30
+
+
+def auto_num_nvl_bytes(hidden_bytes: int, num_ranks: int) -> int:
+    """``num_nvl_bytes`` for a GPU Buffer when the user leaves it to us ("auto")."""
+    return max(Config().get_nvl_buffer_size_hint(hidden_bytes, num_ranks), AUTO_NVL_BYTES)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..comm import Buffer, per_token_group_quant_fp8
-from ..comm.config import Config
+from ..comm.config import auto_num_nvl_bytes
 from .experts import SharedExperts, SwiGLUExperts
 from .gating import Router
 
@@ -31,9 +31,6 @@ BufferBytes = Union[int, str]
 
 # Every layer of a model on one process group shares one Buffer (the memory is the scarce part).
 _shared_buffers: dict[int, Buffer] = {}
-
-
-AUTO_NVL_BYTES = 1 << 30
 
 
 def get_shared_buffer(group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool) -> Buffer:
@@ -218,10 +215,7 @@ class ExpertParallelMoE(nn.Module):
     def _resolve_bytes(self) -> tuple[int, int]:
         nvl = self._num_nvl_bytes
         if nvl == "auto":
-            # The intranode kernels stage whole batches (moe_ep.comm.backends.intranode): 1 GiB holds a
-            # DeepSeek-V3-sized prefill of 4096 tokens per rank on up to 8 ranks. Larger batches: set
-            # num_nvl_bytes (intranode_size_hint gives the bytes).
-            nvl = max(Config().get_nvl_buffer_size_hint(self.hidden_size * 2, self.ep_size), AUTO_NVL_BYTES)
+            nvl = auto_num_nvl_bytes(self.hidden_size * 2, self.ep_size)
         rdma = self._num_rdma_bytes
         if rdma == "auto":
             rdma = Buffer.get_low_latency_rdma_size_hint(self.low_latency_max_tokens, self.hidden_size,
