@@ -21,6 +21,9 @@ ls moe_ep/_C*.so >/dev/null 2>&1 || STAGES=build bash scripts/gpu_check.sh
     tests/test_cuda_intranode.py 2>&1 | tail -6
   stage "bench normal"
   timeout -k 10 ${NORMAL_S:-60} python3 -m moe_ep.bench normal --sms 12,24 --unroll 4 --out "$OUT" 2>&1 | grep -v "^moe_ep: using"
+  stage "comm demo"
+  timeout -k 10 60 python3 -m moe_ep demo --nproc 2 --tokens 4096 --hidden 7168 --top-k 8 --experts-per-rank 128 \
+    --ll-tokens 128 --json "$OUT/demo.json" 2>&1 | grep -v "Warning\|^moe_ep: using"
   stage "bench ll"
   timeout -k 10 ${LL_S:-70} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 --out "$OUT" 2>&1 | grep -v "^moe_ep: using"
   stage "done"
