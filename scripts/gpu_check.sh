@@ -54,6 +54,14 @@ if has nccl_tests && [ "$NGPU" -ge 2 ]; then
   MOE_EP_TEST_BACKEND=nccl bounded "${NCCL_TESTS_S:-360}" python3 -m pytest -q -m "not gpu" tests 2>&1 | tee -a "$OUT/tests.log" | tail -5 || status=1
 fi
 
+# Before promoting an experimental kernel family: the same suite with it switched on
+# (STAGES=...,nccl_experimental; e.g. MOE_EP_EXPERIMENTAL_KERNELS=low_latency, the default here).
+if has nccl_experimental && [ "$NGPU" -ge 2 ]; then
+  step "whole suite but the gpu-marked tests, NCCL, MOE_EP_EXPERIMENTAL_KERNELS=${EXPERIMENTAL:-low_latency}" | tee -a "$OUT/tests.log"
+  MOE_EP_EXPERIMENTAL_KERNELS=${EXPERIMENTAL:-low_latency} MOE_EP_TEST_BACKEND=nccl bounded "${NCCL_TESTS_S:-360}" \
+    python3 -m pytest -q -m "not gpu" tests 2>&1 | tee -a "$OUT/tests.log" | tail -5 || status=1
+fi
+
 : >> "$OUT/bench.log"
 if has demo && [ "$NGPU" -ge 1 ]; then
   # With one GPU the group has one rank: the whole Buffer path still runs on the device over NCCL.

@@ -1244,8 +1244,9 @@ sys.path.insert(0, {root!r})
 os.environ["MOE_EP_EXPERIMENTAL_KERNELS"] = "low_latency"
 from moe_ep.comm import Buffer
 from moe_ep.comm.errors import MoeEpTimeoutError
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
 torch.cuda.set_device(0)
+# NCCL: a Buffer picks the cuda backend only for a group whose tensors live on GPUs (gloo -> reference).
+dist.init_process_group("nccl", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
 buffer = Buffer(dist.group.WORLD, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(8, 256, 1, 16),
                 low_latency_mode=True, num_qps_per_rank=16)
 assert buffer.backend.uses_kernel("{call}"), buffer.backend.describe()
@@ -1290,5 +1291,5 @@ def test_out_of_range_expert_id_traps_with_a_message(call, bad):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     output = proc.stdout + proc.stderr
     assert "NO ERROR" not in output, output
-    assert proc.returncode in (3, 4), output
+    assert proc.returncode in (3, 4), f"exit code {proc.returncode} (3/4: the call raised):\n{output}"
     assert f"moe_ep: {call} on rank 0: topk_idx[3][1] = {bad} is outside [-1, 15] (num_experts = 16)" in output, output
