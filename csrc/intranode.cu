@@ -37,23 +37,28 @@ using copy::align16;
 using copy::warp_copy;
 using copy::warp_zero;
 
-// The rows a rank receives, grouped by source rank, cut into chunks of 32 (one per warp step).
+// The rows a rank receives, grouped by source rank, cut into chunks of `rows` (<= 32: a lane per
+// row looks up its token) rows, one chunk per warp step. Smaller chunks spread a call over more
+// warps (32-row chunks leave warps idle when rows / 32 < the warps of the grid).
 struct ChunkMap {
   int start[kMaxRanks];
   int count[kMaxRanks];
   int chunk_begin[kMaxRanks + 1];
+  int rows;
 };
 
-__device__ __forceinline__ void build_chunk_map(ChunkMap& map, const int* rank_prefix_matrix, int rank, int num_ranks) {
+__device__ __forceinline__ void build_chunk_map(ChunkMap& map, const int* rank_prefix_matrix, int rank, int num_ranks,
+                                                int chunk_rows) {
   if (threadIdx.x == 0) {
     int chunks = 0;
+    map.rows = chunk_rows;
     for (int s = 0; s < num_ranks; ++s) {
       const int begin = s == 0 ? 0 : rank_prefix_matrix[(s - 1) * num_ranks + rank];
       const int end = rank_prefix_matrix[s * num_ranks + rank];
       map.start[s] = begin;
       map.count[s] = end - begin;
       map.chunk_begin[s] = chunks;
-      chunks += (end - begin + 31) / 32;
+      chunks += (end - begin + chunk_rows - 1) / chunk_rows;
     }
     map.chunk_begin[num_ranks] = chunks;
   }
@@ -187,11 +192,11 @@ __global__ void __launch_bounds__(kThreads)
 pull_kernel(Peers peers, RowLayout layout, const int* __restrict__ rank_prefix_matrix,
             const int* __restrict__ peer_tokens, bool cached, int* recv_src_idx, uint8_t* __restrict__ recv_x,
             uint8_t* __restrict__ recv_scales, int64_t* __restrict__ recv_topk_idx,
-            float* __restrict__ recv_topk_weights, int64_t num_rows, int num_local_experts) {
+            float* __restrict__ recv_topk_weights, int64_t num_rows, int num_local_experts, int chunk_rows) {
   __shared__ ChunkMap map;
   const int R = peers.num_ranks;
   const int me = peers.rank;
-  build_chunk_map(map, rank_prefix_matrix, me, R);
+  build_chunk_map(map, rank_prefix_matrix, me, R, chunk_rows);
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
   const int num_warps = gridDim.x * kWarps;
@@ -200,8 +205,8 @@ pull_kernel(Peers peers, RowLayout layout, const int* __restrict__ rank_prefix_m
   const int total_chunks = map.chunk_begin[R];
   for (int c = warp; c < total_chunks; c += num_warps) {
     const int s = chunk_source(map, c, R);
-    const int j0 = (c - map.chunk_begin[s]) * 32;
-    const int n = min(32, map.count[s] - j0);
+    const int j0 = (c - map.chunk_begin[s]) * map.rows;
+    const int n = min(map.rows, map.count[s] - j0);
     const int64_t row0 = map.start[s] + j0;
     const uint8_t* src_region = region_of(peers, s);
     const uint8_t* src_rows = src_region + kControlBytes;
@@ -257,11 +262,12 @@ pull_kernel(Peers peers, RowLayout layout, const int* __restrict__ rank_prefix_m
 template <int U>
 __global__ void __launch_bounds__(kThreads)
 push_kernel(Peers peers, const int* __restrict__ rank_prefix_matrix, const uint8_t* __restrict__ x, int64_t x_bytes,
-            const float* __restrict__ topk_weights, int num_topk, int64_t stride_rows, int64_t row_bytes) {
+            const float* __restrict__ topk_weights, int num_topk, int64_t stride_rows, int64_t row_bytes,
+            int chunk_rows) {
   __shared__ ChunkMap map;
   const int R = peers.num_ranks;
   const int me = peers.rank;
-  build_chunk_map(map, rank_prefix_matrix, me, R);
+  build_chunk_map(map, rank_prefix_matrix, me, R, chunk_rows);
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
   const int num_warps = gridDim.x * kWarps;
@@ -269,8 +275,8 @@ push_kernel(Peers peers, const int* __restrict__ rank_prefix_matrix, const uint8
   const int64_t weights_offset = align16(x_bytes);
   for (int c = warp; c < total_chunks; c += num_warps) {
     const int s = chunk_source(map, c, R);
-    const int j0 = (c - map.chunk_begin[s]) * 32;
-    const int n = min(32, map.count[s] - j0);
+    const int j0 = (c - map.chunk_begin[s]) * map.rows;
+    const int n = min(map.rows, map.count[s] - j0);
     uint8_t* dst_rows = region_of(peers, s) + kControlBytes + (static_cast<int64_t>(me) * stride_rows + j0) * row_bytes;
     for (int i = 0; i < n; ++i) {
       const int64_t row = map.start[s] + j0 + i;
@@ -419,6 +425,19 @@ int unroll_from_env() {
   throw std::invalid_argument("moe_ep: MOE_EP_INTRANODE_UNROLL must be 4, 8 or 16, got '" + value + "'");
 }
 
+// Rows per warp step in pull and push: MOE_EP_INTRANODE_CHUNK_ROWS = 4, 8, 16 or 32 (default),
+// read at every launch, like the unroll, so a benchmark can compare them without a rebuild.
+int chunk_rows_from_env() {
+  const char* raw = std::getenv("MOE_EP_INTRANODE_CHUNK_ROWS");
+  if (raw == nullptr || *raw == '\0') return 32;
+  const std::string value(raw);
+  if (value == "4") return 4;
+  if (value == "8") return 8;
+  if (value == "16") return 16;
+  if (value == "32") return 32;
+  throw std::invalid_argument("moe_ep: MOE_EP_INTRANODE_CHUNK_ROWS must be 4, 8, 16 or 32, got '" + value + "'");
+}
+
 int clamp_blocks(int num_blocks, int64_t work_items, int items_per_block) {
   int64_t needed = (work_items + items_per_block - 1) / items_per_block;
   if (needed < 1) needed = 1;
@@ -529,11 +548,13 @@ void launch_pull(const Peers& peers, const RowLayout& layout, const int* rank_pr
   if (num_rows > 0 && layout.num_topk > 0 && (recv_topk_idx == nullptr || recv_topk_weights == nullptr)) {
     throw std::invalid_argument("moe_ep intranode: top-k outputs missing");
   }
-  const int blocks = clamp_blocks(num_blocks, (num_rows + 31) / 32 + 1, kWarps);
+  const int chunk_rows = chunk_rows_from_env();
+  // Chunks: at most one per warp of a block step, plus one per source for the partial ones.
+  const int blocks = clamp_blocks(num_blocks, (num_rows + chunk_rows - 1) / chunk_rows + peers.num_ranks, kWarps);
   auto launch = [&](auto kernel) {
     kernel<<<blocks, kThreads, 0, stream>>>(peers, layout, rank_prefix_matrix, peer_tokens, cached, recv_src_idx,
                                             static_cast<uint8_t*>(recv_x), static_cast<uint8_t*>(recv_scales),
-                                            recv_topk_idx, recv_topk_weights, num_rows, num_local_experts);
+                                            recv_topk_idx, recv_topk_weights, num_rows, num_local_experts, chunk_rows);
   };
   switch (unroll_from_env()) {
     case 4: launch(pull_kernel<4>); break;
@@ -549,10 +570,11 @@ void launch_push(const Peers& peers, const int* rank_prefix_matrix, const void* 
   // num_topk (0: no weights), not the pointer, sizes the rows: a rank that received no rows has
   // an empty (null) weights tensor, and every rank must agree on the row size.
   const int64_t row_bytes = combine_row_bytes(x_bytes, num_topk);
+  const int chunk_rows = chunk_rows_from_env();
   auto launch = [&](auto kernel) {
     kernel<<<clamp_blocks(num_blocks, 1 << 30, 1), kThreads, 0, stream>>>(
         peers, rank_prefix_matrix, static_cast<const uint8_t*>(x), x_bytes, topk_weights, num_topk, stride_rows,
-        row_bytes);
+        row_bytes, chunk_rows);
   };
   switch (unroll_from_env()) {
     case 4: launch(push_kernel<4>); break;

@@ -377,6 +377,36 @@ def test_engine_matches_oracle(gpu_gloo_pool, case, world_size, seed):
     assert len(received) == world_size and all(len(per_rank) == 2 for per_rank in received)
 
 
+# The copy-loop variants the benchmark compares (MOE_EP_INTRANODE_UNROLL, _CHUNK_ROWS: read by the
+# launchers at every launch) must give the same results: a few cases with the big rows of BIG, a
+# partial last chunk, skew, FP8, cached/worst-token and non-16-byte-aligned rows, on 3 ranks.
+VARIANT_CASE_NAMES = ("random-bf16-h7168-bias2", "masked-bf16-h100-bias2", "skewed-one-expert-bf16", "fp8-h7168-bias2",
+                      "cached-worst-fp8-bias1")
+VARIANT_CASES = [case for case in CASES if case.name in VARIANT_CASE_NAMES]
+assert len(VARIANT_CASES) == len(VARIANT_CASE_NAMES), "a variant case was renamed"
+VARIANTS = [("4", "4"), ("16", "8"), ("8", "16")]
+
+
+def _w_case_with_env(ctx, case: Case, seed: int, unroll: str, chunk_rows: str) -> list:
+    previous = {key: os.environ.get(key) for key in ("MOE_EP_INTRANODE_UNROLL", "MOE_EP_INTRANODE_CHUNK_ROWS")}
+    os.environ["MOE_EP_INTRANODE_UNROLL"], os.environ["MOE_EP_INTRANODE_CHUNK_ROWS"] = unroll, chunk_rows
+    try:
+        return _w_case(ctx, case, seed)
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.mark.parametrize("unroll,chunk_rows", VARIANTS, ids=[f"unroll{u}-rows{r}" for u, r in VARIANTS])
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=[case.name for case in VARIANT_CASES])
+def test_copy_variants_match_oracle(gpu_gloo_pool, case, unroll, chunk_rows, seed):
+    received = gpu_gloo_pool(3).run(_w_case_with_env, case, seed, unroll, chunk_rows, timeout=case.timeout)
+    assert len(received) == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Back-to-back stress
 # ---------------------------------------------------------------------------------------------
