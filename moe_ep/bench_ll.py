@@ -41,14 +41,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from .bench import (import_pyplot, int_list, merge_rows, random_routing, report_header, resolve_defaults, save_plot,
+from .bench import (GAP_US, HEAD_US, StepTimer, import_pyplot, int_list, merge_rows, random_routing, report_header, resolve_defaults, save_plot,
                     write_report)
 from .bench_normal import CPU_RANKS, WARMUP
 from .comm import Buffer, per_token_group_dequant_fp8
@@ -62,8 +60,6 @@ GPU_DEFAULTS = dict(tokens=128, hidden=7168, experts=288, top_k=8, iters=50)
 CPU_DEFAULTS = dict(tokens=8, hidden=256, experts=8, top_k=4, iters=3)
 GPU_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CPU_SWEEP = (1, 2, 4, 8)
-HEAD_US = 2000      # GPU delay before each timed iteration: the host enqueues the calls meanwhile
-GAP_US = 200        # hook mode: untimed pause between a send and its hook()
 MASKED_PER_MILLE = 10  # top-k entries set to -1: 10 of 128 x 8 = 1024 at the peer's settings, as DeepEP's test
 EXPERT_FACTORS = 4  # toy expert e multiplies its rows by 1 + (e % 4) / 4
 BACKENDS = ("buffer", "reference")
@@ -109,78 +105,6 @@ def _resolve(args: argparse.Namespace, on_gpu: bool, world_size: int) -> dict:
     opts.update(sweep=sorted(set(sweep)), points=points, max_tokens=max(points), fp8=fp8, seed=getattr(args, "seed", 0),
                 out=args.out)
     return opts
-
-
-# ------------------------------------------------------------------------------ timing
-class StepTimer:
-    """Median milliseconds of each of a sequence of steps run once per iteration (and of their sum).
-
-    GPU: CUDA events around each step; every iteration starts with synchronize + barrier, a GPU
-    delay of ``head_us`` and a one-element all-reduce (so the host is ahead and the GPUs start
-    together), and a step may ask for an untimed ``gap_us`` pause before it. CPU: wall clock after
-    a barrier, the pause a host sleep."""
-
-    def __init__(self, device: torch.device, group, head_us: float = HEAD_US, gap_us: float = GAP_US) -> None:
-        self.cuda = device.type == "cuda"
-        self.group, self.head_us, self.gap_us = group, head_us, gap_us
-        if self.cuda:
-            self.token = torch.ones(1, device=device)
-            self.cycles_per_us = self._calibrate()
-
-    @staticmethod
-    def _calibrate() -> float:
-        """Cycles of ``torch.cuda._sleep`` per microsecond on this GPU (measured)."""
-        cycles, rate = 1 << 20, 0.0
-        for _ in range(2):  # the first call warms up
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.cuda._sleep(cycles)
-            end.record()
-            torch.cuda.synchronize()
-            rate = cycles / max(start.elapsed_time(end) * 1e3, 1e-3)
-        return rate
-
-    def _pause(self, us: float) -> None:
-        if self.cuda:
-            torch.cuda._sleep(int(us * self.cycles_per_us))
-        else:
-            time.sleep(us / 1e6)
-
-    def _once(self, steps: list[tuple[Callable[[], object], bool]]) -> list[float]:
-        if not self.cuda:
-            dist.barrier(group=self.group)
-            times = []
-            for fn, pause in steps:
-                if pause:
-                    self._pause(self.gap_us)
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            return times
-        torch.cuda.synchronize()
-        dist.barrier(group=self.group)
-        self._pause(self.head_us)
-        dist.all_reduce(self.token, op=dist.ReduceOp.MAX, group=self.group)
-        events = []
-        for fn, pause in steps:
-            if pause:
-                self._pause(self.gap_us)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) for start, end in events]
-
-    def __call__(self, steps: list[tuple[Callable[[], object], bool]], iters: int, warmup: int = WARMUP) -> list[float]:
-        """``steps``: (fn, pause before it). Returns each step's median ms, then the median of the sums."""
-        samples: list[list[float]] = []
-        for i in range(warmup + iters):
-            times = self._once(steps)
-            if i >= warmup:
-                samples.append(times + [sum(times)])
-        return [statistics.median(column) for column in zip(*samples)]
 
 
 # ------------------------------------------------------------------------------ data and buffers

@@ -16,7 +16,8 @@ a local copy counted as read + write bytes).
 
 Bandwidth is counted as DeepEP's test counts it: rows this rank receives, its own included,
 x hidden x 2 bytes (x (1 + 4/128) / 2 for FP8, the scales included); combine sends the same rows
-back. Times are medians over ``--iters`` (CUDA events), the max over ranks; GB/s is each rank's
+back. Times are medians over ``--iters`` (CUDA events; every iteration starts with the ranks
+aligned on the GPU and the host ahead, as ``bench.StepTimer`` does), the max over ranks; GB/s is each rank's
 bytes over its own median, the min over ranks. Writes ``normal.json`` and ``normal.png`` to
 ``--out``. A benchmark measures: the one correctness check (combine of the dispatch = x times the
 number of ranks the token went to) is printed as PASS/FAIL, and no timing is asserted.
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .bench import (backend_info, import_pyplot, int_list, merge_rows, random_routing, report_header, resolve_defaults,
-                    save_plot, timer_for, write_report)
+                    save_plot, StepTimer, write_report)
 from .comm import Buffer, Config, per_token_group_quant_fp8
 from .comm.config import default_combine_config, default_dispatch_config
 from .launch import launch
@@ -241,7 +242,10 @@ def _bench_rank(rank: int, world_size: int, opts: dict) -> None:
     group = dist.group.WORLD
     on_gpu = dist.get_backend(group) == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    timer = timer_for(device)
+    # Ranks aligned on the GPU, host ahead (bench.StepTimer): device time, not launch skew; the same
+    # timer times the NCCL and copy reference rows.
+    step_timer = StepTimer(device, dist.group.WORLD)
+    timer = lambda fn, iters, warmup, group=None: step_timer.time_one(fn, iters, warmup)  # noqa: E731
     x, topk_idx, topk_weights = random_routing(opts, rank, device)
     nvl_bytes = _nvl_bytes(opts, world_size, device)
     buffer = Buffer(group, num_nvl_bytes=nvl_bytes)
@@ -273,6 +277,9 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
         "settings": {key: opts[key] for key in ("tokens", "hidden", "experts", "top_k", "iters", "seed", "sms")}
                     | {"chunks": opts["chunks"] if opts["chunks"] != [None] else "tuned default per op",
                        "nvl_bytes": nvl_bytes, "warmup": WARMUP},
+        "timing": "CUDA events around each call; every iteration starts with synchronize + barrier, a GPU delay "
+                  "and a one-element all-reduce, so the ranks start together and the host is ahead (bench.StepTimer): "
+                  "device time, host launch skew excluded; a host wait inside a call (routed dispatch) still counts",
         "counting": "GB/s = rows received by the rank (local included) x hidden x 2 bytes (x (1+4/128)/2 for FP8) "
                     "/ that rank's median; gbps is the min over ranks, us the max over ranks of the median",
         "ops": {"dispatch_fp8": "cached dispatch (handle=) of (x_fp8, 1x128 scales), as DeepEP's test times it",
