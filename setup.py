@@ -72,16 +72,15 @@ def _extension_kwargs():
     return {"ext_modules": modules, "cmdclass": {"build_ext": BuildExtension}}
 
 
-def _nvshmem_home() -> str | None:
-    """NVSHMEM_DIR, else the nvidia-nvshmem-cu13 wheel's folder (include/ and lib/), else None."""
-    home = os.environ.get("NVSHMEM_DIR")
-    if home:
-        return home
-    try:
-        import nvidia.nvshmem as wheel
-    except ImportError:
-        return None
-    return list(wheel.__path__)[0]
+def _load_build_paths():
+    """moe_ep/_build_paths.py by path: the package itself may not be importable yet."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_ep", "_build_paths.py")
+    spec = importlib.util.spec_from_file_location("moe_ep_build_paths", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _nvshmem_extension(include_dirs: list[str], cxx_flags: list[str]):
@@ -90,7 +89,7 @@ def _nvshmem_extension(include_dirs: list[str], cxx_flags: list[str]):
     alone; moe_ep._C never links NVSHMEM, so it imports where NVSHMEM is absent)."""
     from torch.utils.cpp_extension import CUDAExtension
 
-    home = _nvshmem_home()
+    home = _load_build_paths().nvshmem_home()
     if home is None or not os.path.isdir(os.path.join(home, "include")):
         print("moe_ep: NVSHMEM not found (set NVSHMEM_DIR or install nvidia-nvshmem-cu13): "
               "building without moe_ep._nvshmem", file=sys.stderr)

@@ -83,22 +83,13 @@ def test_every_cu_file_compiles_with_nvcc(tmp_path, name, flags):
     assert not failures, f"{len(failures)} of {len(sources)} csrc/*.cu files failed to compile:\n{report}"
 
 
-def _nvshmem_wheel_home() -> str | None:
-    home = os.environ.get("NVSHMEM_DIR")
-    if home:
-        return home
-    try:
-        import nvidia.nvshmem as wheel
-    except ImportError:
-        return None
-    return list(wheel.__path__)[0]
-
-
 def test_nvshmem_runtime_links_against_the_host_library_alone(tmp_path):
     """moe_ep._nvshmem links only libnvshmem_host.so: every NVSHMEM symbol it uses must be exported
     there (nvshmemx_init_attr is not: it calls nvshmemi_init_thread of the static device library,
     which made the module fail to import on the GPU machine)."""
-    nvcc, home = _find_nvcc(), _nvshmem_wheel_home()
+    from moe_ep._build_paths import nvshmem_home
+
+    nvcc, home = _find_nvcc(), nvshmem_home()
     if nvcc is None or home is None or shutil.which("nm") is None:
         pytest.skip(f"needs nvcc, nm and NVSHMEM (NVSHMEM_DIR or nvidia-nvshmem-cu13): nvcc={nvcc}, nvshmem={home}")
     host_libs = sorted(glob.glob(os.path.join(home, "lib", "libnvshmem_host.so*")))
