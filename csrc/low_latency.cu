@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -109,6 +110,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
   __shared__ int total[kMaxExperts];   // this rank's pairs per expert
   __shared__ int before[kMaxExperts];  // ... among the pairs before this block's tokens
   __shared__ uint8_t* dst[kMaxTopk];   // the current token's message slots (null: nothing to send)
+  extern __shared__ uint4 stage[];     // staged send (FP8): the current token's payload and scales
   const int tid = threadIdx.x;
   const int lane = tid % 32;
   const int warp = tid / 32;
@@ -203,11 +205,26 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
           if (i < 4) packed.x |= b << (8 * i); else packed.y |= b << (8 * (i - 4));
         }
         if (!active) continue;
+        if (a.staged_send) {
+          uint8_t* staged = reinterpret_cast<uint8_t*>(stage);
+          reinterpret_cast<uint2*>(staged + g * kGroup)[hl] = packed;
+          if (hl == 0) reinterpret_cast<float*>(staged + L.off_scales)[g] = scale;
+          continue;
+        }
         for (int k = 0; k < K; ++k) {
           uint8_t* msg = dst[k];
           if (msg == nullptr) continue;
           reinterpret_cast<uint2*>(msg + g * kGroup)[hl] = packed;
           if (hl == 0) reinterpret_cast<float*>(msg + L.off_scales)[g] = scale;
+        }
+      }
+      if (a.staged_send) {
+        // Every thread stores 16-byte vectors of the staged message, all destinations at once.
+        __syncthreads();
+        const int vectors = static_cast<int>(L.off_src / 16);  // payload + scales (off_src is 16-aligned)
+        for (int i = tid; i < K * vectors; i += kThreads) {
+          uint8_t* msg = dst[i / vectors];
+          if (msg != nullptr) reinterpret_cast<uint4*>(msg)[i % vectors] = stage[i % vectors];
         }
       }
     } else {
@@ -582,9 +599,24 @@ LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_
 
 uint64_t timeout_ns_from_env() { return wait::timeout_ns_from_env(); }
 
+// MOE_EP_LL_SEND = "direct" (default: each half-warp stores its 8 FP8 bytes to every destination)
+// or "staged" (the token is cast into shared memory, then every thread stores 16-byte vectors),
+// read at every launch so a benchmark can compare them. BF16 rows always go as 16-byte vectors.
+bool staged_send_from_env() {
+  const char* raw = std::getenv("MOE_EP_LL_SEND");
+  if (raw == nullptr || *raw == '\0' || std::string(raw) == "direct") return false;
+  if (std::string(raw) == "staged") return true;
+  throw std::invalid_argument(std::string("moe_ep: MOE_EP_LL_SEND must be 'direct' or 'staged', got '") + raw + "'");
+}
+
+constexpr int64_t kMaxStageBytes = 40 << 10;  // with the 8 KB of histograms: under the 48 KB default
+
 void launch_dispatch_send(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
   check_layout(args.layout, args.peers);
-  dispatch_send_kernel<<<grid_for(args.num_tokens, 1, num_sms), kThreads, 0, stream>>>(args);
+  DispatchArgs a = args;
+  a.staged_send = args.layout.use_fp8 && args.layout.off_src <= kMaxStageBytes && staged_send_from_env();
+  const size_t stage_bytes = a.staged_send ? static_cast<size_t>(args.layout.off_src) : 0;
+  dispatch_send_kernel<<<grid_for(args.num_tokens, 1, num_sms), kThreads, stage_bytes, stream>>>(a);
   cuda_check(cudaGetLastError(), "low_latency dispatch_send_kernel launch");
 }
 

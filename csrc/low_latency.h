@@ -92,6 +92,7 @@ struct DispatchArgs {
   int64_t* layout_range;          // [L, R]
   int* cumulative_stats;          // [L] or null
   uint64_t timeout_ns;
+  bool staged_send = false;       // set by launch_dispatch_send (MOE_EP_LL_SEND), not by callers
 };
 
 // MOE_EP_TIMEOUT_S (default 100 s) in nanoseconds, for the args' timeout_ns (csrc/bounded_wait.cuh).

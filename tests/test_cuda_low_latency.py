@@ -549,6 +549,32 @@ def test_engine_matches_reference_semantics(ll_pool, case, world_size, seed):
             assert counts[hot // num_local][rep][hot % num_local] == world_size * case.m, counts
 
 
+# The staged FP8 send (MOE_EP_LL_SEND=staged, read by the launcher at every launch) must give the
+# same results as the default direct send: FP8 cases only (BF16 rows take one path).
+STAGED_CASE_NAMES = ("random-fp8-h7168", "round-scale-fp8-h2560", "ue8m0-h7168", "skewed-one-expert-fp8-h7168",
+                     "zero-token-ranks-fp8-h2560", "many-experts-fp8-h512")
+STAGED_CASES = [case for case in CASES if case.name in STAGED_CASE_NAMES]
+assert len(STAGED_CASES) == len(STAGED_CASE_NAMES), "a staged-send case was renamed"
+
+
+def _w_case_staged(ctx, case: Case, seed: int) -> list:
+    previous = os.environ.get("MOE_EP_LL_SEND")
+    os.environ["MOE_EP_LL_SEND"] = "staged"
+    try:
+        return _w_case(ctx, case, seed)
+    finally:
+        if previous is None:
+            os.environ.pop("MOE_EP_LL_SEND", None)
+        else:
+            os.environ["MOE_EP_LL_SEND"] = previous
+
+
+@pytest.mark.parametrize("case", STAGED_CASES, ids=[case.name for case in STAGED_CASES])
+def test_staged_send_matches_reference_semantics(ll_pool, case, seed):
+    counts = ll_pool(3).run(_w_case_staged, case, seed, timeout=case.timeout)
+    assert len(counts) == 3 and all(len(per_rank) == REPS for per_rank in counts)
+
+
 def _w_hooks(ctx, fmt: str, seed: int) -> None:
     """Both hooks; outputs poisoned between the send half and hook(); a barrier there shows the
     send halves complete without any receive."""
