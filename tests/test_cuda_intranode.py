@@ -37,6 +37,7 @@ import torch
 
 from moe_ep.comm.fp8 import FP8_DTYPE
 from tests import oracle
+from tests.env import environ
 from tests.sanitizer import assert_sanitizer_clean
 
 pytestmark = pytest.mark.gpu
@@ -388,16 +389,8 @@ VARIANTS = [("4", "4"), ("16", "8"), ("8", "16")]
 
 
 def _w_case_with_env(ctx, case: Case, seed: int, unroll: str, chunk_rows: str) -> list:
-    previous = {key: os.environ.get(key) for key in ("MOE_EP_INTRANODE_UNROLL", "MOE_EP_INTRANODE_CHUNK_ROWS")}
-    os.environ["MOE_EP_INTRANODE_UNROLL"], os.environ["MOE_EP_INTRANODE_CHUNK_ROWS"] = unroll, chunk_rows
-    try:
+    with environ(MOE_EP_INTRANODE_UNROLL=unroll, MOE_EP_INTRANODE_CHUNK_ROWS=chunk_rows):
         return _w_case(ctx, case, seed)
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.mark.parametrize("unroll,chunk_rows", VARIANTS, ids=[f"unroll{u}-rows{r}" for u, r in VARIANTS])

@@ -56,6 +56,7 @@ import torch.distributed as dist
 from moe_ep.comm.fp8 import (FP8_AMAX_FLOOR, FP8_DTYPE, FP8_GROUP_SIZE, FP8_MAX, pack_ue8m0,
                              per_token_group_dequant_fp8, unpack_ue8m0)
 from tests import oracle
+from tests.env import environ
 from tests.conftest import kernels_missing
 from tests.sanitizer import assert_sanitizer_clean
 
@@ -558,15 +559,8 @@ assert len(STAGED_CASES) == len(STAGED_CASE_NAMES), "a staged-send case was rena
 
 
 def _w_case_staged(ctx, case: Case, seed: int) -> list:
-    previous = os.environ.get("MOE_EP_LL_SEND")
-    os.environ["MOE_EP_LL_SEND"] = "staged"
-    try:
+    with environ(MOE_EP_LL_SEND="staged"):
         return _w_case(ctx, case, seed)
-    finally:
-        if previous is None:
-            os.environ.pop("MOE_EP_LL_SEND", None)
-        else:
-            os.environ["MOE_EP_LL_SEND"] = previous
 
 
 @pytest.mark.parametrize("case", STAGED_CASES, ids=[case.name for case in STAGED_CASES])
@@ -1192,8 +1186,7 @@ def _w_buffer_vs_reference(ctx, seed: int) -> None:
     from moe_ep.comm.backends.reference import ReferenceBackend
 
     previous = os.environ.get(EXPERIMENTAL_ENV)
-    os.environ[EXPERIMENTAL_ENV] = ",".join(p for p in (previous, "low_latency") if p)
-    try:
+    with environ(**{EXPERIMENTAL_ENV: ",".join(p for p in (previous, "low_latency") if p)}):
         for i, case in enumerate(NCCL_CASES):
             num_experts = case.num_experts(ctx.world_size)
             hint = Buffer.get_low_latency_rdma_size_hint(case.m, case.hidden, ctx.world_size, num_experts)
@@ -1211,11 +1204,6 @@ def _w_buffer_vs_reference(ctx, seed: int) -> None:
             sync(ctx)
             dist.barrier(group=ctx.group)  # no rank frees its buffer while a peer may still write into it
             del buffer
-    finally:
-        if previous is None:
-            os.environ.pop(EXPERIMENTAL_ENV, None)
-        else:
-            os.environ[EXPERIMENTAL_ENV] = previous
 
 
 def test_buffer_on_two_gpus_equals_reference(nccl_pool, seed):

@@ -6,12 +6,12 @@ gives the oracle's results (one GPU per rank, as NVSHMEM requires)."""
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 from moe_ep.comm import nvshmem
+from tests.env import environ
 
 
 def test_missing_runtime_says_how_to_enable(monkeypatch):
@@ -37,8 +37,7 @@ def test_bad_size_is_rejected_before_anything_starts():
 def _w_engine_on_nvshmem(ctx, seed: int) -> None:
     from tests.test_cuda_low_latency import CASES, run_case
 
-    os.environ["MOE_EP_LL_TRANSPORT"] = "nvshmem"
-    try:
+    with environ(MOE_EP_LL_TRANSPORT="nvshmem"):
         from moe_ep.comm.backends.low_latency import LowLatencyEngine, ll_size_hint
 
         case = next(c for c in CASES if c.name.startswith("random"))
@@ -47,8 +46,6 @@ def _w_engine_on_nvshmem(ctx, seed: int) -> None:
         for rep in range(3):
             run_case(ctx, engine, case, seed + rep, rep, f"{case.name} on NVSHMEM (run {rep + 1} of 3)")
         torch.cuda.synchronize()
-    finally:
-        os.environ.pop("MOE_EP_LL_TRANSPORT", None)
 
 
 @pytest.mark.gpu
