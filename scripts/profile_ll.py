@@ -28,7 +28,7 @@ def _rank(rank: int, world_size: int, tokens_list: list[int], out: str) -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     group = dist.new_group(list(range(world_size)))
     buffer = Buffer(group, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, world_size, EXPERTS),
-                    low_latency_mode=True, num_qps_per_rank=EXPERTS // world_size)
+                    low_latency_mode=True, num_qps_per_rank=EXPERTS // world_size, explicitly_destroy=True)
     lines = []
     for tokens in tokens_list:
         opts = dict(tokens=tokens, hidden=HIDDEN, experts=EXPERTS, top_k=TOP_K, seed=0)
