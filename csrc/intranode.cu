@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 
 #include "bounded_wait.cuh"
 #include "device_copy.cuh"
@@ -29,154 +30,187 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kNotifyThreads = 512;
 constexpr unsigned kFullWarp = 0xffffffffu;
 
-__device__ __forceinline__ uint8_t* region_of(const Peers& peers, int rank) {
-  return static_cast<uint8_t*>(peers.bases[rank]) + peers.region_offset;
-}
-
 using copy::align16;
 using copy::warp_copy;
 using copy::warp_zero;
 
-// The rows a rank receives, grouped by source rank, cut into chunks of `rows` (<= 32: a lane per
-// row looks up its token) rows, one chunk per warp step. Smaller chunks spread a call over more
-// warps (32-row chunks leave warps idle when rows / 32 < the warps of the grid).
-struct ChunkMap {
-  int start[kMaxRanks];
-  int count[kMaxRanks];
-  int chunk_begin[kMaxRanks + 1];
-  int rows;
+__device__ __forceinline__ uint8_t* region_of(const Peers& peers, int rank) {
+  return static_cast<uint8_t*>(peers.bases[rank]) + peers.region_offset;
+}
+__device__ __forceinline__ Control* control_of(const Peers& peers, int rank, int parity) {
+  return reinterpret_cast<Control*>(region_of(peers, rank) + kControlOffset + parity * kControlStride);
+}
+// Chunk flags of `region`: dispatch ones first, then combine ones; [source][chunk], F per source.
+__device__ __forceinline__ long long* flags_of(uint8_t* region, bool combine) {
+  return reinterpret_cast<long long*>(region + kFlagsOffset) + (combine ? kFlagSlots : 0);
+}
+
+// A pointer held by lane src_lane, for the whole warp.
+template <typename P>
+__device__ __forceinline__ P* shfl_ptr(P* ptr, int src_lane) {
+  return reinterpret_cast<P*>(__shfl_sync(kFullWarp, reinterpret_cast<unsigned long long>(ptr), src_lane));
+}
+
+__device__ __forceinline__ void store_release_sys(long long* ptr, long long value) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
+  asm volatile("st.release.sys.global.b64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+#else
+  __threadfence_system();
+  *reinterpret_cast<volatile long long*>(ptr) = value;
+#endif
+}
+
+// A warp's stores into a peer's buffer become visible before its flag: every lane fences its own
+// stores (system scope), the warp meets, then lane 0 publishes `value` with a release store.
+__device__ __forceinline__ void warp_raise_flag(long long* flag, long long value, int lane) {
+  __threadfence_system();
+  __syncwarp();
+  if (lane == 0) store_release_sys(flag, value);
+}
+
+// Lane 0 waits (bounded) until a chunk flag reaches `value`; then the whole warp may read what the
+// chunk's sender stored before raising it.
+__device__ __forceinline__ void warp_wait_flag(const long long* flag, long long value, const wait::WaitSite& site,
+                                               int lane) {
+  if (lane == 0) wait::wait_value<wait::Scope::kSys>(flag, value, wait::Cmp::kGe, site);
+  __syncwarp();
+}
+
+// Per block: how many of its 16 warps send (the rest receive or reduce), and this warp's place.
+struct WarpRole {
+  bool sender;
+  int id;     // among the grid's warps of its kind
+  int count;  // warps of its kind in the grid
 };
 
-__device__ __forceinline__ void build_chunk_map(ChunkMap& map, const int* rank_prefix_matrix, int rank, int num_ranks,
-                                                int chunk_rows) {
-  if (threadIdx.x == 0) {
-    int chunks = 0;
-    map.rows = chunk_rows;
-    for (int s = 0; s < num_ranks; ++s) {
-      const int begin = s == 0 ? 0 : rank_prefix_matrix[(s - 1) * num_ranks + rank];
-      const int end = rank_prefix_matrix[s * num_ranks + rank];
-      map.start[s] = begin;
-      map.count[s] = end - begin;
-      map.chunk_begin[s] = chunks;
-      chunks += (end - begin + chunk_rows - 1) / chunk_rows;
-    }
-    map.chunk_begin[num_ranks] = chunks;
-  }
-  __syncthreads();
+__device__ __forceinline__ WarpRole warp_role(int send_warps) {
+  const int w = static_cast<int>(threadIdx.x) / 32;
+  if (w < send_warps) return {true, static_cast<int>(blockIdx.x) * send_warps + w, static_cast<int>(gridDim.x) * send_warps};
+  const int others = kWarps - send_warps;
+  return {false, static_cast<int>(blockIdx.x) * others + (w - send_warps), static_cast<int>(gridDim.x) * others};
 }
 
-__device__ __forceinline__ int chunk_source(const ChunkMap& map, int chunk, int num_ranks) {
-  int s = 0;
-  while (s + 1 < num_ranks && map.chunk_begin[s + 1] <= chunk) ++s;
-  return s;
+// Chunks of G rows of the pairs a warp kind walks, in rotated rank order (starting at `first`),
+// so each rank's warps start on different peers and a receiver starts with its own rows.
+struct ChunkPlan {
+  int begin[kMaxRanks + 1];  // first chunk of the i-th rank in the order
+  int first;                 // rank of position 0
+};
+
+__device__ __forceinline__ void plan_chunks(ChunkPlan& plan, const int* rows, int first, int count, int num_ranks,
+                                            int G) {
+  int chunks = 0;
+  plan.first = first;
+  for (int i = 0; i < count; ++i) {
+    plan.begin[i] = chunks;
+    chunks += (rows[(first + i) % num_ranks] + G - 1) / G;
+  }
+  plan.begin[count] = chunks;
 }
 
-// ------------------------------------------------------------------------------------- stage
-__global__ void __launch_bounds__(kThreads)
-stage_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t* __restrict__ x,
-             const uint8_t* __restrict__ scales, const int64_t* __restrict__ topk_idx,
-             const float* __restrict__ topk_weights, bool write_routing, const int* __restrict__ send_slot,
-             const int* __restrict__ send_counts, const int* __restrict__ expert_counts, int num_experts,
-             long long overflow) {
-  uint8_t* region = region_of(peers, peers.rank);
-  uint8_t* rows = region + kControlBytes;
-  int* lists = reinterpret_cast<int*>(rows + align16(num_tokens * layout.stride));
-  const int lane = threadIdx.x % 32;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  const int K = layout.num_topk;
-  for (int64_t t = warp; t < num_tokens && overflow == 0; t += num_warps) {
-    uint8_t* row = rows + t * layout.stride;
-    warp_copy(row, x + t * layout.x_bytes, layout.x_bytes, lane);
-    if (layout.scale_bytes > 0) warp_copy(row + layout.off_scales, scales + t * layout.scale_bytes, layout.scale_bytes, lane);
-    for (int k = lane; k < K; k += 32) {
-      reinterpret_cast<int64_t*>(row + layout.off_idx)[k] = topk_idx[t * K + k];
-      reinterpret_cast<float*>(row + layout.off_weights)[k] = topk_weights[t * K + k];
-    }
-    if (write_routing) {
-      for (int r = lane; r < peers.num_ranks; r += 32) {
-        const int slot = send_slot[t * peers.num_ranks + r];
-        if (slot >= 0) lists[static_cast<int64_t>(r) * num_tokens + slot] = static_cast<int>(t);
-      }
-    }
-  }
-  if (write_routing && blockIdx.x == 0) {
-    auto* control = reinterpret_cast<Control*>(region);
-    if (threadIdx.x == 0) {
-      control->num_tokens = static_cast<int>(num_tokens);
-      control->overflow = overflow;
-    }
-    for (int r = threadIdx.x; r < peers.num_ranks; r += kThreads) control->send_counts[r] = send_counts[r];
-    for (int e = threadIdx.x; e < num_experts; e += kThreads) control->expert_counts[e] = expert_counts[e];
-  }
+// The position in the order of chunk c (plan.begin[count] > c).
+__device__ __forceinline__ int plan_position(const ChunkPlan& plan, int c, int count) {
+  int i = 0;
+  while (i + 1 < count && plan.begin[i + 1] <= c) ++i;
+  return i;
+}
+
+__device__ __forceinline__ int prefix_at(const int* rank_prefix_matrix, int src, int dst, int num_ranks) {
+  return src < 0 ? 0 : rank_prefix_matrix[src * num_ranks + dst];
 }
 
 // ------------------------------------------------------------------------------------ notify
 __global__ void __launch_bounds__(kNotifyThreads)
-notify_kernel(Peers peers, int num_experts, int expert_alignment, int num_worst_tokens, int* rank_prefix_matrix,
-              int* peer_tokens, HostRecordView* record, long long epoch) {
-  __shared__ int matrix[kMaxRanks * kMaxRanks];
-  __shared__ int tokens[kMaxRanks];
+notify_kernel(Peers peers, bool with_counts, int64_t num_tokens, const int* __restrict__ send_slot,
+              const int* __restrict__ send_counts, const int* __restrict__ expert_counts, int num_experts,
+              int expert_alignment, int num_worst_tokens, int* __restrict__ send_lists, int* rank_prefix_matrix,
+              HostRecordView* record, long long epoch, uint64_t timeout_ns) {
   const int R = peers.num_ranks;
   const int me = peers.rank;
-  for (int i = threadIdx.x; i < R * R; i += kNotifyThreads) {
-    const auto* control = reinterpret_cast<const Control*>(region_of(peers, i / R));
-    matrix[i] = __ldcg(&control->send_counts[i % R]);
-  }
-  __shared__ long long overflow[kMaxRanks];
-  for (int s = threadIdx.x; s < R; s += kNotifyThreads) {
-    const auto* control = reinterpret_cast<const Control*>(region_of(peers, s));
-    tokens[s] = __ldcg(&control->num_tokens);
-    overflow[s] = __ldcg(&control->overflow);
-  }
-  __syncthreads();
-  long long worst_overflow = 0;
-  int overflow_rank = -1;
-  for (int s = 0; s < R; ++s) {
-    if (overflow[s] > worst_overflow) {
-      worst_overflow = overflow[s];
-      overflow_rank = s;
+  if (with_counts) {  // every block: the send lists, lists[d][send_slot[t, d]] = t
+    const int64_t total = num_tokens * R;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+      const int slot = send_slot[i];
+      if (slot >= 0) send_lists[(i % R) * num_tokens + slot] = static_cast<int>(i / R);
     }
   }
+  if (blockIdx.x != 0) return;
+
+  __shared__ long long seq;
+  if (threadIdx.x == 0) {
+    auto* state = reinterpret_cast<volatile State*>(region_of(peers, me));
+    seq = state->notify_seq + 1;
+    state->notify_seq = seq;
+  }
+  __syncthreads();
+  const int parity = static_cast<int>(seq & 1);
+  const int L = with_counts ? num_experts / R : 0;
+  if (with_counts) {
+    for (int d = 0; d < R; ++d) {
+      Control* c = control_of(peers, d, parity);
+      for (int i = threadIdx.x; i < R; i += kNotifyThreads) c->matrix[me * R + i] = send_counts[i];
+      for (int e = threadIdx.x; e < L; e += kNotifyThreads) c->expert_counts[me * L + e] = expert_counts[d * L + e];
+      if (threadIdx.x == 0) c->tokens[me] = static_cast<int>(num_tokens);
+    }
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x < R) store_release_sys(&control_of(peers, threadIdx.x, parity)->arrived[me], seq);
+  const Control* own = control_of(peers, me, parity);
+  if (threadIdx.x < R) {
+    const wait::WaitSite site{"intranode_notify", "arrived[src]", me, static_cast<int>(threadIdx.x), timeout_ns};
+    wait::wait_value<wait::Scope::kSys>(&own->arrived[threadIdx.x], seq, wait::Cmp::kGe, site);
+  }
+  __syncthreads();
+  if (!with_counts) return;
+
+  __shared__ int matrix[kMaxRanks * kMaxRanks];
+  __shared__ int recv[kMaxRanks];
+  __shared__ int buffer_rows[kMaxRanks];
+  for (int i = threadIdx.x; i < R * R; i += kNotifyThreads) matrix[i] = __ldcg(&own->matrix[i]);
+  __syncthreads();
   for (int d = threadIdx.x; d < R; d += kNotifyThreads) {
     int acc = 0;
     for (int s = 0; s < R; ++s) {
       acc += matrix[s * R + d];
       rank_prefix_matrix[s * R + d] = acc;
     }
+    recv[d] = acc;
+    buffer_rows[d] = acc - matrix[d * R + d];
   }
-  for (int s = threadIdx.x; s < R; s += kNotifyThreads) peer_tokens[s] = tokens[s];
-  int num_recv = 0;
-  for (int s = 0; s < R; ++s) num_recv += matrix[s * R + me];
+  __syncthreads();
   if (num_worst_tokens > 0) {
-    if (worst_overflow > 0 && threadIdx.x == 0) {
-      printf("moe_ep intranode dispatch: rank %d's dispatch needs %lld bytes of num_nvl_bytes, more than its buffer "
-             "holds; raise num_nvl_bytes (rank %d stops here)\n", overflow_rank, worst_overflow, me);
-      __trap();
-    }
-    if (num_recv > num_worst_tokens && threadIdx.x == 0) {
-      printf("moe_ep intranode dispatch: rank %d receives %d tokens but num_worst_tokens=%d; raise num_worst_tokens\n",
-             me, num_recv, num_worst_tokens);
-      __trap();
+    // Every rank checks every rank, so all of them stop here together instead of some waiting.
+    if (threadIdx.x == 0) {
+      for (int d = 0; d < R; ++d) {
+        if (recv[d] > num_worst_tokens) {
+          printf("moe_ep intranode dispatch: rank %d receives %d tokens but num_worst_tokens=%d; raise "
+                 "num_worst_tokens (rank %d stops here)\n", d, recv[d], num_worst_tokens, me);
+          __trap();
+        }
+      }
     }
     return;
   }
-  const int local = num_experts / R;
-  for (int e = threadIdx.x; e < local; e += kNotifyThreads) {
+  for (int e = threadIdx.x; e < L; e += kNotifyThreads) {
     int sum = 0;
-    for (int s = 0; s < R; ++s) {
-      sum += __ldcg(&reinterpret_cast<const Control*>(region_of(peers, s))->expert_counts[me * local + e]);
-    }
+    for (int s = 0; s < R; ++s) sum += __ldcg(&own->expert_counts[s * L + e]);
     record->counts[e] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
   }
-  __syncthreads();
   if (threadIdx.x == 0) {
-    int max_tokens = 0;
-    for (int s = 0; s < R; ++s) max_tokens = max(max_tokens, tokens[s]);
-    record->num_recv = num_recv;
+    int max_tokens = 0, max_rows = -1, max_rank = 0;
+    for (int s = 0; s < R; ++s) {
+      max_tokens = max(max_tokens, __ldcg(&own->tokens[s]));
+      if (buffer_rows[s] > max_rows) {
+        max_rows = buffer_rows[s];
+        max_rank = s;
+      }
+    }
+    record->num_recv = recv[me];
     record->max_tokens = max_tokens;
-    record->overflow_bytes = worst_overflow;
-    record->overflow_rank = overflow_rank;
+    record->max_buffer_rows = max_rows;
+    record->max_buffer_rank = max_rank;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -186,112 +220,151 @@ notify_kernel(Peers peers, int num_experts, int expert_alignment, int num_worst_
   }
 }
 
-// -------------------------------------------------------------------------------------- pull
+// ---------------------------------------------------------------------------------- transfer
+// Top-k ids as the receiver `dst_rank` sees them: local ids of its experts, -1 (weight 0) elsewhere.
+__device__ __forceinline__ void localize_topk(const int64_t* idx, const float* weights, int K, int64_t first_expert,
+                                              int num_local, int64_t* out_idx, float* out_weights, int lane) {
+  for (int k = lane; k < K; k += 32) {
+    const int64_t id = idx[k];
+    const bool mine = id >= first_expert && id < first_expert + num_local;
+    out_idx[k] = mine ? id - first_expert : -1;
+    out_weights[k] = mine ? weights[k] : 0.0f;
+  }
+}
+
 template <int U>
 __global__ void __launch_bounds__(kThreads)
-pull_kernel(Peers peers, RowLayout layout, const int* __restrict__ rank_prefix_matrix,
-            const int* __restrict__ peer_tokens, bool cached, int* recv_src_idx, uint8_t* __restrict__ recv_x,
-            uint8_t* __restrict__ recv_scales, int64_t* __restrict__ recv_topk_idx,
-            float* __restrict__ recv_topk_weights, int64_t num_rows, int num_local_experts, int chunk_rows) {
-  __shared__ ChunkMap map;
+transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t* __restrict__ x,
+                const uint8_t* __restrict__ scales, const int64_t* __restrict__ topk_idx,
+                const float* __restrict__ topk_weights, const int* __restrict__ send_lists,
+                const int* __restrict__ rank_prefix_matrix, int G, bool cached, int* recv_src_idx,
+                uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales, int64_t* __restrict__ recv_topk_idx,
+                float* __restrict__ recv_topk_weights, int64_t num_rows, int num_local, int send_warps,
+                uint64_t timeout_ns) {
   const int R = peers.num_ranks;
   const int me = peers.rank;
-  build_chunk_map(map, rank_prefix_matrix, me, R, chunk_rows);
-  const int lane = threadIdx.x % 32;
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_warps = gridDim.x * kWarps;
+  const int F = kFlagSlots / R;
   const int K = layout.num_topk;
-  const int64_t first_expert = static_cast<int64_t>(me) * num_local_experts;
-  const int total_chunks = map.chunk_begin[R];
-  for (int c = warp; c < total_chunks; c += num_warps) {
-    const int s = chunk_source(map, c, R);
-    const int j0 = (c - map.chunk_begin[s]) * map.rows;
-    const int n = min(map.rows, map.count[s] - j0);
-    const int64_t row0 = map.start[s] + j0;
-    const uint8_t* src_region = region_of(peers, s);
-    const uint8_t* src_rows = src_region + kControlBytes;
-    int token = 0;
-    if (lane < n) {
-      if (cached) {
-        token = recv_src_idx[row0 + lane];
-      } else {
-        const int64_t src_tokens = peer_tokens[s];
-        const int* lists = reinterpret_cast<const int*>(src_rows + align16(src_tokens * layout.stride));
-        token = __ldcg(lists + static_cast<int64_t>(me) * src_tokens + j0 + lane);
-        recv_src_idx[row0 + lane] = token;
+  __shared__ int recv_rows[kMaxRanks];   // rows source s sends here
+  __shared__ int recv_start[kMaxRanks];  // output row of s's first row here
+  __shared__ int send_rows[kMaxRanks];   // rows this rank sends d
+  __shared__ int send_start[kMaxRanks];  // buffer row at d of this rank's first row there
+  __shared__ ChunkPlan recv_plan, send_plan;
+  __shared__ long long seq;
+  for (int r = threadIdx.x; r < R; r += kThreads) {
+    recv_rows[r] = prefix_at(rank_prefix_matrix, r, me, R) - prefix_at(rank_prefix_matrix, r - 1, me, R);
+    recv_start[r] = prefix_at(rank_prefix_matrix, r - 1, me, R);
+    send_rows[r] = prefix_at(rank_prefix_matrix, me, r, R) - prefix_at(rank_prefix_matrix, me - 1, r, R);
+    const int own_at_r = prefix_at(rank_prefix_matrix, r, r, R) - prefix_at(rank_prefix_matrix, r - 1, r, R);
+    send_start[r] = prefix_at(rank_prefix_matrix, me - 1, r, R) - (me > r ? own_at_r : 0);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    seq = reinterpret_cast<volatile State*>(region_of(peers, me))->notify_seq;
+    plan_chunks(recv_plan, recv_rows, me, R, R, G);
+    plan_chunks(send_plan, send_rows, (me + 1) % R, R - 1, R, G);
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const WarpRole role = warp_role(R > 1 ? send_warps : 0);
+  const int64_t x_bytes = layout.x_bytes;
+  const int64_t scale_bytes = layout.scale_bytes;
+
+  if (role.sender) {
+    for (int c = role.id; c < send_plan.begin[R - 1]; c += role.count) {
+      const int pos = plan_position(send_plan, c, R - 1);
+      const int d = (send_plan.first + pos) % R;
+      const int k = c - send_plan.begin[pos];
+      const int j0 = k * G;
+      const int n = min(G, send_rows[d] - j0);
+      uint8_t* dst_region = region_of(peers, d);
+      uint8_t* dst_rows = dst_region + kRowsOffset + static_cast<int64_t>(send_start[d] + j0) * layout.stride;
+      const int64_t first_expert = static_cast<int64_t>(d) * num_local;
+      for (int sub = 0; sub < n; sub += 32) {
+        const int m = min(32, n - sub);
+        const int token = lane < m ? __ldg(send_lists + static_cast<int64_t>(d) * num_tokens + j0 + sub + lane) : 0;
+        for (int i = 0; i < m; ++i) {
+          const int t = __shfl_sync(kFullWarp, token, i);
+          uint8_t* dst = dst_rows + static_cast<int64_t>(sub + i) * layout.stride;
+          warp_copy<U>(dst, x + t * x_bytes, x_bytes, lane);
+          if (scale_bytes > 0) warp_copy<U>(dst + layout.off_scales, scales + t * scale_bytes, scale_bytes, lane);
+          if (K > 0) {
+            localize_topk(topk_idx + static_cast<int64_t>(t) * K, topk_weights + static_cast<int64_t>(t) * K, K,
+                          first_expert, num_local, reinterpret_cast<int64_t*>(dst + layout.off_idx),
+                          reinterpret_cast<float*>(dst + layout.off_weights), lane);
+          }
+          if (lane == 0) *reinterpret_cast<int*>(dst + layout.off_src) = t;
+        }
       }
+      warp_raise_flag(flags_of(dst_region, false) + static_cast<int64_t>(me) * F + k, seq, lane);
     }
+    return;
+  }
+
+  uint8_t* own_region = region_of(peers, me);
+  const uint8_t* own_rows = own_region + kRowsOffset;
+  const long long* own_flags = flags_of(own_region, false);
+  const int64_t first_expert = static_cast<int64_t>(me) * num_local;
+  for (int c = role.id; c < recv_plan.begin[R]; c += role.count) {
+    const int pos = plan_position(recv_plan, c, R);
+    const int s = (me + pos) % R;
+    const int k = c - recv_plan.begin[pos];
+    const int j0 = k * G;
+    const int n = min(G, recv_rows[s] - j0);
+    const int64_t row0 = recv_start[s] + j0;
+    if (s == me) {  // this rank's own rows: straight from x
+      for (int sub = 0; sub < n; sub += 32) {
+        const int m = min(32, n - sub);
+        const int token = lane < m ? __ldg(send_lists + static_cast<int64_t>(me) * num_tokens + j0 + sub + lane) : 0;
+        for (int i = 0; i < m; ++i) {
+          const int t = __shfl_sync(kFullWarp, token, i);
+          const int64_t row = row0 + sub + i;
+          warp_copy<U>(recv_x + row * x_bytes, x + t * x_bytes, x_bytes, lane);
+          if (scale_bytes > 0) warp_copy<U>(recv_scales + row * scale_bytes, scales + t * scale_bytes, scale_bytes, lane);
+          if (K > 0) {
+            localize_topk(topk_idx + static_cast<int64_t>(t) * K, topk_weights + static_cast<int64_t>(t) * K, K,
+                          first_expert, num_local, recv_topk_idx + row * K, recv_topk_weights + row * K, lane);
+          }
+          if (!cached && lane == 0) recv_src_idx[row] = t;
+        }
+      }
+      continue;
+    }
+    const wait::WaitSite site{"intranode_dispatch", "chunk_flag[src]", me, s, timeout_ns};
+    warp_wait_flag(own_flags + static_cast<int64_t>(s) * F + k, seq, site, lane);
+    const int64_t buffer_row0 = row0 - (s > me ? recv_rows[me] : 0);
     for (int i = 0; i < n; ++i) {
-      const int t = __shfl_sync(kFullWarp, token, i);
       const int64_t row = row0 + i;
-      const uint8_t* src = src_rows + static_cast<int64_t>(t) * layout.stride;
-      // The first 32 top-k entries are loaded before the row, so their latency hides behind it.
+      const uint8_t* src = own_rows + (buffer_row0 + i) * layout.stride;
+      // The top-k entries are loaded before the row, so their latency hides behind it.
       int64_t id0 = 0;
       float w0 = 0.0f;
       if (lane < K) {
         id0 = __ldcg(reinterpret_cast<const long long*>(src + layout.off_idx) + lane);
         w0 = __ldcg(reinterpret_cast<const float*>(src + layout.off_weights) + lane);
       }
-      warp_copy<U>(recv_x + row * layout.x_bytes, src, layout.x_bytes, lane);
-      if (layout.scale_bytes > 0) {
-        warp_copy<U>(recv_scales + row * layout.scale_bytes, src + layout.off_scales, layout.scale_bytes, lane);
+      warp_copy<U>(recv_x + row * x_bytes, src, x_bytes, lane);
+      if (scale_bytes > 0) warp_copy<U>(recv_scales + row * scale_bytes, src + layout.off_scales, scale_bytes, lane);
+      for (int kk = lane; kk < K; kk += 32) {
+        recv_topk_idx[row * K + kk] = kk < 32 ? id0 : __ldcg(reinterpret_cast<const long long*>(src + layout.off_idx) + kk);
+        recv_topk_weights[row * K + kk] = kk < 32 ? w0 : __ldcg(reinterpret_cast<const float*>(src + layout.off_weights) + kk);
       }
-      for (int k = lane; k < K; k += 32) {
-        const int64_t id = k < 32 ? id0 : __ldcg(reinterpret_cast<const long long*>(src + layout.off_idx) + k);
-        const float w = k < 32 ? w0 : __ldcg(reinterpret_cast<const float*>(src + layout.off_weights) + k);
-        const bool mine = id >= first_expert && id < first_expert + num_local_experts;
-        recv_topk_idx[row * K + k] = mine ? id - first_expert : -1;
-        recv_topk_weights[row * K + k] = mine ? w : 0.0f;
-      }
+      if (!cached && lane == 0) recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(src + layout.off_src));
     }
   }
   // num_worst_tokens mode: rows past the received ones are padding (zeros, ids -1, source 0).
-  const int64_t num_recv = rank_prefix_matrix[(R - 1) * R + me];
-  for (int64_t row = num_recv + warp; row < num_rows; row += num_warps) {
-    warp_zero(recv_x + row * layout.x_bytes, layout.x_bytes, lane);
-    if (layout.scale_bytes > 0) warp_zero(recv_scales + row * layout.scale_bytes, layout.scale_bytes, lane);
-    for (int k = lane; k < K; k += 32) {
-      recv_topk_idx[row * K + k] = -1;
-      recv_topk_weights[row * K + k] = 0.0f;
+  for (int64_t row = prefix_at(rank_prefix_matrix, R - 1, me, R) + role.id; row < num_rows; row += role.count) {
+    warp_zero(recv_x + row * x_bytes, x_bytes, lane);
+    if (scale_bytes > 0) warp_zero(recv_scales + row * scale_bytes, scale_bytes, lane);
+    for (int kk = lane; kk < K; kk += 32) {
+      recv_topk_idx[row * K + kk] = -1;
+      recv_topk_weights[row * K + kk] = 0.0f;
     }
     if (!cached && lane == 0) recv_src_idx[row] = 0;
   }
 }
 
-// -------------------------------------------------------------------------------------- push
-template <int U>
-__global__ void __launch_bounds__(kThreads)
-push_kernel(Peers peers, const int* __restrict__ rank_prefix_matrix, const uint8_t* __restrict__ x, int64_t x_bytes,
-            const float* __restrict__ topk_weights, int num_topk, int64_t stride_rows, int64_t row_bytes,
-            int chunk_rows) {
-  __shared__ ChunkMap map;
-  const int R = peers.num_ranks;
-  const int me = peers.rank;
-  build_chunk_map(map, rank_prefix_matrix, me, R, chunk_rows);
-  const int lane = threadIdx.x % 32;
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_warps = gridDim.x * kWarps;
-  const int total_chunks = map.chunk_begin[R];
-  const int64_t weights_offset = align16(x_bytes);
-  for (int c = warp; c < total_chunks; c += num_warps) {
-    const int s = chunk_source(map, c, R);
-    const int j0 = (c - map.chunk_begin[s]) * map.rows;
-    const int n = min(map.rows, map.count[s] - j0);
-    uint8_t* dst_rows = region_of(peers, s) + kControlBytes + (static_cast<int64_t>(me) * stride_rows + j0) * row_bytes;
-    for (int i = 0; i < n; ++i) {
-      const int64_t row = map.start[s] + j0 + i;
-      uint8_t* dst = dst_rows + static_cast<int64_t>(i) * row_bytes;
-      warp_copy<U>(dst, x + row * x_bytes, x_bytes, lane);
-      if (num_topk > 0) {
-        for (int k = lane; k < num_topk; k += 32) {
-          reinterpret_cast<float*>(dst + weights_offset)[k] = topk_weights[row * num_topk + k];
-        }
-      }
-    }
-  }
-}
-
-// ------------------------------------------------------------------------------------ reduce
+// ----------------------------------------------------------------------------------- combine
 template <typename T>
 __device__ __forceinline__ float to_float(T v);
 template <>
@@ -317,18 +390,36 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
+// An L2-only load of a pack (rows arrive from other GPUs during the kernel; L1 is not coherent).
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const Pack<T, V>* ptr) {
+  static_assert(sizeof(Pack<T, V>) == 16 || sizeof(Pack<T, V>) == 4 || sizeof(Pack<T, V>) == 2, "pack size");
+  Pack<T, V> p;
+  if constexpr (sizeof(Pack<T, V>) == 16) {
+    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(ptr));
+    memcpy(&p, &raw, 16);
+  } else if constexpr (sizeof(Pack<T, V>) == 4) {
+    const unsigned int raw = __ldcg(reinterpret_cast<const unsigned int*>(ptr));
+    memcpy(&p, &raw, 4);
+  } else {
+    const unsigned short raw = __ldcg(reinterpret_cast<const unsigned short*>(ptr));
+    memcpy(&p, &raw, 2);
+  }
+  return p;
+}
+
 // A lane sums kReduceSteps vectors of a row at once: their loads are in flight together (one
 // vector per step made the reduce wait on one load latency per rank and step).
 constexpr int kReduceSteps = 4;
 
+// rows_lo / rows_hi: lane l holds the row pointer of rank l / l + 32 (where the mask has it).
 template <typename T, int V>
-__device__ __forceinline__ void reduce_token(const uint8_t* area, int64_t stride_rows, int64_t row_bytes,
-                                             unsigned long long mask, int slot_lo, int slot_hi, int64_t hidden,
-                                             const void* bias0, bool bias0_bf16, const void* bias1, bool bias1_bf16,
-                                             int64_t t, T* out, int lane) {
+__device__ __forceinline__ void reduce_token(unsigned long long mask, const uint8_t* rows_lo, const uint8_t* rows_hi,
+                                             int64_t hidden, const void* bias0, bool bias0_bf16, const void* bias1,
+                                             bool bias1_bf16, int64_t t, T* out, int lane) {
   constexpr int U = kReduceSteps;
   const int64_t steps = hidden / V;
-  // The loop bounds are uniform across the warp (the slot broadcasts need every lane).
+  // The loop bounds are uniform across the warp (the pointer broadcasts need every lane).
   for (int64_t base = 0; base < steps; base += 32 * U) {
     float acc[U][V];
 #pragma unroll
@@ -336,16 +427,14 @@ __device__ __forceinline__ void reduce_token(const uint8_t* area, int64_t stride
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[u][v] = 0.0f;
     }
-    for (unsigned long long m = mask; m != 0; m &= m - 1) {  // ranks in increasing order, as before
+    for (unsigned long long m = mask; m != 0; m &= m - 1) {  // ranks in increasing order, as the reference
       const int r = __ffsll(static_cast<long long>(m)) - 1;
-      const int slot = __shfl_sync(kFullWarp, r < 32 ? slot_lo : slot_hi, r % 32);
-      const auto* row =
-          reinterpret_cast<const Pack<T, V>*>(area + (static_cast<int64_t>(r) * stride_rows + slot) * row_bytes);
+      const auto* row = reinterpret_cast<const Pack<T, V>*>(shfl_ptr(r < 32 ? rows_lo : rows_hi, r % 32));
       Pack<T, V> p[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t i = base + u * 32 + lane;
-        if (i < steps) p[u] = row[i];
+        if (i < steps) p[u] = load_pack(row + i);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -374,47 +463,107 @@ __device__ __forceinline__ void reduce_token(const uint8_t* area, int64_t stride
   }
 }
 
-template <typename T, int V>
+// The block of rank r's rows in rank s's combine area (s's own rank has none).
+__device__ __forceinline__ int combine_block(int r, int s) { return r < s ? r : r - 1; }
+
+template <typename T, int V, int U>
 __global__ void __launch_bounds__(kThreads)
-reduce_kernel(Peers peers, int64_t num_tokens, int64_t hidden, const bool* __restrict__ is_token_in_rank,
-              const int* __restrict__ send_slot, int64_t stride_rows, int64_t row_bytes, int num_topk,
-              const void* bias0, bool bias0_bf16, const void* bias1, bool bias1_bf16, T* __restrict__ out,
-              float* __restrict__ out_weights) {
-  const uint8_t* area = region_of(peers, peers.rank) + kControlBytes;
+combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, int64_t hidden,
+               const uint8_t* __restrict__ x, const float* __restrict__ topk_weights, int K,
+               const bool* __restrict__ is_token_in_rank, const int* __restrict__ send_slot,
+               const int* __restrict__ rank_prefix_matrix, int64_t stride_rows, int64_t row_bytes, int G,
+               const void* bias0, bool bias0_bf16, const void* bias1, bool bias1_bf16, T* __restrict__ out,
+               float* __restrict__ out_weights, int send_warps, uint64_t timeout_ns) {
   const int R = peers.num_ranks;
+  const int me = peers.rank;
+  const int F = kFlagSlots / R;
+  const int64_t x_bytes = hidden * static_cast<int64_t>(sizeof(T));
+  const int64_t weights_offset = align16(x_bytes);
+  __shared__ int back_rows[kMaxRanks];   // rows this rank received from s, going back to s
+  __shared__ ChunkPlan plan;
+  __shared__ long long epoch;
+  for (int r = threadIdx.x; r < R; r += kThreads) {
+    back_rows[r] = prefix_at(rank_prefix_matrix, r, me, R) - prefix_at(rank_prefix_matrix, r - 1, me, R);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    epoch = *reinterpret_cast<const volatile long long*>(barrier_epoch);
+    plan_chunks(plan, back_rows, (me + 1) % R, R - 1, R, G);
+  }
+  __syncthreads();
   const int lane = threadIdx.x % 32;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  const int64_t weights_offset = align16(hidden * static_cast<int64_t>(sizeof(T)));
-  for (int64_t t = warp; t < num_tokens; t += num_warps) {
-    const bool in_lo = lane < R && is_token_in_rank[t * R + lane];
-    const bool in_hi = lane + 32 < R && is_token_in_rank[t * R + lane + 32];
-    const int slot_lo = in_lo ? send_slot[t * R + lane] : 0;
-    const int slot_hi = in_hi ? send_slot[t * R + lane + 32] : 0;
+  const WarpRole role = warp_role(R > 1 ? send_warps : 0);
+
+  if (role.sender) {
+    for (int c = role.id; c < plan.begin[R - 1]; c += role.count) {
+      const int pos = plan_position(plan, c, R - 1);
+      const int s = (plan.first + pos) % R;
+      const int k = c - plan.begin[pos];
+      const int j0 = k * G;
+      const int n = min(G, back_rows[s] - j0);
+      uint8_t* dst_region = region_of(peers, s);
+      uint8_t* dst_rows = dst_region + kRowsOffset + (combine_block(me, s) * stride_rows + j0) * row_bytes;
+      const int64_t row0 = prefix_at(rank_prefix_matrix, s - 1, me, R) + j0;
+      for (int i = 0; i < n; ++i) {
+        uint8_t* dst = dst_rows + static_cast<int64_t>(i) * row_bytes;
+        warp_copy<U>(dst, x + (row0 + i) * x_bytes, x_bytes, lane);
+        for (int kk = lane; kk < K; kk += 32) {
+          reinterpret_cast<float*>(dst + weights_offset)[kk] = topk_weights[(row0 + i) * K + kk];
+        }
+      }
+      warp_raise_flag(flags_of(dst_region, true) + static_cast<int64_t>(me) * F + k, epoch, lane);
+    }
+    return;
+  }
+
+  uint8_t* own_region = region_of(peers, me);
+  const uint8_t* area = own_region + kRowsOffset;
+  const long long* own_flags = flags_of(own_region, true);
+  const int64_t own_row0 = prefix_at(rank_prefix_matrix, me - 1, me, R);
+  // Lane l looks after rank l (and l + 32): whether the token went there, and where its row is.
+  auto locate = [&](int64_t t, int r, const uint8_t*& row, const float*& weights) -> bool {
+    if (r >= R || !is_token_in_rank[t * R + r]) return false;
+    const int slot = send_slot[t * R + r];
+    if (r == me) {
+      row = x + (own_row0 + slot) * x_bytes;
+      weights = topk_weights + (own_row0 + slot) * K;
+    } else {
+      const wait::WaitSite site{"intranode_combine", "chunk_flag[src]", me, r, timeout_ns};
+      wait::wait_value<wait::Scope::kSys>(own_flags + static_cast<int64_t>(r) * F + slot / G, epoch, wait::Cmp::kGe,
+                                          site);
+      row = area + (combine_block(r, me) * stride_rows + slot) * row_bytes;
+      weights = reinterpret_cast<const float*>(row + weights_offset);
+    }
+    return true;
+  };
+  for (int64_t t = role.id; t < num_tokens; t += role.count) {
+    const uint8_t* row_lo = nullptr;
+    const uint8_t* row_hi = nullptr;
+    const float* w_lo = nullptr;
+    const float* w_hi = nullptr;
+    const bool in_lo = locate(t, lane, row_lo, w_lo);
+    const bool in_hi = locate(t, lane + 32, row_hi, w_hi);
     const unsigned long long mask = static_cast<unsigned long long>(__ballot_sync(kFullWarp, in_lo)) |
-                                     (static_cast<unsigned long long>(__ballot_sync(kFullWarp, in_hi)) << 32);
-    reduce_token<T, V>(area, stride_rows, row_bytes, mask, slot_lo, slot_hi, hidden, bias0, bias0_bf16, bias1,
-                       bias1_bf16, t, out, lane);
-    if (num_topk > 0) {
-      // Lanes k < K sum weight k; the slots are broadcast by every lane, so all lanes loop alike.
-      for (int k0 = 0; k0 < num_topk; k0 += 32) {
+                                    (static_cast<unsigned long long>(__ballot_sync(kFullWarp, in_hi)) << 32);
+    reduce_token<T, V>(mask, row_lo, row_hi, hidden, bias0, bias0_bf16, bias1, bias1_bf16, t, out, lane);
+    if (K > 0) {
+      // Lanes k < K sum weight k; the pointers are broadcast by every lane, so all lanes loop alike.
+      for (int k0 = 0; k0 < K; k0 += 32) {
         const int k = k0 + lane;
         float acc = 0.0f;
         for (unsigned long long m = mask; m != 0; m &= m - 1) {
           const int r = __ffsll(static_cast<long long>(m)) - 1;
-          const int slot = __shfl_sync(kFullWarp, r < 32 ? slot_lo : slot_hi, r % 32);
-          const auto* w = reinterpret_cast<const float*>(area + (static_cast<int64_t>(r) * stride_rows + slot) * row_bytes +
-                                                         weights_offset);
-          if (k < num_topk) acc += w[k];
+          const float* w = shfl_ptr(r < 32 ? w_lo : w_hi, r % 32);
+          if (k < K) acc += __ldcg(w + k);
         }
-        if (k < num_topk) out_weights[t * num_topk + k] = acc;
+        if (k < K) out_weights[t * K + k] = acc;
       }
     }
   }
 }
 
-// 16-byte vectors in flight per lane in the NVLink copies (pull, push): MOE_EP_INTRANODE_UNROLL =
-// 4, 8 (default) or 16, read at every launch, so a benchmark can compare them without a rebuild.
+// 16-byte vectors in flight per lane in the copies: MOE_EP_INTRANODE_UNROLL = 4, 8 (default) or
+// 16, read at every launch, so a benchmark can compare them without a rebuild.
 int unroll_from_env() {
   const char* raw = std::getenv("MOE_EP_INTRANODE_UNROLL");
   if (raw == nullptr || *raw == '\0') return 8;
@@ -425,24 +574,31 @@ int unroll_from_env() {
   throw std::invalid_argument("moe_ep: MOE_EP_INTRANODE_UNROLL must be 4, 8 or 16, got '" + value + "'");
 }
 
-// Rows per warp step in pull and push: MOE_EP_INTRANODE_CHUNK_ROWS = 4, 8, 16 or 32 (default),
-// read at every launch, like the unroll, so a benchmark can compare them without a rebuild.
+// Rows per chunk (one flag each): MOE_EP_INTRANODE_CHUNK_ROWS = 4, 8 (default), 16, 32 or 64, read at
+// every launch. Smaller chunks start the receivers earlier and balance the warps better; each
+// chunk costs its sender one system-scope fence.
 int chunk_rows_from_env() {
   const char* raw = std::getenv("MOE_EP_INTRANODE_CHUNK_ROWS");
-  if (raw == nullptr || *raw == '\0') return 32;
+  if (raw == nullptr || *raw == '\0') return 8;
   const std::string value(raw);
   if (value == "4") return 4;
   if (value == "8") return 8;
   if (value == "16") return 16;
   if (value == "32") return 32;
-  throw std::invalid_argument("moe_ep: MOE_EP_INTRANODE_CHUNK_ROWS must be 4, 8, 16 or 32, got '" + value + "'");
+  if (value == "64") return 64;
+  throw std::invalid_argument("moe_ep: MOE_EP_INTRANODE_CHUNK_ROWS must be 4, 8, 16, 32 or 64, got '" + value + "'");
 }
 
-int clamp_blocks(int num_blocks, int64_t work_items, int items_per_block) {
-  int64_t needed = (work_items + items_per_block - 1) / items_per_block;
-  if (needed < 1) needed = 1;
-  if (num_blocks < 1) num_blocks = 1;
-  return static_cast<int>(needed < num_blocks ? needed : num_blocks);
+// Warps of each 16-warp block that send (the others receive or reduce): MOE_EP_INTRANODE_SEND_WARPS
+// = 4, 8 (default) or 12, read at every launch.
+int send_warps_from_env() {
+  const char* raw = std::getenv("MOE_EP_INTRANODE_SEND_WARPS");
+  if (raw == nullptr || *raw == '\0') return 8;
+  const std::string value(raw);
+  if (value == "4") return 4;
+  if (value == "8") return 8;
+  if (value == "12") return 12;
+  throw std::invalid_argument("moe_ep: MOE_EP_INTRANODE_SEND_WARPS must be 4, 8 or 12, got '" + value + "'");
 }
 
 void check_peers(const Peers& peers) {
@@ -450,6 +606,20 @@ void check_peers(const Peers& peers) {
     throw std::invalid_argument("moe_ep intranode: num_ranks must be in [1, 64], got " + std::to_string(peers.num_ranks));
   }
   if (peers.bases == nullptr) throw std::invalid_argument("moe_ep intranode: the IPC buffer's peers are not open");
+}
+
+int check_blocks(int num_blocks) {
+  if (num_blocks < 1) throw std::invalid_argument("moe_ep intranode: num_sms must be >= 1, got " + std::to_string(num_blocks));
+  return num_blocks;
+}
+
+template <typename Launch>
+void with_unroll(Launch launch) {
+  switch (unroll_from_env()) {
+    case 4: launch(std::integral_constant<int, 4>{}); break;
+    case 16: launch(std::integral_constant<int, 16>{}); break;
+    default: launch(std::integral_constant<int, 8>{}); break;
+  }
 }
 
 }  // namespace
@@ -464,12 +634,13 @@ RowLayout make_row_layout(int64_t x_bytes, int64_t scale_bytes, int num_topk) {
   layout.off_scales = align16(x_bytes);
   layout.off_idx = layout.off_scales + align16(scale_bytes);
   layout.off_weights = layout.off_idx + align16(static_cast<int64_t>(num_topk) * 8);
-  layout.stride = layout.off_weights + align16(static_cast<int64_t>(num_topk) * 4);
+  layout.off_src = layout.off_weights + align16(static_cast<int64_t>(num_topk) * 4);
+  layout.stride = layout.off_src + 16;
   return layout;
 }
 
-int64_t dispatch_bytes_needed(int64_t num_tokens, const RowLayout& layout, int num_ranks) {
-  return kControlBytes + align16(num_tokens * layout.stride) + align16(static_cast<int64_t>(num_ranks) * num_tokens * 4);
+int64_t dispatch_bytes_needed(int64_t buffer_rows, const RowLayout& layout) {
+  return kRowsOffset + buffer_rows * layout.stride;
 }
 
 int64_t combine_row_bytes(int64_t x_bytes, int num_topk_weights) {
@@ -477,7 +648,13 @@ int64_t combine_row_bytes(int64_t x_bytes, int num_topk_weights) {
 }
 
 int64_t combine_bytes_needed(int64_t stride_rows, int64_t row_bytes, int num_ranks) {
-  return kControlBytes + static_cast<int64_t>(num_ranks) * stride_rows * row_bytes;
+  return kRowsOffset + static_cast<int64_t>(num_ranks - 1) * stride_rows * row_bytes;
+}
+
+int flag_rows_for(int64_t max_pair_rows, int chunk_rows, int num_ranks) {
+  const int64_t flags = kFlagSlots / num_ranks;
+  const int64_t needed = (max_pair_rows + flags - 1) / flags;
+  return static_cast<int>(needed > chunk_rows ? needed : chunk_rows);
 }
 
 HostRecord::HostRecord() {
@@ -505,122 +682,92 @@ bool HostRecord::wait(long long epoch, double timeout_s) const {
   return true;
 }
 
-void launch_stage(const Peers& peers, const RowLayout& layout, int64_t num_tokens, const void* x, const void* scales,
-                  const int64_t* topk_idx, const float* topk_weights, bool write_routing, const int* send_slot,
-                  const int* send_counts, const int* expert_counts, int num_experts, int64_t overflow,
-                  int num_blocks, cudaStream_t stream) {
+void launch_notify(const Peers& peers, bool with_counts, int64_t num_tokens, const int* send_slot,
+                   const int* send_counts, const int* expert_counts, int num_experts, int expert_alignment,
+                   int num_worst_tokens, int* send_lists, int* rank_prefix_matrix, HostRecordView* record,
+                   long long epoch, int num_blocks, cudaStream_t stream) {
   check_peers(peers);
-  if (write_routing && (send_counts == nullptr || (num_experts > 0 && expert_counts == nullptr) ||
-                        (num_tokens > 0 && send_slot == nullptr))) {
-    throw std::invalid_argument("moe_ep intranode: stage with routing needs send_slot, send_counts and expert_counts");
+  if (with_counts) {
+    if (send_counts == nullptr || (num_experts > 0 && expert_counts == nullptr) ||
+        (num_tokens > 0 && (send_slot == nullptr || send_lists == nullptr)) || rank_prefix_matrix == nullptr) {
+      throw std::invalid_argument("moe_ep intranode: notify with counts needs send_slot, send_counts, expert_counts, "
+                                  "send_lists and rank_prefix_matrix");
+    }
+    if (expert_alignment < 1) throw std::invalid_argument("moe_ep intranode: expert_alignment must be >= 1");
+    if (num_experts % peers.num_ranks != 0 || num_experts > kMaxExperts) {
+      throw std::invalid_argument("moe_ep intranode: num_experts must be a multiple of num_ranks, at most " +
+                                  std::to_string(kMaxExperts) + ", got " + std::to_string(num_experts));
+    }
+    if (num_tokens > INT32_MAX / kMaxRanks) throw std::invalid_argument("moe_ep intranode: too many tokens");
   }
-  if (num_experts < 0 || num_experts > kMaxExperts) {
-    throw std::invalid_argument("moe_ep intranode: num_experts must be in [0, " + std::to_string(kMaxExperts) +
-                                "], got " + std::to_string(num_experts));
-  }
-  const int blocks = clamp_blocks(num_blocks, num_tokens, kWarps);
-  stage_kernel<<<blocks, kThreads, 0, stream>>>(peers, layout, num_tokens, static_cast<const uint8_t*>(x),
-                                                static_cast<const uint8_t*>(scales), topk_idx, topk_weights, write_routing,
-                                                send_slot, send_counts, expert_counts, num_experts, overflow);
-  cuda_check(cudaGetLastError(), "intranode stage_kernel launch");
-}
-
-void launch_notify(const Peers& peers, int num_experts, int expert_alignment, int num_worst_tokens,
-                   int* rank_prefix_matrix, int* peer_tokens, HostRecordView* record, long long epoch,
-                   uint64_t /*timeout_ns*/, cudaStream_t stream) {
-  check_peers(peers);
-  if (expert_alignment < 1) throw std::invalid_argument("moe_ep intranode: expert_alignment must be >= 1");
-  if (num_experts % peers.num_ranks != 0 || num_experts / peers.num_ranks > kMaxExperts) {
-    throw std::invalid_argument("moe_ep intranode: num_experts must be a multiple of num_ranks, at most " +
-                                std::to_string(kMaxExperts));
-  }
-  notify_kernel<<<1, kNotifyThreads, 0, stream>>>(peers, num_experts, expert_alignment, num_worst_tokens,
-                                                  rank_prefix_matrix, peer_tokens, record, epoch);
+  const int blocks = with_counts ? check_blocks(num_blocks) : 1;
+  notify_kernel<<<blocks, kNotifyThreads, 0, stream>>>(peers, with_counts, num_tokens, send_slot, send_counts,
+                                                       expert_counts, num_experts, expert_alignment, num_worst_tokens,
+                                                       send_lists, rank_prefix_matrix, record, epoch,
+                                                       wait::timeout_ns_from_env());
   cuda_check(cudaGetLastError(), "intranode notify_kernel launch");
 }
 
-void launch_pull(const Peers& peers, const RowLayout& layout, const int* rank_prefix_matrix, const int* peer_tokens,
-                 bool cached, int* recv_src_idx, void* recv_x, void* recv_scales, int64_t* recv_topk_idx,
-                 float* recv_topk_weights, int64_t num_rows, int num_local_experts, int num_blocks,
-                 cudaStream_t stream) {
+void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_tokens, const void* x,
+                     const void* scales, const int64_t* topk_idx, const float* topk_weights, const int* send_lists,
+                     const int* rank_prefix_matrix, int64_t max_pair_rows, bool cached, int* recv_src_idx,
+                     void* recv_x, void* recv_scales, int64_t* recv_topk_idx, float* recv_topk_weights,
+                     int64_t num_rows, int num_local_experts, int num_blocks, cudaStream_t stream) {
   check_peers(peers);
   if (num_rows > INT32_MAX) throw std::invalid_argument("moe_ep intranode: too many received rows");
-  if (num_rows > 0 && layout.num_topk > 0 && (recv_topk_idx == nullptr || recv_topk_weights == nullptr)) {
-    throw std::invalid_argument("moe_ep intranode: top-k outputs missing");
+  if (layout.num_topk > 0 && ((num_tokens > 0 && (topk_idx == nullptr || topk_weights == nullptr)) ||
+                              (num_rows > 0 && (recv_topk_idx == nullptr || recv_topk_weights == nullptr)))) {
+    throw std::invalid_argument("moe_ep intranode: top-k inputs or outputs missing");
   }
-  const int chunk_rows = chunk_rows_from_env();
-  // Chunks: at most one per warp of a block step, plus one per source for the partial ones.
-  const int blocks = clamp_blocks(num_blocks, (num_rows + chunk_rows - 1) / chunk_rows + peers.num_ranks, kWarps);
-  auto launch = [&](auto kernel) {
-    kernel<<<blocks, kThreads, 0, stream>>>(peers, layout, rank_prefix_matrix, peer_tokens, cached, recv_src_idx,
-                                            static_cast<uint8_t*>(recv_x), static_cast<uint8_t*>(recv_scales),
-                                            recv_topk_idx, recv_topk_weights, num_rows, num_local_experts, chunk_rows);
-  };
-  switch (unroll_from_env()) {
-    case 4: launch(pull_kernel<4>); break;
-    case 16: launch(pull_kernel<16>); break;
-    default: launch(pull_kernel<8>); break;
-  }
-  cuda_check(cudaGetLastError(), "intranode pull_kernel launch");
+  const int G = flag_rows_for(max_pair_rows, chunk_rows_from_env(), peers.num_ranks);
+  const int send_warps = send_warps_from_env();
+  const uint64_t timeout_ns = wait::timeout_ns_from_env();
+  with_unroll([&](auto unroll) {
+    transfer_kernel<decltype(unroll)::value><<<check_blocks(num_blocks), kThreads, 0, stream>>>(
+        peers, layout, num_tokens, static_cast<const uint8_t*>(x), static_cast<const uint8_t*>(scales), topk_idx,
+        topk_weights, send_lists, rank_prefix_matrix, G, cached, recv_src_idx, static_cast<uint8_t*>(recv_x),
+        static_cast<uint8_t*>(recv_scales), recv_topk_idx, recv_topk_weights, num_rows, num_local_experts, send_warps,
+        timeout_ns);
+  });
+  cuda_check(cudaGetLastError(), "intranode transfer_kernel launch");
 }
 
-void launch_push(const Peers& peers, const int* rank_prefix_matrix, const void* x, int64_t x_bytes,
-                 const float* topk_weights, int num_topk, int64_t stride_rows, int num_blocks, cudaStream_t stream) {
+void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t num_tokens, int64_t hidden,
+                    bool x_is_bf16, const void* x, const float* topk_weights, int num_topk,
+                    const bool* is_token_in_rank, const int* send_slot, const int* rank_prefix_matrix,
+                    int64_t stride_rows, const void* bias0, bool bias0_is_bf16, const void* bias1,
+                    bool bias1_is_bf16, void* out, float* out_weights, int num_blocks, cudaStream_t stream) {
   check_peers(peers);
+  const int64_t elem = x_is_bf16 ? 2 : 4;
   // num_topk (0: no weights), not the pointer, sizes the rows: a rank that received no rows has
   // an empty (null) weights tensor, and every rank must agree on the row size.
-  const int64_t row_bytes = combine_row_bytes(x_bytes, num_topk);
-  const int chunk_rows = chunk_rows_from_env();
-  auto launch = [&](auto kernel) {
-    kernel<<<clamp_blocks(num_blocks, 1 << 30, 1), kThreads, 0, stream>>>(
-        peers, rank_prefix_matrix, static_cast<const uint8_t*>(x), x_bytes, topk_weights, num_topk, stride_rows,
-        row_bytes, chunk_rows);
-  };
-  switch (unroll_from_env()) {
-    case 4: launch(push_kernel<4>); break;
-    case 16: launch(push_kernel<16>); break;
-    default: launch(push_kernel<8>); break;
-  }
-  cuda_check(cudaGetLastError(), "intranode push_kernel launch");
-}
-
-void launch_reduce(const Peers& peers, int64_t num_tokens, int64_t hidden, bool x_is_bf16, const bool* is_token_in_rank,
-                   const int* send_slot, int64_t stride_rows, int num_topk, const void* bias0, bool bias0_is_bf16,
-                   const void* bias1, bool bias1_is_bf16, void* out, float* out_weights, int num_blocks,
-                   cudaStream_t stream) {
-  check_peers(peers);
-  if (num_tokens == 0) return;
-  const int64_t elem = x_is_bf16 ? 2 : 4;
   const int64_t row_bytes = combine_row_bytes(hidden * elem, num_topk);
-  const int blocks = clamp_blocks(num_blocks, num_tokens, kWarps);
-  // 16-byte packs need every row start (out, biases: t * hidden elements) 16-byte aligned.
+  const int G = flag_rows_for(stride_rows, chunk_rows_from_env(), peers.num_ranks);
+  const int send_warps = send_warps_from_env();
+  const uint64_t timeout_ns = wait::timeout_ns_from_env();
+  const int blocks = check_blocks(num_blocks);
+  // 16-byte packs need every row start (x, out, biases: multiples of hidden elements) 16-byte aligned.
   const int vec = static_cast<int>(16 / elem);
   const bool aligned = hidden % vec == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(bias0) % 16 == 0 && reinterpret_cast<uintptr_t>(bias1) % 16 == 0;
-  if (x_is_bf16) {
-    auto* o = static_cast<__nv_bfloat16*>(out);
-    if (aligned) {
-      reduce_kernel<__nv_bfloat16, 8><<<blocks, kThreads, 0, stream>>>(peers, num_tokens, hidden, is_token_in_rank,
-                                                                       send_slot, stride_rows, row_bytes, num_topk, bias0,
-                                                                       bias0_is_bf16, bias1, bias1_is_bf16, o, out_weights);
+                       reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(bias0) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(bias1) % 16 == 0;
+  auto run = [&](auto kernel, auto* typed_out) {
+    kernel<<<blocks, kThreads, 0, stream>>>(peers, barrier_epoch, num_tokens, hidden, static_cast<const uint8_t*>(x),
+                                            topk_weights, num_topk, is_token_in_rank, send_slot, rank_prefix_matrix,
+                                            stride_rows, row_bytes, G, bias0, bias0_is_bf16, bias1, bias1_is_bf16,
+                                            typed_out, out_weights, send_warps, timeout_ns);
+  };
+  with_unroll([&](auto unroll) {
+    constexpr int U = decltype(unroll)::value;
+    if (x_is_bf16) {
+      auto* o = static_cast<__nv_bfloat16*>(out);
+      if (aligned) run(combine_kernel<__nv_bfloat16, 8, U>, o); else run(combine_kernel<__nv_bfloat16, 1, U>, o);
     } else {
-      reduce_kernel<__nv_bfloat16, 1><<<blocks, kThreads, 0, stream>>>(peers, num_tokens, hidden, is_token_in_rank,
-                                                                       send_slot, stride_rows, row_bytes, num_topk, bias0,
-                                                                       bias0_is_bf16, bias1, bias1_is_bf16, o, out_weights);
+      auto* o = static_cast<float*>(out);
+      if (aligned) run(combine_kernel<float, 4, U>, o); else run(combine_kernel<float, 1, U>, o);
     }
-  } else {
-    auto* o = static_cast<float*>(out);
-    if (aligned) {
-      reduce_kernel<float, 4><<<blocks, kThreads, 0, stream>>>(peers, num_tokens, hidden, is_token_in_rank, send_slot,
-                                                               stride_rows, row_bytes, num_topk, bias0, bias0_is_bf16,
-                                                               bias1, bias1_is_bf16, o, out_weights);
-    } else {
-      reduce_kernel<float, 1><<<blocks, kThreads, 0, stream>>>(peers, num_tokens, hidden, is_token_in_rank, send_slot,
-                                                               stride_rows, row_bytes, num_topk, bias0, bias0_is_bf16,
-                                                               bias1, bias1_is_bf16, o, out_weights);
-    }
-  }
-  cuda_check(cudaGetLastError(), "intranode reduce_kernel launch");
+  });
+  cuda_check(cudaGetLastError(), "intranode combine_kernel launch");
 }
 
 }  // namespace intranode

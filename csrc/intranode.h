@@ -3,27 +3,38 @@
 // through the CUDA-IPC buffers of csrc/ipc_buffer.h. Torch-free: raw pointers + cudaStream_t;
 // moe_ep/comm/backends/intranode.py owns the policy (allocation, the order of the steps).
 //
-// Design: the fewest passes over the payload.
-//   dispatch = barrier | stage | barrier | notify | (host wait) | pull
-//     stage   each rank copies its OWN tokens once into its buffer (packed rows: x, scales, top-k
-//             ids and weights), writes its send lists (for each destination, its token indices in
-//             order) and its control block (token count, per-destination and per-expert counts);
-//     notify  one block reads every rank's control block: rank_prefix_matrix, the peers' token
-//             counts, and, unless num_worst_tokens is set, writes the receive sizes to mapped
-//             pinned host memory that the host polls (one host wait, no device-wide sync);
-//     pull    every receiver reads, over NVLink, exactly the rows it receives from each source's
-//             buffer straight into its output tensors (source-rank order, then token order).
-//   combine = barrier | push | barrier | reduce
-//     push    every rank writes each received row back into the source rank's buffer, at
-//             [this rank][the row's index among the rows the source sent here];
-//     reduce  each source sums, per token, its rows in rank order in float32 (then the biases).
-// Each step starts with a barrier that all ranks pass only once every rank has finished its
-// previous step, so every call may reuse the whole buffer region.
+// Design: NVLink carries stores, never loads, and every byte crosses it once; the receiver's copy
+// out of its buffer overlaps the peers' stores into it.
+//   dispatch = notify | (host wait) | transfer
+//     notify    each rank stores its counts (tokens, per-destination and per-local-expert counts)
+//               into every rank's control block, raises its "arrived" flag there, and waits for
+//               every rank's flag: a barrier that also hands every rank the whole count matrix.
+//               It writes rank_prefix_matrix and, unless num_worst_tokens is set, the receive
+//               sizes to mapped pinned host memory (one host wait, no device-wide sync). Its other
+//               blocks turn send_slot into the send lists (for each destination, its tokens in order).
+//     transfer  one kernel, two kinds of warps. Senders store each row bound to another rank
+//               straight from x into that rank's buffer (x, scales, top-k ids already local to the
+//               receiver, weights, source index), a chunk of rows at a time, then raise the
+//               chunk's flag there. Receivers copy their own rank's rows from x into the outputs,
+//               then each peer's chunks from their buffer as the flags arrive.
+//   combine = barrier | combine
+//     combine   one kernel: senders store each received row (and its top-k weights) back into
+//               its source rank's buffer, chunk by chunk, raising flags; reducers sum, per token,
+//               the rows of every rank in rank order in float32 (their own rank's rows straight
+//               from x), each as soon as its chunks' flags are up, then add the biases.
+// Flags hold sequence numbers that only grow (notify's own count for dispatch, the barrier epoch
+// for combine), so nothing is ever reset. notify acts as the dispatch's barrier: a rank stores into
+// a peer's buffer only after that peer raised its flag, i.e. finished every earlier step. The
+// control blocks alternate by the parity of the sequence number, so a fast rank's next notify
+// never overwrites counts a slow rank is still reading.
 //
 // Layout of a rank's buffer region (IpcBuffer::local_data(), offsets in bytes):
-//   [0, kControlBytes)             control block (struct below)
-//   [kControlBytes, ...)           dispatch: staged rows [T][row stride], then the send lists
-//                                  [R][T] int32; combine: rows [R][stride_rows][combine row]
+//   [0, kStateBytes)                 State: this rank's notify sequence number (only it writes it)
+//   [kControlOffset, +2 * kControlStride)   Control[2], written by every rank (parity of the seq)
+//   [kFlagsOffset, +kFlagsBytes)     dispatch chunk flags [R][F], then combine chunk flags [R][F]
+//   [kRowsOffset, ...)               dispatch: the rows from peers, in output order without this
+//                                    rank's own rows; combine: [R - 1][stride_rows] rows, one block
+//                                    per other rank (in rank order, this rank skipped)
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -33,19 +44,31 @@ namespace intranode {
 
 constexpr int kMaxRanks = 64;
 constexpr int kMaxExperts = 8192;
-constexpr int64_t kControlBytes = 64 * 1024;
+
+struct State {
+  long long notify_seq;
+};
 
 struct Control {
-  int num_tokens;
-  int pad;
-  long long overflow;  // > 0: this rank's dispatch needs that many bytes, more than its buffer has
-  int send_counts[kMaxRanks];
-  int expert_counts[kMaxExperts];
+  long long arrived[kMaxRanks];           // arrived[src] = src's notify sequence number
+  int tokens[kMaxRanks];                  // tokens[src]: src's num_tokens
+  int matrix[kMaxRanks * kMaxRanks];      // [src][dst]: tokens src sends dst
+  int expert_counts[kMaxExperts];         // [src][local expert of this rank]: src's tokens per expert
 };
-static_assert(sizeof(Control) <= kControlBytes, "the control block must fit its region");
 
-// One staged (dispatch) row: [x bytes | scale bytes | top-k ids int64 | top-k weights float32],
-// each part starting 16-byte aligned, the row padded to 16 bytes.
+constexpr int64_t kStateBytes = 4096;
+constexpr int64_t kControlStride = 64 * 1024;
+constexpr int64_t kControlOffset = kStateBytes;
+static_assert(sizeof(Control) <= kControlStride, "the control block must fit its region");
+// Chunk flags per (kind, source): kFlagSlots / R each, so a pair's rows fit in F chunks.
+constexpr int kFlagSlots = 32768;
+constexpr int64_t kFlagsOffset = kControlOffset + 2 * kControlStride;
+constexpr int64_t kFlagsBytes = 2 * static_cast<int64_t>(kFlagSlots) * 8;
+constexpr int64_t kRowsOffset = kFlagsOffset + kFlagsBytes;
+
+// One dispatch row in a receiver's buffer: [x bytes | scale bytes | top-k ids int64 (already
+// local to the receiver, -1 elsewhere) | top-k weights float32 (0 where the id is -1) | source
+// token index int32], each part starting 16-byte aligned, the row padded to 16 bytes.
 struct RowLayout {
   int64_t x_bytes = 0;
   int64_t scale_bytes = 0;
@@ -53,23 +76,28 @@ struct RowLayout {
   int64_t off_scales = 0;
   int64_t off_idx = 0;
   int64_t off_weights = 0;
+  int64_t off_src = 0;
   int64_t stride = 0;
 };
 RowLayout make_row_layout(int64_t x_bytes, int64_t scale_bytes, int num_topk);
 
-// Bytes of the buffer region a dispatch of num_tokens rows (on this rank) needs.
-int64_t dispatch_bytes_needed(int64_t num_tokens, const RowLayout& layout, int num_ranks);
+// Bytes of the buffer region a dispatch needs on a rank whose buffer receives `buffer_rows` rows
+// (its received rows minus its own).
+int64_t dispatch_bytes_needed(int64_t buffer_rows, const RowLayout& layout);
 // A combine row: x bytes padded to 16, then num_topk float32 weights (if any), padded to 16.
 int64_t combine_row_bytes(int64_t x_bytes, int num_topk_weights);
 int64_t combine_bytes_needed(int64_t stride_rows, int64_t row_bytes, int num_ranks);
+// Rows per flag: chunk_rows, or more when a pair of up to max_pair_rows rows would need more than
+// the F = kFlagSlots / num_ranks flags a source has.
+int flag_rows_for(int64_t max_pair_rows, int chunk_rows, int num_ranks);
 
 // Receive sizes a notify step publishes to the host (mapped pinned memory).
 struct HostRecordView {
   long long epoch;
-  long long overflow_bytes;  // the largest overflow of any rank (0: every rank's dispatch fits)
-  int overflow_rank;         // a rank with that overflow
   int num_recv;
   int max_tokens;
+  int max_buffer_rows;   // the most rows any rank's buffer receives (received rows minus own)
+  int max_buffer_rank;   // a rank with that many
   int counts[kMaxExperts];  // per local expert, rounded up to expert_alignment
 };
 
@@ -99,47 +127,36 @@ struct Peers {
   int num_ranks;
 };
 
-// stage: copies rows [0, num_tokens) of x (x_bytes each), scales (scale_bytes each, may be null
-// when 0), topk_idx/topk_weights ([T, K], null when K == 0) into this rank's region; with
-// write_routing (every non-cached dispatch, even of 0 tokens: the peers read the counts) also
-// writes the send lists from send_slot ([T, R] int32: the token's index among those sent to rank
-// r, or -1) and the control block (send_counts [R], expert_counts [E] int32). Pointers of empty
-// arrays may be null (torch gives empty tensors no storage), so flags, not pointers, decide.
-// overflow > 0 (the bytes this dispatch needs, beyond the buffer): nothing is staged, the control
-// block says so, and notify tells every rank (so all raise the same error instead of one waiting).
-void launch_stage(const Peers& peers, const RowLayout& layout, int64_t num_tokens, const void* x, const void* scales,
-                  const int64_t* topk_idx, const float* topk_weights, bool write_routing, const int* send_slot,
-                  const int* send_counts, const int* expert_counts, int num_experts, int64_t overflow,
-                  int num_blocks, cudaStream_t stream);
+// notify. With counts (every non-cached dispatch, even of 0 tokens): send_slot [T, R] int32 (the
+// token's index among those sent to rank r, or -1), send_counts [R], expert_counts [E] int32 are
+// published to every rank; writes send_lists [R, T] int32, rank_prefix_matrix [R, R] int32
+// (cumulative over sources); with num_worst_tokens == 0 publishes the record
+// (epoch last), else traps, with a message, on every rank if any rank receives more than
+// num_worst_tokens rows. Without counts (cached dispatch) it is only the barrier.
+void launch_notify(const Peers& peers, bool with_counts, int64_t num_tokens, const int* send_slot,
+                   const int* send_counts, const int* expert_counts, int num_experts, int expert_alignment,
+                   int num_worst_tokens, int* send_lists, int* rank_prefix_matrix, HostRecordView* record, long long epoch, int num_blocks, cudaStream_t stream);
 
-// notify: reads every rank's control block. Writes rank_prefix_matrix [R, R] int32 and
-// peer_tokens [R] int32 (device). With num_worst_tokens == 0 publishes the record (epoch last),
-// overflow included; else traps, with a message, if this rank receives more than
-// num_worst_tokens rows or a rank's buffer overflowed.
-void launch_notify(const Peers& peers, int num_experts, int expert_alignment, int num_worst_tokens,
-                   int* rank_prefix_matrix, int* peer_tokens, HostRecordView* record, long long epoch,
-                   uint64_t timeout_ns, cudaStream_t stream);
+// transfer: fills num_rows output rows (num_rows = received rows, or num_worst_tokens with
+// padding after them: zeros, ids -1, source 0). x, scales ([T] rows), topk_idx / topk_weights
+// ([T, K], null when the layout has K = 0) are this rank's inputs; send_lists [R, T] from notify
+// (or the cached handle). recv_src_idx is read (cached: given, only padding untouched) or written.
+void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_tokens, const void* x,
+                     const void* scales, const int64_t* topk_idx, const float* topk_weights, const int* send_lists,
+                     const int* rank_prefix_matrix, int64_t max_pair_rows, bool cached, int* recv_src_idx,
+                     void* recv_x, void* recv_scales, int64_t* recv_topk_idx, float* recv_topk_weights,
+                     int64_t num_rows, int num_local_experts, int num_blocks, cudaStream_t stream);
 
-// pull: fills num_rows output rows (num_rows = received rows, or num_worst_tokens with padding
-// after them). recv_src_idx is read (cached: given) or written (else, from the peers' send lists,
-// which need peer_tokens). recv_scales/recv_topk_* may be null when the layout has none.
-void launch_pull(const Peers& peers, const RowLayout& layout, const int* rank_prefix_matrix, const int* peer_tokens,
-                 bool cached, int* recv_src_idx, void* recv_x, void* recv_scales, int64_t* recv_topk_idx,
-                 float* recv_topk_weights, int64_t num_rows, int num_local_experts, int num_blocks,
-                 cudaStream_t stream);
-
-// push: rows [0, received) of x (x_bytes each) and topk_weights ([N, K] float32; num_topk = 0: none)
-// go to their source rank's region at [this rank][row - first row from that source].
-void launch_push(const Peers& peers, const int* rank_prefix_matrix, const void* x, int64_t x_bytes,
-                 const float* topk_weights, int num_topk, int64_t stride_rows, int num_blocks, cudaStream_t stream);
-
-// reduce: out[t] = cast(sum over ranks r in order with is_token_in_rank[t, r] of row(r, send_slot[t, r])
-// + bias0[t] + bias1[t]); out_weights[t] likewise without biases (num_topk > 0; 0: no weights).
-// x_is_bf16: rows and out are bf16 (else float32); bias*_is_bf16 likewise per bias (null: none).
-void launch_reduce(const Peers& peers, int64_t num_tokens, int64_t hidden, bool x_is_bf16, const bool* is_token_in_rank,
-                   const int* send_slot, int64_t stride_rows, int num_topk, const void* bias0, bool bias0_is_bf16,
-                   const void* bias1, bool bias1_is_bf16, void* out, float* out_weights, int num_blocks,
-                   cudaStream_t stream);
+// combine: out[t] = cast(sum over ranks r in order with is_token_in_rank[t, r] of the row rank r
+// received as (this rank, send_slot[t, r]) + bias0[t] + bias1[t]); out_weights[t] likewise
+// without biases (num_topk > 0; 0: no weights). x ([N, H], bf16 or float32) and topk_weights
+// ([N, K] float32) are this rank's received rows (dispatch order). barrier_epoch: this rank's
+// barrier epoch in device memory (the barrier just before this call raised it).
+void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t num_tokens, int64_t hidden,
+                    bool x_is_bf16, const void* x, const float* topk_weights, int num_topk,
+                    const bool* is_token_in_rank, const int* send_slot, const int* rank_prefix_matrix,
+                    int64_t stride_rows, const void* bias0, bool bias0_is_bf16, const void* bias1,
+                    bool bias1_is_bf16, void* out, float* out_weights, int num_blocks, cudaStream_t stream);
 
 }  // namespace intranode
 }  // namespace moe_ep

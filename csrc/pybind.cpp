@@ -131,37 +131,24 @@ int64_t row_bytes_of(const at::Tensor& t) {
   return elements * t.element_size();
 }
 
-void intranode_stage(IpcBuffer& buffer, const at::Tensor& x, const std::optional<at::Tensor>& scales,
-                     const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
-                     const std::optional<at::Tensor>& send_slot, const std::optional<at::Tensor>& send_counts,
-                     const std::optional<at::Tensor>& expert_counts, int64_t overflow, int64_t num_sms) {
-  check_on_buffer(x, buffer, "x");
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D");
-  const int num_topk = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
-  const auto layout = in::make_row_layout(x.size(1) * x.element_size(),
-                                          scales.has_value() ? row_bytes_of(*scales) : 0, num_topk);
+void intranode_notify(IpcBuffer& buffer, in::HostRecord& record, const std::optional<at::Tensor>& send_slot,
+                      const std::optional<at::Tensor>& send_counts, const std::optional<at::Tensor>& expert_counts,
+                      int64_t num_tokens, int64_t expert_alignment, int64_t num_worst_tokens,
+                      const std::optional<at::Tensor>& send_lists, const std::optional<at::Tensor>& rank_prefix_matrix,
+                      int64_t epoch, int64_t num_sms) {
+  const bool with_counts = send_counts.has_value();
+  for (const auto* t : {&send_slot, &send_counts, &expert_counts, &send_lists, &rank_prefix_matrix}) {
+    if (t->has_value()) TORCH_CHECK_TYPE((*t)->scalar_type() == at::kInt, "notify's index tensors must be int32");
+  }
   const int num_experts = expert_counts.has_value() ? static_cast<int>(expert_counts->numel()) : 0;
-  const c10::cuda::CUDAGuard guard(x.device());
-  in::launch_stage(peers_of(buffer), layout, x.size(0), x.data_ptr(), ptr_or_null<const void>(scales, buffer, "scales"),
-                   ptr_or_null<const int64_t>(topk_idx, buffer, "topk_idx"),
-                   ptr_or_null<const float>(topk_weights, buffer, "topk_weights"), send_counts.has_value(),
-                   ptr_or_null<const int>(send_slot, buffer, "send_slot"),
-                   ptr_or_null<const int>(send_counts, buffer, "send_counts"),
-                   ptr_or_null<const int>(expert_counts, buffer, "expert_counts"), num_experts, overflow,
-                   static_cast<int>(num_sms), stream_of(buffer));
-}
-
-void intranode_notify(IpcBuffer& buffer, in::HostRecord& record, int64_t num_experts, int64_t expert_alignment,
-                      int64_t num_worst_tokens, const at::Tensor& rank_prefix_matrix, const at::Tensor& peer_tokens,
-                      int64_t epoch) {
-  check_on_buffer(rank_prefix_matrix, buffer, "rank_prefix_matrix");
-  check_on_buffer(peer_tokens, buffer, "peer_tokens");
-  TORCH_CHECK_TYPE(rank_prefix_matrix.scalar_type() == at::kInt && peer_tokens.scalar_type() == at::kInt,
-                   "rank_prefix_matrix and peer_tokens must be int32");
-  const c10::cuda::CUDAGuard guard(rank_prefix_matrix.device());
-  in::launch_notify(peers_of(buffer), static_cast<int>(num_experts), static_cast<int>(expert_alignment),
-                    static_cast<int>(num_worst_tokens), rank_prefix_matrix.data_ptr<int>(), peer_tokens.data_ptr<int>(),
-                    record.device_view(), epoch, 0, stream_of(buffer));
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(buffer.device()));
+  in::launch_notify(peers_of(buffer), with_counts, num_tokens, ptr_or_null<const int>(send_slot, buffer, "send_slot"),
+                    ptr_or_null<const int>(send_counts, buffer, "send_counts"),
+                    ptr_or_null<const int>(expert_counts, buffer, "expert_counts"), num_experts,
+                    static_cast<int>(expert_alignment), static_cast<int>(num_worst_tokens),
+                    ptr_or_null<int>(send_lists, buffer, "send_lists"),
+                    ptr_or_null<int>(rank_prefix_matrix, buffer, "rank_prefix_matrix"), record.device_view(), epoch,
+                    static_cast<int>(num_sms), stream_of(buffer));
 }
 
 pybind11::object host_record_wait(const in::HostRecord& record, int64_t epoch, double timeout_s, int64_t num_local) {
@@ -174,55 +161,64 @@ pybind11::object host_record_wait(const in::HostRecord& record, int64_t epoch, d
   const auto& view = record.host_view();
   pybind11::list counts;
   for (int64_t e = 0; e < num_local; ++e) counts.append(view.counts[e]);
-  return pybind11::make_tuple(view.num_recv, view.max_tokens, counts, view.overflow_bytes, view.overflow_rank);
+  return pybind11::make_tuple(view.num_recv, view.max_tokens, counts, view.max_buffer_rows, view.max_buffer_rank);
 }
 
-void intranode_pull(IpcBuffer& buffer, int64_t scale_bytes, int64_t num_topk, const at::Tensor& rank_prefix_matrix,
-                    const at::Tensor& peer_tokens, bool cached, const at::Tensor& recv_src_idx, const at::Tensor& recv_x,
-                    const std::optional<at::Tensor>& recv_scales, const std::optional<at::Tensor>& recv_topk_idx,
-                    const std::optional<at::Tensor>& recv_topk_weights, int64_t num_local_experts, int64_t num_sms) {
+void intranode_transfer(IpcBuffer& buffer, const at::Tensor& x, const std::optional<at::Tensor>& scales,
+                        const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
+                        const at::Tensor& send_lists, const at::Tensor& rank_prefix_matrix, int64_t max_pair_rows,
+                        bool cached, const at::Tensor& recv_src_idx, const at::Tensor& recv_x,
+                        const std::optional<at::Tensor>& recv_scales, const std::optional<at::Tensor>& recv_topk_idx,
+                        const std::optional<at::Tensor>& recv_topk_weights, int64_t num_local_experts, int64_t num_sms) {
+  check_on_buffer(x, buffer, "x");
   check_on_buffer(recv_x, buffer, "recv_x");
   check_on_buffer(recv_src_idx, buffer, "recv_src_idx");
+  check_on_buffer(send_lists, buffer, "send_lists");
   check_on_buffer(rank_prefix_matrix, buffer, "rank_prefix_matrix");
-  check_on_buffer(peer_tokens, buffer, "peer_tokens");
-  TORCH_CHECK_VALUE(recv_x.dim() == 2, "recv_x must be 2-D");
-  const auto layout = in::make_row_layout(recv_x.size(1) * recv_x.element_size(), scale_bytes, static_cast<int>(num_topk));
-  const c10::cuda::CUDAGuard guard(recv_x.device());
-  in::launch_pull(peers_of(buffer), layout, rank_prefix_matrix.data_ptr<int>(), peer_tokens.data_ptr<int>(), cached,
-                  recv_src_idx.data_ptr<int>(), recv_x.data_ptr(), ptr_or_null<void>(recv_scales, buffer, "recv_scales"),
-                  ptr_or_null<int64_t>(recv_topk_idx, buffer, "recv_topk_idx"),
-                  ptr_or_null<float>(recv_topk_weights, buffer, "recv_topk_weights"), recv_x.size(0),
-                  static_cast<int>(num_local_experts), static_cast<int>(num_sms), stream_of(buffer));
-}
-
-void intranode_push(IpcBuffer& buffer, const at::Tensor& rank_prefix_matrix, const at::Tensor& x,
-                    const std::optional<at::Tensor>& topk_weights, int64_t stride_rows, int64_t num_sms) {
-  check_on_buffer(x, buffer, "x");
-  check_on_buffer(rank_prefix_matrix, buffer, "rank_prefix_matrix");
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D");
-  const int num_topk = topk_weights.has_value() ? static_cast<int>(topk_weights->size(1)) : 0;
+  TORCH_CHECK_VALUE(x.dim() == 2 && recv_x.dim() == 2, "x and recv_x must be 2-D");
+  TORCH_CHECK_TYPE(send_lists.scalar_type() == at::kInt && rank_prefix_matrix.scalar_type() == at::kInt &&
+                       recv_src_idx.scalar_type() == at::kInt,
+                   "send_lists, rank_prefix_matrix and recv_src_idx must be int32");
+  const int num_topk = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
+  const auto layout = in::make_row_layout(x.size(1) * x.element_size(),
+                                          scales.has_value() ? row_bytes_of(*scales) : 0, num_topk);
   const c10::cuda::CUDAGuard guard(x.device());
-  in::launch_push(peers_of(buffer), rank_prefix_matrix.data_ptr<int>(), x.data_ptr(), x.size(1) * x.element_size(),
-                  ptr_or_null<const float>(topk_weights, buffer, "topk_weights"), num_topk, stride_rows,
-                  static_cast<int>(num_sms), stream_of(buffer));
+  in::launch_transfer(peers_of(buffer), layout, x.size(0), x.data_ptr(), ptr_or_null<const void>(scales, buffer, "scales"),
+                      ptr_or_null<const int64_t>(topk_idx, buffer, "topk_idx"),
+                      ptr_or_null<const float>(topk_weights, buffer, "topk_weights"), send_lists.data_ptr<int>(),
+                      rank_prefix_matrix.data_ptr<int>(), max_pair_rows, cached, recv_src_idx.data_ptr<int>(),
+                      recv_x.data_ptr(), ptr_or_null<void>(recv_scales, buffer, "recv_scales"),
+                      ptr_or_null<int64_t>(recv_topk_idx, buffer, "recv_topk_idx"),
+                      ptr_or_null<float>(recv_topk_weights, buffer, "recv_topk_weights"), recv_x.size(0),
+                      static_cast<int>(num_local_experts), static_cast<int>(num_sms), stream_of(buffer));
 }
 
-void intranode_reduce(IpcBuffer& buffer, const at::Tensor& is_token_in_rank, const at::Tensor& send_slot,
-                      int64_t stride_rows, int64_t num_topk, const std::optional<at::Tensor>& bias0,
-                      const std::optional<at::Tensor>& bias1, const at::Tensor& out,
-                      const std::optional<at::Tensor>& out_weights, int64_t num_sms) {
+void intranode_combine(IpcBuffer& buffer, const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
+                       const at::Tensor& is_token_in_rank, const at::Tensor& send_slot,
+                       const at::Tensor& rank_prefix_matrix, int64_t stride_rows, int64_t num_topk,
+                       const std::optional<at::Tensor>& bias0, const std::optional<at::Tensor>& bias1,
+                       const at::Tensor& out, const std::optional<at::Tensor>& out_weights, int64_t num_sms) {
+  check_on_buffer(x, buffer, "x");
   check_on_buffer(out, buffer, "out");
   check_on_buffer(is_token_in_rank, buffer, "is_token_in_rank");
   check_on_buffer(send_slot, buffer, "send_slot");
+  check_on_buffer(rank_prefix_matrix, buffer, "rank_prefix_matrix");
   TORCH_CHECK_TYPE(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat, "out must be bfloat16 or float32");
-  TORCH_CHECK_TYPE(send_slot.scalar_type() == at::kInt, "send_slot must be int32");
+  TORCH_CHECK_TYPE(x.scalar_type() == out.scalar_type(), "x and out must have one dtype");
+  TORCH_CHECK_TYPE(send_slot.scalar_type() == at::kInt && rank_prefix_matrix.scalar_type() == at::kInt,
+                   "send_slot and rank_prefix_matrix must be int32");
+  TORCH_CHECK_VALUE(x.dim() == 2 && out.dim() == 2 && x.size(1) == out.size(1), "x and out must be [*, hidden]");
   auto is_bf16 = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->scalar_type() == at::kBFloat16; };
+  const auto* epoch = reinterpret_cast<const long long*>(static_cast<const char*>(buffer.local_data()) -
+                                                         moe_ep::ipc::kHeaderBytes) + moe_ep::ipc::kEpochSlot;
   const c10::cuda::CUDAGuard guard(out.device());
-  in::launch_reduce(peers_of(buffer), out.size(0), out.size(1), out.scalar_type() == at::kBFloat16,
-                    is_token_in_rank.data_ptr<bool>(), send_slot.data_ptr<int>(), stride_rows, static_cast<int>(num_topk),
-                    ptr_or_null<const void>(bias0, buffer, "bias0"), is_bf16(bias0),
-                    ptr_or_null<const void>(bias1, buffer, "bias1"), is_bf16(bias1), out.data_ptr(),
-                    ptr_or_null<float>(out_weights, buffer, "out_weights"), static_cast<int>(num_sms), stream_of(buffer));
+  in::launch_combine(peers_of(buffer), epoch, out.size(0), out.size(1), out.scalar_type() == at::kBFloat16,
+                     x.data_ptr(), ptr_or_null<const float>(topk_weights, buffer, "topk_weights"),
+                     static_cast<int>(num_topk), is_token_in_rank.data_ptr<bool>(), send_slot.data_ptr<int>(),
+                     rank_prefix_matrix.data_ptr<int>(), stride_rows, ptr_or_null<const void>(bias0, buffer, "bias0"),
+                     is_bf16(bias0), ptr_or_null<const void>(bias1, buffer, "bias1"), is_bf16(bias1), out.data_ptr(),
+                     ptr_or_null<float>(out_weights, buffer, "out_weights"), static_cast<int>(num_sms),
+                     stream_of(buffer));
 }
 
 // Family "low_latency" (csrc/low_latency.h): Python (moe_ep/comm/backends/low_latency.py) owns the
@@ -382,33 +378,32 @@ PYBIND11_MODULE(_C, m) {
                                    "Mapped pinned host memory where a dispatch's notify step publishes receive sizes")
       .def(pybind11::init<>())
       .def("wait", &host_record_wait, pybind11::arg("epoch"), pybind11::arg("timeout_s"), pybind11::arg("num_local_experts"),
-           "Wait (GIL released) until the record reaches epoch: (num_recv, max_tokens, counts, overflow_bytes, "
-           "overflow_rank) or None on timeout");
-  m.def("intranode_stage", &intranode_stage, pybind11::arg("buffer"), pybind11::arg("x"), pybind11::arg("scales"),
-        pybind11::arg("topk_idx"), pybind11::arg("topk_weights"), pybind11::arg("send_slot"), pybind11::arg("send_counts"),
-        pybind11::arg("expert_counts"), pybind11::arg("overflow"), pybind11::arg("num_sms"));
+           "Wait (GIL released) until the record reaches epoch: (num_recv, max_tokens, counts, max_buffer_rows, "
+           "max_buffer_rank) or None on timeout");
   m.def("intranode_notify", &intranode_notify, pybind11::arg("buffer"), pybind11::arg("record"),
-        pybind11::arg("num_experts"), pybind11::arg("expert_alignment"), pybind11::arg("num_worst_tokens"),
-        pybind11::arg("rank_prefix_matrix"), pybind11::arg("peer_tokens"), pybind11::arg("epoch"));
-  m.def("intranode_pull", &intranode_pull, pybind11::arg("buffer"), pybind11::arg("scale_bytes"),
-        pybind11::arg("num_topk"), pybind11::arg("rank_prefix_matrix"), pybind11::arg("peer_tokens"),
-        pybind11::arg("cached"), pybind11::arg("recv_src_idx"), pybind11::arg("recv_x"), pybind11::arg("recv_scales"),
+        pybind11::arg("send_slot"), pybind11::arg("send_counts"), pybind11::arg("expert_counts"),
+        pybind11::arg("num_tokens"), pybind11::arg("expert_alignment"), pybind11::arg("num_worst_tokens"),
+        pybind11::arg("send_lists"), pybind11::arg("rank_prefix_matrix"), pybind11::arg("epoch"),
+        pybind11::arg("num_sms"));
+  m.def("intranode_transfer", &intranode_transfer, pybind11::arg("buffer"), pybind11::arg("x"), pybind11::arg("scales"),
+        pybind11::arg("topk_idx"), pybind11::arg("topk_weights"), pybind11::arg("send_lists"),
+        pybind11::arg("rank_prefix_matrix"), pybind11::arg("max_pair_rows"), pybind11::arg("cached"),
+        pybind11::arg("recv_src_idx"), pybind11::arg("recv_x"), pybind11::arg("recv_scales"),
         pybind11::arg("recv_topk_idx"), pybind11::arg("recv_topk_weights"), pybind11::arg("num_local_experts"),
         pybind11::arg("num_sms"));
-  m.def("intranode_push", &intranode_push, pybind11::arg("buffer"), pybind11::arg("rank_prefix_matrix"),
-        pybind11::arg("x"), pybind11::arg("topk_weights"), pybind11::arg("stride_rows"), pybind11::arg("num_sms"));
-  m.def("intranode_reduce", &intranode_reduce, pybind11::arg("buffer"), pybind11::arg("is_token_in_rank"),
-        pybind11::arg("send_slot"), pybind11::arg("stride_rows"), pybind11::arg("num_topk"), pybind11::arg("bias0"),
-        pybind11::arg("bias1"), pybind11::arg("out"), pybind11::arg("out_weights"), pybind11::arg("num_sms"));
-  m.def("intranode_dispatch_bytes", [](int64_t num_tokens, int64_t x_bytes, int64_t scale_bytes, int64_t num_topk,
-                                       int64_t num_ranks) {
-    return in::dispatch_bytes_needed(num_tokens, in::make_row_layout(x_bytes, scale_bytes, static_cast<int>(num_topk)),
-                                     static_cast<int>(num_ranks));
-  });
+  m.def("intranode_combine", &intranode_combine, pybind11::arg("buffer"), pybind11::arg("x"),
+        pybind11::arg("topk_weights"), pybind11::arg("is_token_in_rank"), pybind11::arg("send_slot"),
+        pybind11::arg("rank_prefix_matrix"), pybind11::arg("stride_rows"), pybind11::arg("num_topk"),
+        pybind11::arg("bias0"), pybind11::arg("bias1"), pybind11::arg("out"), pybind11::arg("out_weights"),
+        pybind11::arg("num_sms"));
+  m.def("intranode_dispatch_bytes", [](int64_t buffer_rows, int64_t x_bytes, int64_t scale_bytes, int64_t num_topk) {
+    return in::dispatch_bytes_needed(buffer_rows, in::make_row_layout(x_bytes, scale_bytes, static_cast<int>(num_topk)));
+  }, pybind11::arg("buffer_rows"), pybind11::arg("x_bytes"), pybind11::arg("scale_bytes"), pybind11::arg("num_topk"),
+     "Bytes of num_nvl_bytes a dispatch needs on a rank whose buffer receives buffer_rows rows from its peers");
   m.def("intranode_combine_bytes", [](int64_t stride_rows, int64_t x_bytes, int64_t num_topk_weights, int64_t num_ranks) {
     return in::combine_bytes_needed(stride_rows, in::combine_row_bytes(x_bytes, static_cast<int>(num_topk_weights)),
                                     static_cast<int>(num_ranks));
-  });
+  }, pybind11::arg("stride_rows"), pybind11::arg("x_bytes"), pybind11::arg("num_topk_weights"), pybind11::arg("num_ranks"));
   m.attr("intranode_max_experts") = in::kMaxExperts;
   m.attr("intranode_max_ranks") = in::kMaxRanks;
 

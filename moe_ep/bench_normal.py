@@ -47,9 +47,11 @@ MIN_NVL_BYTES = int(2e9)
 WARMUP = 3
 FP8_BYTES_FACTOR = (1 + 4 / 128) / 2   # FP8 payload + float32 scale per 128 elements, relative to BF16
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 8 << 20}
-UNROLL_ENV = "MOE_EP_INTRANODE_UNROLL"
-CHUNK_ROWS_ENV = "MOE_EP_INTRANODE_CHUNK_ROWS"
-DEFAULT_UNROLL, DEFAULT_CHUNK_ROWS = 8, 32
+# The kernels' tuning knobs (environment variables their launchers read at every launch): the row
+# key, the variable, the default, the values the kernels accept.
+KNOBS = {"unroll": ("MOE_EP_INTRANODE_UNROLL", 8, (4, 8, 16)),
+         "chunk_rows": ("MOE_EP_INTRANODE_CHUNK_ROWS", 8, (4, 8, 16, 32, 64)),
+         "send_warps": ("MOE_EP_INTRANODE_SEND_WARPS", 8, (4, 8, 12))}
 OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed", "combine_bf16")
 
 
@@ -66,11 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Buffer num_nvl_bytes (default: 2e9 or the largest config's hint on GPUs, 0 on CPU)")
     group.add_argument("--seed", type=int, default=0, help="routing and data seed (rank r uses seed + r)")
     group.add_argument("--unroll", type=int_list, default=[4, 16],
-                       help="extra 16-byte vectors-in-flight variants of the NVLink copies (MOE_EP_INTRANODE_UNROLL), "
+                       help="extra 16-byte vectors-in-flight variants of the copies (MOE_EP_INTRANODE_UNROLL), "
                             "timed at 12 and 24 SMs beside the default 8 (default 4,16; the kernels accept 4, 8, 16)")
-    group.add_argument("--chunk-rows", type=int_list, default=[8],
-                       help="extra rows-per-warp-step variants of pull and push (MOE_EP_INTRANODE_CHUNK_ROWS), "
-                            "timed at 12 and 24 SMs beside the default 32 (default 8; the kernels accept 4, 8, 16, 32)")
+    group.add_argument("--chunk-rows", type=int_list, default=[4, 16],
+                       help="extra rows-per-flag variants (MOE_EP_INTRANODE_CHUNK_ROWS), timed at 12 and 24 SMs "
+                            "beside the default 8 (default 4,16; the kernels accept 4, 8, 16, 32, 64)")
+    group.add_argument("--send-warps", type=int_list, default=[4, 12],
+                       help="extra sender-warps-per-block variants (MOE_EP_INTRANODE_SEND_WARPS, of 16), timed at "
+                            "12 and 24 SMs beside the default 8 (default 4,12; the kernels accept 4, 8, 12)")
 
 
 def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
@@ -84,15 +89,15 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
         raise SystemExit(f"--chunks: every chunk must be in [1, {NVL_RECV_CHUNK}), got {args.chunks}")
     if opts["top_k"] > opts["experts"]:
         raise SystemExit(f"--top-k {opts['top_k']} exceeds --experts {opts['experts']}")
-    bad_unroll = [u for u in args.unroll if u not in (4, 8, 16)]
-    if bad_unroll:
-        raise SystemExit(f"--unroll: each value must be 4, 8 or 16, got {bad_unroll}")
-    bad_rows = [r for r in args.chunk_rows if r not in (4, 8, 16, 32)]
-    if bad_rows:
-        raise SystemExit(f"--chunk-rows: each value must be 4, 8, 16 or 32, got {bad_rows}")
+    variants = {}
+    for key, (_, default, allowed) in KNOBS.items():
+        values = getattr(args, key)
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise SystemExit(f"--{key.replace('_', '-')}: each value must be one of {allowed}, got {bad}")
+        variants[key] = [v for v in values if v != default]
     opts.update(sms=list(args.sms), chunks=list(args.chunks) if args.chunks else [None], nvl_bytes=args.nvl_bytes,
-                seed=args.seed, out=args.out, unroll=[u for u in args.unroll if u != DEFAULT_UNROLL],
-                chunk_rows=[r for r in args.chunk_rows if r != DEFAULT_CHUNK_ROWS])
+                seed=args.seed, out=args.out, variants=variants)
     return opts
 
 
@@ -137,29 +142,29 @@ def _calls(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle
 
 
 def _sweep(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle, recv_x, timer) -> list[dict]:
-    """Every op at every (SMs, chunk) with the default copy unroll (8) and rows per warp step (32),
-    then the --unroll and --chunk-rows variants at 12 and 24 SMs: rows of this rank's median ms and
-    bytes."""
+    """Every op at every (SMs, chunk) with the default knobs (KNOBS), then each knob's variants
+    (--unroll, --chunk-rows, --send-warps) at 12 and 24 SMs: rows of this rank's median ms and bytes."""
     group, iters = buffer.group, opts["iters"]
     variant_sms = [sms for sms in (12, 24) if sms in opts["sms"]]
-    points = [(sms, chunk, DEFAULT_UNROLL, DEFAULT_CHUNK_ROWS) for sms in opts["sms"] for chunk in opts["chunks"]]
-    points += [(sms, chunk, unroll, DEFAULT_CHUNK_ROWS) for unroll in opts["unroll"] for sms in variant_sms
-               for chunk in opts["chunks"]]
-    points += [(sms, chunk, DEFAULT_UNROLL, rows) for rows in opts["chunk_rows"] for sms in variant_sms
-               for chunk in opts["chunks"]]
+    defaults = {key: default for key, (_, default, _) in KNOBS.items()}
+    points = [(sms, chunk, defaults) for sms in opts["sms"] for chunk in opts["chunks"]]
+    points += [(sms, chunk, {**defaults, key: value}) for key, values in opts["variants"].items() for value in values
+               for sms in variant_sms for chunk in opts["chunks"]]
     rows = []
-    for num_sms, chunk, unroll, chunk_rows in points:
-        Buffer.set_num_sms(num_sms)
-        os.environ[UNROLL_ENV] = str(unroll)  # both read by the kernels' launchers at every launch
-        os.environ[CHUNK_ROWS_ENV] = str(chunk_rows)
-        calls = _calls(buffer, opts, x, topk_idx, topk_weights, layout, handle, recv_x, num_sms, chunk)
-        for op in OPS:
-            fn, nbytes, cfg = calls[op]
-            ms = timer(fn, iters, WARMUP, group)
-            rows.append({"op": op, "sms": num_sms, "chunk": cfg.num_max_nvl_chunked_send_tokens, "unroll": unroll,
-                         "chunk_rows": chunk_rows, "ms": ms, "bytes": nbytes})
-    os.environ[UNROLL_ENV] = str(DEFAULT_UNROLL)
-    os.environ[CHUNK_ROWS_ENV] = str(DEFAULT_CHUNK_ROWS)
+    try:
+        for num_sms, chunk, knobs in points:
+            Buffer.set_num_sms(num_sms)
+            for key, value in knobs.items():
+                os.environ[KNOBS[key][0]] = str(value)
+            calls = _calls(buffer, opts, x, topk_idx, topk_weights, layout, handle, recv_x, num_sms, chunk)
+            for op in OPS:
+                fn, nbytes, cfg = calls[op]
+                ms = timer(fn, iters, WARMUP, group)
+                rows.append({"op": op, "sms": num_sms, "chunk": cfg.num_max_nvl_chunked_send_tokens, **knobs,
+                             "ms": ms, "bytes": nbytes})
+    finally:
+        for key, value in defaults.items():
+            os.environ[KNOBS[key][0]] = str(value)
     return rows
 
 
@@ -292,14 +297,15 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
         "rows": merge_rows([g["rows"] for g in gathered]),
         "reference_rows": merge_rows([g["references"] for g in gathered]),
         "breakdown_per_rank": [g["breakdown"] for g in gathered],
-        "breakdown_what": "GPU µs of each engine step (barrier, stage, notify + host wait, pull; barrier, push, "
-                          "reduce) in one call of each op, per rank (empty without the intranode kernels)",
+        "breakdown_what": "GPU µs of each engine step (notify + host wait, transfer; barrier, combine) in one "
+                          "call of each op, per rank (empty without the intranode kernels)",
     }
 
 
-def _line(op: str, sms, chunk, us: float, gbps: float, unroll=None, chunk_rows=None) -> str:
+def _line(op: str, sms, chunk, us: float, gbps: float, unroll=None, chunk_rows=None, send_warps=None) -> str:
     dash = lambda v: "-" if v is None else v  # noqa: E731
-    return f"{op:<26}{dash(sms):>5}{dash(chunk):>7}{dash(unroll):>7}{dash(chunk_rows):>6}{us:>12.1f}{gbps:>12.1f}"
+    return (f"{op:<26}{dash(sms):>5}{dash(chunk):>7}{dash(unroll):>7}{dash(chunk_rows):>6}{dash(send_warps):>6}"
+            f"{us:>12.1f}{gbps:>12.1f}")
 
 
 def _print(report: dict) -> None:
@@ -312,10 +318,10 @@ def _print(report: dict) -> None:
         print(report["buffer_backend_describe"])
     print(f"correctness (combine of dispatched x == x * ranks reached): {verdict} "
           f"(max abs err {report['correctness']['max_abs_err']:.3g})")
-    print(f"{'op':<26}{'SMs':>5}{'chunk':>7}{'unroll':>7}{'rows':>6}{'µs (max)':>12}{'GB/s (min)':>12}")
+    print(f"{'op':<26}{'SMs':>5}{'chunk':>7}{'unroll':>7}{'rows':>6}{'send':>6}{'µs (max)':>12}{'GB/s (min)':>12}")
     for row in report["rows"]:
         print(_line(row["op"], row["sms"], row["chunk"], row["us"], row["gbps"], row.get("unroll"),
-                    row.get("chunk_rows")))
+                    row.get("chunk_rows"), row.get("send_warps")))
     for rank, steps in enumerate(report["breakdown_per_rank"]):
         if steps:
             print(f"rank {rank} steps at {steps['sms']} SMs (GPU µs): " + "; ".join(

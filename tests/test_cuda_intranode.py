@@ -378,25 +378,30 @@ def test_engine_matches_oracle(gpu_gloo_pool, case, world_size, seed):
     assert len(received) == world_size and all(len(per_rank) == 2 for per_rank in received)
 
 
-# The copy-loop variants the benchmark compares (MOE_EP_INTRANODE_UNROLL, _CHUNK_ROWS: read by the
-# launchers at every launch) must give the same results: a few cases with the big rows of BIG, a
-# partial last chunk, skew, FP8, cached/worst-token and non-16-byte-aligned rows, on 3 ranks.
+# The kernel variants the benchmark compares (MOE_EP_INTRANODE_UNROLL, _CHUNK_ROWS, _SEND_WARPS: read
+# by the launchers at every launch) must give the same results: a few cases with the big rows of BIG,
+# a partial last chunk, skew, FP8, cached/worst-token and non-16-byte-aligned rows, on 3 ranks. 64
+# rows per chunk takes the path of chunks longer than a warp (which the defaults reach only with
+# more rows per rank pair than there are flags).
 VARIANT_CASE_NAMES = ("random-bf16-h7168-bias2", "masked-bf16-h100-bias2", "skewed-one-expert-bf16", "fp8-h7168-bias2",
                       "cached-worst-fp8-bias1")
 VARIANT_CASES = [case for case in CASES if case.name in VARIANT_CASE_NAMES]
 assert len(VARIANT_CASES) == len(VARIANT_CASE_NAMES), "a variant case was renamed"
-VARIANTS = [("4", "4"), ("16", "8"), ("8", "16")]
+VARIANTS = [("4", "4", "4"), ("16", "16", "12"), ("8", "32", "8"), ("8", "64", "4")]
 
 
-def _w_case_with_env(ctx, case: Case, seed: int, unroll: str, chunk_rows: str) -> list:
-    with environ(MOE_EP_INTRANODE_UNROLL=unroll, MOE_EP_INTRANODE_CHUNK_ROWS=chunk_rows):
+def _w_case_with_env(ctx, case: Case, seed: int, unroll: str, chunk_rows: str, send_warps: str) -> list:
+    with environ(MOE_EP_INTRANODE_UNROLL=unroll, MOE_EP_INTRANODE_CHUNK_ROWS=chunk_rows,
+                 MOE_EP_INTRANODE_SEND_WARPS=send_warps):
         return _w_case(ctx, case, seed)
 
 
-@pytest.mark.parametrize("unroll,chunk_rows", VARIANTS, ids=[f"unroll{u}-rows{r}" for u, r in VARIANTS])
+@pytest.mark.parametrize("unroll,chunk_rows,send_warps", VARIANTS,
+                         ids=[f"unroll{u}-rows{r}-send{w}" for u, r, w in VARIANTS])
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=[case.name for case in VARIANT_CASES])
-def test_copy_variants_match_oracle(gpu_gloo_pool, case, unroll, chunk_rows, seed):
-    received = gpu_gloo_pool(3).run(_w_case_with_env, case, seed, unroll, chunk_rows, timeout=case.timeout)
+def test_copy_variants_match_oracle(gpu_gloo_pool, case, unroll, chunk_rows, send_warps, seed):
+    received = gpu_gloo_pool(3).run(_w_case_with_env, case, seed, unroll, chunk_rows, send_warps,
+                                    timeout=case.timeout)
     assert len(received) == 3
 
 
@@ -680,32 +685,37 @@ def test_cuda_graph_replays_with_fresh_routing(gpu_gloo_pool, seed):
 # ---------------------------------------------------------------------------------------------
 
 def _w_too_small(ctx, seed: int) -> None:
+    """Both ranks receive about 4096 x 3/4 rows of the other (a rank's own rows bypass its buffer)."""
     from moe_ep.comm.backends.intranode import IntranodeEngine
 
     engine = IntranodeEngine(ctx.group, ctx.device, SMALL_NVL_BYTES)
-    big = Case("too-big", tokens=(4096,), hidden=4096, num_topk=2, local_experts=4)
-    world = case_world(big, 1, seed)
-    _, per_expert, in_rank = oracle.dispatch_layout(world.topk_idx[0], world.num_experts, 1)
-    for payload in ("bf16", "fp8"):  # 32 MiB and 16 MiB of rows for an 8 MiB buffer
-        inputs = on(ctx, (as_payload(world.xs[0], payload), in_rank, per_expert, world.topk_idx[0],
-                          world.topk_weights[0]))
+    big = Case("too-big", tokens=(4096, 4096), hidden=4096, num_topk=2, local_experts=4)
+    world = case_world(big, ctx.world_size, seed)
+    r = ctx.rank
+    _, per_expert, in_rank = oracle.dispatch_layout(world.topk_idx[r], world.num_experts, ctx.world_size)
+    for payload in ("bf16", "fp8"):  # about 24 MiB and 12 MiB of rows for an 8 MiB buffer
+        inputs = on(ctx, (as_payload(world.xs[r], payload), in_rank, per_expert, world.topk_idx[r],
+                          world.topk_weights[r]))
         with pytest.raises(ValueError, match="num_nvl_bytes"):
             engine.dispatch(inputs[0], None, *inputs[1:], 1, 0, world.num_experts)
+        with pytest.raises(ValueError, match="num_nvl_bytes"):  # the bound W is checked before any wait
+            engine.dispatch(inputs[0], None, *inputs[1:], 1, 4096, world.num_experts)
     # The error left the engine usable: small calls still give the reference's results.
     for i, payload in enumerate(("bf16", "fp8")):
-        small = Case(f"small-after-error-{payload}", tokens=(33,), hidden=256, payload=payload, num_topk=2,
+        small = Case(f"small-after-error-{payload}", tokens=(33, 20), hidden=256, payload=payload, num_topk=2,
                      local_experts=4, routing=SPARSE, cached=True, num_biases=1)
         run_case(ctx, engine, small, seed + 1 + i, small.name)
     torch.cuda.synchronize(ctx.device)
 
 
 def test_num_nvl_bytes_too_small_raises(gpu_gloo_pool, seed):
-    gpu_gloo_pool(1).run(_w_too_small, seed, timeout=300)
+    gpu_gloo_pool(2).run(_w_too_small, seed, timeout=300)
 
 
 def _w_one_rank_overflows(ctx, seed: int) -> None:
-    """Only rank 0's dispatch is too big for its buffer: EVERY rank raises (the notify step tells
-    them), naming rank 0, instead of the others waiting for a rank that gave up."""
+    """Only rank 1's buffer is too small for what rank 0 sends it: EVERY rank raises (the notify
+    step hands every rank the whole count matrix), naming rank 1, instead of some rank writing past
+    a peer's buffer or waiting for a rank that gave up."""
     from moe_ep.comm.backends.intranode import IntranodeEngine
 
     engine = IntranodeEngine(ctx.group, ctx.device, SMALL_NVL_BYTES)
@@ -713,7 +723,7 @@ def _w_one_rank_overflows(ctx, seed: int) -> None:
     world = case_world(uneven, ctx.world_size, seed)
     _, per_expert, in_rank = oracle.dispatch_layout(world.topk_idx[ctx.rank], world.num_experts, ctx.world_size)
     inputs = on(ctx, (world.xs[ctx.rank], in_rank, per_expert, world.topk_idx[ctx.rank], world.topk_weights[ctx.rank]))
-    with pytest.raises(ValueError, match=r"num_nvl_bytes=.*rank 0 needs"):
+    with pytest.raises(ValueError, match=r"num_nvl_bytes=.*rank 1 needs"):
         engine.dispatch(inputs[0], None, *inputs[1:], 1, 0, world.num_experts)
     small = Case("small-after-overflow", tokens=(21, 34), hidden=256, num_topk=2, local_experts=4, routing=SPARSE,
                  num_biases=1)

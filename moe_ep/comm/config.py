@@ -97,7 +97,7 @@ def default_combine_config(num_ranks: int, num_sms: int) -> Config:
     return Config(num_sms, *list(vars(base).values())[1:])
 
 
-# The intranode kernels stage whole batches (moe_ep.comm.backends.intranode): 1 GiB holds a
+# The intranode kernels hold whole batches (moe_ep.comm.backends.intranode): 1 GiB holds a
 # DeepSeek-V3-sized prefill of 4096 tokens per rank on up to 8 ranks. Larger batches: pass
 # num_nvl_bytes (intranode_size_hint gives the bytes).
 AUTO_NVL_BYTES = 1 << 30

@@ -1,22 +1,21 @@
 """Intranode normal dispatch and combine on the CUDA kernels of ``csrc/intranode.cu``.
 
 Policy lives here (allocation, the order of the steps, size checks); the kernels only move bytes.
-A dispatch is ``barrier | stage | barrier | notify | host wait | pull`` and a combine
-``barrier | push | barrier | reduce`` (see ``csrc/intranode.h`` for why: every rank's payload is
-read or written over NVLink exactly once, with one local copy of the sender's own tokens).
+A dispatch is ``notify | host wait | transfer`` and a combine ``barrier | combine`` (see
+``csrc/intranode.h`` for why: NVLink carries only stores, every payload byte crosses it once,
+and the receivers' copies overlap the senders' stores, chunk by chunk).
 
 Results equal :class:`~moe_ep.comm.backends.reference.ReferenceBackend` bit for bit: the same row
 order (source rank, then source token) and, in combine, the same float32 summation order (ranks
 ascending, then the biases).
 
-Buffer size: a dispatch of T tokens stages every token once (its row: x, scales, top-k) plus the
-send lists; a combine holds, per rank, R x S rows where S is the largest token count of any rank
-(or ``num_worst_tokens``). :func:`intranode_size_hint` gives the bytes. A dispatch that does not
-fit on some rank raises ``ValueError`` naming ``num_nvl_bytes`` and the bytes needed on EVERY
-rank (the overflowing rank stages nothing and says so in its control block, which the notify step
-reads); with ``num_worst_tokens`` (no host wait) the notify kernel prints that and traps instead.
-A combine's size is the same on every rank, so all of them raise alike. A cached dispatch with a
-larger payload than its original raises on the ranks that overflow only.
+Buffer size: a rank's buffer receives the rows its peers send it (its own rows go straight from
+``x`` to the outputs), and in combine the rows of every peer, ``stride_rows`` (the largest token
+count of any rank, or ``num_worst_tokens``) per peer. :func:`intranode_size_hint` gives the bytes
+for a token budget. Every size check uses what every rank knows alike (the count matrix the notify
+step hands to all ranks, the agreed ``num_worst_tokens``, the smallest ``num_nvl_bytes`` of the
+group), so a call too big for any rank's buffer raises the same ``ValueError`` naming
+``num_nvl_bytes`` on EVERY rank, before anything is written, and the engine stays usable.
 """
 from __future__ import annotations
 
@@ -40,11 +39,12 @@ def _extension():
 def intranode_size_hint(num_max_tokens: int, hidden: int, num_ranks: int, num_topk: int = 8,
                         fp8_dispatch: bool = False) -> int:
     """Bytes of ``num_nvl_bytes`` that dispatch (BF16, or FP8 with scales) and a BF16 combine of up
-    to ``num_max_tokens`` tokens per rank need."""
+    to ``num_max_tokens`` tokens per rank need, whatever the routing (a rank's buffer may receive
+    every token of every peer)."""
     ext = _extension()
     x_bytes = hidden if fp8_dispatch else hidden * 2
     scale_bytes = (hidden // 128) * 4 if fp8_dispatch else 0
-    dispatch = ext.intranode_dispatch_bytes(num_max_tokens, x_bytes, scale_bytes, num_topk, num_ranks)
+    dispatch = ext.intranode_dispatch_bytes((num_ranks - 1) * num_max_tokens, x_bytes, scale_bytes, num_topk)
     combine = ext.intranode_combine_bytes(num_max_tokens, hidden * 2, num_topk, num_ranks)
     return int(max(dispatch, combine))
 
@@ -57,8 +57,10 @@ class IntranodeRouting:
     rank_prefix_matrix: torch.Tensor  # [R, R] int32
     recv_src_idx: torch.Tensor        # [N or W] int32
     send_slot: torch.Tensor           # [T, R] int32: the token's index among those sent to r, or -1
+    send_lists: torch.Tensor          # [R, T] int32: the tokens sent to r, in order
     num_recv_rows: int                # rows of the outputs (N, or W in worst-token mode)
-    stride_rows: int                  # combine rows per (rank, source): max tokens of any rank, or W
+    stride_rows: int                  # rows per (rank, source): max tokens of any rank, or W
+    max_buffer_rows: int              # the most rows any rank's buffer receives (a bound: W)
     num_worst_tokens: int = 0
 
 
@@ -87,7 +89,11 @@ class IntranodeEngine:
         with torch.cuda.device(device):
             self.ipc = open_intranode_buffer(group, self.num_nvl_bytes)
             self.record = self.ext.IntranodeHostRecord()
-            self.peer_tokens = torch.zeros(self.num_ranks, dtype=torch.int32, device=device)
+        # Peers store into this rank's buffer, so sizes are checked against the smallest buffer of
+        # the group, which every rank knows alike (open_intranode_buffer succeeded on every rank).
+        sizes: list = [None] * self.num_ranks
+        dist.all_gather_object(sizes, self.num_nvl_bytes, group=group)
+        self.min_nvl_bytes = min(int(size) for size in sizes)
         self._epoch = 0
         self._agreed_worst_tokens: set[int] = set()
         # Set to a list to record (step, start event, end event) per step: the benchmark's breakdown.
@@ -108,10 +114,13 @@ class IntranodeEngine:
         end.record()
         self.profile.append((name, start, end))
 
-    def _check_fits(self, needed: int, what: str) -> None:
-        if needed > self.num_nvl_bytes:
-            raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for this {what} on rank {self.rank}: "
-                             f"it needs {needed} bytes (see moe_ep.comm.backends.intranode.intranode_size_hint)")
+    def _check_fits(self, needed: int, what: str, rank: Optional[int] = None) -> None:
+        """Raises on every rank alike: ``needed`` is computed from what every rank knows."""
+        if needed > self.min_nvl_bytes:
+            where = f"rank {rank} needs" if rank is not None else "every rank needs"
+            raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for this {what}: {where} {needed} bytes "
+                             f"(the group's smallest buffer has {self.min_nvl_bytes}; every rank raises this; see "
+                             "moe_ep.comm.backends.intranode.intranode_size_hint)")
 
     def _wait_sizes(self, num_local_experts: int) -> tuple[int, int, list[int], int, int]:
         got = self.record.wait(self._epoch, timeout_seconds(), num_local_experts)
@@ -135,55 +144,49 @@ class IntranodeEngine:
         num_topk = 0 if topk_idx is None else topk_idx.shape[1]
         scale_bytes = 0 if scales is None else scales.shape[1] * scales.element_size()
         x_bytes = hidden * x_data.element_size()
-        needed = self.ext.intranode_dispatch_bytes(num_tokens, x_bytes, scale_bytes, num_topk, R)
-        overflow = 0
+
+        def needed(buffer_rows: int) -> int:
+            return self.ext.intranode_dispatch_bytes(buffer_rows, x_bytes, scale_bytes, num_topk)
+
         if cached:
-            self._check_fits(needed, "cached dispatch")  # no notify step to tell the peers: raises here only
-        elif needed > self.num_nvl_bytes:
-            overflow = needed  # staged as "nothing"; notify tells every rank, and every rank raises below
-        if num_worst_tokens > 0 and not cached:
+            self._check_fits(needed(routing.max_buffer_rows), "cached dispatch")
+        elif num_worst_tokens > 0:
             check_worst_tokens_agree(self.group, self._collective_device, num_worst_tokens,
                                      self._agreed_worst_tokens)
+            # No host wait in this mode: the bound (every rank receives at most W rows) is checked.
+            self._check_fits(needed(num_worst_tokens), f"dispatch with num_worst_tokens={num_worst_tokens}")
 
-        send_slot = send_counts = expert_counts = None
-        if not cached:
+        sms = int(self.num_sms)
+        counts_list: list[int] = []
+        if cached:
+            with self._step("notify"):  # the barrier only: every peer is done with its buffer
+                self.ext.intranode_notify(self.ipc, self.record, None, None, None, num_tokens, 1, 0, None, None, 0,
+                                          sms)
+            rank_prefix_matrix, recv_src_idx, send_lists = (routing.rank_prefix_matrix, routing.recv_src_idx,
+                                                            routing.send_lists)
+            num_rows, stride_rows = routing.num_recv_rows, routing.stride_rows
+        else:
             csum = is_token_in_rank.to(torch.int32).cumsum(0, dtype=torch.int32)
-            send_slot = torch.where(is_token_in_rank, csum - 1, -1).to(torch.int32)
+            send_slot = torch.where(is_token_in_rank, csum - 1, -1).to(torch.int32).contiguous()
             send_counts = (csum[-1] if num_tokens > 0 else torch.zeros(R, dtype=torch.int32, device=self.device))
             send_counts = send_counts.contiguous()
             expert_counts = num_tokens_per_expert.to(torch.int32).contiguous()
             topk_idx = None if topk_idx is None else topk_idx.to(torch.int64).contiguous()
             topk_weights = None if topk_weights is None else topk_weights.to(torch.float32).contiguous()
-
-        sms = int(self.num_sms)
-        with self._step("barrier"):
-            self.ipc.barrier()  # every rank is done reading our region (previous step)
-        with self._step("stage"):
-            self.ext.intranode_stage(self.ipc, x_data, scales, topk_idx, topk_weights, send_slot, send_counts,
-                                     expert_counts, overflow, sms)
-        with self._step("barrier"):
-            self.ipc.barrier()  # every rank's rows, lists and counts are in place
-
-        counts_list: list[int] = []
-        if cached:
-            rank_prefix_matrix, recv_src_idx = routing.rank_prefix_matrix, routing.recv_src_idx
-            num_rows, stride_rows = routing.num_recv_rows, routing.stride_rows
-        else:
-            num_local = num_experts // R
+            send_lists = torch.empty((R, num_tokens), dtype=torch.int32, device=self.device)
             rank_prefix_matrix = torch.empty((R, R), dtype=torch.int32, device=self.device)
+            num_local = num_experts // R
             self._epoch += 1
             with self._step("notify + host wait"):
-                self.ext.intranode_notify(self.ipc, self.record, num_experts, expert_alignment, num_worst_tokens,
-                                          rank_prefix_matrix, self.peer_tokens, self._epoch)
+                self.ext.intranode_notify(self.ipc, self.record, send_slot, send_counts, expert_counts, num_tokens,
+                                          expert_alignment, num_worst_tokens, send_lists, rank_prefix_matrix,
+                                          self._epoch, sms)
                 if num_worst_tokens > 0:
-                    num_rows = stride_rows = num_worst_tokens
+                    num_rows = stride_rows = max_buffer_rows = num_worst_tokens
                 else:
-                    num_rows, stride_rows, counts_list, overflow_bytes, overflow_rank = self._wait_sizes(num_local)
+                    num_rows, stride_rows, counts_list, max_buffer_rows, max_rank = self._wait_sizes(num_local)
                     counts_list = list(counts_list)
-                    if overflow_bytes > 0:
-                        raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for this dispatch: rank "
-                                         f"{overflow_rank} needs {overflow_bytes} bytes (every rank raises this; see "
-                                         "moe_ep.comm.backends.intranode.intranode_size_hint)")
+                    self._check_fits(needed(max_buffer_rows), "dispatch", max_rank)
             recv_src_idx = torch.empty(num_rows, dtype=torch.int32, device=self.device)
 
         recv_x = torch.empty((num_rows, hidden), dtype=x_data.dtype, device=self.device)
@@ -194,15 +197,15 @@ class IntranodeEngine:
             recv_topk_idx = torch.empty((num_rows, num_topk), dtype=torch.int64, device=self.device)
             recv_topk_weights = torch.empty((num_rows, num_topk), dtype=torch.float32, device=self.device)
         num_local = (num_experts // R) if num_experts else 0
-        with self._step("pull"):
-            self.ext.intranode_pull(self.ipc, scale_bytes, num_topk, rank_prefix_matrix, self.peer_tokens, cached,
-                                    recv_src_idx, recv_x, recv_scales, recv_topk_idx, recv_topk_weights, num_local,
-                                    sms)
+        with self._step("transfer"):
+            self.ext.intranode_transfer(self.ipc, x_data, scales, topk_idx, topk_weights, send_lists,
+                                        rank_prefix_matrix, max(int(stride_rows), 1), cached, recv_src_idx, recv_x,
+                                        recv_scales, recv_topk_idx, recv_topk_weights, num_local, sms)
         out_x = (recv_x, recv_scales) if is_fp8 else recv_x
         if cached:
             return out_x, None, None, None, None
-        routing = IntranodeRouting(is_token_in_rank, rank_prefix_matrix, recv_src_idx, send_slot, num_rows,
-                                   max(int(stride_rows), 1), num_worst_tokens)
+        routing = IntranodeRouting(is_token_in_rank, rank_prefix_matrix, recv_src_idx, send_slot, send_lists, num_rows,
+                                   max(int(stride_rows), 1), int(max_buffer_rows), num_worst_tokens)
         handle = (rank_prefix_matrix, is_token_in_rank, recv_src_idx, routing)
         return out_x, recv_topk_idx, recv_topk_weights, counts_list, handle
 
@@ -219,19 +222,16 @@ class IntranodeEngine:
                                                   self.num_ranks)
         self._check_fits(needed, "combine")
         biases = [b.contiguous() for b in biases]
-        sms = int(self.num_sms)
-        with self._step("barrier"):
-            self.ipc.barrier()  # every rank is done reading its region (previous step)
-        with self._step("push"):
-            self.ext.intranode_push(self.ipc, routing.rank_prefix_matrix, x, topk_weights, routing.stride_rows, sms)
-        with self._step("barrier"):
-            self.ipc.barrier()  # every row is back at its source
         out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=self.device)
         out_weights = None
         if num_topk:
             out_weights = torch.empty((num_tokens, num_topk), dtype=torch.float32, device=self.device)
-        with self._step("reduce"):
-            self.ext.intranode_reduce(self.ipc, routing.is_token_in_rank.contiguous(), routing.send_slot,
-                                      routing.stride_rows, num_topk, biases[0] if biases else None,
-                                      biases[1] if len(biases) > 1 else None, out, out_weights, sms)
+        sms = int(self.num_sms)
+        with self._step("barrier"):
+            self.ipc.barrier()  # every rank is done with its buffer (previous step)
+        with self._step("combine"):
+            self.ext.intranode_combine(self.ipc, x, topk_weights, routing.is_token_in_rank.contiguous(),
+                                       routing.send_slot, routing.rank_prefix_matrix, routing.stride_rows, num_topk,
+                                       biases[0] if biases else None, biases[1] if len(biases) > 1 else None, out,
+                                       out_weights, sms)
         return out, out_weights
