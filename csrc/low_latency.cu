@@ -493,29 +493,35 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    // kBatch replies in flight per lane before any is summed (the k order of the sum is kept).
-    constexpr int kBatch = 4;
+    // kBatch replies in flight per lane before any is summed (the k order of the sum is kept): the
+    // batch's ids, positions and weights are loaded first, all at once, then its rows, all at once.
+    constexpr int kBatch = 8;
     for (int k0 = 0; k0 < L.num_topk; k0 += kBatch) {
-      uint4 raw[kBatch];
+      int64_t e[kBatch];
+      int pos[kBatch];
       float w[kBatch];
-      bool valid[kBatch];
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int k = k0 + u;
+        const bool in = k < L.num_topk;
+        e[u] = in ? a.topk_idx[t * L.num_topk + k] : -1;
+        pos[u] = in ? a.pair_pos[t * L.num_topk + k] : 0;
+        w[u] = in ? a.topk_weights[t * L.num_topk + k] : 0.0f;
+      }
+      uint4 raw[kBatch];
+      bool valid[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
         valid[u] = false;
-        w[u] = 0.0f;
         raw[u] = make_uint4(0u, 0u, 0u, 0u);
-        if (k >= L.num_topk) continue;
-        const int64_t e = a.topk_idx[t * L.num_topk + k];
-        if (e < -1 || e >= L.num_experts) bad_topk_entry("low_latency_combine", me, t * L.num_topk + k, L.num_topk, e, L.num_experts);
-        if (e < 0) continue;
-        const int d = static_cast<int>(e / L.num_local);
-        if (cut(a.mask, me, d)) continue;
-        const int pos = a.pair_pos[t * L.num_topk + k];
-        if (pos >= L.m) continue;  // dropped at dispatch (see header)
+        if (e[u] < -1 || e[u] >= L.num_experts) {
+          bad_topk_entry("low_latency_combine", me, t * L.num_topk + k0 + u, L.num_topk, e[u], L.num_experts);
+        }
+        if (e[u] < 0) continue;
+        if (cut(a.mask, me, static_cast<int>(e[u] / L.num_local))) continue;
+        if (pos[u] >= L.m) continue;  // dropped at dispatch (see header)
         valid[u] = true;
-        w[u] = a.topk_weights[t * L.num_topk + k];
-        raw[u] = __ldcg(reinterpret_cast<const uint4*>(area + (e * L.m + pos) * row_elems + col));
+        raw[u] = __ldcg(reinterpret_cast<const uint4*>(area + (e[u] * L.m + pos[u]) * row_elems + col));
       }
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
