@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <initializer_list>
 #include <type_traits>
 
 #include "bounded_wait.cuh"
@@ -408,9 +409,10 @@ __device__ __forceinline__ Pack<T, V> load_pack(const Pack<T, V>* ptr) {
   return p;
 }
 
-// A lane sums kReduceSteps vectors of a row at once: their loads are in flight together (one
-// vector per step made the reduce wait on one load latency per rank and step).
+// A lane keeps kReduceSteps vectors of kReduceRanks ranks' rows in flight at once, then sums them
+// in rank order: the reduce is bound by load latency, so the loads of every rank go out together.
 constexpr int kReduceSteps = 4;
+constexpr int kReduceRanks = 2;
 
 // rows_lo / rows_hi: lane l holds the row pointer of rank l / l + 32 (where the mask has it).
 template <typename T, int V>
@@ -419,7 +421,7 @@ __device__ __forceinline__ void reduce_token(unsigned long long mask, const uint
                                              bool bias1_bf16, int64_t t, T* out, int lane) {
   constexpr int U = kReduceSteps;
   const int64_t steps = hidden / V;
-  // The loop bounds are uniform across the warp (the pointer broadcasts need every lane).
+  // The loop bounds and the mask are uniform across the warp (the pointer broadcasts need every lane).
   for (int64_t base = 0; base < steps; base += 32 * U) {
     float acc[U][V];
 #pragma unroll
@@ -427,21 +429,35 @@ __device__ __forceinline__ void reduce_token(unsigned long long mask, const uint
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[u][v] = 0.0f;
     }
-    for (unsigned long long m = mask; m != 0; m &= m - 1) {  // ranks in increasing order, as the reference
-      const int r = __ffsll(static_cast<long long>(m)) - 1;
-      const auto* row = reinterpret_cast<const Pack<T, V>*>(shfl_ptr(r < 32 ? rows_lo : rows_hi, r % 32));
-      Pack<T, V> p[U];
+    for (unsigned long long m = mask; m != 0;) {  // ranks in increasing order, as the reference
+      const Pack<T, V>* rows[kReduceRanks];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t i = base + u * 32 + lane;
-        if (i < steps) p[u] = load_pack(row + i);
+      for (int q = 0; q < kReduceRanks; ++q) {
+        rows[q] = nullptr;
+        if (m != 0) {
+          const int r = __ffsll(static_cast<long long>(m)) - 1;
+          rows[q] = reinterpret_cast<const Pack<T, V>*>(shfl_ptr(r < 32 ? rows_lo : rows_hi, r % 32));
+          m &= m - 1;
+        }
+      }
+      Pack<T, V> p[kReduceRanks][U];
+#pragma unroll
+      for (int q = 0; q < kReduceRanks; ++q) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t i = base + u * 32 + lane;
+          if (rows[q] != nullptr && i < steps) p[q][u] = load_pack(rows[q] + i);
+        }
       }
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t i = base + u * 32 + lane;
-        if (i < steps) {
+      for (int q = 0; q < kReduceRanks; ++q) {
 #pragma unroll
-          for (int v = 0; v < V; ++v) acc[u][v] += to_float<T>(p[u].v[v]);
+        for (int u = 0; u < U; ++u) {
+          const int64_t i = base + u * 32 + lane;
+          if (rows[q] != nullptr && i < steps) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[u][v] += to_float<T>(p[q][u].v[v]);
+          }
         }
       }
     }
@@ -520,10 +536,15 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
   const uint8_t* area = own_region + kRowsOffset;
   const long long* own_flags = flags_of(own_region, true);
   const int64_t own_row0 = prefix_at(rank_prefix_matrix, me - 1, me, R);
-  // Lane l looks after rank l (and l + 32): whether the token went there, and where its row is.
-  auto locate = [&](int64_t t, int r, const uint8_t*& row, const float*& weights) -> bool {
-    if (r >= R || !is_token_in_rank[t * R + r]) return false;
-    const int slot = send_slot[t * R + r];
+  // Lane l looks after rank l (and l + 32): whether the token went there (slot >= 0: the token's
+  // index among those sent there), and where its row is. The next token's routing is loaded before
+  // this token's rows are summed, so its latency hides behind them.
+  auto routing = [&](int64_t t, int r) -> int {
+    if (t >= num_tokens || r >= R) return -1;
+    return is_token_in_rank[t * R + r] ? send_slot[t * R + r] : -1;
+  };
+  auto locate = [&](int r, int slot, const uint8_t*& row, const float*& weights) -> bool {
+    if (slot < 0) return false;
     if (r == me) {
       row = x + (own_row0 + slot) * x_bytes;
       weights = topk_weights + (own_row0 + slot) * K;
@@ -536,13 +557,17 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
     }
     return true;
   };
+  int slot_lo = routing(role.id, lane);
+  int slot_hi = routing(role.id, lane + 32);
   for (int64_t t = role.id; t < num_tokens; t += role.count) {
     const uint8_t* row_lo = nullptr;
     const uint8_t* row_hi = nullptr;
     const float* w_lo = nullptr;
     const float* w_hi = nullptr;
-    const bool in_lo = locate(t, lane, row_lo, w_lo);
-    const bool in_hi = locate(t, lane + 32, row_hi, w_hi);
+    const bool in_lo = locate(lane, slot_lo, row_lo, w_lo);
+    const bool in_hi = locate(lane + 32, slot_hi, row_hi, w_hi);
+    slot_lo = routing(t + role.count, lane);
+    slot_hi = routing(t + role.count, lane + 32);
     const unsigned long long mask = static_cast<unsigned long long>(__ballot_sync(kFullWarp, in_lo)) |
                                     (static_cast<unsigned long long>(__ballot_sync(kFullWarp, in_hi)) << 32);
     reduce_token<T, V>(mask, row_lo, row_hi, hidden, bias0, bias0_bf16, bias1, bias1_bf16, t, out, lane);
@@ -590,15 +615,17 @@ int chunk_rows_from_env() {
 }
 
 // Warps of each 16-warp block that send (the others receive or reduce): MOE_EP_INTRANODE_SEND_WARPS
-// = 4, 8 (default) or 12, read at every launch.
+// = 2, 4 (default), 6, 8 or 12, read at every launch; it must be the same on every rank. Sending
+// (local loads, stores over NVLink) needs fewer warps than the local copies and the reduce, whose
+// loads wait on HBM latency.
 int send_warps_from_env() {
   const char* raw = std::getenv("MOE_EP_INTRANODE_SEND_WARPS");
-  if (raw == nullptr || *raw == '\0') return 8;
+  if (raw == nullptr || *raw == '\0') return 4;
   const std::string value(raw);
-  if (value == "4") return 4;
-  if (value == "8") return 8;
-  if (value == "12") return 12;
-  throw std::invalid_argument("moe_ep: MOE_EP_INTRANODE_SEND_WARPS must be 4, 8 or 12, got '" + value + "'");
+  for (const char* allowed : {"2", "4", "6", "8", "12"}) {
+    if (value == allowed) return std::stoi(value);
+  }
+  throw std::invalid_argument("moe_ep: MOE_EP_INTRANODE_SEND_WARPS must be 2, 4, 6, 8 or 12, got '" + value + "'");
 }
 
 void check_peers(const Peers& peers) {

@@ -51,7 +51,7 @@ COPY_BYTES = {"cuda": 1 << 30, "cpu": 8 << 20}
 # key, the variable, the default, the values the kernels accept.
 KNOBS = {"unroll": ("MOE_EP_INTRANODE_UNROLL", 8, (4, 8, 16)),
          "chunk_rows": ("MOE_EP_INTRANODE_CHUNK_ROWS", 8, (4, 8, 16, 32, 64)),
-         "send_warps": ("MOE_EP_INTRANODE_SEND_WARPS", 8, (4, 8, 12))}
+         "send_warps": ("MOE_EP_INTRANODE_SEND_WARPS", 4, (2, 4, 6, 8, 12))}
 OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed", "combine_bf16")
 
 
@@ -73,9 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chunk-rows", type=int_list, default=[4, 16],
                        help="extra rows-per-flag variants (MOE_EP_INTRANODE_CHUNK_ROWS), timed at 12 and 24 SMs "
                             "beside the default 8 (default 4,16; the kernels accept 4, 8, 16, 32, 64)")
-    group.add_argument("--send-warps", type=int_list, default=[4, 12],
+    group.add_argument("--send-warps", type=int_list, default=[2, 6, 8, 12],
                        help="extra sender-warps-per-block variants (MOE_EP_INTRANODE_SEND_WARPS, of 16), timed at "
-                            "12 and 24 SMs beside the default 8 (default 4,12; the kernels accept 4, 8, 12)")
+                            "12 and 24 SMs beside the default 4 (default 2,6,8,12; the kernels accept 2, 4, 6, 8, 12)")
 
 
 def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:

@@ -387,7 +387,7 @@ VARIANT_CASE_NAMES = ("random-bf16-h7168-bias2", "masked-bf16-h100-bias2", "skew
                       "cached-worst-fp8-bias1")
 VARIANT_CASES = [case for case in CASES if case.name in VARIANT_CASE_NAMES]
 assert len(VARIANT_CASES) == len(VARIANT_CASE_NAMES), "a variant case was renamed"
-VARIANTS = [("4", "4", "4"), ("16", "16", "12"), ("8", "32", "8"), ("8", "64", "4")]
+VARIANTS = [("4", "4", "2"), ("16", "16", "12"), ("8", "32", "6"), ("8", "64", "8")]
 
 
 def _w_case_with_env(ctx, case: Case, seed: int, unroll: str, chunk_rows: str, send_warps: str) -> list:
