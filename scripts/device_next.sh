@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The 2-GPU checks left open (see the closing notes), in bounded stages; two calls fit the device's
-# 10-minute limit:  STAGES=build,bench_normal,ll_new,bench_ll  then  STAGES=ll_tests,nccl_experimental.
+# 10-minute limit:  STAGES=build,intranode_tests,bench_normal  then  STAGES=ll_new,bench_ll,ll_tests  then
+# STAGES=nccl_experimental.
+#   intranode_tests    every intranode GPU test (ranks on both GPUs) but the sanitizer runs
 #   bench_normal       the push-based intranode kernels over the SM sweep and every knob's variants
 #   ll_new             the low-latency tests written after their last GPU run (out-of-range ids, staged send)
 #   bench_ll           the ll benchmark, direct and staged FP8 send
@@ -10,13 +12,18 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
-STAGES=${STAGES:-build,bench_normal,ll_new,bench_ll}
+STAGES=${STAGES:-build,intranode_tests,bench_normal}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
 {
   if has build; then
     stage build
     ls moe_ep/_C*.so >/dev/null 2>&1 || STAGES=build bash scripts/gpu_check.sh
+  fi
+  if has intranode_tests; then
+    stage "intranode GPU tests"
+    MOE_EP_TIMEOUT_S=30 timeout -k 10 ${INTRANODE_S:-200} python3 -m pytest -q -m "gpu and not slow" \
+      tests/test_cuda_intranode.py tests/test_gpu_buffer_streams.py 2>&1 | tail -12
   fi
   if has bench_normal; then
     stage "bench normal (push-based intranode kernels)"
