@@ -4,8 +4,9 @@
 //                   shared memory, so it knows each of its pairs' slot (the pair's position among
 //                   this rank's pairs for that expert) and each expert's total without waiting for
 //                   another block. Each token is read and cast to FP8 once (a half-warp per
-//                   128-column group), then stored into every top-k destination's slot
-//                   [l][this rank][j]. The block that counts an expert's last pair publishes the
+//                   128-column group), then stored ONCE per destination rank into its token
+//                   area [this rank][token], and the token's index into each expert's slot
+//                   [l][this rank][j] (NVLink carries a token once per rank, not once per expert). The block that counts an expert's last pair publishes the
 //                   count with a release store. Nothing waits: the hook's "send" half.
 //   dispatch recv   every block waits (bounded) for every (expert, source) count, so it knows
 //                   where each row goes; rows are packed in source-rank order into recv_x, in
@@ -109,7 +110,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
   const LLLayout& L = a.layout;
   __shared__ int total[kMaxExperts];   // this rank's pairs per expert
   __shared__ int before[kMaxExperts];  // ... among the pairs before this block's tokens
-  __shared__ uint8_t* dst[kMaxTopk];   // the current token's message slots (null: nothing to send)
+  __shared__ uint8_t* dst[kMaxTopk];   // the current token's messages, one per rank (null: none)
+  __shared__ int dst_rank[kMaxTopk];   // the rank entry k sends to (-1: nothing)
   extern __shared__ uint4 stage[];     // staged send (FP8): the current token's payload and scales
   const int tid = threadIdx.x;
   const int lane = tid % 32;
@@ -157,17 +159,30 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
     if (tid < K) {
       const int p = t * K + tid;
       const int64_t e = __ldg(a.topk_idx + p);
-      uint8_t* slot = nullptr;
+      int rank = -1;
       if (valid_expert(e, E)) {
         const int d = static_cast<int>(e / L.num_local);
         const int j = a.pair_pos[p];
         if (!cut(a.mask, me, d) && j < L.m) {  // beyond M rows of one source for one expert: dropped (see header)
-          slot = buffer_of(a.peers, d, a.data_offset) + L.off_darea +
-                 ((static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j) * L.msg_bytes;
-          *reinterpret_cast<int*>(slot + L.off_src) = t;
+          // The expert's slot j names the token; the token's message goes to its rank once.
+          int* index = reinterpret_cast<int*>(buffer_of(a.peers, d, a.data_offset) + L.off_dindex);
+          index[(static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j] = t;
+          rank = d;
         }
       }
-      dst[tid] = slot;
+      dst_rank[tid] = rank;
+    }
+    __syncthreads();
+    if (tid < K) {
+      const int d = dst_rank[tid];
+      bool first = d >= 0;
+      for (int k = 0; k < tid && first; ++k) first = dst_rank[k] != d;
+      uint8_t* msg = nullptr;
+      if (first) {
+        msg = buffer_of(a.peers, d, a.data_offset) + L.off_dtokens + (static_cast<int64_t>(me) * L.m + t) * L.msg_bytes;
+        *reinterpret_cast<int*>(msg + L.off_src) = t;
+      }
+      dst[tid] = msg;
     }
     __syncthreads();
     const __nv_bfloat16* row = static_cast<const __nv_bfloat16*>(a.x) + static_cast<int64_t>(t) * L.hidden;
@@ -377,7 +392,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a)
     const int s = i % R;
     const int j = r - first[i];
     const int idx = r - first[l * R];
-    const uint8_t* msg = own + L.off_darea + ((static_cast<int64_t>(l) * R + s) * L.m + j) * L.msg_bytes;
+    const int token = __ldcg(reinterpret_cast<const int*>(own + L.off_dindex) + (static_cast<int64_t>(l) * R + s) * L.m + j);
+    const uint8_t* msg = own + L.off_dtokens + (static_cast<int64_t>(s) * L.m + token) * L.msg_bytes;
     const int64_t row = static_cast<int64_t>(l) * slots + idx;
     const int64_t begin = piece * piece_bytes;
     warp_copy(static_cast<uint8_t*>(a.recv_x) + row * L.x_bytes + begin, msg + begin,
@@ -399,7 +415,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a)
         }
       }
     }
-    if (lane == 0) a.src_info[row] = *reinterpret_cast<const int*>(msg + L.off_src);
+    if (lane == 0) a.src_info[row] = token;
   }
 }
 
@@ -595,9 +611,11 @@ LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_
   l.off_dflags = 0;
   l.off_cflags = static_cast<int64_t>(kMaxExperts) * 4;
   l.off_done = l.off_cflags + static_cast<int64_t>(kMaxRanks) * 4;
-  l.off_darea = 0;
-  const int64_t darea = static_cast<int64_t>(l.num_local) * num_ranks * m * l.msg_bytes;
-  l.off_carea = (l.off_darea + darea + 127) / 128 * 128;
+  l.off_dindex = 0;
+  const int64_t dindex = static_cast<int64_t>(l.num_local) * num_ranks * m * 4;
+  l.off_dtokens = (dindex + 127) / 128 * 128;
+  const int64_t dtokens = static_cast<int64_t>(num_ranks) * m * l.msg_bytes;
+  l.off_carea = (l.off_dtokens + dtokens + 127) / 128 * 128;
   const int64_t carea = static_cast<int64_t>(num_experts) * m * hidden * 2;
   l.buffer_bytes = (l.off_carea + carea + 127) / 128 * 128;
   return l;
@@ -619,6 +637,10 @@ constexpr int64_t kMaxStageBytes = 40 << 10;  // with the 8 KB of histograms: un
 
 void launch_dispatch_send(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
   check_layout(args.layout, args.peers);
+  if (args.num_tokens < 0 || args.num_tokens > args.layout.m) {  // a token's message slot is its index
+    throw std::invalid_argument("moe_ep low_latency: x has " + std::to_string(args.num_tokens) +
+                                " tokens, more than num_max_dispatch_tokens_per_rank=" + std::to_string(args.layout.m));
+  }
   DispatchArgs a = args;
   a.staged_send = args.layout.use_fp8 && args.layout.off_src <= kMaxStageBytes && staged_send_from_env();
   const size_t stage_bytes = a.staged_send ? static_cast<size_t>(args.layout.off_src) : 0;

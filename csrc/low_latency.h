@@ -21,8 +21,10 @@
 //     done counters  [3] int32     last-block detection inside this rank's own kernels (combine
 //                                  send, combine recv, dispatch recv)
 //   data of buffer b, at kFlagsBytes + b * buffer_bytes:
-//     dispatch area  [L][R][M] messages: payload (bf16 row, or fp8 row + float32 scales), then the
-//                                  source token index (int32)
+//     dispatch index [L][R][M] int32: the source token of expert l's j-th row from source s
+//     dispatch tokens [R][M] messages: source s's token t (payload: bf16 row, or fp8 row + float32
+//                                  scales, then the token index, int32), sent once per rank
+//                                  however many of the rank's experts it goes to
 //     combine area   [E][M] bf16 rows: the reply of expert e for this rank's j-th row sent to e
 //                                  (j: the pair's position among this rank's pairs for e, in
 //                                  (token, k) order), so the reduce finds every reply directly
@@ -63,7 +65,8 @@ struct LLLayout {
   int64_t off_dflags = 0;   // from the buffer's flags
   int64_t off_cflags = 0;
   int64_t off_done = 0;
-  int64_t off_darea = 0;    // from the buffer's data
+  int64_t off_dindex = 0;   // from the buffer's data
+  int64_t off_dtokens = 0;
   int64_t off_carea = 0;
   int64_t buffer_bytes = 0;  // data of one of the two buffers
 };
