@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One bounded call on ONE GPU (ranks share it, gloo groups): build, then the intranode GPU tests of
-# the push-based dispatch/combine, a few quick cases first so a failure shows early. Logs: $OUT/intranode.log.
+# the push-based dispatch/combine and the low-latency GPU tests. Logs: $OUT/intranode.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"
@@ -10,11 +10,11 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
   stage build
   ls moe_ep/_C*.so >/dev/null 2>&1 || STAGES=build bash scripts/gpu_check.sh
   grep -E "error|FAILED|build took" "$OUT/build.log" | head -20
-  stage "quick intranode cases"
-  MOE_EP_TIMEOUT_S=20 timeout -k 10 ${QUICK_S:-120} python3 -m pytest -q -x tests/test_cuda_intranode.py \
-    -k "test_engine_matches_oracle and (random-bf16-h2048 or worst-fp8 or cached) and 2" 2>&1 | tail -25
   stage "all intranode GPU tests but slow"
   MOE_EP_TIMEOUT_S=20 timeout -k 10 ${ALL_S:-300} python3 -m pytest -q -m "gpu and not slow" tests/test_cuda_intranode.py \
     tests/test_gpu_buffer_streams.py 2>&1 | tail -25
+  stage "low-latency GPU tests (ranks sharing the GPU)"
+  MOE_EP_TIMEOUT_S=20 timeout -k 10 ${LL_S:-220} python3 -m pytest -q -m "gpu and not slow" tests/test_cuda_low_latency.py \
+    2>&1 | tail -25
   stage done
 } 2>&1 | tee "$OUT/intranode.log"
