@@ -1266,12 +1266,13 @@ buffer = Buffer(dist.group.WORLD, num_rdma_bytes=Buffer.get_low_latency_rdma_siz
 assert buffer.backend.uses_kernel("{call}"), buffer.backend.describe()
 x = torch.randn(5, 256, device="cuda").to(torch.bfloat16)
 topk_idx = torch.randint(0, 16, (5, 2), device="cuda")
-recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, 8, 16)
+# BF16 rows: the combine below takes them back as its x (an FP8 dispatch returns (rows, scales)).
+recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, 8, 16, use_fp8=False)
 torch.cuda.synchronize()
 topk_idx[3, 1] = {bad}
 try:
     if "{call}" == "low_latency_dispatch":
-        buffer.low_latency_dispatch(x, topk_idx, 8, 16)
+        buffer.low_latency_dispatch(x, topk_idx, 8, 16, use_fp8=False)
     else:
         buffer.low_latency_combine(recv_x, topk_idx, torch.rand(5, 2, device="cuda"), handle)
     torch.cuda.synchronize()
