@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The 2-GPU checks left open (see the closing notes), in bounded stages; two calls fit the device's
-# 10-minute limit:  STAGES=build,intranode_tests,bench_normal  then  STAGES=ll_new,bench_ll,ll_tests  then
-# STAGES=nccl_experimental.
+# 10-minute limit:  STAGES=build,bench_normal,bench_ll,profile_ll  then  STAGES=ll_tests,nccl_experimental
+# (intranode_tests and ll_new ran on one shared GPU already: scripts/device_intranode.sh).
 #   intranode_tests    every intranode GPU test (ranks on both GPUs) but the sanitizer runs
 #   bench_normal       the push-based intranode kernels over the SM sweep and every knob's variants
 #   ll_new             the low-latency tests written after their last GPU run (out-of-range ids, staged send)
 #   bench_ll           the ll benchmark, direct and staged FP8 send
+#   profile_ll         per-kernel device time of the low-latency calls (scripts/profile_ll.py)
 #   ll_tests           every low-latency GPU test (the condition to promote the family)
 #   nccl_experimental  the suite over NCCL with the low-latency kernels on (the other condition)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
-STAGES=${STAGES:-build,intranode_tests,bench_normal}
+STAGES=${STAGES:-build,bench_normal,bench_ll,profile_ll}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
 {
@@ -41,6 +42,11 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     stage "bench ll, staged FP8 send"
     MOE_EP_LL_SEND=staged timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 \
       --out "$OUT/staged" 2>&1 | grep -v "^moe_ep: using"
+  fi
+  if has profile_ll; then
+    stage "profile ll"
+    timeout -k 10 ${PROFILE_S:-90} python3 scripts/profile_ll.py --tokens 1,128 --out "$OUT" 2>&1 \
+      | grep -E "^---|Self CUDA|dispatch|combine|Memset|Memcpy|elementwise|fill" | head -40
   fi
   if has ll_tests; then
     stage "every low-latency GPU test"
