@@ -13,11 +13,15 @@
 //                   pieces spread over every warp of the grid; src_info, layout_range, recv_count
 //                   and the statistics are written once; the last block past the waits resets the
 //                   flags.
-//   combine send    every received row goes back to its source, into the source's combine area at
-//                   [global expert][j]; rows are cut in pieces spread over every warp of the grid;
-//                   the last block to finish publishes one flag per source.
+//   combine send    as a source, each rank stores its tokens' top-k weights into their expert
+//                   ranks (4 bytes per row) and raises a weight flag there; as an expert rank, once
+//                   every source's weights are in, it sums weight x output over each (source,
+//                   token)'s rows here in k order, in float32, and stores that one partial row into
+//                   the source: a token crosses back once per rank, not once per expert. The last
+//                   block to finish publishes one flag per source.
 //   combine recv    waits for every rank's flag, then one warp per (token, 256 hidden columns)
-//                   sums weight x row over k in float32 and casts; the last block resets flags.
+//                   sums the partial rows of the token's ranks in rank order and casts; the last
+//                   block resets the flags.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -112,6 +116,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
   __shared__ int before[kMaxExperts];  // ... among the pairs before this block's tokens
   __shared__ uint8_t* dst[kMaxTopk];   // the current token's messages, one per rank (null: none)
   __shared__ int dst_rank[kMaxTopk];   // the rank entry k sends to (-1: nothing)
+  __shared__ int dst_expert[kMaxTopk]; // its local expert there
+  __shared__ int dst_slot[kMaxTopk];   // and its slot (position among this rank's rows for it)
   extern __shared__ uint4 stage[];     // staged send (FP8): the current token's payload and scales
   const int tid = threadIdx.x;
   const int lane = tid % 32;
@@ -125,6 +131,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
   const int p1 = t1 * K;
   const int pairs = a.num_tokens * K;
   for (int e = tid; e < E; e += kThreads) total[e] = before[e] = 0;
+  // The receive kernel of this dispatch (later on the stream) counts its owners from zero.
+  if (blockIdx.x == 0 && tid == 0) a.routing[L.ws_num_owners] = 0;
   __syncthreads();
   for (int p = tid; p < pairs; p += kThreads) {
     const int64_t e = __ldg(a.topk_idx + p);
@@ -168,6 +176,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
           int* index = reinterpret_cast<int*>(buffer_of(a.peers, d, a.data_offset) + L.off_dindex);
           index[(static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j] = t;
           rank = d;
+          dst_expert[tid] = static_cast<int>(e % L.num_local);
+          dst_slot[tid] = j;
         }
       }
       dst_rank[tid] = rank;
@@ -180,7 +190,17 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
       uint8_t* msg = nullptr;
       if (first) {
         msg = buffer_of(a.peers, d, a.data_offset) + L.off_dtokens + (static_cast<int64_t>(me) * L.m + t) * L.msg_bytes;
-        *reinterpret_cast<int*>(msg + L.off_src) = t;
+        // Meta: the token, then its (local expert, slot) pairs on d in k order (the combine's list).
+        int* meta = reinterpret_cast<int*>(msg + L.off_src);
+        int n = 0;
+        for (int k = tid; k < K; ++k) {
+          if (dst_rank[k] != d) continue;
+          meta[2 + 2 * n] = dst_expert[k];
+          meta[3 + 2 * n] = dst_slot[k];
+          ++n;
+        }
+        meta[0] = t;
+        meta[1] = n;
       }
       dst[tid] = msg;
     }
@@ -394,6 +414,22 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a)
     const int idx = r - first[l * R];
     const int token = __ldcg(reinterpret_cast<const int*>(own + L.off_dindex) + (static_cast<int64_t>(l) * R + s) * L.m + j);
     const uint8_t* msg = own + L.off_dtokens + (static_cast<int64_t>(s) * L.m + token) * L.msg_bytes;
+    if (piece == 0) {
+      // This row's place q in its token's list here: the list (rows in k order), and the owners.
+      const int* meta = reinterpret_cast<const int*>(msg + L.off_src);
+      const int n = __ldcg(meta + 1);
+      const bool match = lane < n && __ldcg(meta + 2 + 2 * lane) == l && __ldcg(meta + 3 + 2 * lane) == j;
+      const unsigned hits = __ballot_sync(kFullWarp, match);
+      if (lane == 0 && hits != 0) {
+        const int q = __ffs(hits) - 1;
+        const int64_t pair = static_cast<int64_t>(s) * L.m + token;
+        a.routing[L.ws_token_rows + pair * L.num_topk + q] = static_cast<int>(static_cast<int64_t>(l) * slots + idx);
+        if (q == 0) {
+          a.routing[L.ws_token_count + pair] = n;
+          a.routing[L.ws_owners + atomicAdd(a.routing + L.ws_num_owners, 1)] = static_cast<int>(pair);
+        }
+      }
+    }
     const int64_t row = static_cast<int64_t>(l) * slots + idx;
     const int64_t begin = piece * piece_bytes;
     warp_copy(static_cast<uint8_t*>(a.recv_x) + row * L.x_bytes + begin, msg + begin,
@@ -420,71 +456,138 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a)
 }
 
 // ------------------------------------------------------------------------------ combine send
+// A pair (t, k) of this rank's tokens, as the combine sees it: the rank d its expert lives on, or
+// -1 when it has no row (id -1, a cut rank, or dropped at dispatch). A bad id traps with a message.
+__device__ __forceinline__ int pair_rank(const CombineArgs& a, int64_t p, int me) {
+  const LLLayout& L = a.layout;
+  const int64_t e = a.topk_idx[p];
+  if (e < -1 || e >= L.num_experts) bad_topk_entry("low_latency_combine", me, p, L.num_topk, e, L.num_experts);
+  if (e < 0) return -1;
+  const int d = static_cast<int>(e / L.num_local);
+  if (cut(a.mask, me, d) || a.pair_pos[p] >= L.m) return -1;
+  return d;
+}
 
+// Two phases. As a source, this rank stores its tokens' top-k weights into every expert rank's
+// weight area (4 bytes per row) and the last block raises a weight flag there. As an expert rank,
+// once every source's weights are in, one warp per (owner, 256 columns) sums weight x expert output
+// over the owner's rows here in k order, in float32, and stores that partial sum into the owner's
+// source at [this rank][token]: a token crosses back once per rank, not once per expert. The last
+// block to finish publishes "all partial sums are back" to every source.
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
   const LLLayout& L = a.layout;
-  __shared__ int first_row[kMaxExperts];  // prefix over local experts of their received rows
   const int me = a.peers.rank;
   const int R = L.num_ranks;
-  const int lane = threadIdx.x % 32;
-  const int64_t slots = static_cast<int64_t>(R) * L.m;
-  const int64_t row_bytes = static_cast<int64_t>(L.hidden) * 2;
-  for (int l = threadIdx.x; l < L.num_local; l += kThreads) {
-    const int64_t last = a.layout_range[static_cast<int64_t>(l) * R + R - 1];
-    first_row[l] = static_cast<int>(last >> 32) + static_cast<int>(last & 0xFFFFFFFF);  // rows of expert l
+  const int K = L.num_topk;
+  const int M = L.m;
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int64_t slots = static_cast<int64_t>(R) * M;
+  uint8_t* own = buffer_of(a.peers, me, a.data_offset);
+  uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
+  int* done = reinterpret_cast<int*>(own_flags + L.off_done);
+  const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
+
+  // Phase 1: the weights of this rank's rows, into their expert ranks.
+  for (int64_t p = gtid; p < static_cast<int64_t>(a.num_tokens) * K; p += grid_threads) {
+    const int d = pair_rank(a, p, me);
+    if (d < 0) continue;
+    const int64_t e = a.topk_idx[p];
+    float* weights = reinterpret_cast<float*>(buffer_of(a.peers, d, a.data_offset) + L.off_cweights);
+    weights[((e % L.num_local) * R + me) * M + a.pair_pos[p]] = a.topk_weights[p];
   }
-  __syncthreads();
-  const int last_rows = first_row[L.num_local - 1];
-  block_exclusive_scan(first_row, L.num_local);  // syncs before it writes
-  const int64_t rows = first_row[L.num_local - 1] + last_rows;
-  const int64_t pieces = (row_bytes + kPieceBytes - 1) / kPieceBytes;
-  const int64_t piece_bytes = align16((row_bytes + pieces - 1) / pieces);
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t item = warp; item < rows * pieces; item += num_warps) {
-    const int r = static_cast<int>(item / pieces);
-    const int64_t begin = (item % pieces) * piece_bytes;
-    const int64_t nbytes = min(piece_bytes, row_bytes - begin);
-    const int l = find_entry(first_row, L.num_local, r);  // first_row[l] <= r < first_row[l + 1]
-    const int idx = r - first_row[l];
-    const int64_t* range = a.layout_range + static_cast<int64_t>(l) * R;
-    int s = 0;  // the source whose rows [begin, begin + count) hold idx
-    for (int step = 1 << 6; step > 0; step >>= 1) {
-      if (s + step < R && static_cast<int>(range[s + step] >> 32) <= idx) s += step;
-    }
-    if (cut(a.mask, me, s)) continue;
-    const int j = idx - static_cast<int>(range[s] >> 32);
-    // Expert e = me * num_local + l replies into slot [e][j] of the source's combine area.
-    uint8_t* dst = buffer_of(a.peers, s, a.data_offset) + L.off_carea +
-                   ((static_cast<int64_t>(me) * L.num_local + l) * L.m + j) * row_bytes + begin;
-    const uint8_t* src = static_cast<const uint8_t*>(a.x) + (static_cast<int64_t>(l) * slots + idx) * row_bytes + begin;
-    warp_copy(dst, src, nbytes, lane);
-  }
-  // The last block to finish publishes "all rows are back" to every source. Each block fences its
-  // stores first, so the flag (released after the count says every block is done) covers them.
   __shared__ bool last;
   block_fence_system();
-  if (threadIdx.x == 0) {
-    int* done = reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + L.off_done);
-    last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
+  if (tid == 0) last = atomicAdd(done + 3, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (last && tid < R && !cut(a.mask, me, tid)) {
+    __threadfence_system();
+    st_release_sys(reinterpret_cast<int*>(buffer_of(a.peers, tid, a.flags_offset) + L.off_wflags) + me, 1);
+  }
+  if (last && tid == 0) done[3] = 0;  // every block has counted
+
+  // Phase 2: every source's weights are here, then the partial sums go back.
+  if (tid < R && !cut(a.mask, me, tid)) {
+    const wait::WaitSite site{"low_latency_combine_send", "weight_flag[src]", me, tid, a.timeout_ns};
+    wait::wait_value<wait::Scope::kSys>(reinterpret_cast<const int*>(own_flags + L.off_wflags) + tid, 0,
+                                        wait::Cmp::kNe, site);
   }
   __syncthreads();
-  if (last && threadIdx.x < R) {
-    const int s = threadIdx.x;
+  const int num_owners = *reinterpret_cast<const volatile int*>(a.routing + L.ws_num_owners);
+  const int slices = (L.hidden + 255) / 256;  // 32 lanes x 8 columns
+  const int64_t items = static_cast<int64_t>(num_owners) * slices;
+  const int64_t warp = gtid / 32;
+  const int64_t num_warps = grid_threads / 32;
+  const auto* weights = reinterpret_cast<const float*>(own + L.off_cweights);
+  const auto* x = static_cast<const __nv_bfloat16*>(a.x);
+  for (int64_t item = warp; item < items; item += num_warps) {
+    const int owner = a.routing[L.ws_owners + item / slices];
+    const int64_t col = (item % slices) * 256 + lane * 8;
+    if (col >= L.hidden) continue;  // hidden % 8 == 0: a lane's 8 columns are all in or all out
+    const int s = owner / M;
+    const int t = owner % M;
+    const int n = a.routing[L.ws_token_count + owner];
+    const int* rows = a.routing + L.ws_token_rows + static_cast<int64_t>(owner) * K;
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+    constexpr int kBatch = 8;  // rows in flight per lane; the sum keeps the k order
+    for (int q0 = 0; q0 < n; q0 += kBatch) {
+      int row[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) row[u] = q0 + u < n ? rows[q0 + u] : -1;
+      float w[kBatch];
+      uint4 raw[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        w[u] = 0.0f;
+        raw[u] = make_uint4(0u, 0u, 0u, 0u);
+        if (row[u] < 0) continue;
+        const int l = static_cast<int>(row[u] / slots);
+        const int idx = static_cast<int>(row[u] % slots);
+        const int j = idx - static_cast<int>(a.layout_range[static_cast<int64_t>(l) * R + s] >> 32);
+        w[u] = __ldcg(weights + (static_cast<int64_t>(l) * R + s) * M + j);
+        raw[u] = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row[u]) * L.hidden + col);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (row[u] < 0) continue;
+        const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw[u]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += w[u] * __bfloat162float(v[i]);
+      }
+    }
+    float4* dst = reinterpret_cast<float4*>(buffer_of(a.peers, s, a.data_offset) + L.off_carea +
+                                            ((static_cast<int64_t>(me) * M + t) * L.hidden + col) * 4);
+    dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  }
+  // The last block to finish publishes "all partial sums are back" to every source, and clears
+  // the weight flags every block has waited for.
+  block_fence_system();
+  if (tid == 0) last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (last && tid < R) {
+    const int src = tid;
+    reinterpret_cast<volatile int*>(own_flags + L.off_wflags)[src] = 0;
     __threadfence_system();
-    if (!cut(a.mask, me, s)) {
-      int* flag = reinterpret_cast<int*>(buffer_of(a.peers, s, a.flags_offset) + L.off_cflags) + me;
+    if (!cut(a.mask, me, src)) {
+      int* flag = reinterpret_cast<int*>(buffer_of(a.peers, src, a.flags_offset) + L.off_cflags) + me;
       st_release_sys(flag, 1);
     }
   }
-  if (last && threadIdx.x == 0) *reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + L.off_done) = 0;
+  if (last && tid == 0) done[0] = 0;
 }
 
 // ------------------------------------------------------------------------------ combine recv
+// Waits for every rank's flag, then one warp per (token, 256 columns) sums the partial sums of the
+// ranks the token went to, in rank order, in float32, and casts; the last block resets the flags.
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   const LLLayout& L = a.layout;
   const int me = a.peers.rank;
   const int R = L.num_ranks;
+  const int K = L.num_topk;
   const int lane = threadIdx.x % 32;
   uint8_t* own = buffer_of(a.peers, me, a.data_offset);
   uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
@@ -495,63 +598,41 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
                                         site);
   }
   __syncthreads();
-  const int64_t row_elems = L.hidden;
-  const int slices = (L.hidden + 255) / 256;  // 32 lanes x 8 columns
+  const int slices = (L.hidden + 255) / 256;
   const int64_t items = static_cast<int64_t>(a.num_tokens) * slices;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  const auto* area = reinterpret_cast<const __nv_bfloat16*>(own + L.off_carea);
+  const auto* area = reinterpret_cast<const float*>(own + L.off_carea);
   auto* out = static_cast<__nv_bfloat16*>(a.out);
   for (int64_t item = warp; item < items; item += num_warps) {
     const int64_t t = item / slices;
     const int64_t col = (item % slices) * 256 + lane * 8;
-    if (col >= row_elems) continue;  // hidden % 8 == 0: a lane's 8 columns are all in or all out
+    // The ranks this token has rows on (lane k looks at entry k), in rank order.
+    unsigned long long ranks = 0;
+    for (int k0 = 0; k0 < K; k0 += 32) {
+      const int d = k0 + lane < K ? pair_rank(a, t * K + k0 + lane, me) : -1;
+      for (int i = 0; i < 32; ++i) {
+        const int di = __shfl_sync(kFullWarp, d, i);
+        if (di >= 0) ranks |= 1ull << di;
+      }
+    }
+    if (col >= L.hidden) continue;  // hidden % 8 == 0: a lane's 8 columns are all in or all out
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    // kBatch replies in flight per lane before any is summed (the k order of the sum is kept): the
-    // batch's ids, positions and weights are loaded first, all at once, then its rows, all at once.
-    constexpr int kBatch = 8;
-    for (int k0 = 0; k0 < L.num_topk; k0 += kBatch) {
-      int64_t e[kBatch];
-      int pos[kBatch];
-      float w[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int k = k0 + u;
-        const bool in = k < L.num_topk;
-        e[u] = in ? a.topk_idx[t * L.num_topk + k] : -1;
-        pos[u] = in ? a.pair_pos[t * L.num_topk + k] : 0;
-        w[u] = in ? a.topk_weights[t * L.num_topk + k] : 0.0f;
-      }
-      uint4 raw[kBatch];
-      bool valid[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        valid[u] = false;
-        raw[u] = make_uint4(0u, 0u, 0u, 0u);
-        if (e[u] < -1 || e[u] >= L.num_experts) {
-          bad_topk_entry("low_latency_combine", me, t * L.num_topk + k0 + u, L.num_topk, e[u], L.num_experts);
-        }
-        if (e[u] < 0) continue;
-        if (cut(a.mask, me, static_cast<int>(e[u] / L.num_local))) continue;
-        if (pos[u] >= L.m) continue;  // dropped at dispatch (see header)
-        valid[u] = true;
-        raw[u] = __ldcg(reinterpret_cast<const uint4*>(area + (e[u] * L.m + pos[u]) * row_elems + col));
-      }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        if (!valid[u]) continue;
-        const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw[u]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] += w[u] * __bfloat162float(v[i]);
-      }
+    for (unsigned long long m = ranks; m != 0; m &= m - 1) {
+      const int d = __ffsll(static_cast<long long>(m)) - 1;
+      const float4* src = reinterpret_cast<const float4*>(area + (static_cast<int64_t>(d) * L.m + t) * L.hidden + col);
+      const float4 v0 = __ldcg(src);
+      const float4 v1 = __ldcg(src + 1);
+      acc[0] += v0.x; acc[1] += v0.y; acc[2] += v0.z; acc[3] += v0.w;
+      acc[4] += v1.x; acc[5] += v1.y; acc[6] += v1.z; acc[7] += v1.w;
     }
     uint4 packed;
     __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&packed);
 #pragma unroll
     for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16_rn(acc[i]);
-    *reinterpret_cast<uint4*>(out + t * row_elems + col) = packed;
+    *reinterpret_cast<uint4*>(out + t * L.hidden + col) = packed;
   }
   // The last block resets the flags every block has waited for.
   __shared__ bool last;
@@ -606,18 +687,27 @@ LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_
   l.x_bytes = use_fp8 ? hidden : static_cast<int64_t>(hidden) * 2;
   l.off_scales = align16(l.x_bytes);
   l.off_src = l.off_scales + (use_fp8 ? align16(static_cast<int64_t>(hidden / kGroup) * 4) : 0);
-  l.msg_bytes = l.off_src + 16;
+  l.msg_bytes = l.off_src + align16((2 + 2 * static_cast<int64_t>(num_topk)) * 4);
   // Flags sit at offsets that do not depend on the sizes (see the header), data after them.
   l.off_dflags = 0;
   l.off_cflags = static_cast<int64_t>(kMaxExperts) * 4;
-  l.off_done = l.off_cflags + static_cast<int64_t>(kMaxRanks) * 4;
+  l.off_wflags = l.off_cflags + static_cast<int64_t>(kMaxRanks) * 4;
+  l.off_done = l.off_wflags + static_cast<int64_t>(kMaxRanks) * 4;
   l.off_dindex = 0;
   const int64_t dindex = static_cast<int64_t>(l.num_local) * num_ranks * m * 4;
   l.off_dtokens = (dindex + 127) / 128 * 128;
   const int64_t dtokens = static_cast<int64_t>(num_ranks) * m * l.msg_bytes;
-  l.off_carea = (l.off_dtokens + dtokens + 127) / 128 * 128;
-  const int64_t carea = static_cast<int64_t>(num_experts) * m * hidden * 2;
+  l.off_cweights = (l.off_dtokens + dtokens + 127) / 128 * 128;
+  const int64_t cweights = static_cast<int64_t>(l.num_local) * num_ranks * m * 4;
+  l.off_carea = (l.off_cweights + cweights + 127) / 128 * 128;
+  const int64_t carea = static_cast<int64_t>(num_ranks) * m * hidden * 4;
   l.buffer_bytes = (l.off_carea + carea + 127) / 128 * 128;
+  const int64_t slots = static_cast<int64_t>(num_ranks) * m;
+  l.ws_token_rows = 0;
+  l.ws_token_count = l.ws_token_rows + slots * num_topk;
+  l.ws_owners = l.ws_token_count + slots;
+  l.ws_num_owners = l.ws_owners + slots;
+  l.ws_ints = l.ws_num_owners + 1;
   return l;
 }
 

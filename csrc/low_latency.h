@@ -16,23 +16,34 @@
 //   flags of buffer b, at b * kFlagsPerBuffer:
 //     dispatch flags [L][R] int32  source s's count for local expert l, plus one (0: not yet);
 //                                  reset to 0 by the receiver once read
-//     combine flags  [R] int32     1 once rank d has written back every row of this rank's
-//                                  tokens; reset by the receiver
-//     done counters  [3] int32     last-block detection inside this rank's own kernels (combine
-//                                  send, combine recv, dispatch recv)
+//     combine flags  [R] int32     1 once rank d has written back every partial sum of this
+//                                  rank's tokens; reset by the receiver
+//     weight flags   [R] int32     1 once source s has written its top-k weights here; reset by
+//                                  this rank's combine send
+//     done counters  [4] int32     last-block detection inside this rank's own kernels (combine
+//                                  send, combine recv, dispatch recv, combine weights)
 //   data of buffer b, at kFlagsBytes + b * buffer_bytes:
 //     dispatch index [L][R][M] int32: the source token of expert l's j-th row from source s
 //     dispatch tokens [R][M] messages: source s's token t (payload: bf16 row, or fp8 row + float32
 //                                  scales, then the token index, int32), sent once per rank
 //                                  however many of the rank's experts it goes to
-//     combine area   [E][M] bf16 rows: the reply of expert e for this rank's j-th row sent to e
-//                                  (j: the pair's position among this rank's pairs for e, in
-//                                  (token, k) order), so the reduce finds every reply directly
+//     combine weights [L][R][M] float32: source s's weight of its j-th row for local expert l
+//     combine area   [R][M] float32 rows: rank d's partial sum for this rank's token t, i.e. the
+//                                  float32 sum, in k order, of weight x expert output over the
+//                                  token's experts on d (a token crosses back once per rank, in
+//                                  float32 so the only rounding is the final cast, as the
+//                                  reference's)
 //
 // Layout guarantees (equal to the reference backend): in recv_x[l], sources appear in rank order,
 // each source's rows in its (token, k) order; layout_range[l][s] = begin << 32 | count. A source
 // may send at most M rows to one expert (duplicate experts in one token's top-k beyond that are
-// dropped).
+// dropped). The combine sums in float32 per rank, then over ranks in rank order: equal to the
+// reference's k-order sum up to float32 association (within bf16 rounding of the result).
+//
+// Routing workspace (an int32 tensor per dispatch result, written by the dispatch receive, read by
+// the combine that takes its handle): for each (source, token) the rows of its experts here in k
+// order (as l * R * M + idx) and their count; the (source, token) pairs with rows here ("owners",
+// as source * M + token, in no particular order: each is summed on its own), and their number.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -46,9 +57,9 @@ constexpr int kMaxRanks = 64;
 constexpr int kMaxExperts = 1024;
 constexpr int kMaxTopk = 32;
 constexpr int kGroup = 128;  // FP8 scale group
-constexpr int64_t kFlagsPerBuffer = 8192;  // kMaxExperts + kMaxRanks int32 flags, 3 done counters
+constexpr int64_t kFlagsPerBuffer = 8192;  // kMaxExperts + 2 kMaxRanks int32 flags, 4 done counters
 constexpr int64_t kFlagsBytes = 2 * kFlagsPerBuffer;
-static_assert((kMaxExperts + kMaxRanks + 3) * 4 <= kFlagsPerBuffer, "the flags must fit their region");
+static_assert((kMaxExperts + 2 * kMaxRanks + 4) * 4 <= kFlagsPerBuffer, "the flags must fit their region");
 
 struct LLLayout {
   int num_ranks = 0;
@@ -61,13 +72,22 @@ struct LLLayout {
   int64_t x_bytes = 0;      // payload bytes of a message row
   int64_t msg_bytes = 0;    // message stride
   int64_t off_scales = 0;   // inside a message
-  int64_t off_src = 0;      // inside a message
+  int64_t off_src = 0;      // inside a message: token index, count n, then n (local expert, slot) pairs
   int64_t off_dflags = 0;   // from the buffer's flags
   int64_t off_cflags = 0;
+  int64_t off_wflags = 0;
   int64_t off_done = 0;
   int64_t off_dindex = 0;   // from the buffer's data
   int64_t off_dtokens = 0;
+  int64_t off_cweights = 0;
   int64_t off_carea = 0;
+  // Routing workspace (int32 elements): token_rows [R * M * K], token_count [R * M], owners
+  // [R * M], num_owners [1].
+  int64_t ws_token_rows = 0;
+  int64_t ws_token_count = 0;
+  int64_t ws_owners = 0;
+  int64_t ws_num_owners = 0;
+  int64_t ws_ints = 0;
   int64_t buffer_bytes = 0;  // data of one of the two buffers
 };
 LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_topk, bool use_fp8);
@@ -94,6 +114,7 @@ struct DispatchArgs {
   int* src_info;                  // [L, R*M]
   int64_t* layout_range;          // [L, R]
   int* cumulative_stats;          // [L] or null
+  int* routing;                   // the routing workspace (layout.ws_ints int32)
   uint64_t timeout_ns;
   bool staged_send = false;       // set by launch_dispatch_send (MOE_EP_LL_SEND), not by callers
 };
@@ -116,6 +137,8 @@ struct CombineArgs {
   int num_tokens;
   const int* mask;                // the mask the dispatch used (its pair positions depend on it)
   const int* pair_pos;
+  const int* src_info;            // [L, R*M] from the dispatch
+  const int* routing;             // the dispatch's routing workspace
   void* out;                      // [T, H] bf16
   uint64_t timeout_ns;
 };

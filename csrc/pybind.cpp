@@ -235,12 +235,19 @@ ll::LLLayout ll_layout_for(const IpcBuffer& buffer, int64_t num_experts, int64_t
   return layout;
 }
 
+// The dispatch result's routing workspace (int32, at least layout.ws_ints elements).
+void check_routing(const at::Tensor& routing, const ll::LLLayout& layout, const IpcBuffer& buffer) {
+  check_on_buffer(routing, buffer, "routing");
+  TORCH_CHECK_VALUE(routing.scalar_type() == at::kInt && routing.numel() >= layout.ws_ints,
+                    "routing must be int32 with at least ", layout.ws_ints, " elements (ll_layout_info's routing_ints)");
+}
+
 void ll_dispatch(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, int64_t m, int64_t buffer_index,
                  const at::Tensor& x, const at::Tensor& topk_idx, const std::optional<at::Tensor>& mask, bool use_fp8,
                  bool round_scale, bool use_ue8m0, const at::Tensor& counts_e, const at::Tensor& pair_pos,
                  const at::Tensor& send_done, const at::Tensor& recv_x, const std::optional<at::Tensor>& recv_scales, const at::Tensor& recv_count,
                  const at::Tensor& src_info, const at::Tensor& layout_range, const std::optional<at::Tensor>& stats,
-                 int64_t num_sms) {
+                 const at::Tensor& routing, int64_t num_sms) {
   check_on_buffer(x, buffer, "x");
   check_on_buffer(topk_idx, buffer, "topk_idx");
   TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "x must be bfloat16");
@@ -269,6 +276,8 @@ void ll_dispatch(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, i
   a.src_info = static_cast<int*>(src_info.data_ptr());
   a.layout_range = static_cast<int64_t*>(layout_range.data_ptr());
   a.cumulative_stats = ptr_or_null<int>(stats, buffer, "cumulative_local_expert_recv_stats");
+  check_routing(routing, layout, buffer);
+  a.routing = routing.data_ptr<int>();
   a.timeout_ns = ll::timeout_ns_from_env();
   const c10::cuda::CUDAGuard guard(x.device());
   const int sms = static_cast<int>(num_sms);
@@ -279,7 +288,7 @@ void ll_dispatch(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, i
 void ll_combine(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, int64_t m, int64_t buffer_index,
                 bool dispatch_used_fp8, const at::Tensor& x, const at::Tensor& layout_range, const at::Tensor& topk_idx,
                 const at::Tensor& topk_weights, const std::optional<at::Tensor>& mask, const at::Tensor& pair_pos,
-                const at::Tensor& out, int64_t num_sms) {
+                const at::Tensor& src_info, const at::Tensor& routing, const at::Tensor& out, int64_t num_sms) {
   check_on_buffer(x, buffer, "x");
   check_on_buffer(out, buffer, "out");
   check_on_buffer(topk_weights, buffer, "topk_weights");
@@ -299,6 +308,10 @@ void ll_combine(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, in
   a.num_tokens = static_cast<int>(topk_idx.size(0));
   a.mask = ptr_or_null<const int>(mask, buffer, "mask");
   a.pair_pos = static_cast<const int*>(pair_pos.data_ptr());
+  check_on_buffer(src_info, buffer, "src_info");
+  a.src_info = src_info.data_ptr<int>();
+  check_routing(routing, layout, buffer);
+  a.routing = routing.data_ptr<int>();
   a.out = out.data_ptr();
   a.timeout_ns = ll::timeout_ns_from_env();
   const c10::cuda::CUDAGuard guard(x.device());
@@ -316,6 +329,7 @@ pybind11::dict ll_layout_info(int64_t num_ranks, int64_t num_experts, int64_t m,
   d["flags_bytes"] = ll::kFlagsBytes;
   d["region_bytes"] = ll::region_bytes(l);
   d["msg_bytes"] = l.msg_bytes;
+  d["routing_ints"] = l.ws_ints;
   return d;
 }
 
@@ -413,16 +427,16 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("use_ue8m0"), pybind11::arg("counts_e"), pybind11::arg("pair_pos"),
         pybind11::arg("send_done"), pybind11::arg("recv_x"),
         pybind11::arg("recv_scales"), pybind11::arg("recv_count"), pybind11::arg("src_info"),
-        pybind11::arg("layout_range"), pybind11::arg("stats"), pybind11::arg("num_sms"));
+        pybind11::arg("layout_range"), pybind11::arg("stats"), pybind11::arg("routing"), pybind11::arg("num_sms"));
   m.def("ll_combine", &ll_combine, pybind11::arg("buffer"), pybind11::arg("send"), pybind11::arg("recv"),
         pybind11::arg("num_experts"), pybind11::arg("m"), pybind11::arg("buffer_index"),
         pybind11::arg("dispatch_used_fp8"), pybind11::arg("x"), pybind11::arg("layout_range"),
         pybind11::arg("topk_idx"), pybind11::arg("topk_weights"), pybind11::arg("mask"), pybind11::arg("pair_pos"),
-        pybind11::arg("out"), pybind11::arg("num_sms"));
+        pybind11::arg("src_info"), pybind11::arg("routing"), pybind11::arg("out"), pybind11::arg("num_sms"));
   m.def("ll_layout_info", &ll_layout_info, pybind11::arg("num_ranks"), pybind11::arg("num_experts"), pybind11::arg("m"),
         pybind11::arg("hidden"), pybind11::arg("num_topk"), pybind11::arg("use_fp8"),
         "Sizes of the low-latency region: {region_bytes (all), flags_bytes (both buffers' flags, first), "
-        "buffer_bytes (one buffer's data), msg_bytes}");
+        "buffer_bytes (one buffer's data), msg_bytes, routing_ints (a dispatch result's routing workspace)}");
   m.attr("ll_max_experts") = ll::kMaxExperts;
   m.attr("ll_flags_bytes") = ll::kFlagsBytes;
 

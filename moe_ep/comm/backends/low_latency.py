@@ -76,6 +76,7 @@ class _Result:
     send_done: torch.Tensor        # [E] int32 kernel workspace: zero between dispatches
     combine_input: torch.Tensor    # [L, R*M, H] bf16 (zero-copy combine)
     mask: torch.Tensor             # [R] int32: the mask its dispatch used (the combine must use the same)
+    routing: torch.Tensor          # int32 kernel workspace: which rows each (source, token) has here
     use_fp8: bool = False
     num_topk: int = 0
 
@@ -145,7 +146,8 @@ class LowLatencyEngine:
                 pair_pos=torch.zeros(max(m * num_topk, 1), dtype=torch.int32, device=dev),
                 send_done=torch.zeros(num_experts, dtype=torch.int32, device=dev),
                 combine_input=torch.zeros((num_local, slots, hidden), dtype=torch.bfloat16, device=dev),
-                mask=torch.zeros(self.num_ranks, dtype=torch.int32, device=dev)))
+                mask=torch.zeros(self.num_ranks, dtype=torch.int32, device=dev),
+                routing=torch.zeros(int(info["routing_ints"]), dtype=torch.int32, device=dev)))
         # The flags do not move with the sizes (csrc/low_latency.h), so new sizes need no cleaning.
         self.key = key
 
@@ -197,7 +199,8 @@ class LowLatencyEngine:
         def launch(send: bool, recv: bool) -> None:
             self.ext.ll_dispatch(self.ipc, send, recv, num_experts, m, b, x, topk_idx, mask, use_fp8, round_scale,
                                  use_ue8m0, result.counts_e, result.pair_pos, result.send_done, result.data, result.scales,
-                                 result.recv_count, result.src_info, result.layout_range, recv_stats, self.num_sms)
+                                 result.recv_count, result.src_info, result.layout_range, recv_stats, result.routing,
+                                 self.num_sms)
 
         handle = (result.src_info, result.layout_range, m, hidden, num_experts)
         recv_x = self._views(result, hidden, use_fp8, use_ue8m0)
@@ -229,7 +232,8 @@ class LowLatencyEngine:
 
         def launch(send: bool, recv: bool) -> None:
             self.ext.ll_combine(self.ipc, send, recv, num_experts, m, area, result.use_fp8, x, layout_range, topk_idx,
-                                topk_weights, result.mask, result.pair_pos, combined, self.num_sms)
+                                topk_weights, result.mask, result.pair_pos, result.src_info, result.routing, combined,
+                                self.num_sms)
             if recv and out is not None and not direct:
                 out.copy_(combined)
 
