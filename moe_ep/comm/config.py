@@ -5,9 +5,11 @@ from dataclasses import dataclass
 
 from .fp8 import FP8_GROUP_SIZE
 
-# Bytes of per-row metadata the low-latency path carries beside each token (source index,
-# local expert, flags), rounded to 16 so payloads stay 16-byte aligned.
-LL_ROW_META_BYTES = 16
+# Bytes of per-row metadata the low-latency path carries beside each token: its index, the count
+# and the (local expert, slot) pairs of up to 32 top-k entries (csrc/low_latency.h), as int32,
+# rounded to 16 so payloads stay 16-byte aligned.
+LL_MAX_TOPK = 32
+LL_ROW_META_BYTES = (2 + 2 * LL_MAX_TOPK) * 4 + 8
 # The low-latency kernels keep both buffers' flags in a fixed area first (csrc/low_latency.h
 # kFlagsBytes; tests/test_cuda_low_latency.py checks this hint against the kernels' own sizes).
 LL_FLAGS_BYTES = 16384
@@ -74,7 +76,7 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     send = m * dispatch_row + num_experts * m * combine_row
     recv = num_experts * m * dispatch_row + num_experts * m * combine_row
     counters = 2 * num_experts * 8 + num_ranks * 8
-    per_buffer = _align(send + recv + counters, 128) + 2 * 128  # each area starts 128-byte aligned
+    per_buffer = _align(send + recv + counters, 128) + 4 * 128  # each of 4 areas starts 128-byte aligned
     return NUM_LOW_LATENCY_BUFFERS * per_buffer + LL_FLAGS_BYTES
 
 
