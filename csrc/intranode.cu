@@ -213,9 +213,10 @@ notify_kernel(Peers peers, bool with_counts, int64_t num_tokens, const int* __re
     record->max_buffer_rows = max_rows;
     record->max_buffer_rank = max_rank;
   }
+  __threadfence_system();  // every thread's fields (the counts too) before the epoch the host polls
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();  // every field above before the epoch the host polls
+    __threadfence_system();
     *reinterpret_cast<volatile long long*>(&record->epoch) = epoch;
     __threadfence_system();
   }
@@ -566,6 +567,7 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
     const float* w_hi = nullptr;
     const bool in_lo = locate(lane, slot_lo, row_lo, w_lo);
     const bool in_hi = locate(lane + 32, slot_hi, row_hi, w_hi);
+    __syncwarp();  // orders every lane's flag acquire before any lane's loads of that rank's row
     slot_lo = routing(t + role.count, lane);
     slot_hi = routing(t + role.count, lane + 32);
     const unsigned long long mask = static_cast<unsigned long long>(__ballot_sync(kFullWarp, in_lo)) |
@@ -587,45 +589,23 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
   }
 }
 
-// 16-byte vectors in flight per lane in the copies: MOE_EP_INTRANODE_UNROLL = 4, 8 (default) or
-// 16, read at every launch, so a benchmark can compare them without a rebuild.
-int unroll_from_env() {
-  const char* raw = std::getenv("MOE_EP_INTRANODE_UNROLL");
-  if (raw == nullptr || *raw == '\0') return 8;
-  const std::string value(raw);
-  if (value == "4") return 4;
-  if (value == "8") return 8;
-  if (value == "16") return 16;
-  throw std::invalid_argument("moe_ep: MOE_EP_INTRANODE_UNROLL must be 4, 8 or 16, got '" + value + "'");
-}
-
-// Rows per chunk (one flag each): MOE_EP_INTRANODE_CHUNK_ROWS = 4, 8 (default), 16, 32 or 64, read at
-// every launch. Smaller chunks start the receivers earlier and balance the warps better; each
-// chunk costs its sender one system-scope fence.
-int chunk_rows_from_env() {
-  const char* raw = std::getenv("MOE_EP_INTRANODE_CHUNK_ROWS");
-  if (raw == nullptr || *raw == '\0') return 8;
-  const std::string value(raw);
-  if (value == "4") return 4;
-  if (value == "8") return 8;
-  if (value == "16") return 16;
-  if (value == "32") return 32;
-  if (value == "64") return 64;
-  throw std::invalid_argument("moe_ep: MOE_EP_INTRANODE_CHUNK_ROWS must be 4, 8, 16, 32 or 64, got '" + value + "'");
-}
-
-// Warps of each 16-warp block that send (the others receive or reduce): MOE_EP_INTRANODE_SEND_WARPS
-// = 2, 4 (default), 6, 8 or 12, read at every launch; it must be the same on every rank. Sending
-// (local loads, stores over NVLink) needs fewer warps than the local copies and the reduce, whose
-// loads wait on HBM latency.
-int send_warps_from_env() {
-  const char* raw = std::getenv("MOE_EP_INTRANODE_SEND_WARPS");
-  if (raw == nullptr || *raw == '\0') return 4;
-  const std::string value(raw);
-  for (const char* allowed : {"2", "4", "6", "8", "12"}) {
-    if (value == allowed) return std::stoi(value);
+// The tuning knobs (moe_ep/comm/backends/intranode.py IntranodeKnobs owns their defaults and
+// checks every rank uses the same ones: chunk_rows is part of the protocol, the chunk a flag
+// covers). Checked again here so a bad value is an error, not a wrong kernel.
+void check_knob(const char* name, int value, std::initializer_list<int> allowed) {
+  for (int v : allowed) {
+    if (v == value) return;
   }
-  throw std::invalid_argument("moe_ep: MOE_EP_INTRANODE_SEND_WARPS must be 2, 4, 6, 8 or 12, got '" + value + "'");
+  std::string list;
+  for (int v : allowed) list += (list.empty() ? "" : ", ") + std::to_string(v);
+  throw std::invalid_argument(std::string("moe_ep intranode: ") + name + " must be one of " + list + ", got " +
+                              std::to_string(value));
+}
+
+void check_knobs(const Knobs& knobs) {
+  check_knob("unroll", knobs.unroll, {4, 8, 16});
+  check_knob("chunk_rows", knobs.chunk_rows, {4, 8, 16, 32, 64});
+  check_knob("send_warps", knobs.send_warps, {2, 4, 6, 8, 12});
 }
 
 void check_peers(const Peers& peers) {
@@ -641,8 +621,8 @@ int check_blocks(int num_blocks) {
 }
 
 template <typename Launch>
-void with_unroll(Launch launch) {
-  switch (unroll_from_env()) {
+void with_unroll(int unroll, Launch launch) {
+  switch (unroll) {
     case 4: launch(std::integral_constant<int, 4>{}); break;
     case 16: launch(std::integral_constant<int, 16>{}); break;
     default: launch(std::integral_constant<int, 8>{}); break;
@@ -739,17 +719,19 @@ void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_to
                      const void* scales, const int64_t* topk_idx, const float* topk_weights, const int* send_lists,
                      const int* rank_prefix_matrix, int64_t max_pair_rows, bool cached, int* recv_src_idx,
                      void* recv_x, void* recv_scales, int64_t* recv_topk_idx, float* recv_topk_weights,
-                     int64_t num_rows, int num_local_experts, int num_blocks, cudaStream_t stream) {
+                     int64_t num_rows, int num_local_experts, const Knobs& knobs, int num_blocks,
+                     cudaStream_t stream) {
   check_peers(peers);
+  check_knobs(knobs);
   if (num_rows > INT32_MAX) throw std::invalid_argument("moe_ep intranode: too many received rows");
   if (layout.num_topk > 0 && ((num_tokens > 0 && (topk_idx == nullptr || topk_weights == nullptr)) ||
                               (num_rows > 0 && (recv_topk_idx == nullptr || recv_topk_weights == nullptr)))) {
     throw std::invalid_argument("moe_ep intranode: top-k inputs or outputs missing");
   }
-  const int G = flag_rows_for(max_pair_rows, chunk_rows_from_env(), peers.num_ranks);
-  const int send_warps = send_warps_from_env();
+  const int G = flag_rows_for(max_pair_rows, knobs.chunk_rows, peers.num_ranks);
+  const int send_warps = knobs.send_warps;
   const uint64_t timeout_ns = wait::timeout_ns_from_env();
-  with_unroll([&](auto unroll) {
+  with_unroll(knobs.unroll, [&](auto unroll) {
     transfer_kernel<decltype(unroll)::value><<<check_blocks(num_blocks), kThreads, 0, stream>>>(
         peers, layout, num_tokens, static_cast<const uint8_t*>(x), static_cast<const uint8_t*>(scales), topk_idx,
         topk_weights, send_lists, rank_prefix_matrix, G, cached, recv_src_idx, static_cast<uint8_t*>(recv_x),
@@ -763,14 +745,16 @@ void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t 
                     bool x_is_bf16, const void* x, const float* topk_weights, int num_topk,
                     const bool* is_token_in_rank, const int* send_slot, const int* rank_prefix_matrix,
                     int64_t stride_rows, const void* bias0, bool bias0_is_bf16, const void* bias1,
-                    bool bias1_is_bf16, void* out, float* out_weights, int num_blocks, cudaStream_t stream) {
+                    bool bias1_is_bf16, void* out, float* out_weights, const Knobs& knobs, int num_blocks,
+                    cudaStream_t stream) {
   check_peers(peers);
+  check_knobs(knobs);
   const int64_t elem = x_is_bf16 ? 2 : 4;
   // num_topk (0: no weights), not the pointer, sizes the rows: a rank that received no rows has
   // an empty (null) weights tensor, and every rank must agree on the row size.
   const int64_t row_bytes = combine_row_bytes(hidden * elem, num_topk);
-  const int G = flag_rows_for(stride_rows, chunk_rows_from_env(), peers.num_ranks);
-  const int send_warps = send_warps_from_env();
+  const int G = flag_rows_for(stride_rows, knobs.chunk_rows, peers.num_ranks);
+  const int send_warps = knobs.send_warps;
   const uint64_t timeout_ns = wait::timeout_ns_from_env();
   const int blocks = check_blocks(num_blocks);
   // 16-byte packs need every row start (x, out, biases: multiples of hidden elements) 16-byte aligned.
@@ -784,7 +768,7 @@ void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t 
                                             stride_rows, row_bytes, G, bias0, bias0_is_bf16, bias1, bias1_is_bf16,
                                             typed_out, out_weights, send_warps, timeout_ns);
   };
-  with_unroll([&](auto unroll) {
+  with_unroll(knobs.unroll, [&](auto unroll) {
     constexpr int U = decltype(unroll)::value;
     if (x_is_bf16) {
       auto* o = static_cast<__nv_bfloat16*>(out);

@@ -127,6 +127,15 @@ struct Peers {
   int num_ranks;
 };
 
+// Tuning knobs of transfer and combine. chunk_rows (rows per flag: 4, 8, 16, 32, 64) is part of
+// the protocol and must be the same on every rank; unroll (16-byte vectors in flight per lane in
+// the copies: 4, 8, 16) and send_warps (of each block's 16 warps: 2, 4, 6, 8, 12) are local.
+struct Knobs {
+  int unroll = 8;
+  int chunk_rows = 8;
+  int send_warps = 4;
+};
+
 // notify. With counts (every non-cached dispatch, even of 0 tokens): send_slot [T, R] int32 (the
 // token's index among those sent to rank r, or -1), send_counts [R], expert_counts [E] int32 are
 // published to every rank; writes send_lists [R, T] int32, rank_prefix_matrix [R, R] int32
@@ -145,7 +154,8 @@ void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_to
                      const void* scales, const int64_t* topk_idx, const float* topk_weights, const int* send_lists,
                      const int* rank_prefix_matrix, int64_t max_pair_rows, bool cached, int* recv_src_idx,
                      void* recv_x, void* recv_scales, int64_t* recv_topk_idx, float* recv_topk_weights,
-                     int64_t num_rows, int num_local_experts, int num_blocks, cudaStream_t stream);
+                     int64_t num_rows, int num_local_experts, const Knobs& knobs, int num_blocks,
+                     cudaStream_t stream);
 
 // combine: out[t] = cast(sum over ranks r in order with is_token_in_rank[t, r] of the row rank r
 // received as (this rank, send_slot[t, r]) + bias0[t] + bias1[t]); out_weights[t] likewise
@@ -156,7 +166,8 @@ void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t 
                     bool x_is_bf16, const void* x, const float* topk_weights, int num_topk,
                     const bool* is_token_in_rank, const int* send_slot, const int* rank_prefix_matrix,
                     int64_t stride_rows, const void* bias0, bool bias0_is_bf16, const void* bias1,
-                    bool bias1_is_bf16, void* out, float* out_weights, int num_blocks, cudaStream_t stream);
+                    bool bias1_is_bf16, void* out, float* out_weights, const Knobs& knobs, int num_blocks,
+                    cudaStream_t stream);
 
 }  // namespace intranode
 }  // namespace moe_ep

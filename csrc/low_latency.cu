@@ -63,11 +63,10 @@ __device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
   asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
 
-// Every thread's stores so far, then one system-scope fence for the block: the barrier orders the
-// block's stores before the fence, which orders them before whatever the block does next.
+// Every thread fences its own stores (system scope), then the block meets: whatever one thread
+// does next (count, publish a flag) comes after every thread's stores.
 __device__ __forceinline__ void block_fence_system() {
-  __syncthreads();
-  if (threadIdx.x == 0) __threadfence_system();
+  __threadfence_system();
   __syncthreads();
 }
 
@@ -469,7 +468,7 @@ __device__ __forceinline__ int pair_rank(const CombineArgs& a, int64_t p, int me
 }
 
 // Two phases. As a source, this rank stores its tokens' top-k weights into every expert rank's
-// weight area (4 bytes per row) and the last block raises a weight flag there. As an expert rank,
+// weight area (4 bytes per row) and raises a weight flag there (block 0). As an expert rank,
 // once every source's weights are in, one warp per (owner, 256 columns) sums weight x expert output
 // over the owner's rows here in k order, in float32, and stores that partial sum into the owner's
 // source at [this rank][token]: a token crosses back once per rank, not once per expert. The last
@@ -489,23 +488,23 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
   const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
 
-  // Phase 1: the weights of this rank's rows, into their expert ranks.
-  for (int64_t p = gtid; p < static_cast<int64_t>(a.num_tokens) * K; p += grid_threads) {
-    const int d = pair_rank(a, p, me);
-    if (d < 0) continue;
-    const int64_t e = a.topk_idx[p];
-    float* weights = reinterpret_cast<float*>(buffer_of(a.peers, d, a.data_offset) + L.off_cweights);
-    weights[((e % L.num_local) * R + me) * M + a.pair_pos[p]] = a.topk_weights[p];
-  }
+  // Phase 1, block 0 alone (T x K 4-byte stores; no other block has to finish first, so a grid
+  // that is not all resident at once still progresses): the weights of this rank's rows, into
+  // their expert ranks, then a weight flag at each.
   __shared__ bool last;
-  block_fence_system();
-  if (tid == 0) last = atomicAdd(done + 3, 1) == static_cast<int>(gridDim.x) - 1;
-  __syncthreads();
-  if (last && tid < R && !cut(a.mask, me, tid)) {
-    __threadfence_system();
-    st_release_sys(reinterpret_cast<int*>(buffer_of(a.peers, tid, a.flags_offset) + L.off_wflags) + me, 1);
+  if (blockIdx.x == 0) {
+    for (int64_t p = tid; p < static_cast<int64_t>(a.num_tokens) * K; p += kThreads) {
+      const int d = pair_rank(a, p, me);
+      if (d < 0) continue;
+      const int64_t e = a.topk_idx[p];
+      float* weights = reinterpret_cast<float*>(buffer_of(a.peers, d, a.data_offset) + L.off_cweights);
+      weights[((e % L.num_local) * R + me) * M + a.pair_pos[p]] = a.topk_weights[p];
+    }
+    block_fence_system();
+    if (tid < R && !cut(a.mask, me, tid)) {
+      st_release_sys(reinterpret_cast<int*>(buffer_of(a.peers, tid, a.flags_offset) + L.off_wflags) + me, 1);
+    }
   }
-  if (last && tid == 0) done[3] = 0;  // every block has counted
 
   // Phase 2: every source's weights are here, then the partial sums go back.
   if (tid < R && !cut(a.mask, me, tid)) {

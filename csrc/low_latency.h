@@ -20,8 +20,8 @@
 //                                  rank's tokens; reset by the receiver
 //     weight flags   [R] int32     1 once source s has written its top-k weights here; reset by
 //                                  this rank's combine send
-//     done counters  [4] int32     last-block detection inside this rank's own kernels (combine
-//                                  send, combine recv, dispatch recv, combine weights)
+//     done counters  [3] int32     last-block detection inside this rank's own kernels (combine
+//                                  send, combine recv, dispatch recv)
 //   data of buffer b, at kFlagsBytes + b * buffer_bytes:
 //     dispatch index [L][R][M] int32: the source token of expert l's j-th row from source s
 //     dispatch tokens [R][M] messages: source s's token t (payload: bf16 row, or fp8 row + float32
@@ -57,9 +57,9 @@ constexpr int kMaxRanks = 64;
 constexpr int kMaxExperts = 1024;
 constexpr int kMaxTopk = 32;
 constexpr int kGroup = 128;  // FP8 scale group
-constexpr int64_t kFlagsPerBuffer = 8192;  // kMaxExperts + 2 kMaxRanks int32 flags, 4 done counters
+constexpr int64_t kFlagsPerBuffer = 8192;  // kMaxExperts + 2 kMaxRanks int32 flags, 3 done counters
 constexpr int64_t kFlagsBytes = 2 * kFlagsPerBuffer;
-static_assert((kMaxExperts + 2 * kMaxRanks + 4) * 4 <= kFlagsPerBuffer, "the flags must fit their region");
+static_assert((kMaxExperts + 2 * kMaxRanks + 3) * 4 <= kFlagsPerBuffer, "the flags must fit their region");
 
 struct LLLayout {
   int num_ranks = 0;

@@ -131,6 +131,12 @@ int64_t row_bytes_of(const at::Tensor& t) {
   return elements * t.element_size();
 }
 
+// (unroll, chunk_rows, send_warps), as moe_ep.comm.backends.intranode.IntranodeKnobs.astuple().
+in::Knobs knobs_of(const std::tuple<int64_t, int64_t, int64_t>& knobs) {
+  return in::Knobs{static_cast<int>(std::get<0>(knobs)), static_cast<int>(std::get<1>(knobs)),
+                   static_cast<int>(std::get<2>(knobs))};
+}
+
 void intranode_notify(IpcBuffer& buffer, in::HostRecord& record, const std::optional<at::Tensor>& send_slot,
                       const std::optional<at::Tensor>& send_counts, const std::optional<at::Tensor>& expert_counts,
                       int64_t num_tokens, int64_t expert_alignment, int64_t num_worst_tokens,
@@ -169,7 +175,8 @@ void intranode_transfer(IpcBuffer& buffer, const at::Tensor& x, const std::optio
                         const at::Tensor& send_lists, const at::Tensor& rank_prefix_matrix, int64_t max_pair_rows,
                         bool cached, const at::Tensor& recv_src_idx, const at::Tensor& recv_x,
                         const std::optional<at::Tensor>& recv_scales, const std::optional<at::Tensor>& recv_topk_idx,
-                        const std::optional<at::Tensor>& recv_topk_weights, int64_t num_local_experts, int64_t num_sms) {
+                        const std::optional<at::Tensor>& recv_topk_weights, int64_t num_local_experts,
+                        const std::tuple<int64_t, int64_t, int64_t>& knobs, int64_t num_sms) {
   check_on_buffer(x, buffer, "x");
   check_on_buffer(recv_x, buffer, "recv_x");
   check_on_buffer(recv_src_idx, buffer, "recv_src_idx");
@@ -190,14 +197,16 @@ void intranode_transfer(IpcBuffer& buffer, const at::Tensor& x, const std::optio
                       recv_x.data_ptr(), ptr_or_null<void>(recv_scales, buffer, "recv_scales"),
                       ptr_or_null<int64_t>(recv_topk_idx, buffer, "recv_topk_idx"),
                       ptr_or_null<float>(recv_topk_weights, buffer, "recv_topk_weights"), recv_x.size(0),
-                      static_cast<int>(num_local_experts), static_cast<int>(num_sms), stream_of(buffer));
+                      static_cast<int>(num_local_experts), knobs_of(knobs), static_cast<int>(num_sms),
+                      stream_of(buffer));
 }
 
 void intranode_combine(IpcBuffer& buffer, const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
                        const at::Tensor& is_token_in_rank, const at::Tensor& send_slot,
                        const at::Tensor& rank_prefix_matrix, int64_t stride_rows, int64_t num_topk,
                        const std::optional<at::Tensor>& bias0, const std::optional<at::Tensor>& bias1,
-                       const at::Tensor& out, const std::optional<at::Tensor>& out_weights, int64_t num_sms) {
+                       const at::Tensor& out, const std::optional<at::Tensor>& out_weights,
+                       const std::tuple<int64_t, int64_t, int64_t>& knobs, int64_t num_sms) {
   check_on_buffer(x, buffer, "x");
   check_on_buffer(out, buffer, "out");
   check_on_buffer(is_token_in_rank, buffer, "is_token_in_rank");
@@ -217,8 +226,8 @@ void intranode_combine(IpcBuffer& buffer, const at::Tensor& x, const std::option
                      static_cast<int>(num_topk), is_token_in_rank.data_ptr<bool>(), send_slot.data_ptr<int>(),
                      rank_prefix_matrix.data_ptr<int>(), stride_rows, ptr_or_null<const void>(bias0, buffer, "bias0"),
                      is_bf16(bias0), ptr_or_null<const void>(bias1, buffer, "bias1"), is_bf16(bias1), out.data_ptr(),
-                     ptr_or_null<float>(out_weights, buffer, "out_weights"), static_cast<int>(num_sms),
-                     stream_of(buffer));
+                     ptr_or_null<float>(out_weights, buffer, "out_weights"), knobs_of(knobs),
+                     static_cast<int>(num_sms), stream_of(buffer));
 }
 
 // Family "low_latency" (csrc/low_latency.h): Python (moe_ep/comm/backends/low_latency.py) owns the
@@ -404,12 +413,12 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("rank_prefix_matrix"), pybind11::arg("max_pair_rows"), pybind11::arg("cached"),
         pybind11::arg("recv_src_idx"), pybind11::arg("recv_x"), pybind11::arg("recv_scales"),
         pybind11::arg("recv_topk_idx"), pybind11::arg("recv_topk_weights"), pybind11::arg("num_local_experts"),
-        pybind11::arg("num_sms"));
+        pybind11::arg("knobs"), pybind11::arg("num_sms"));
   m.def("intranode_combine", &intranode_combine, pybind11::arg("buffer"), pybind11::arg("x"),
         pybind11::arg("topk_weights"), pybind11::arg("is_token_in_rank"), pybind11::arg("send_slot"),
         pybind11::arg("rank_prefix_matrix"), pybind11::arg("stride_rows"), pybind11::arg("num_topk"),
         pybind11::arg("bias0"), pybind11::arg("bias1"), pybind11::arg("out"), pybind11::arg("out_weights"),
-        pybind11::arg("num_sms"));
+        pybind11::arg("knobs"), pybind11::arg("num_sms"));
   m.def("intranode_dispatch_bytes", [](int64_t buffer_rows, int64_t x_bytes, int64_t scale_bytes, int64_t num_topk) {
     return in::dispatch_bytes_needed(buffer_rows, in::make_row_layout(x_bytes, scale_bytes, static_cast<int>(num_topk)));
   }, pybind11::arg("buffer_rows"), pybind11::arg("x_bytes"), pybind11::arg("scale_bytes"), pybind11::arg("num_topk"),

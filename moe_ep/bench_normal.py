@@ -34,6 +34,7 @@ import torch.distributed as dist
 from .bench import (backend_info, import_pyplot, int_list, merge_rows, random_routing, report_header, resolve_defaults,
                     save_plot, StepTimer, write_report)
 from .comm import Buffer, Config, per_token_group_quant_fp8
+from .comm.backends.intranode import IntranodeKnobs
 from .comm.config import default_combine_config, default_dispatch_config
 from .launch import launch
 
@@ -47,11 +48,8 @@ MIN_NVL_BYTES = int(2e9)
 WARMUP = 3
 FP8_BYTES_FACTOR = (1 + 4 / 128) / 2   # FP8 payload + float32 scale per 128 elements, relative to BF16
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 8 << 20}
-# The kernels' tuning knobs (environment variables their launchers read at every launch): the row
-# key, the variable, the default, the values the kernels accept.
-KNOBS = {"unroll": ("MOE_EP_INTRANODE_UNROLL", 8, (4, 8, 16)),
-         "chunk_rows": ("MOE_EP_INTRANODE_CHUNK_ROWS", 8, (4, 8, 16, 32, 64)),
-         "send_warps": ("MOE_EP_INTRANODE_SEND_WARPS", 4, (2, 4, 6, 8, 12))}
+# The intranode kernels' tuning knobs (IntranodeKnobs: the engine's, set alike on every rank).
+KNOB_DEFAULTS = {name: getattr(IntranodeKnobs(), name) for name in IntranodeKnobs.ALLOWED}
 OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed", "combine_bf16")
 
 
@@ -68,13 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Buffer num_nvl_bytes (default: 2e9 or the largest config's hint on GPUs, 0 on CPU)")
     group.add_argument("--seed", type=int, default=0, help="routing and data seed (rank r uses seed + r)")
     group.add_argument("--unroll", type=int_list, default=[4, 16],
-                       help="extra 16-byte vectors-in-flight variants of the copies (MOE_EP_INTRANODE_UNROLL), "
+                       help="extra 16-byte vectors-in-flight variants of the copies (IntranodeKnobs.unroll), "
                             "timed at 12 and 24 SMs beside the default 8 (default 4,16; the kernels accept 4, 8, 16)")
     group.add_argument("--chunk-rows", type=int_list, default=[4, 16],
-                       help="extra rows-per-flag variants (MOE_EP_INTRANODE_CHUNK_ROWS), timed at 12 and 24 SMs "
+                       help="extra rows-per-flag variants (IntranodeKnobs.chunk_rows), timed at 12 and 24 SMs "
                             "beside the default 8 (default 4,16; the kernels accept 4, 8, 16, 32, 64)")
     group.add_argument("--send-warps", type=int_list, default=[2, 6, 8, 12],
-                       help="extra sender-warps-per-block variants (MOE_EP_INTRANODE_SEND_WARPS, of 16), timed at "
+                       help="extra sender-warps-per-block variants (IntranodeKnobs.send_warps, of 16), timed at "
                             "12 and 24 SMs beside the default 4 (default 2,6,8,12; the kernels accept 2, 4, 6, 8, 12)")
 
 
@@ -90,12 +88,12 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
     if opts["top_k"] > opts["experts"]:
         raise SystemExit(f"--top-k {opts['top_k']} exceeds --experts {opts['experts']}")
     variants = {}
-    for key, (_, default, allowed) in KNOBS.items():
+    for key, allowed in IntranodeKnobs.ALLOWED.items():
         values = getattr(args, key)
         bad = [v for v in values if v not in allowed]
         if bad:
             raise SystemExit(f"--{key.replace('_', '-')}: each value must be one of {allowed}, got {bad}")
-        variants[key] = [v for v in values if v != default]
+        variants[key] = [v for v in values if v != KNOB_DEFAULTS[key]]
     opts.update(sms=list(args.sms), chunks=list(args.chunks) if args.chunks else [None], nvl_bytes=args.nvl_bytes,
                 seed=args.seed, out=args.out, variants=variants)
     return opts
@@ -142,20 +140,21 @@ def _calls(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle
 
 
 def _sweep(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle, recv_x, timer) -> list[dict]:
-    """Every op at every (SMs, chunk) with the default knobs (KNOBS), then each knob's variants
-    (--unroll, --chunk-rows, --send-warps) at 12 and 24 SMs: rows of this rank's median ms and bytes."""
+    """Every op at every (SMs, chunk) with the default knobs, then each knob's variants (--unroll,
+    --chunk-rows, --send-warps) at 12 and 24 SMs when the intranode kernels run (every rank sets
+    the same ones): rows of this rank's median ms and bytes."""
     group, iters = buffer.group, opts["iters"]
-    variant_sms = [sms for sms in (12, 24) if sms in opts["sms"]]
-    defaults = {key: default for key, (_, default, _) in KNOBS.items()}
-    points = [(sms, chunk, defaults) for sms in opts["sms"] for chunk in opts["chunks"]]
-    points += [(sms, chunk, {**defaults, key: value}) for key, values in opts["variants"].items() for value in values
-               for sms in variant_sms for chunk in opts["chunks"]]
+    engine = getattr(buffer.backend, "intranode", None)
+    variant_sms = [sms for sms in (12, 24) if sms in opts["sms"]] if engine is not None else []
+    points = [(sms, chunk, KNOB_DEFAULTS) for sms in opts["sms"] for chunk in opts["chunks"]]
+    points += [(sms, chunk, {**KNOB_DEFAULTS, key: value}) for key, values in opts["variants"].items()
+               for value in values for sms in variant_sms for chunk in opts["chunks"]]
     rows = []
     try:
         for num_sms, chunk, knobs in points:
             Buffer.set_num_sms(num_sms)
-            for key, value in knobs.items():
-                os.environ[KNOBS[key][0]] = str(value)
+            if engine is not None:
+                engine.knobs = IntranodeKnobs(**knobs)
             calls = _calls(buffer, opts, x, topk_idx, topk_weights, layout, handle, recv_x, num_sms, chunk)
             for op in OPS:
                 fn, nbytes, cfg = calls[op]
@@ -163,8 +162,8 @@ def _sweep(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle
                 rows.append({"op": op, "sms": num_sms, "chunk": cfg.num_max_nvl_chunked_send_tokens, **knobs,
                              "ms": ms, "bytes": nbytes})
     finally:
-        for key, value in defaults.items():
-            os.environ[KNOBS[key][0]] = str(value)
+        if engine is not None:
+            engine.knobs = IntranodeKnobs(**KNOB_DEFAULTS)
     return rows
 
 

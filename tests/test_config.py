@@ -377,3 +377,25 @@ def test_error_pickles():
 
     err = pickle.loads(pickle.dumps(ConfigError("parallel.ep_size", "must divide", "f.yaml")))
     assert (err.key, err.problem, err.source, str(err)) == ("parallel.ep_size", "must divide", "f.yaml", "f.yaml: parallel.ep_size: must divide")
+
+
+# ------------------------------------------------------------------ intranode kernel knobs
+def test_intranode_knobs_defaults_and_env(monkeypatch):
+    from moe_ep.comm.backends.intranode import IntranodeKnobs
+
+    for var in IntranodeKnobs.ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    assert IntranodeKnobs.from_env() == IntranodeKnobs(unroll=8, chunk_rows=8, send_warps=4)
+    monkeypatch.setenv("MOE_EP_INTRANODE_CHUNK_ROWS", "32")
+    monkeypatch.setenv("MOE_EP_INTRANODE_SEND_WARPS", " 12 ")
+    assert IntranodeKnobs.from_env().astuple() == (8, 32, 12)
+
+
+@pytest.mark.parametrize("var,value", [("MOE_EP_INTRANODE_CHUNK_ROWS", "7"), ("MOE_EP_INTRANODE_UNROLL", "eight"),
+                                       ("MOE_EP_INTRANODE_SEND_WARPS", "16")])
+def test_intranode_knobs_reject_bad_values_naming_the_variable(monkeypatch, var, value):
+    from moe_ep.comm.backends.intranode import IntranodeKnobs
+
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=var):
+        IntranodeKnobs.from_env()

@@ -378,10 +378,10 @@ def test_engine_matches_oracle(gpu_gloo_pool, case, world_size, seed):
     assert len(received) == world_size and all(len(per_rank) == 2 for per_rank in received)
 
 
-# The kernel variants the benchmark compares (MOE_EP_INTRANODE_UNROLL, _CHUNK_ROWS, _SEND_WARPS: read
-# by the launchers at every launch) must give the same results: a few cases with the big rows of BIG,
-# a partial last chunk, skew, FP8, cached/worst-token and non-16-byte-aligned rows, on 3 ranks. 64
-# rows per chunk takes the path of chunks longer than a warp (which the defaults reach only with
+# The kernel variants the benchmark compares (the engine's IntranodeKnobs: unroll, chunk_rows,
+# send_warps, set alike on every rank) must give the same results: a few cases with the big rows of
+# BIG, a partial last chunk, skew, FP8, cached/worst-token and non-16-byte-aligned rows, on 3 ranks.
+# 64 rows per chunk takes the path of chunks longer than a warp (which the defaults reach only with
 # more rows per rank pair than there are flags).
 VARIANT_CASE_NAMES = ("random-bf16-h7168-bias2", "masked-bf16-h100-bias2", "skewed-one-expert-bf16", "fp8-h7168-bias2",
                       "cached-worst-fp8-bias1")
@@ -390,17 +390,22 @@ assert len(VARIANT_CASES) == len(VARIANT_CASE_NAMES), "a variant case was rename
 VARIANTS = [("4", "4", "2"), ("16", "16", "12"), ("8", "32", "6"), ("8", "64", "8")]
 
 
-def _w_case_with_env(ctx, case: Case, seed: int, unroll: str, chunk_rows: str, send_warps: str) -> list:
-    with environ(MOE_EP_INTRANODE_UNROLL=unroll, MOE_EP_INTRANODE_CHUNK_ROWS=chunk_rows,
-                 MOE_EP_INTRANODE_SEND_WARPS=send_warps):
+def _w_case_with_knobs(ctx, case: Case, seed: int, unroll: str, chunk_rows: str, send_warps: str) -> list:
+    from moe_ep.comm.backends.intranode import IntranodeKnobs
+
+    engine = engine_for(ctx)
+    engine.knobs = IntranodeKnobs(int(unroll), int(chunk_rows), int(send_warps))
+    try:
         return _w_case(ctx, case, seed)
+    finally:
+        engine.knobs = IntranodeKnobs()
 
 
 @pytest.mark.parametrize("unroll,chunk_rows,send_warps", VARIANTS,
                          ids=[f"unroll{u}-rows{r}-send{w}" for u, r, w in VARIANTS])
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=[case.name for case in VARIANT_CASES])
 def test_copy_variants_match_oracle(gpu_gloo_pool, case, unroll, chunk_rows, send_warps, seed):
-    received = gpu_gloo_pool(3).run(_w_case_with_env, case, seed, unroll, chunk_rows, send_warps,
+    received = gpu_gloo_pool(3).run(_w_case_with_knobs, case, seed, unroll, chunk_rows, send_warps,
                                     timeout=case.timeout)
     assert len(received) == 3
 
@@ -733,6 +738,21 @@ def _w_one_rank_overflows(ctx, seed: int) -> None:
 
 def test_one_rank_overflowing_raises_on_every_rank(gpu_gloo_pool, seed):
     gpu_gloo_pool(2).run(_w_one_rank_overflows, seed, timeout=300)
+
+
+def _w_knobs_disagree(ctx) -> None:
+    """chunk_rows decides which flag covers which rows: ranks that disagree would wait on the wrong
+    flags, so building the engine raises on every rank instead."""
+    from moe_ep.comm.backends.intranode import IntranodeEngine
+
+    with environ(MOE_EP_INTRANODE_CHUNK_ROWS="16" if ctx.rank == 1 else "8"):
+        with pytest.raises(ValueError, match="different intranode knobs"):
+            IntranodeEngine(ctx.group, ctx.device, SMALL_NVL_BYTES)
+    torch.cuda.synchronize(ctx.device)
+
+
+def test_ranks_with_different_knobs_raise(gpu_gloo_pool):
+    gpu_gloo_pool(2).run(_w_knobs_disagree, timeout=120)
 
 
 def _w_negative_size(ctx) -> None:

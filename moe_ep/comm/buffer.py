@@ -452,7 +452,9 @@ class Buffer:
             dispatch_wait_recv_cost_stats: [R, R] int64: row ``rank`` gets the receive wait (ns).
             use_fp8 / round_scale / use_ue8m0: cast to FP8 with 1x128 scales (power-of-two with
                 round_scale; packed UE8M0 int32 [L, R*M, H/512] with use_ue8m0).
-            return_recv_hook: only issue the sends; ``hook()`` completes the receive.
+            return_recv_hook: only issue the sends; ``hook()`` completes the receive. A hook that
+                is never called leaves that buffer's arrival flags set: call
+                ``clean_low_latency_buffer`` before the next dispatch (as with DeepEP).
         Returns:
             ``(recv_x [L, R*M, H] bf16 or (fp8, scales column-major), recv_count [L] int32,
             handle, event, hook)``. Expert l's first recv_count[l] rows are valid; each source's

@@ -20,6 +20,7 @@ group), so a call too big for any rank's buffer raises the same ``ValueError`` n
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -47,6 +48,43 @@ def intranode_size_hint(num_max_tokens: int, hidden: int, num_ranks: int, num_to
     dispatch = ext.intranode_dispatch_bytes((num_ranks - 1) * num_max_tokens, x_bytes, scale_bytes, num_topk)
     combine = ext.intranode_combine_bytes(num_max_tokens, hidden * 2, num_topk, num_ranks)
     return int(max(dispatch, combine))
+
+
+@dataclass(frozen=True)
+class IntranodeKnobs:
+    """Tuning knobs of the transfer and combine kernels. ``chunk_rows`` (rows per flag) is part of
+    the protocol, so every rank of a group must use the same (the engine checks at construction;
+    whoever changes them later, as the benchmark does, changes them alike on every rank)."""
+
+    unroll: int = 8        # 16-byte vectors in flight per lane in the copies
+    chunk_rows: int = 8    # rows per flag: smaller chunks start receivers sooner, each costs a fence
+    send_warps: int = 4    # of each block's 16 warps; the others receive (dispatch) or reduce (combine)
+
+    ALLOWED = {"unroll": (4, 8, 16), "chunk_rows": (4, 8, 16, 32, 64), "send_warps": (2, 4, 6, 8, 12)}
+    ENV = {"unroll": "MOE_EP_INTRANODE_UNROLL", "chunk_rows": "MOE_EP_INTRANODE_CHUNK_ROWS",
+           "send_warps": "MOE_EP_INTRANODE_SEND_WARPS"}
+
+    def __post_init__(self) -> None:
+        for name, allowed in self.ALLOWED.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+                raise ValueError(f"intranode {name} ({self.ENV[name]}) must be one of {allowed}, got {value!r}")
+
+    @classmethod
+    def from_env(cls) -> "IntranodeKnobs":
+        """The defaults, overridden by MOE_EP_INTRANODE_UNROLL / _CHUNK_ROWS / _SEND_WARPS."""
+        values = {}
+        for name, var in cls.ENV.items():
+            raw = os.environ.get(var, "").strip()
+            if raw:
+                try:
+                    values[name] = int(raw)
+                except ValueError:
+                    raise ValueError(f"{var} must be one of {cls.ALLOWED[name]}, got {raw!r}") from None
+        return cls(**values)
+
+    def astuple(self) -> tuple[int, int, int]:
+        return (self.unroll, self.chunk_rows, self.send_warps)
 
 
 @dataclass
@@ -90,10 +128,18 @@ class IntranodeEngine:
             self.ipc = open_intranode_buffer(group, self.num_nvl_bytes)
             self.record = self.ext.IntranodeHostRecord()
         # Peers store into this rank's buffer, so sizes are checked against the smallest buffer of
-        # the group, which every rank knows alike (open_intranode_buffer succeeded on every rank).
-        sizes: list = [None] * self.num_ranks
-        dist.all_gather_object(sizes, self.num_nvl_bytes, group=group)
-        self.min_nvl_bytes = min(int(size) for size in sizes)
+        # the group, which every rank knows alike (open_intranode_buffer succeeded on every rank);
+        # the knobs (one of them is part of the protocol) must agree.
+        self.knobs = IntranodeKnobs.from_env()
+        mine = (self.num_nvl_bytes, self.knobs.astuple())
+        gathered: list = [None] * self.num_ranks
+        dist.all_gather_object(gathered, mine, group=group)
+        self.min_nvl_bytes = min(int(size) for size, _ in gathered)
+        knobs = {tuple(k) for _, k in gathered}
+        if len(knobs) > 1:
+            raise ValueError("the ranks of the group set different intranode knobs (unroll, chunk_rows, send_warps): "
+                             f"{[tuple(k) for _, k in gathered]}; set MOE_EP_INTRANODE_UNROLL / _CHUNK_ROWS / "
+                             "_SEND_WARPS alike on every rank")
         self._epoch = 0
         self._agreed_worst_tokens: set[int] = set()
         # Set to a list to record (step, start event, end event) per step: the benchmark's breakdown.
@@ -200,7 +246,8 @@ class IntranodeEngine:
         with self._step("transfer"):
             self.ext.intranode_transfer(self.ipc, x_data, scales, topk_idx, topk_weights, send_lists,
                                         rank_prefix_matrix, max(int(stride_rows), 1), cached, recv_src_idx, recv_x,
-                                        recv_scales, recv_topk_idx, recv_topk_weights, num_local, sms)
+                                        recv_scales, recv_topk_idx, recv_topk_weights, num_local,
+                                        self.knobs.astuple(), sms)
         out_x = (recv_x, recv_scales) if is_fp8 else recv_x
         if cached:
             return out_x, None, None, None, None
@@ -233,5 +280,5 @@ class IntranodeEngine:
             self.ext.intranode_combine(self.ipc, x, topk_weights, routing.is_token_in_rank.contiguous(),
                                        routing.send_slot, routing.rank_prefix_matrix, routing.stride_rows, num_topk,
                                        biases[0] if biases else None, biases[1] if len(biases) > 1 else None, out,
-                                       out_weights, sms)
+                                       out_weights, self.knobs.astuple(), sms)
         return out, out_weights

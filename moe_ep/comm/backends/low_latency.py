@@ -79,6 +79,7 @@ class _Result:
     routing: torch.Tensor          # int32 kernel workspace: which rows each (source, token) has here
     use_fp8: bool = False
     num_topk: int = 0
+    num_tokens: int = 0
 
 
 class LowLatencyEngine:
@@ -119,6 +120,11 @@ class LowLatencyEngine:
         key = (m, hidden, num_experts, num_topk, use_fp8, use_ue8m0)
         if self.key == key:
             return
+        if self.key is not None:
+            # New sizes move the areas: no peer may still be inside a call with the old ones (every
+            # rank changes sizes at the same call, so this barrier is matched).
+            torch.cuda.synchronize(self.device)
+            dist.barrier(group=self.group)
         info = self.ext.ll_layout_info(self.num_ranks, num_experts, m, hidden, num_topk, use_fp8)
         needed = info["region_bytes"]
         if needed > self.num_bytes:
@@ -190,7 +196,7 @@ class LowLatencyEngine:
         b = self.buffer_idx
         self.buffer_idx ^= 1
         result = self.results[b]
-        result.use_fp8, result.num_topk = use_fp8, num_topk
+        result.use_fp8, result.num_topk, result.num_tokens = use_fp8, num_topk, x.shape[0]
         x = _aligned(x)
         topk_idx = topk_idx.contiguous()
         result.mask.copy_(self.mask)  # the combine of this dispatch uses the same mask
@@ -219,6 +225,9 @@ class LowLatencyEngine:
         if topk_idx.shape[1] != result.num_topk:
             raise ValueError(f"topk_idx has {topk_idx.shape[1]} columns but the dispatch behind this handle had "
                              f"{result.num_topk}")
+        if topk_idx.shape[0] != result.num_tokens:
+            raise ValueError(f"topk_idx has {topk_idx.shape[0]} rows but the dispatch behind this handle had "
+                             f"{result.num_tokens} tokens")
         x = _aligned(x)
         topk_idx = topk_idx.contiguous()
         topk_weights = topk_weights.to(torch.float32).contiguous()
