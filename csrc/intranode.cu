@@ -96,24 +96,41 @@ __device__ __forceinline__ WarpRole warp_role(int send_warps) {
 struct ChunkPlan {
   int begin[kMaxRanks + 1];  // first chunk of the i-th rank in the order
   int first;                 // rank of position 0
+  int count;                 // ranks in the order
+  int total;                 // chunks in all
 };
 
 __device__ __forceinline__ void plan_chunks(ChunkPlan& plan, const int* rows, int first, int count, int num_ranks,
                                             int G) {
   int chunks = 0;
   plan.first = first;
+  plan.count = count;
   for (int i = 0; i < count; ++i) {
     plan.begin[i] = chunks;
     chunks += (rows[(first + i) % num_ranks] + G - 1) / G;
   }
   plan.begin[count] = chunks;
+  plan.total = chunks;
 }
 
-// The position in the order of chunk c (plan.begin[count] > c).
-__device__ __forceinline__ int plan_position(const ChunkPlan& plan, int c, int count) {
+// Chunk c (< plan.total) of a plan over rows[rank]: its rank, its index among that rank's chunks
+// (the flag it raises or waits for), its first row and its rows.
+struct Chunk {
+  int rank;
+  int index;
+  int first_row;
+  int rows;
+};
+
+__device__ __forceinline__ Chunk chunk_at(const ChunkPlan& plan, const int* rows, int c, int num_ranks, int G) {
   int i = 0;
-  while (i + 1 < count && plan.begin[i + 1] <= c) ++i;
-  return i;
+  while (i + 1 < plan.count && plan.begin[i + 1] <= c) ++i;
+  Chunk chunk;
+  chunk.rank = (plan.first + i) % num_ranks;
+  chunk.index = c - plan.begin[i];
+  chunk.first_row = chunk.index * G;
+  chunk.rows = min(G, rows[chunk.rank] - chunk.first_row);
+  return chunk;
 }
 
 __device__ __forceinline__ int prefix_at(const int* rank_prefix_matrix, int src, int dst, int num_ranks) {
@@ -273,12 +290,9 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
   const int64_t scale_bytes = layout.scale_bytes;
 
   if (role.sender) {
-    for (int c = role.id; c < send_plan.begin[R - 1]; c += role.count) {
-      const int pos = plan_position(send_plan, c, R - 1);
-      const int d = (send_plan.first + pos) % R;
-      const int k = c - send_plan.begin[pos];
-      const int j0 = k * G;
-      const int n = min(G, send_rows[d] - j0);
+    for (int c = role.id; c < send_plan.total; c += role.count) {
+      const Chunk chunk = chunk_at(send_plan, send_rows, c, R, G);
+      const int d = chunk.rank, k = chunk.index, j0 = chunk.first_row, n = chunk.rows;
       uint8_t* dst_region = region_of(peers, d);
       uint8_t* dst_rows = dst_region + kRowsOffset + static_cast<int64_t>(send_start[d] + j0) * layout.stride;
       const int64_t first_expert = static_cast<int64_t>(d) * num_local;
@@ -307,12 +321,9 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
   const uint8_t* own_rows = own_region + kRowsOffset;
   const long long* own_flags = flags_of(own_region, false);
   const int64_t first_expert = static_cast<int64_t>(me) * num_local;
-  for (int c = role.id; c < recv_plan.begin[R]; c += role.count) {
-    const int pos = plan_position(recv_plan, c, R);
-    const int s = (me + pos) % R;
-    const int k = c - recv_plan.begin[pos];
-    const int j0 = k * G;
-    const int n = min(G, recv_rows[s] - j0);
+  for (int c = role.id; c < recv_plan.total; c += role.count) {
+    const Chunk chunk = chunk_at(recv_plan, recv_rows, c, R, G);
+    const int s = chunk.rank, k = chunk.index, j0 = chunk.first_row, n = chunk.rows;
     const int64_t row0 = recv_start[s] + j0;
     if (s == me) {  // this rank's own rows: straight from x
       for (int sub = 0; sub < n; sub += 32) {
@@ -512,12 +523,9 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
   const WarpRole role = warp_role(R > 1 ? send_warps : 0);
 
   if (role.sender) {
-    for (int c = role.id; c < plan.begin[R - 1]; c += role.count) {
-      const int pos = plan_position(plan, c, R - 1);
-      const int s = (plan.first + pos) % R;
-      const int k = c - plan.begin[pos];
-      const int j0 = k * G;
-      const int n = min(G, back_rows[s] - j0);
+    for (int c = role.id; c < plan.total; c += role.count) {
+      const Chunk chunk = chunk_at(plan, back_rows, c, R, G);
+      const int s = chunk.rank, k = chunk.index, j0 = chunk.first_row, n = chunk.rows;
       uint8_t* dst_region = region_of(peers, s);
       uint8_t* dst_rows = dst_region + kRowsOffset + (combine_block(me, s) * stride_rows + j0) * row_bytes;
       const int64_t row0 = prefix_at(rank_prefix_matrix, s - 1, me, R) + j0;
