@@ -606,14 +606,15 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   for (int64_t item = warp; item < items; item += num_warps) {
     const int64_t t = item / slices;
     const int64_t col = (item % slices) * 256 + lane * 8;
-    // The ranks this token has rows on (lane k looks at entry k), in rank order.
+    // The ranks this token has rows on (lane k looks at entry k), as a bit mask: two warp OR
+    // reductions (ranks 0-31, 32-63) per 32 entries.
     unsigned long long ranks = 0;
     for (int k0 = 0; k0 < K; k0 += 32) {
       const int d = k0 + lane < K ? pair_rank(a, t * K + k0 + lane, me) : -1;
-      for (int i = 0; i < 32; ++i) {
-        const int di = __shfl_sync(kFullWarp, d, i);
-        if (di >= 0) ranks |= 1ull << di;
-      }
+      const unsigned long long bit = d >= 0 ? 1ull << d : 0ull;
+      const unsigned lo = __reduce_or_sync(kFullWarp, static_cast<unsigned>(bit));
+      const unsigned hi = __reduce_or_sync(kFullWarp, static_cast<unsigned>(bit >> 32));
+      ranks |= (static_cast<unsigned long long>(hi) << 32) | lo;
     }
     if (col >= L.hidden) continue;  // hidden % 8 == 0: a lane's 8 columns are all in or all out
     float acc[8];

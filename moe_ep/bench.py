@@ -10,6 +10,10 @@ several. Prints a table and writes ``layer.json``.
 sweep at DeepEP's test settings, beside ``all_to_all_single`` and the P2P copy ceiling
 (``moe_ep/bench_normal.py``). Writes ``normal.json`` and ``normal.png``.
 
+``loopback``: both kernel families with the link taken out: ranks as threads of one process on ONE
+GPU, their kernels running at once (``moe_ep/bench_loopback.py``): an upper bound of the kernels at
+each SM count, where only one GPU is at hand. Writes ``loopback.json`` and ``loopback.png``.
+
 ``ll``: the low-latency (decode) calls at DeepEP's low-latency test settings: dispatch, combine,
 the hook-mode send/receive split and CUDA-graph replay, over a tokens-per-rank sweep, beside the
 reference backend on the same data (``moe_ep/bench_ll.py``). Writes ``ll.json`` and ``ll.png``.
@@ -28,7 +32,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-TARGETS = ("layer", "normal", "ll")
+TARGETS = ("layer", "normal", "ll", "loopback")
 DSV3 = dict(hidden_size=7168, moe_intermediate_size=2048, num_experts=256, top_k=8, rule="deepseek_v3", n_group=8,
             topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5, num_shared_experts=1)
 
@@ -446,7 +450,7 @@ def _bench_layer_with_defaults(args) -> None:
 
 
 def main(argv=None) -> None:
-    from . import bench_ll, bench_normal  # imported here: they import helpers from this module
+    from . import bench_ll, bench_loopback, bench_normal  # imported here: they import helpers from this module
 
     parser = argparse.ArgumentParser(prog="python -m moe_ep.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -465,13 +469,15 @@ def main(argv=None) -> None:
                         help="layer: GPU counts to run, comma-separated (default: 1 and every visible GPU)")
     bench_normal.add_arguments(parser)
     bench_ll.add_arguments(parser)
+    bench_loopback.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(TARGETS))
         return
     if args.target is None:
         parser.error("name a target (or --list)")
-    {"layer": _bench_layer_with_defaults, "normal": bench_normal.bench_normal, "ll": bench_ll.bench_ll}[args.target](args)
+    {"layer": _bench_layer_with_defaults, "normal": bench_normal.bench_normal, "ll": bench_ll.bench_ll,
+     "loopback": bench_loopback.bench_loopback}[args.target](args)
 
 
 if __name__ == "__main__":

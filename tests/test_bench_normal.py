@@ -23,7 +23,15 @@ def _bench(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
 def test_list_names_every_target_one_per_line():
     proc = _bench(["--list"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["layer", "normal", "ll"]
+    assert proc.stdout.split() == ["layer", "normal", "ll", "loopback"]
+
+
+def test_loopback_without_gpu_says_why():
+    """The loopback target needs one GPU (its ranks are threads on it): without one (this helper
+    hides the GPUs) it exits non-zero with the reason."""
+    proc = _bench(["loopback", "--out", "/nonexistent-never-written"])
+    assert proc.returncode != 0
+    assert "loopback needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_normal_cpu_smoke(tmp_path):

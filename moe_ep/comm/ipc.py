@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .errors import translate_device_errors
 
-__all__ = ["IntranodeBufferError", "open_intranode_buffer"]
+__all__ = ["IntranodeBufferError", "adopt_in_process", "open_intranode_buffer"]
 
 
 class IntranodeBufferError(RuntimeError):
@@ -116,3 +116,24 @@ def open_intranode_buffer(group: dist.ProcessGroup | None, num_bytes: int):
         buffer.barrier()
         torch.cuda.current_stream().synchronize()
     return buffer
+
+
+def adopt_in_process(num_ranks: int, device: torch.device, num_bytes: int) -> tuple[list, list[torch.Tensor]]:
+    """``num_ranks`` buffers of ``num_bytes`` on ONE device for ranks that are threads of this process
+    (``IntranodeEngine.in_process``, the loopback benchmark). A process cannot open its own IPC
+    handles, and needs not: every rank's region is a zeroed tensor here, adopted by
+    ``IpcBuffer.adopt`` with the others' addresses. Returns (buffers, regions); the regions must
+    outlive the buffers (the buffers do not own them). No first barrier: one thread would wait for
+    the others on its own stream."""
+    if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 0:
+        raise ValueError(f"num_bytes must be a non-negative int, got {num_bytes!r}")
+    ext = _load_extension()
+    if not 1 <= num_ranks <= int(getattr(ext, "ipc_max_ranks", 64)):
+        raise ValueError(f"num_ranks must be in [1, {getattr(ext, 'ipc_max_ranks', 64)}], got {num_ranks}")
+    total = int(ext.ipc_header_bytes) + num_bytes
+    regions = [torch.zeros(total, dtype=torch.uint8, device=device) for _ in range(num_ranks)]
+    torch.cuda.synchronize(device)  # zeroed before any kernel of any rank's stream reads a flag
+    bases = [region.data_ptr() for region in regions]
+    with torch.cuda.device(device):
+        buffers = [ext.IpcBuffer.adopt(bases, rank, num_bytes) for rank in range(num_ranks)]
+    return buffers, regions

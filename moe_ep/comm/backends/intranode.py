@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MoeEpTimeoutError, timeout_seconds
-from ..ipc import open_intranode_buffer
+from ..ipc import adopt_in_process, open_intranode_buffer
 from .reference import Payload, check_worst_tokens_agree
 
 
@@ -48,6 +48,19 @@ def intranode_size_hint(num_max_tokens: int, hidden: int, num_ranks: int, num_to
     dispatch = ext.intranode_dispatch_bytes((num_ranks - 1) * num_max_tokens, x_bytes, scale_bytes, num_topk)
     combine = ext.intranode_combine_bytes(num_max_tokens, hidden * 2, num_topk, num_ranks)
     return int(max(dispatch, combine))
+
+
+def _check_engine_args(device: torch.device, num_nvl_bytes) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"IntranodeEngine needs a CUDA device, got {device}")
+    if isinstance(num_nvl_bytes, bool) or not isinstance(num_nvl_bytes, int) or num_nvl_bytes < 0:
+        raise ValueError(f"num_nvl_bytes must be a non-negative int, got {num_nvl_bytes!r}")
+
+
+def _check_num_ranks(num_ranks: int) -> None:
+    limit = int(_extension().intranode_max_ranks)
+    if not 1 <= num_ranks <= limit:
+        raise ValueError(f"intranode kernels support 1 to {limit} ranks, the group has {num_ranks}")
 
 
 @dataclass(frozen=True)
@@ -110,43 +123,58 @@ class IntranodeEngine:
     """
 
     def __init__(self, group, device: torch.device, num_nvl_bytes: int) -> None:
-        if device.type != "cuda":
-            raise ValueError(f"IntranodeEngine needs a CUDA device, got {device}")
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.num_ranks = dist.get_world_size(group)
-        self.device = device
-        if isinstance(num_nvl_bytes, bool) or not isinstance(num_nvl_bytes, int) or num_nvl_bytes < 0:
-            raise ValueError(f"num_nvl_bytes must be a non-negative int, got {num_nvl_bytes!r}")
-        self.num_nvl_bytes = int(num_nvl_bytes)
-        self.num_sms = 20
-        self.ext = _extension()
-        if self.num_ranks > int(self.ext.intranode_max_ranks):
-            raise ValueError(f"intranode kernels support at most {self.ext.intranode_max_ranks} ranks, "
-                             f"the group has {self.num_ranks}")
+        _check_engine_args(device, num_nvl_bytes)
+        rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
+        _check_num_ranks(num_ranks)
         with torch.cuda.device(device):
-            self.ipc = open_intranode_buffer(group, self.num_nvl_bytes)
-            self.record = self.ext.IntranodeHostRecord()
+            ipc = open_intranode_buffer(group, int(num_nvl_bytes))
         # Peers store into this rank's buffer, so sizes are checked against the smallest buffer of
         # the group, which every rank knows alike (open_intranode_buffer succeeded on every rank);
         # the knobs (one of them is part of the protocol) must agree.
-        self.knobs = IntranodeKnobs.from_env()
-        mine = (self.num_nvl_bytes, self.knobs.astuple())
-        gathered: list = [None] * self.num_ranks
-        dist.all_gather_object(gathered, mine, group=group)
-        self.min_nvl_bytes = min(int(size) for size, _ in gathered)
-        knobs = {tuple(k) for _, k in gathered}
-        if len(knobs) > 1:
+        knobs = IntranodeKnobs.from_env()
+        gathered: list = [None] * num_ranks
+        dist.all_gather_object(gathered, (int(num_nvl_bytes), knobs.astuple()), group=group)
+        if len({tuple(k) for _, k in gathered}) > 1:
             raise ValueError("the ranks of the group set different intranode knobs (unroll, chunk_rows, send_warps): "
                              f"{[tuple(k) for _, k in gathered]}; set MOE_EP_INTRANODE_UNROLL / _CHUNK_ROWS / "
                              "_SEND_WARPS alike on every rank")
+        # Small host-side agreements (num_worst_tokens) go over the group's own backend.
+        nccl = "nccl" in str(dist.get_backend(group)).lower()
+        self._setup(group, rank, num_ranks, device, int(num_nvl_bytes), ipc, min(int(n) for n, _ in gathered), knobs,
+                    device if nccl else torch.device("cpu"))
+
+    @classmethod
+    def in_process(cls, num_ranks: int, device: torch.device, num_nvl_bytes: int,
+                   knobs: Optional[IntranodeKnobs] = None) -> list["IntranodeEngine"]:
+        """``num_ranks`` engines over buffers on ONE device, for ranks that are threads of this process
+        (the loopback benchmark): unlike ranks in separate processes, which time-slice a shared GPU,
+        their kernels run at once on their own streams. Each thread must drive its own engine on its
+        own stream. No torch.distributed group: ``num_worst_tokens`` is not checked across ranks."""
+        _check_engine_args(device, num_nvl_bytes)
+        _check_num_ranks(num_ranks)
+        ipcs, regions = adopt_in_process(num_ranks, device, int(num_nvl_bytes))
+        engines = []
+        for rank, ipc in enumerate(ipcs):
+            engine = cls.__new__(cls)
+            engine._setup(None, rank, num_ranks, device, int(num_nvl_bytes), ipc, int(num_nvl_bytes),
+                          knobs or IntranodeKnobs(), torch.device("cpu"))
+            engine._regions = regions  # the memory the adopted buffers point into
+            engines.append(engine)
+        return engines
+
+    def _setup(self, group, rank: int, num_ranks: int, device: torch.device, num_nvl_bytes: int, ipc,
+               min_nvl_bytes: int, knobs: IntranodeKnobs, collective_device: torch.device) -> None:
+        self.group, self.rank, self.num_ranks, self.device = group, rank, num_ranks, device
+        self.num_nvl_bytes, self.min_nvl_bytes, self.knobs, self.ipc = num_nvl_bytes, min_nvl_bytes, knobs, ipc
+        self.num_sms = 20
+        self.ext = _extension()
+        with torch.cuda.device(device):
+            self.record = self.ext.IntranodeHostRecord()
         self._epoch = 0
         self._agreed_worst_tokens: set[int] = set()
         # Set to a list to record (step, start event, end event) per step: the benchmark's breakdown.
         self.profile: Optional[list] = None
-        # Small host-side agreements (num_worst_tokens) go over the group's own backend.
-        nccl = "nccl" in str(dist.get_backend(group)).lower()
-        self._collective_device = device if nccl else torch.device("cpu")
+        self._collective_device = collective_device
 
     # ---------------------------------------------------------------- helpers
     @contextlib.contextmanager
@@ -197,8 +225,9 @@ class IntranodeEngine:
         if cached:
             self._check_fits(needed(routing.max_buffer_rows), "cached dispatch")
         elif num_worst_tokens > 0:
-            check_worst_tokens_agree(self.group, self._collective_device, num_worst_tokens,
-                                     self._agreed_worst_tokens)
+            if self.group is not None:  # in-process engines (in_process) have no group to ask
+                check_worst_tokens_agree(self.group, self._collective_device, num_worst_tokens,
+                                         self._agreed_worst_tokens)
             # No host wait in this mode: the bound (every rank receives at most W rows) is checked.
             self._check_fits(needed(num_worst_tokens), f"dispatch with num_worst_tokens={num_worst_tokens}")
 

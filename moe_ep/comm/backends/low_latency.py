@@ -25,6 +25,7 @@ division); the combine sums ``weight x row`` over k in float32, then casts.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 from ..config import NUM_LOW_LATENCY_BUFFERS
 from ..fp8 import FP8_DTYPE, FP8_GROUP_SIZE
-from ..ipc import open_intranode_buffer
+from ..ipc import adopt_in_process, open_intranode_buffer
 
 
 # Where the buffers live: "ipc" (CUDA-IPC buffers, any torch.distributed backend, ranks may share a
@@ -62,6 +63,13 @@ def ll_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: 
     return int(info["region_bytes"])
 
 
+def _check_engine_args(device: torch.device, num_bytes) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"LowLatencyEngine needs a CUDA device, got {device}")
+    if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes <= 0:
+        raise ValueError(f"num_rdma_bytes must be a positive int for the low-latency kernels, got {num_bytes!r}")
+
+
 @dataclass
 class _Result:
     """One of the two result buffers, and what its dispatch was (for the matching combine)."""
@@ -86,27 +94,44 @@ class LowLatencyEngine:
     """Building one is collective over ``group`` (any backend; ranks may share one GPU)."""
 
     def __init__(self, group, device: torch.device, num_bytes: int, num_sms: Optional[int] = None) -> None:
-        if device.type != "cuda":
-            raise ValueError(f"LowLatencyEngine needs a CUDA device, got {device}")
-        if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes <= 0:
-            raise ValueError(f"num_rdma_bytes must be a positive int for the low-latency kernels, got {num_bytes!r}")
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.num_ranks = dist.get_world_size(group)
-        self.device = device
-        self.num_bytes = num_bytes
+        _check_engine_args(device, num_bytes)
+        transport = os.environ.get(TRANSPORT_ENV, "ipc")
+        with torch.cuda.device(device):
+            if transport == "ipc":
+                ipc = open_intranode_buffer(group, num_bytes)
+            elif transport == "nvshmem":
+                from ..nvshmem import open_nvshmem_buffer
+                ipc = open_nvshmem_buffer(group, num_bytes)
+            else:
+                raise ValueError(f"{TRANSPORT_ENV} must be 'ipc' or 'nvshmem', got {transport!r}")
+        self._setup(group, dist.get_rank(group), dist.get_world_size(group), device, num_bytes, num_sms, ipc,
+                    transport, lambda: dist.barrier(group=group))
+
+    @classmethod
+    def in_process(cls, num_ranks: int, device: torch.device, num_bytes: int,
+                   num_sms: Optional[int] = None) -> list["LowLatencyEngine"]:
+        """``num_ranks`` engines over buffers on ONE device for ranks that are threads of this process
+        (the loopback benchmark; see ``IntranodeEngine.in_process``). Each thread drives its own
+        engine on its own stream; the barrier on a size change is a ``threading.Barrier``."""
+        _check_engine_args(device, num_bytes)
+        ipcs, regions = adopt_in_process(num_ranks, device, num_bytes)
+        barrier = threading.Barrier(num_ranks)
+        engines = []
+        for rank, ipc in enumerate(ipcs):
+            engine = cls.__new__(cls)
+            engine._setup(None, rank, num_ranks, device, num_bytes, num_sms, ipc, "in-process", barrier.wait)
+            engine._regions = regions  # the memory the adopted buffers point into
+            engines.append(engine)
+        return engines
+
+    def _setup(self, group, rank: int, num_ranks: int, device: torch.device, num_bytes: int, num_sms: Optional[int],
+               ipc, transport: str, peer_barrier: Callable[[], object]) -> None:
+        self.group, self.rank, self.num_ranks, self.device = group, rank, num_ranks, device
+        self.num_bytes, self.ipc, self.transport = num_bytes, ipc, transport
+        self._peer_barrier = peer_barrier  # host barrier of the ranks (their sizes change together)
         self.ext = _extension()
         # Decode kernels are latency-bound: they may use every SM (as DeepEP's low-latency kernels).
         self.num_sms = num_sms or torch.cuda.get_device_properties(device).multi_processor_count
-        self.transport = os.environ.get(TRANSPORT_ENV, "ipc")
-        with torch.cuda.device(device):
-            if self.transport == "ipc":
-                self.ipc = open_intranode_buffer(group, num_bytes)
-            elif self.transport == "nvshmem":
-                from ..nvshmem import open_nvshmem_buffer
-                self.ipc = open_nvshmem_buffer(group, num_bytes)
-            else:
-                raise ValueError(f"{TRANSPORT_ENV} must be 'ipc' or 'nvshmem', got {self.transport!r}")
         self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=device)
         self.key = None
         self.results: list[_Result] = []
@@ -124,7 +149,7 @@ class LowLatencyEngine:
             # New sizes move the areas: no peer may still be inside a call with the old ones (every
             # rank changes sizes at the same call, so this barrier is matched).
             torch.cuda.synchronize(self.device)
-            dist.barrier(group=self.group)
+            self._peer_barrier()
         info = self.ext.ll_layout_info(self.num_ranks, num_experts, m, hidden, num_topk, use_fp8)
         needed = info["region_bytes"]
         if needed > self.num_bytes:

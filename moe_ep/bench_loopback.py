@@ -1,0 +1,335 @@
+"""``python -m moe_ep.bench loopback``: the kernels' own speed with the link taken out of the
+measurement, on ONE GPU.
+
+Why: the targets are NVLink figures on two GPUs, but what a kernel can move is also bounded by its
+own instructions, flags and fences at a given SM count. Here ``--ranks`` ranks (default 2) are
+threads of one process on one GPU, each with its own CUDA stream and its own engine
+(``IntranodeEngine.in_process`` / ``LowLatencyEngine.in_process``: the same kernels and protocol,
+the peers' buffers are regions of the same GPU). Their kernels run at once (separate processes on
+one GPU would time-slice instead). A store to a "peer" lands in this GPU's HBM, so:
+
+* a figure here is an upper bound of the same kernel over NVLink at the same SM count: when it is
+  below a target, the kernel (not the link) is what bounds it;
+* the ranks share one GPU's HBM (a local copy rate is printed beside) and, for the low-latency
+  calls, its SMs: each rank's kernels get the SM count a rank would have alone.
+
+Normal calls (``IntranodeEngine``), at the peer's settings (4096 tokens/rank, hidden 7168, top-8 of
+256), for every ``--sms`` and each knob variant (``--unroll``, ``--chunk-rows``, ``--send-warps``) at
+12 and 24 SMs: cached FP8 and BF16 dispatch, routed BF16 dispatch, BF16 combine. GB/s counted as
+``bench normal`` counts it (rows received incl. local x hidden x 2; FP8 x (1+4/128)/2).
+Low-latency calls (``LowLatencyEngine``) over ``--sweep`` tokens per rank (default 1, 32, 128; 288
+experts): FP8 dispatch and BF16 combine, µs.
+
+Timing: each iteration, the threads meet (host barrier, a device synchronize), then each enqueues a
+GPU delay and a device barrier of the ranks (``IpcBuffer.barrier``) on its stream, so the ranks'
+calls start together on the GPU with the host ahead; CUDA events around each call; medians over
+``--iters``; µs is the max over ranks, GB/s the min. Checks (printed, not asserted): normal
+``combine(dispatch(x)) == x * ranks reached``; low-latency BF16 ``combine(dispatch(x), w) == x *
+sum(valid w)``. Writes ``loopback.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import threading
+from typing import Callable, Optional
+
+import torch
+
+from .bench import HEAD_US, StepTimer, import_pyplot, random_routing, resolve_defaults, save_plot, write_report
+from .bench_ll import ll_routing
+from .bench_normal import FP8_BYTES_FACTOR, KNOB_DEFAULTS, WARMUP
+from .comm import per_token_group_quant_fp8
+from .comm.backends.intranode import IntranodeKnobs, intranode_size_hint
+
+NORMAL_DEFAULTS = dict(tokens=4096, hidden=7168, experts=256, top_k=8, iters=20)
+LL_DEFAULTS = dict(experts=288, sweep=(1, 32, 128), iters=50)
+LL_CHECK_TOL = 2e-2     # bf16 rows summed over up to top-k experts, relative to the row scale
+COPY_BYTES = 1 << 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("loopback")
+    group.add_argument("--ranks", type=int, default=2, help="loopback: ranks as threads on the one GPU (default 2)")
+    group.add_argument("--skip", choices=("normal", "ll"), default=None, help="loopback: leave one family out")
+
+
+class ThreadRanks:
+    """``num_ranks`` ranks as threads of this process, each on its own stream of one device."""
+
+    def __init__(self, num_ranks: int, device: torch.device) -> None:
+        self.num_ranks, self.device = num_ranks, device
+        self.streams = [torch.cuda.Stream(device) for _ in range(num_ranks)]
+        self.barrier = threading.Barrier(num_ranks)
+        self.cycles_per_us = StepTimer._calibrate()
+
+    def run(self, body: Callable[[int], object]) -> list:
+        """``body(rank)`` on every rank's thread at once; re-raises the first rank's error."""
+        results: list = [None] * self.num_ranks
+        errors: list[Optional[BaseException]] = [None] * self.num_ranks
+
+        def main(rank: int) -> None:
+            try:
+                torch.cuda.set_device(self.device)
+                with torch.cuda.stream(self.streams[rank]):
+                    results[rank] = body(rank)
+                self.streams[rank].synchronize()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                errors[rank] = exc
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=main, args=(r,), name=f"loopback-rank{r}") for r in range(self.num_ranks)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for rank, exc in enumerate(errors):
+            if exc is not None and not isinstance(exc, threading.BrokenBarrierError):
+                raise RuntimeError(f"loopback rank {rank} failed: {type(exc).__name__}: {exc}") from exc
+        if any(errors):
+            raise RuntimeError("loopback: a rank broke the barrier")
+        return results
+
+    def time_steps(self, rank: int, ipc, steps: list[Callable[[], object]], iters: int, warmup: int) -> list[float]:
+        """Median ms of each step (one iteration runs them in order) on this rank's stream; call from
+        every rank's thread with the same ``iters``. ``ipc``: this rank's IpcBuffer (device barrier)."""
+        samples: list[list[float]] = []
+        for i in range(warmup + iters):
+            self.barrier.wait()
+            torch.cuda.synchronize(self.device)
+            self.barrier.wait()
+            torch.cuda._sleep(int(HEAD_US * self.cycles_per_us))
+            ipc.barrier()  # the ranks' streams leave this together; the host is ahead of them
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(len(steps) + 1)]
+            events[0].record()
+            for step, event in zip(steps, events[1:]):
+                step()
+                event.record()
+            events[-1].synchronize()
+            if i >= warmup:
+                samples.append([a.elapsed_time(b) for a, b in zip(events, events[1:])])
+        return [statistics.median(column) for column in zip(*samples)]
+
+
+# ------------------------------------------------------------------------------ normal
+def _normal_points(opts: dict) -> list[tuple[int, dict]]:
+    points = [(sms, dict(KNOB_DEFAULTS)) for sms in opts["sms"]]
+    variant_sms = [sms for sms in (12, 24) if sms in opts["sms"]]
+    points += [(sms, {**KNOB_DEFAULTS, key: value}) for key, values in opts["variants"].items() for value in values
+               for sms in variant_sms]
+    return points
+
+
+def _normal(ranks: ThreadRanks, opts: dict) -> dict:
+    from .comm.backends.intranode import IntranodeEngine
+
+    R, device = ranks.num_ranks, ranks.device
+    hint = intranode_size_hint(opts["tokens"], opts["hidden"], R, opts["top_k"])
+    engines = IntranodeEngine.in_process(R, device, hint)
+    ext = engines[0].ext
+    points = _normal_points(opts)
+
+    def body(rank: int) -> dict:
+        engine = engines[rank]
+        x, topk_idx, topk_weights = random_routing(opts, rank, device)
+        _, per_expert, in_rank = ext.get_dispatch_layout(topk_idx, opts["experts"], R)
+        recv_x, _, _, _, handle = engine.dispatch(x, None, in_rank, per_expert, topk_idx, topk_weights, 1, 0,
+                                                  opts["experts"])
+        combined, _ = engine.combine(recv_x, handle, None, [])
+        expected = x.float() * in_rank.sum(1, keepdim=True).float()
+        err = (combined.float() - expected).abs().max().item() if x.numel() else 0.0
+        x_fp8 = per_token_group_quant_fp8(x)
+        bf16_bytes = recv_x.shape[0] * opts["hidden"] * 2
+        ops = {
+            "dispatch_fp8": (lambda: engine.dispatch(x_fp8, handle, None, None, None, None, 1, 0, opts["experts"]),
+                             bf16_bytes * FP8_BYTES_FACTOR),
+            "dispatch_bf16": (lambda: engine.dispatch(x, handle, None, None, None, None, 1, 0, opts["experts"]),
+                              bf16_bytes),
+            "dispatch_bf16_routed": (lambda: engine.dispatch(x, None, in_rank, per_expert, topk_idx, topk_weights, 1, 0,
+                                                             opts["experts"]), bf16_bytes),
+            "combine_bf16": (lambda: engine.combine(recv_x, handle, None, []), bf16_bytes),
+        }
+        rows = []
+        for sms, knobs in points:
+            engine.num_sms, engine.knobs = sms, IntranodeKnobs(**knobs)
+            for op, (fn, nbytes) in ops.items():
+                ms = ranks.time_steps(rank, engine.ipc, [fn], opts["iters"], WARMUP)[0]
+                rows.append({"op": op, "sms": sms, **knobs, "ms": ms, "bytes": nbytes})
+        return {"rows": rows, "max_abs_err": err, "pass": bool(torch.allclose(combined.float(), expected, rtol=1e-2,
+                                                                                atol=1e-2))}
+
+    per_rank = ranks.run(body)
+    rows = []
+    for i, first in enumerate(per_rank[0]["rows"]):
+        mine = [r["rows"][i] for r in per_rank]
+        rows.append({k: v for k, v in first.items() if k not in ("ms", "bytes")}
+                    | {"us": max(r["ms"] for r in mine) * 1e3,
+                       "gbps": min(r["bytes"] / (r["ms"] * 1e-3) / 1e9 for r in mine)})
+    del engines
+    torch.cuda.empty_cache()
+    return {"settings": {k: opts[k] for k in ("tokens", "hidden", "experts", "top_k", "iters")} | {"nvl_bytes": hint},
+            "check": {"pass": all(r["pass"] for r in per_rank), "max_abs_err": max(r["max_abs_err"] for r in per_rank),
+                      "what": "combine(dispatch(x)) == x * ranks the token went to (bf16 tolerance)"},
+            "rows": rows}
+
+
+# ------------------------------------------------------------------------------ low latency
+def _ll(ranks: ThreadRanks, opts: dict) -> dict:
+    from .comm.backends.low_latency import LowLatencyEngine, ll_size_hint
+
+    R, device = ranks.num_ranks, ranks.device
+    experts, hidden, top_k = opts["ll_experts"], opts["hidden"], opts["top_k"]
+    m = max(opts["sweep"])
+    engines = LowLatencyEngine.in_process(R, device, ll_size_hint(m, hidden, R, experts, top_k))
+    ll_opts = dict(opts, experts=experts)
+
+    def body(rank: int) -> dict:
+        engine = engines[rank]
+        out: dict = {"rows": [], "checks": []}
+        for tokens in opts["sweep"]:
+            x, topk_idx, topk_weights = ll_routing(ll_opts, tokens, rank, device)
+            # Check (BF16): every received row combined with the source's weights gives x * sum(valid w).
+            recv, _, handle, _ = engine.dispatch(x, topk_idx, m, experts, None, False, False, False, False)
+            combined, _ = engine.combine(recv, topk_idx, topk_weights, handle, None, False)
+            expected = x.float() * torch.where(topk_idx >= 0, topk_weights, 0).sum(1, keepdim=True)
+            err = ((combined.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
+            out["checks"].append({"tokens": tokens, "rel_err": err, "pass": err <= LL_CHECK_TOL})
+            expert_out = torch.randn(recv.shape, device=device).to(torch.bfloat16)
+            state: dict = {}
+
+            def dispatch() -> None:
+                state["handle"] = engine.dispatch(x, topk_idx, m, experts, None, True, False, False, False)[2]
+
+            def combine() -> None:
+                engine.combine(expert_out, topk_idx, topk_weights, state["handle"], None, False)
+
+            d_ms, c_ms = ranks.time_steps(rank, engine.ipc, [dispatch, combine], opts["ll_iters"], WARMUP)
+            out["rows"].append({"tokens": tokens, "dispatch_ms": d_ms, "combine_ms": c_ms})
+        return out
+
+    per_rank = ranks.run(body)
+    rows = []
+    for i, first in enumerate(per_rank[0]["rows"]):
+        mine = [r["rows"][i] for r in per_rank]
+        d_us, c_us = max(r["dispatch_ms"] for r in mine) * 1e3, max(r["combine_ms"] for r in mine) * 1e3
+        rows.append({"tokens": first["tokens"], "dispatch_us": d_us, "combine_us": c_us})
+    checks = [c for r in per_rank for c in r["checks"]]
+    del engines
+    torch.cuda.empty_cache()
+    return {"settings": {"hidden": hidden, "experts": experts, "top_k": top_k, "max_tokens": m,
+                         "iters": opts["ll_iters"], "sms_per_rank": torch.cuda.get_device_properties(device)
+                         .multi_processor_count, "dispatch": "FP8 (1x128 scales)", "combine": "BF16"},
+            "check": {"pass": all(c["pass"] for c in checks), "max_rel_err": max(c["rel_err"] for c in checks),
+                      "what": "BF16 dispatch, combine of the received rows == x * sum of the valid weights"},
+            "rows": rows}
+
+
+def _copy_rate(device: torch.device, iters: int) -> dict:
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(WARMUP + iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    ms = statistics.median(times[WARMUP:])
+    return {"op": "local copy", "us": ms * 1e3, "gbps": 2 * COPY_BYTES / (ms * 1e-3) / 1e9,
+            "what": "copy_ within the GPU, read + write bytes (the HBM the ranks' traffic shares)"}
+
+
+# ------------------------------------------------------------------------------ entry point
+def _resolve(args: argparse.Namespace) -> dict:
+    opts = resolve_defaults(args, NORMAL_DEFAULTS)
+    if not 2 <= args.ranks <= 8:
+        raise SystemExit(f"--ranks must be in [2, 8], got {args.ranks}")
+    for key, allowed in IntranodeKnobs.ALLOWED.items():
+        bad = [v for v in getattr(args, key) if v not in allowed]
+        if bad:
+            raise SystemExit(f"--{key.replace('_', '-')}: each value must be one of {allowed}, got {bad}")
+    bad_sms = [n for n in args.sms if n < 2 or n % 2]
+    if bad_sms:
+        raise SystemExit(f"--sms: every SM count must be even and >= 2, got {bad_sms}")
+    experts = args.experts or LL_DEFAULTS["experts"]
+    if opts["experts"] % args.ranks or experts % args.ranks:
+        raise SystemExit(f"--experts must be divisible by --ranks {args.ranks}")
+    opts.update(ranks=args.ranks, sms=list(args.sms), seed=args.seed, out=args.out, skip=args.skip,
+                variants={k: [v for v in getattr(args, k) if v != KNOB_DEFAULTS[k]] for k in IntranodeKnobs.ALLOWED},
+                sweep=sorted(set(args.sweep or LL_DEFAULTS["sweep"])), ll_experts=experts,
+                ll_iters=args.iters or LL_DEFAULTS["iters"])
+    return opts
+
+
+def _print(report: dict) -> None:
+    print(f"loopback benchmark: {report['ranks']} ranks as threads on one {report['device']} "
+          "(peer stores land in this GPU's HBM: an upper bound of the kernels, not an NVLink figure)")
+    copy = report["copy"]
+    print(f"reference: {copy['op']} {copy['gbps']:.0f} GB/s ({copy['what']})")
+    normal = report.get("normal")
+    if normal:
+        s = normal["settings"]
+        verdict = "PASS" if normal["check"]["pass"] else "FAIL"
+        print(f"normal: {s['tokens']} tokens/rank, hidden {s['hidden']}, top-{s['top_k']} of {s['experts']}; "
+              f"check {verdict} (max abs err {normal['check']['max_abs_err']:.3g})")
+        print(f"{'op':<24}{'SMs':>5}{'unroll':>7}{'rows':>6}{'send':>6}{'µs (max)':>12}{'GB/s (min)':>12}")
+        for r in normal["rows"]:
+            print(f"{r['op']:<24}{r['sms']:>5}{r['unroll']:>7}{r['chunk_rows']:>6}{r['send_warps']:>6}"
+                  f"{r['us']:>12.1f}{r['gbps']:>12.1f}")
+    ll = report.get("ll")
+    if ll:
+        s = ll["settings"]
+        verdict = "PASS" if ll["check"]["pass"] else "FAIL"
+        print(f"low latency: hidden {s['hidden']}, top-{s['top_k']} of {s['experts']}, {s['dispatch']} dispatch, "
+              f"{s['combine']} combine, M={s['max_tokens']}, {s['sms_per_rank']} SMs per rank; check {verdict} "
+              f"(max rel err {ll['check']['max_rel_err']:.3g})")
+        print(f"{'tokens':>8}{'dispatch µs':>14}{'combine µs':>14}{'both µs':>10}")
+        for r in ll["rows"]:
+            print(f"{r['tokens']:>8}{r['dispatch_us']:>14.1f}{r['combine_us']:>14.1f}"
+                  f"{r['dispatch_us'] + r['combine_us']:>10.1f}")
+    print(flush=True)
+
+
+def bench_loopback(args: argparse.Namespace) -> None:
+    """Needs one GPU and the extension; the ranks are threads of this process."""
+    if not torch.cuda.is_available():
+        raise SystemExit("loopback needs a CUDA GPU (its ranks are threads on one GPU); none is visible")
+    try:
+        from moe_ep import _C  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"loopback needs the CUDA extension moe_ep._C ({exc}); build it with "
+                         "`python3 setup.py build_ext --inplace`") from exc
+    opts = _resolve(args)
+    os.makedirs(opts["out"], exist_ok=True)
+    device = torch.device("cuda", torch.cuda.current_device())
+    ranks = ThreadRanks(opts["ranks"], device)
+    report = {"target": "loopback", "ranks": opts["ranks"], "device": torch.cuda.get_device_name(device),
+              "timing": "host barrier + synchronize, then per rank a GPU delay and a device barrier of the ranks; "
+                        "CUDA events per call; median over iters; µs max over ranks, GB/s min over ranks",
+              "copy": _copy_rate(device, 10)}
+    if opts["skip"] != "normal":
+        report["normal"] = _normal(ranks, opts)
+    if opts["skip"] != "ll":
+        report["ll"] = _ll(ranks, opts)
+    _print(report)
+    write_report(report, opts["out"], "loopback", _plot)
+
+
+def _plot(report: dict, path: str) -> str:
+    """Normal calls' GB/s vs SMs (default knobs), the local copy rate as a line. matplotlib optional."""
+    plt = import_pyplot()
+    if plt is None:
+        return "matplotlib is not installed (pip install '.[plot]'): loopback.png skipped"
+    if not report.get("normal"):
+        return "no normal rows: loopback.png skipped"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    defaults = [r for r in report["normal"]["rows"] if all(r[k] == v for k, v in KNOB_DEFAULTS.items())]
+    for op in dict.fromkeys(r["op"] for r in defaults):
+        mine = sorted((r["sms"], r["gbps"]) for r in defaults if r["op"] == op)
+        ax.plot([a for a, _ in mine], [b for _, b in mine], marker="o", label=op)
+    ax.axhline(report["copy"]["gbps"], linestyle="--", color="gray", label=f"local copy ({report['copy']['gbps']:.0f})")
+    ax.set(xlabel="SMs per rank", ylabel="GB/s (min over ranks)",
+           title=f"loopback: {report['ranks']} ranks as threads on one GPU (no link)")
+    return save_plot(plt, fig, ax, path)
