@@ -20,6 +20,10 @@ Normal calls (``IntranodeEngine``), at the peer's settings (4096 tokens/rank, hi
 Low-latency calls (``LowLatencyEngine``) over ``--sweep`` tokens per rank (default 1, 32, 128; 288
 experts): FP8 dispatch and BF16 combine, µs.
 
+CUDA modules load eagerly here (``CUDA_MODULE_LOADING=EAGER``, set before CUDA starts): a kernel
+loaded lazily at its first launch may wait for the whole device, while a peer's kernel waits for
+this rank.
+
 Timing: each iteration, the threads meet (host barrier, a device synchronize), then each enqueues a
 GPU delay and a device barrier of the ranks (``IpcBuffer.barrier``) on its stream, so the ranks'
 calls start together on the GPU with the host ahead; CUDA events around each call; medians over
@@ -294,6 +298,9 @@ def _print(report: dict) -> None:
 
 def bench_loopback(args: argparse.Namespace) -> None:
     """Needs one GPU and the extension; the ranks are threads of this process."""
+    # Before CUDA starts: a kernel loaded lazily at its first launch may wait for the whole device
+    # while a peer's kernel waits for this rank (moe_ep.comm.ipc.adopt_in_process checks).
+    os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
     if not torch.cuda.is_available():
         raise SystemExit("loopback needs a CUDA GPU (its ranks are threads on one GPU); none is visible")
     try:

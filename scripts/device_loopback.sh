@@ -3,7 +3,7 @@
 # engine tests, optionally the low-latency GPU tests, then `python -m moe_ep.bench loopback` (ranks
 # as threads on the one GPU: the kernels' speed with the link taken out). The built extension is
 # copied to $OUT so a later call can carry it instead of building again.
-#   STAGES=build,tests,ll_tests,bench (default build,tests,bench)
+#   STAGES=build,tests,bench,ll_tests (in this order; default build,tests,bench)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"
@@ -26,14 +26,14 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     stage "in-process engine tests"
     MOE_EP_TIMEOUT_S=20 timeout -k 10 ${TESTS_S:-120} python3 -m pytest -q -m gpu tests/test_gpu_loopback.py 2>&1 | tail -12
   fi
+  if has bench; then
+    stage "bench loopback"
+    MOE_EP_TIMEOUT_S=30 timeout -k 10 ${BENCH_S:-240} python3 -m moe_ep.bench loopback --out "$OUT" ${BENCH_ARGS:-} 2>&1
+  fi
   if has ll_tests; then
     stage "low-latency GPU tests (ranks sharing the GPU)"
     MOE_EP_TIMEOUT_S=20 timeout -k 10 ${LL_S:-220} python3 -m pytest -q -m "gpu and not slow" \
       tests/test_cuda_low_latency.py 2>&1 | tail -12
-  fi
-  if has bench; then
-    stage "bench loopback"
-    MOE_EP_TIMEOUT_S=30 timeout -k 10 ${BENCH_S:-240} python3 -m moe_ep.bench loopback --out "$OUT" ${BENCH_ARGS:-} 2>&1
   fi
   stage done
 } 2>&1 | tee -a "$OUT/loopback.log"

@@ -10,21 +10,62 @@ what the same kernels give ranks in separate processes (the specification, check
 
 Fresh random data (never zeros), -1 entries, a rank with zero tokens, a hidden size that is not a
 power of two, 2 and 3 ranks. Skips, with the reason, without a GPU or the extension.
+
+The cases run in ONE child process (``python tests/test_gpu_loopback.py``) started with
+``CUDA_MODULE_LOADING=EAGER``, which in-process ranks need from before CUDA starts (this pytest
+process may have started CUDA lazily already); each test reads its case's line.
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
 
 import pytest
 import torch
 
-from tests.conftest import kernels_missing
-
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.gpu
 
 
-def _skip_without(family: str, entry_point: str) -> None:
+@pytest.fixture(scope="module")
+def child_results() -> dict[str, str]:
+    """Runs every case in one child process with eager module loading: {case: "OK" or the error}."""
+    from tests.conftest import kernels_missing
+
+    reason = kernels_missing("intranode", "intranode_dispatch")
+    if reason:
+        pytest.skip(reason)
+    env = dict(os.environ, CUDA_MODULE_LOADING="EAGER", MOE_EP_TIMEOUT_S=os.environ.get("MOE_EP_TIMEOUT_S", "20"),
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("CASE "):
+            name, _, verdict = line[5:].partition(" ")
+            results[name] = verdict
+    results["_log"] = proc.stdout[-4000:] + proc.stderr[-4000:]
+    return results
+
+
+def _check(child_results: dict[str, str], case: str, family: str, entry_point: str) -> None:
+    from tests.conftest import kernels_missing
+
     reason = kernels_missing(family, entry_point)
     if reason:
         pytest.skip(reason)
+    assert child_results.get(case) == "OK", f"{case}: {child_results.get(case, 'did not run')}\n{child_results['_log']}"
+
+
+@pytest.mark.parametrize("num_ranks,hidden", [(2, 2560), (3, 7168)])
+def test_intranode_in_process(child_results, num_ranks: int, hidden: int) -> None:
+    _check(child_results, f"intranode-{num_ranks}-{hidden}", "intranode", "intranode_dispatch")
+
+
+def test_low_latency_in_process(child_results) -> None:
+    _check(child_results, "low_latency", "low_latency", "ll_dispatch")
 
 
 def _routing(num_tokens: int, hidden: int, experts: int, top_k: int, seed: int, device: torch.device):
@@ -37,9 +78,8 @@ def _routing(num_tokens: int, hidden: int, experts: int, top_k: int, seed: int, 
     return x.to(device), topk_idx.to(device), weights.to(device)
 
 
-@pytest.mark.parametrize("num_ranks,hidden", [(2, 2560), (3, 7168)])
-def test_intranode_in_process(num_ranks: int, hidden: int) -> None:
-    _skip_without("intranode", "intranode_dispatch")
+# ------------------------------------------------------------------------------ the cases (child process)
+def intranode_case(num_ranks: int, hidden: int) -> None:
     from moe_ep.bench_loopback import ThreadRanks
     from moe_ep.comm.backends.intranode import IntranodeEngine, intranode_size_hint
 
@@ -76,8 +116,7 @@ def test_intranode_in_process(num_ranks: int, hidden: int) -> None:
         torch.testing.assert_close(combined.float(), (x.float() * reached).to(torch.bfloat16).float(), rtol=0, atol=0)
 
 
-def test_low_latency_in_process() -> None:
-    _skip_without("low_latency", "ll_dispatch")
+def low_latency_case() -> None:
     from moe_ep.bench_loopback import ThreadRanks
     from moe_ep.comm.backends.low_latency import LowLatencyEngine, ll_size_hint
 
@@ -105,3 +144,22 @@ def test_low_latency_in_process() -> None:
         x, topk_idx, weights = data[rank]
         expected = x.float() * torch.where(topk_idx >= 0, weights, 0).sum(1, keepdim=True)
         torch.testing.assert_close(combined.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def _main() -> None:
+    cases = {f"intranode-{r}-{h}": (lambda r=r, h=h: intranode_case(r, h)) for r, h in [(2, 2560), (3, 7168)]}
+    cases["low_latency"] = low_latency_case
+    for name, case in cases.items():
+        try:
+            case()
+            print(f"CASE {name} OK", flush=True)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent test
+            traceback.print_exc()
+            print(f"CASE {name} {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", flush=True)
+            if isinstance(exc, getattr(torch, "AcceleratorError", ())):
+                break  # the context is gone: the remaining cases cannot run
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, REPO)
+    _main()

@@ -14,6 +14,7 @@ Before a rank drops its buffer every rank must have stopped using it: synchronis
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 from typing import Any
@@ -118,18 +119,37 @@ def open_intranode_buffer(group: dist.ProcessGroup | None, num_bytes: int):
     return buffer
 
 
+def module_loading_mode() -> str:
+    """"eager" or "lazy": how this process's CUDA driver loads kernels (cuModuleGetLoadingMode;
+    CUDA_MODULE_LOADING, read when CUDA starts), "unknown" where the driver cannot say."""
+    try:
+        mode = ctypes.c_int(0)
+        if ctypes.CDLL("libcuda.so.1").cuModuleGetLoadingMode(ctypes.byref(mode)) != 0:
+            return "unknown"
+    except (OSError, AttributeError):
+        return "unknown"
+    return {1: "eager", 2: "lazy"}.get(mode.value, "unknown")
+
+
 def adopt_in_process(num_ranks: int, device: torch.device, num_bytes: int) -> tuple[list, list[torch.Tensor]]:
     """``num_ranks`` buffers of ``num_bytes`` on ONE device for ranks that are threads of this process
     (``IntranodeEngine.in_process``, the loopback benchmark). A process cannot open its own IPC
     handles, and needs not: every rank's region is a zeroed tensor here, adopted by
     ``IpcBuffer.adopt`` with the others' addresses. Returns (buffers, regions); the regions must
     outlive the buffers (the buffers do not own them). No first barrier: one thread would wait for
-    the others on its own stream."""
+    the others on its own stream. Needs eager module loading (raises IntranodeBufferError, saying
+    why, without it)."""
     if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 0:
         raise ValueError(f"num_bytes must be a non-negative int, got {num_bytes!r}")
     ext = _load_extension()
     if not 1 <= num_ranks <= int(getattr(ext, "ipc_max_ranks", 64)):
         raise ValueError(f"num_ranks must be in [1, {getattr(ext, 'ipc_max_ranks', 64)}], got {num_ranks}")
+    torch.cuda.init()
+    if module_loading_mode() != "eager":
+        raise IntranodeBufferError(
+            "ranks that are threads of one process need CUDA_MODULE_LOADING=EAGER, set before CUDA starts: with "
+            "lazy loading, the first launch of a kernel may wait for the whole device, while a peer's kernel on "
+            f"it waits for this rank (a deadlock). This process loads modules: {module_loading_mode()}")
     total = int(ext.ipc_header_bytes) + num_bytes
     regions = [torch.zeros(total, dtype=torch.uint8, device=device) for _ in range(num_ranks)]
     torch.cuda.synchronize(device)  # zeroed before any kernel of any rank's stream reads a flag
