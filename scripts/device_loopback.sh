@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One bounded call on ONE GPU: build (unless a built moe_ep/_C*.so was carried in), the in-process
 # engine tests, optionally the low-latency GPU tests, then `python -m moe_ep.bench loopback` (ranks
-# as threads on the one GPU: the kernels' speed with the link taken out). The built extension is
-# copied to $OUT so a later call can carry it instead of building again.
+# as threads on the one GPU: the kernels' speed with the link taken out).
 #   STAGES=build,tests,bench,ll_tests (in this order; default build,tests,bench)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +16,6 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     if ! ls moe_ep/_C*.so >/dev/null 2>&1; then
       STAGES=build bash scripts/gpu_check.sh
       grep -E "error|FAILED|build took" "$OUT/build.log" | head -20
-      cp moe_ep/_C*.so "$OUT/" 2>/dev/null
     else
       echo "using the carried $(ls moe_ep/_C*.so)"
     fi
