@@ -10,8 +10,9 @@ one GPU would time-slice instead). A store to a "peer" lands in this GPU's HBM, 
 
 * a figure here is an upper bound of the same kernel over NVLink at the same SM count: when it is
   below a target, the kernel (not the link) is what bounds it;
-* the ranks share one GPU's HBM (a local copy rate is printed beside) and, for the low-latency
-  calls, its SMs: each rank's kernels get the SM count a rank would have alone.
+* the ranks share one GPU's HBM (a local copy rate is printed beside); the low-latency calls get
+  an R-th of the SMs per rank (a receive kernel on every SM could leave no room for a peer's send
+  kernel on the one GPU), fewer than a rank has alone.
 
 Normal calls (``IntranodeEngine``), at the peer's settings (4096 tokens/rank, hidden 7168, top-8 of
 256), for every ``--sms`` and each knob variant (``--unroll``, ``--chunk-rows``, ``--send-warps``) at
@@ -88,9 +89,12 @@ class ThreadRanks:
             thread.start()
         for thread in threads:
             thread.join()
-        for rank, exc in enumerate(errors):
-            if exc is not None and not isinstance(exc, threading.BrokenBarrierError):
-                raise RuntimeError(f"loopback rank {rank} failed: {type(exc).__name__}: {exc}") from exc
+        failed = [(rank, exc) for rank, exc in enumerate(errors)
+                  if exc is not None and not isinstance(exc, threading.BrokenBarrierError)]
+        if failed:  # every rank's error: the first in rank order may only be the echo of another's
+            raise RuntimeError("loopback: " + "; ".join(f"rank {rank} failed: {type(exc).__name__}: "
+                                                        f"{' '.join(str(exc).split())[:300]}" for rank, exc in failed)
+                               ) from failed[0][1]
         if any(errors):
             raise RuntimeError("loopback: a rank broke the barrier")
         return results
@@ -185,7 +189,10 @@ def _ll(ranks: ThreadRanks, opts: dict) -> dict:
     R, device = ranks.num_ranks, ranks.device
     experts, hidden, top_k = opts["ll_experts"], opts["hidden"], opts["top_k"]
     m = max(opts["sweep"])
-    engines = LowLatencyEngine.in_process(R, device, ll_size_hint(m, hidden, R, experts, top_k))
+    # Each rank gets an R-th of the SMs: a receive kernel on every SM could leave no room for a peer's
+    # send kernel on this one GPU (two GPUs never share SMs), and the receive would wait for it forever.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count // R
+    engines = LowLatencyEngine.in_process(R, device, ll_size_hint(m, hidden, R, experts, top_k), num_sms=sms)
     ll_opts = dict(opts, experts=experts)
 
     def body(rank: int) -> dict:
@@ -222,8 +229,8 @@ def _ll(ranks: ThreadRanks, opts: dict) -> dict:
     del engines
     torch.cuda.empty_cache()
     return {"settings": {"hidden": hidden, "experts": experts, "top_k": top_k, "max_tokens": m,
-                         "iters": opts["ll_iters"], "sms_per_rank": torch.cuda.get_device_properties(device)
-                         .multi_processor_count, "dispatch": "FP8 (1x128 scales)", "combine": "BF16"},
+                         "iters": opts["ll_iters"], "sms_per_rank": sms, "dispatch": "FP8 (1x128 scales)",
+                         "combine": "BF16"},
             "check": {"pass": all(c["pass"] for c in checks), "max_rel_err": max(c["rel_err"] for c in checks),
                       "what": "BF16 dispatch, combine of the received rows == x * sum of the valid weights"},
             "rows": rows}
@@ -316,12 +323,12 @@ def bench_loopback(args: argparse.Namespace) -> None:
               "timing": "host barrier + synchronize, then per rank a GPU delay and a device barrier of the ranks; "
                         "CUDA events per call; median over iters; µs max over ranks, GB/s min over ranks",
               "copy": _copy_rate(device, 10)}
-    if opts["skip"] != "normal":
-        report["normal"] = _normal(ranks, opts)
-    if opts["skip"] != "ll":
-        report["ll"] = _ll(ranks, opts)
-    _print(report)
-    write_report(report, opts["out"], "loopback", _plot)
+    # Printed and written after each family, so a failure in the second keeps the first's figures.
+    for family, measure in (("normal", _normal), ("ll", _ll)):
+        if opts["skip"] != family:
+            report[family] = measure(ranks, opts)
+            _print({**report, **{other: None for other in ("normal", "ll") if other != family}})
+            write_report(report, opts["out"], "loopback", _plot)
 
 
 def _plot(report: dict, path: str) -> str:
