@@ -251,6 +251,44 @@ __device__ __forceinline__ void localize_topk(const int64_t* idx, const float* w
   }
 }
 
+// The small parts of a dispatch row (its scales, top-k ids and weights), loaded before the row's
+// payload and stored after it, so their load latency hides behind the payload's instead of adding
+// a round trip each. Lane l holds scale vector l (when the scales go as 16-byte vectors, at most 32
+// of them) and top-k entry l (l < K; entries from 32 on take the slow path of localize_topk).
+struct RowExtras {
+  uint4 scale;
+  int64_t id;
+  float weight;
+};
+
+__device__ __forceinline__ RowExtras load_extras(const uint8_t* scale_src, int64_t scale_bytes, bool scale_vectors,
+                                                 const int64_t* idx, const float* weights, int K, int lane,
+                                                 bool cache_coherent) {
+  RowExtras e{make_uint4(0, 0, 0, 0), -1, 0.0f};
+  if (scale_vectors && lane * 16 < scale_bytes) {
+    const uint4* src = reinterpret_cast<const uint4*>(scale_src) + lane;
+    e.scale = cache_coherent ? __ldcg(src) : __ldg(src);
+  }
+  if (lane < K) {
+    e.id = cache_coherent ? __ldcg(reinterpret_cast<const long long*>(idx) + lane) : __ldg(idx + lane);
+    e.weight = cache_coherent ? __ldcg(weights + lane) : __ldg(weights + lane);
+  }
+  return e;
+}
+
+// Stores what load_extras loaded; `local` maps an input id to the receiver's view (the sender's
+// and the own-row paths localize, the peer-row path stores what the sender localized).
+__device__ __forceinline__ void store_extras(const RowExtras& e, uint8_t* scale_dst, int64_t scale_bytes,
+                                             bool scale_vectors, int64_t* out_idx, float* out_weights, int K,
+                                             bool localize, int64_t first_expert, int num_local, int lane) {
+  if (scale_vectors && lane * 16 < scale_bytes) reinterpret_cast<uint4*>(scale_dst)[lane] = e.scale;
+  if (lane < K) {
+    const bool mine = !localize || (e.id >= first_expert && e.id < first_expert + num_local);
+    out_idx[lane] = mine ? e.id - (localize ? first_expert : 0) : -1;
+    out_weights[lane] = mine ? e.weight : 0.0f;
+  }
+}
+
 template <int U>
 __global__ void __launch_bounds__(kThreads)
 transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t* __restrict__ x,
@@ -288,6 +326,11 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
   const WarpRole role = warp_role(R > 1 ? send_warps : 0);
   const int64_t x_bytes = layout.x_bytes;
   const int64_t scale_bytes = layout.scale_bytes;
+  // Scales go as 16-byte vectors, one per lane, with the row's other small parts, when every scale
+  // row is 16-byte aligned and at most 32 vectors; otherwise by warp_copy after the payload.
+  const bool scale_vectors = scale_bytes > 0 && scale_bytes % 16 == 0 && scale_bytes <= 32 * 16 &&
+                             reinterpret_cast<uintptr_t>(scales) % 16 == 0 &&
+                             reinterpret_cast<uintptr_t>(recv_scales) % 16 == 0;
 
   if (role.sender) {
     for (int c = role.id; c < send_plan.total; c += role.count) {
@@ -302,12 +345,20 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
         for (int i = 0; i < m; ++i) {
           const int t = __shfl_sync(kFullWarp, token, i);
           uint8_t* dst = dst_rows + static_cast<int64_t>(sub + i) * layout.stride;
+          const int64_t* idx = topk_idx + static_cast<int64_t>(t) * K;
+          const float* weights = topk_weights + static_cast<int64_t>(t) * K;
+          auto* dst_idx = reinterpret_cast<int64_t*>(dst + layout.off_idx);
+          auto* dst_weights = reinterpret_cast<float*>(dst + layout.off_weights);
+          const RowExtras extras = load_extras(scales + t * scale_bytes, scale_bytes, scale_vectors, idx, weights, K,
+                                               lane, false);
           warp_copy<U>(dst, x + t * x_bytes, x_bytes, lane);
-          if (scale_bytes > 0) warp_copy<U>(dst + layout.off_scales, scales + t * scale_bytes, scale_bytes, lane);
-          if (K > 0) {
-            localize_topk(topk_idx + static_cast<int64_t>(t) * K, topk_weights + static_cast<int64_t>(t) * K, K,
-                          first_expert, num_local, reinterpret_cast<int64_t*>(dst + layout.off_idx),
-                          reinterpret_cast<float*>(dst + layout.off_weights), lane);
+          store_extras(extras, dst + layout.off_scales, scale_bytes, scale_vectors, dst_idx, dst_weights, K, true,
+                       first_expert, num_local, lane);
+          if (!scale_vectors && scale_bytes > 0) {
+            warp_copy<U>(dst + layout.off_scales, scales + t * scale_bytes, scale_bytes, lane);
+          }
+          if (K > 32) {
+            localize_topk(idx + 32, weights + 32, K - 32, first_expert, num_local, dst_idx + 32, dst_weights + 32, lane);
           }
           if (lane == 0) *reinterpret_cast<int*>(dst + layout.off_src) = t;
         }
@@ -332,11 +383,19 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
         for (int i = 0; i < m; ++i) {
           const int t = __shfl_sync(kFullWarp, token, i);
           const int64_t row = row0 + sub + i;
+          const int64_t* idx = topk_idx + static_cast<int64_t>(t) * K;
+          const float* weights = topk_weights + static_cast<int64_t>(t) * K;
+          const RowExtras extras = load_extras(scales + t * scale_bytes, scale_bytes, scale_vectors, idx, weights, K,
+                                               lane, false);
           warp_copy<U>(recv_x + row * x_bytes, x + t * x_bytes, x_bytes, lane);
-          if (scale_bytes > 0) warp_copy<U>(recv_scales + row * scale_bytes, scales + t * scale_bytes, scale_bytes, lane);
-          if (K > 0) {
-            localize_topk(topk_idx + static_cast<int64_t>(t) * K, topk_weights + static_cast<int64_t>(t) * K, K,
-                          first_expert, num_local, recv_topk_idx + row * K, recv_topk_weights + row * K, lane);
+          store_extras(extras, recv_scales + row * scale_bytes, scale_bytes, scale_vectors, recv_topk_idx + row * K,
+                       recv_topk_weights + row * K, K, true, first_expert, num_local, lane);
+          if (!scale_vectors && scale_bytes > 0) {
+            warp_copy<U>(recv_scales + row * scale_bytes, scales + t * scale_bytes, scale_bytes, lane);
+          }
+          if (K > 32) {
+            localize_topk(idx + 32, weights + 32, K - 32, first_expert, num_local, recv_topk_idx + row * K + 32,
+                          recv_topk_weights + row * K + 32, lane);
           }
           if (!cached && lane == 0) recv_src_idx[row] = t;
         }
@@ -349,20 +408,23 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
     for (int i = 0; i < n; ++i) {
       const int64_t row = row0 + i;
       const uint8_t* src = own_rows + (buffer_row0 + i) * layout.stride;
-      // The top-k entries are loaded before the row, so their latency hides behind it.
-      int64_t id0 = 0;
-      float w0 = 0.0f;
-      if (lane < K) {
-        id0 = __ldcg(reinterpret_cast<const long long*>(src + layout.off_idx) + lane);
-        w0 = __ldcg(reinterpret_cast<const float*>(src + layout.off_weights) + lane);
-      }
+      const auto* src_idx = reinterpret_cast<const int64_t*>(src + layout.off_idx);
+      const auto* src_weights = reinterpret_cast<const float*>(src + layout.off_weights);
+      // Peers wrote these rows during this kernel: L2 loads only (no stale L1 lines).
+      const RowExtras extras = load_extras(src + layout.off_scales, scale_bytes, scale_vectors, src_idx, src_weights,
+                                           K, lane, true);
+      const int src_token = lane == 0 && !cached ? __ldcg(reinterpret_cast<const int*>(src + layout.off_src)) : 0;
       warp_copy<U>(recv_x + row * x_bytes, src, x_bytes, lane);
-      if (scale_bytes > 0) warp_copy<U>(recv_scales + row * scale_bytes, src + layout.off_scales, scale_bytes, lane);
-      for (int kk = lane; kk < K; kk += 32) {
-        recv_topk_idx[row * K + kk] = kk < 32 ? id0 : __ldcg(reinterpret_cast<const long long*>(src + layout.off_idx) + kk);
-        recv_topk_weights[row * K + kk] = kk < 32 ? w0 : __ldcg(reinterpret_cast<const float*>(src + layout.off_weights) + kk);
+      store_extras(extras, recv_scales + row * scale_bytes, scale_bytes, scale_vectors, recv_topk_idx + row * K,
+                   recv_topk_weights + row * K, K, false, 0, 0, lane);
+      if (!scale_vectors && scale_bytes > 0) {
+        warp_copy<U>(recv_scales + row * scale_bytes, src + layout.off_scales, scale_bytes, lane);
       }
-      if (!cached && lane == 0) recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(src + layout.off_src));
+      for (int kk = 32 + lane; kk < K; kk += 32) {
+        recv_topk_idx[row * K + kk] = __ldcg(reinterpret_cast<const long long*>(src_idx) + kk);
+        recv_topk_weights[row * K + kk] = __ldcg(src_weights + kk);
+      }
+      if (!cached && lane == 0) recv_src_idx[row] = src_token;
     }
   }
   // num_worst_tokens mode: rows past the received ones are padding (zeros, ids -1, source 0).
@@ -531,9 +593,11 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
       const int64_t row0 = prefix_at(rank_prefix_matrix, s - 1, me, R) + j0;
       for (int i = 0; i < n; ++i) {
         uint8_t* dst = dst_rows + static_cast<int64_t>(i) * row_bytes;
+        // The weights are loaded before the row, so their latency hides behind it.
+        const float w0 = lane < K ? __ldg(topk_weights + (row0 + i) * K + lane) : 0.0f;
         warp_copy<U>(dst, x + (row0 + i) * x_bytes, x_bytes, lane);
         for (int kk = lane; kk < K; kk += 32) {
-          reinterpret_cast<float*>(dst + weights_offset)[kk] = topk_weights[(row0 + i) * K + kk];
+          reinterpret_cast<float*>(dst + weights_offset)[kk] = kk < 32 ? w0 : __ldg(topk_weights + (row0 + i) * K + kk);
         }
       }
       warp_raise_flag(flags_of(dst_region, true) + static_cast<int64_t>(me) * F + k, epoch, lane);

@@ -2,7 +2,7 @@
 # One bounded call on ONE GPU: build (unless a built moe_ep/_C*.so was carried in), the in-process
 # engine tests, optionally the low-latency GPU tests, then `python -m moe_ep.bench loopback` (ranks
 # as threads on the one GPU: the kernels' speed with the link taken out).
-#   STAGES=build,tests,bench,ll_tests (in this order; default build,tests,bench)
+#   STAGES=build,intranode_tests,tests,bench,ll_tests (in this order; default build,tests,bench)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"
@@ -19,6 +19,11 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     else
       echo "using the carried $(ls moe_ep/_C*.so)"
     fi
+  fi
+  if has intranode_tests; then
+    stage "intranode GPU tests (ranks sharing the GPU)"
+    MOE_EP_TIMEOUT_S=20 timeout -k 10 ${INTRANODE_S:-240} python3 -m pytest -q -m "gpu and not slow" \
+      tests/test_cuda_intranode.py tests/test_gpu_buffer_streams.py 2>&1 | tail -12
   fi
   if has tests; then
     stage "in-process engine tests"
