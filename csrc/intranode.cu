@@ -678,6 +678,7 @@ void check_knobs(const Knobs& knobs) {
   check_knob("unroll", knobs.unroll, {4, 8, 16});
   check_knob("chunk_rows", knobs.chunk_rows, {4, 8, 16, 32, 64});
   check_knob("send_warps", knobs.send_warps, {2, 4, 6, 8, 12});
+  check_knob("combine_send_warps", knobs.combine_send_warps, {2, 4, 6, 8, 12});
 }
 
 void check_peers(const Peers& peers) {
@@ -826,7 +827,7 @@ void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t 
   // an empty (null) weights tensor, and every rank must agree on the row size.
   const int64_t row_bytes = combine_row_bytes(hidden * elem, num_topk);
   const int G = flag_rows_for(stride_rows, knobs.chunk_rows, peers.num_ranks);
-  const int send_warps = knobs.send_warps;
+  const int send_warps = knobs.combine_send_warps;
   const uint64_t timeout_ns = wait::timeout_ns_from_env();
   const int blocks = check_blocks(num_blocks);
   // 16-byte packs need every row start (x, out, biases: multiples of hidden elements) 16-byte aligned.

@@ -44,7 +44,7 @@ import torch
 
 from .bench import HEAD_US, StepTimer, import_pyplot, random_routing, resolve_defaults, save_plot, write_report
 from .bench_ll import ll_routing
-from .bench_normal import FP8_BYTES_FACTOR, KNOB_DEFAULTS, WARMUP
+from .bench_normal import FP8_BYTES_FACTOR, KNOB_DEFAULTS, WARMUP, knob_variants
 from .comm import per_token_group_quant_fp8
 from .comm.backends.intranode import IntranodeKnobs, intranode_size_hint
 
@@ -257,10 +257,6 @@ def _resolve(args: argparse.Namespace) -> dict:
     opts = resolve_defaults(args, NORMAL_DEFAULTS)
     if not 2 <= args.ranks <= 8:
         raise SystemExit(f"--ranks must be in [2, 8], got {args.ranks}")
-    for key, allowed in IntranodeKnobs.ALLOWED.items():
-        bad = [v for v in getattr(args, key) if v not in allowed]
-        if bad:
-            raise SystemExit(f"--{key.replace('_', '-')}: each value must be one of {allowed}, got {bad}")
     bad_sms = [n for n in args.sms if n < 2 or n % 2]
     if bad_sms:
         raise SystemExit(f"--sms: every SM count must be even and >= 2, got {bad_sms}")
@@ -268,7 +264,7 @@ def _resolve(args: argparse.Namespace) -> dict:
     if opts["experts"] % args.ranks or experts % args.ranks:
         raise SystemExit(f"--experts must be divisible by --ranks {args.ranks}")
     opts.update(ranks=args.ranks, sms=list(args.sms), seed=args.seed, out=args.out, skip=args.skip,
-                variants={k: [v for v in getattr(args, k) if v != KNOB_DEFAULTS[k]] for k in IntranodeKnobs.ALLOWED},
+                variants=knob_variants(args),
                 sweep=sorted(set(args.sweep or LL_DEFAULTS["sweep"])), ll_experts=experts,
                 ll_iters=args.iters or LL_DEFAULTS["iters"])
     return opts
@@ -285,10 +281,10 @@ def _print(report: dict) -> None:
         verdict = "PASS" if normal["check"]["pass"] else "FAIL"
         print(f"normal: {s['tokens']} tokens/rank, hidden {s['hidden']}, top-{s['top_k']} of {s['experts']}; "
               f"check {verdict} (max abs err {normal['check']['max_abs_err']:.3g})")
-        print(f"{'op':<24}{'SMs':>5}{'unroll':>7}{'rows':>6}{'send':>6}{'µs (max)':>12}{'GB/s (min)':>12}")
+        print(f"{'op':<24}{'SMs':>5}{'unroll':>7}{'rows':>6}{'send':>6}{'csend':>7}{'µs (max)':>12}{'GB/s (min)':>12}")
         for r in normal["rows"]:
             print(f"{r['op']:<24}{r['sms']:>5}{r['unroll']:>7}{r['chunk_rows']:>6}{r['send_warps']:>6}"
-                  f"{r['us']:>12.1f}{r['gbps']:>12.1f}")
+                  f"{r['combine_send_warps']:>7}{r['us']:>12.1f}{r['gbps']:>12.1f}")
     ll = report.get("ll")
     if ll:
         s = ll["settings"]

@@ -50,6 +50,12 @@ FP8_BYTES_FACTOR = (1 + 4 / 128) / 2   # FP8 payload + float32 scale per 128 ele
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 8 << 20}
 # The intranode kernels' tuning knobs (IntranodeKnobs: the engine's, set alike on every rank).
 KNOB_DEFAULTS = {name: getattr(IntranodeKnobs(), name) for name in IntranodeKnobs.ALLOWED}
+# The variants each knob's option sweeps by default (the default value among them is skipped).
+KNOB_VARIANTS = (("unroll", (4, 8, 16), "16-byte vectors in flight per lane in the copies"),
+                 ("chunk_rows", (4, 8, 16), "rows per flag"),
+                 ("send_warps", (4, 6, 8), "dispatch sender warps per 16-warp block"),
+                 ("combine_send_warps", (2, 4, 6), "combine sender warps per 16-warp block"))
+assert {key for key, _, _ in KNOB_VARIANTS} == set(IntranodeKnobs.ALLOWED), "every knob needs its option"
 OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed", "combine_bf16")
 
 
@@ -65,15 +71,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nvl-bytes", type=int, default=None,
                        help="Buffer num_nvl_bytes (default: 2e9 or the largest config's hint on GPUs, 0 on CPU)")
     group.add_argument("--seed", type=int, default=0, help="routing and data seed (rank r uses seed + r)")
-    group.add_argument("--unroll", type=int_list, default=[4, 16],
-                       help="extra 16-byte vectors-in-flight variants of the copies (IntranodeKnobs.unroll), "
-                            "timed at 12 and 24 SMs beside the default 8 (default 4,16; the kernels accept 4, 8, 16)")
-    group.add_argument("--chunk-rows", type=int_list, default=[4, 16],
-                       help="extra rows-per-flag variants (IntranodeKnobs.chunk_rows), timed at 12 and 24 SMs "
-                            "beside the default 8 (default 4,16; the kernels accept 4, 8, 16, 32, 64)")
-    group.add_argument("--send-warps", type=int_list, default=[2, 6, 8, 12],
-                       help="extra sender-warps-per-block variants (IntranodeKnobs.send_warps, of 16), timed at "
-                            "12 and 24 SMs beside the default 4 (default 2,6,8,12; the kernels accept 2, 4, 6, 8, 12)")
+    for key, values, what in KNOB_VARIANTS:
+        allowed = ", ".join(map(str, IntranodeKnobs.ALLOWED[key]))
+        group.add_argument(f"--{key.replace('_', '-')}", type=int_list, default=list(values),
+                           help=f"{what} (IntranodeKnobs.{key}) variants timed at 12 and 24 SMs beside the default "
+                                f"{KNOB_DEFAULTS[key]} (default {','.join(map(str, values))}, the default itself "
+                                f"skipped; the kernels accept {allowed})")
+
+
+def knob_variants(args: argparse.Namespace) -> dict[str, list[int]]:
+    """Each knob's variants from its option, checked, the default value left out."""
+    variants = {}
+    for key, allowed in IntranodeKnobs.ALLOWED.items():
+        values = getattr(args, key)
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise SystemExit(f"--{key.replace('_', '-')}: each value must be one of {allowed}, got {bad}")
+        variants[key] = [v for v in values if v != KNOB_DEFAULTS[key]]
+    return variants
 
 
 def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
@@ -87,13 +102,7 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
         raise SystemExit(f"--chunks: every chunk must be in [1, {NVL_RECV_CHUNK}), got {args.chunks}")
     if opts["top_k"] > opts["experts"]:
         raise SystemExit(f"--top-k {opts['top_k']} exceeds --experts {opts['experts']}")
-    variants = {}
-    for key, allowed in IntranodeKnobs.ALLOWED.items():
-        values = getattr(args, key)
-        bad = [v for v in values if v not in allowed]
-        if bad:
-            raise SystemExit(f"--{key.replace('_', '-')}: each value must be one of {allowed}, got {bad}")
-        variants[key] = [v for v in values if v != KNOB_DEFAULTS[key]]
+    variants = knob_variants(args)
     opts.update(sms=list(args.sms), chunks=list(args.chunks) if args.chunks else [None], nvl_bytes=args.nvl_bytes,
                 seed=args.seed, out=args.out, variants=variants)
     return opts
@@ -301,10 +310,11 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
     }
 
 
-def _line(op: str, sms, chunk, us: float, gbps: float, unroll=None, chunk_rows=None, send_warps=None) -> str:
+def _line(op: str, sms, chunk, us: float, gbps: float, unroll=None, chunk_rows=None, send_warps=None,
+          combine_send_warps=None) -> str:
     dash = lambda v: "-" if v is None else v  # noqa: E731
     return (f"{op:<26}{dash(sms):>5}{dash(chunk):>7}{dash(unroll):>7}{dash(chunk_rows):>6}{dash(send_warps):>6}"
-            f"{us:>12.1f}{gbps:>12.1f}")
+            f"{dash(combine_send_warps):>7}{us:>12.1f}{gbps:>12.1f}")
 
 
 def _print(report: dict) -> None:
@@ -317,10 +327,10 @@ def _print(report: dict) -> None:
         print(report["buffer_backend_describe"])
     print(f"correctness (combine of dispatched x == x * ranks reached): {verdict} "
           f"(max abs err {report['correctness']['max_abs_err']:.3g})")
-    print(f"{'op':<26}{'SMs':>5}{'chunk':>7}{'unroll':>7}{'rows':>6}{'send':>6}{'µs (max)':>12}{'GB/s (min)':>12}")
+    print(f"{'op':<26}{'SMs':>5}{'chunk':>7}{'unroll':>7}{'rows':>6}{'send':>6}{'csend':>7}{'µs (max)':>12}{'GB/s (min)':>12}")
     for row in report["rows"]:
         print(_line(row["op"], row["sms"], row["chunk"], row["us"], row["gbps"], row.get("unroll"),
-                    row.get("chunk_rows"), row.get("send_warps")))
+                    row.get("chunk_rows"), row.get("send_warps"), row.get("combine_send_warps")))
     for rank, steps in enumerate(report["breakdown_per_rank"]):
         if steps:
             print(f"rank {rank} steps at {steps['sms']} SMs (GPU µs): " + "; ".join(

@@ -69,13 +69,18 @@ class IntranodeKnobs:
     the protocol, so every rank of a group must use the same (the engine checks at construction;
     whoever changes them later, as the benchmark does, changes them alike on every rank)."""
 
-    unroll: int = 8        # 16-byte vectors in flight per lane in the copies
-    chunk_rows: int = 8    # rows per flag: smaller chunks start receivers sooner, each costs a fence
-    send_warps: int = 4    # of each block's 16 warps; the others receive (dispatch) or reduce (combine)
+    # Defaults from the loopback benchmark (one H200, 2 ranks, 24 SMs, 2026-11-29): dispatch wants
+    # more senders (each sent row is one copy, each received row one or two) than combine, whose
+    # reducers read two ranks' rows per token.
+    unroll: int = 8              # 16-byte vectors in flight per lane in the copies
+    chunk_rows: int = 4          # rows per flag: smaller chunks start receivers sooner, each costs a fence
+    send_warps: int = 6          # dispatch: of each block's 16 warps; the others receive
+    combine_send_warps: int = 4  # combine: of each block's 16 warps; the others reduce
 
-    ALLOWED = {"unroll": (4, 8, 16), "chunk_rows": (4, 8, 16, 32, 64), "send_warps": (2, 4, 6, 8, 12)}
+    ALLOWED = {"unroll": (4, 8, 16), "chunk_rows": (4, 8, 16, 32, 64), "send_warps": (2, 4, 6, 8, 12),
+               "combine_send_warps": (2, 4, 6, 8, 12)}
     ENV = {"unroll": "MOE_EP_INTRANODE_UNROLL", "chunk_rows": "MOE_EP_INTRANODE_CHUNK_ROWS",
-           "send_warps": "MOE_EP_INTRANODE_SEND_WARPS"}
+           "send_warps": "MOE_EP_INTRANODE_SEND_WARPS", "combine_send_warps": "MOE_EP_INTRANODE_COMBINE_SEND_WARPS"}
 
     def __post_init__(self) -> None:
         for name, allowed in self.ALLOWED.items():
@@ -96,8 +101,9 @@ class IntranodeKnobs:
                     raise ValueError(f"{var} must be one of {cls.ALLOWED[name]}, got {raw!r}") from None
         return cls(**values)
 
-    def astuple(self) -> tuple[int, int, int]:
-        return (self.unroll, self.chunk_rows, self.send_warps)
+    def astuple(self) -> tuple[int, int, int, int]:
+        """(unroll, chunk_rows, send_warps, combine_send_warps): what the kernels' launchers take."""
+        return (self.unroll, self.chunk_rows, self.send_warps, self.combine_send_warps)
 
 
 @dataclass
@@ -135,9 +141,9 @@ class IntranodeEngine:
         gathered: list = [None] * num_ranks
         dist.all_gather_object(gathered, (int(num_nvl_bytes), knobs.astuple()), group=group)
         if len({tuple(k) for _, k in gathered}) > 1:
-            raise ValueError("the ranks of the group set different intranode knobs (unroll, chunk_rows, send_warps): "
-                             f"{[tuple(k) for _, k in gathered]}; set MOE_EP_INTRANODE_UNROLL / _CHUNK_ROWS / "
-                             "_SEND_WARPS alike on every rank")
+            raise ValueError("the ranks of the group set different intranode knobs (unroll, chunk_rows, send_warps, "
+                             f"combine_send_warps): {[tuple(k) for _, k in gathered]}; set MOE_EP_INTRANODE_UNROLL / "
+                             "_CHUNK_ROWS / _SEND_WARPS / _COMBINE_SEND_WARPS alike on every rank")
         # Small host-side agreements (num_worst_tokens) go over the group's own backend.
         nccl = "nccl" in str(dist.get_backend(group)).lower()
         self._setup(group, rank, num_ranks, device, int(num_nvl_bytes), ipc, min(int(n) for n, _ in gathered), knobs,
