@@ -25,6 +25,10 @@ CUDA modules load eagerly here (``CUDA_MODULE_LOADING=EAGER``, set before CUDA s
 loaded lazily at its first launch may wait for the whole device, while a peer's kernel waits for
 this rank.
 
+The routed dispatch has a host wait; after it the GPU idles while the rank's thread runs Python,
+and the rank threads share one interpreter lock (handed over every 50 µs here): its figure holds
+that contention, which ranks in separate processes do not have.
+
 Timing: each iteration, the threads meet (host barrier, a device synchronize), then each enqueues a
 GPU delay and a device barrier of the ranks (``IpcBuffer.barrier``) on its stream, so the ranks'
 calls start together on the GPU with the host ahead; CUDA events around each call; medians over
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import threading
 from typing import Callable, Optional
 
@@ -52,6 +57,7 @@ NORMAL_DEFAULTS = dict(tokens=4096, hidden=7168, experts=256, top_k=8, iters=20)
 LL_DEFAULTS = dict(experts=288, sweep=(1, 32, 128), iters=50)
 LL_CHECK_TOL = 2e-2     # bf16 rows summed over up to top-k experts, relative to the row scale
 COPY_BYTES = 1 << 30
+SWITCH_INTERVAL_S = 5e-5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +74,9 @@ class ThreadRanks:
         self.streams = [torch.cuda.Stream(device) for _ in range(num_ranks)]
         self.barrier = threading.Barrier(num_ranks)
         self.cycles_per_us = StepTimer._calibrate()
+        # The rank threads share one interpreter lock: hand it over often, so a rank whose host wait
+        # returned does not sit for the default 5 ms while another rank's thread runs Python.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     def run(self, body: Callable[[int], object]) -> list:
         """``body(rank)`` on every rank's thread at once; re-raises the first rank's error."""
