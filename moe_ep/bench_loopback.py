@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loopback")
     group.add_argument("--ranks", type=int, default=2, help="loopback: ranks as threads on the one GPU (default 2)")
     group.add_argument("--skip", choices=("normal", "ll"), default=None, help="loopback: leave one family out")
+    group.add_argument("--profile", action="store_true",
+                       help="loopback: per-kernel GPU time of the low-latency calls (torch.profiler) at each --sweep point")
 
 
 class ThreadRanks:
@@ -229,6 +231,7 @@ def _ll(ranks: ThreadRanks, opts: dict) -> dict:
         return out
 
     per_rank = ranks.run(body)
+    profile = _ll_profile(ranks, engines, ll_opts, m) if opts["profile"] else {}
     rows = []
     for i, first in enumerate(per_rank[0]["rows"]):
         mine = [r["rows"][i] for r in per_rank]
@@ -242,7 +245,47 @@ def _ll(ranks: ThreadRanks, opts: dict) -> dict:
                          "combine": "BF16"},
             "check": {"pass": all(c["pass"] for c in checks), "max_rel_err": max(c["rel_err"] for c in checks),
                       "what": "BF16 dispatch, combine of the received rows == x * sum of the valid weights"},
-            "rows": rows}
+            "rows": rows, "profile": profile}
+
+
+PROFILE_ITERS = 20
+
+
+def _ll_profile(ranks: ThreadRanks, engines: list, opts: dict, m: int) -> dict:
+    """Per-kernel GPU µs (mean per call, both ranks' kernels pooled) of FP8 dispatch + BF16 combine
+    at each sweep point, from torch.profiler's CUDA activity: which kernel the microseconds are in.
+    A receive kernel's time includes its wait for the peer's send."""
+    from torch.profiler import ProfilerActivity, profile
+
+    experts = opts["experts"]
+    device = ranks.device
+    result = {}
+    for tokens in opts["sweep"]:
+        def body(rank: int, tokens: int = tokens) -> None:
+            engine = engines[rank]
+            x, topk_idx, topk_weights = ll_routing(opts, tokens, rank, device)
+            num_ranks = ranks.num_ranks
+            expert_out = torch.randn((experts // num_ranks, num_ranks * m, opts["hidden"]), device=device)
+            expert_out = expert_out.to(torch.bfloat16)
+            state: dict = {}
+
+            def dispatch() -> None:
+                state["handle"] = engine.dispatch(x, topk_idx, m, experts, None, True, False, False, False)[2]
+
+            def combine() -> None:
+                engine.combine(expert_out, topk_idx, topk_weights, state["handle"], None, False)
+
+            ranks.time_steps(rank, engine.ipc, [dispatch, combine], PROFILE_ITERS, 0)
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ranks.run(body)
+        kernels = {}
+        for event in prof.key_averages():
+            device_us = getattr(event, "self_device_time_total", 0.0) or getattr(event, "self_cuda_time_total", 0.0)
+            if event.count and device_us > 0 and "sleep" not in event.key.lower():
+                kernels[event.key[:60]] = {"calls": event.count, "us_per_call": device_us / event.count}
+        result[str(tokens)] = kernels
+    return result
 
 
 def _copy_rate(device: torch.device, iters: int) -> dict:
@@ -272,7 +315,7 @@ def _resolve(args: argparse.Namespace) -> dict:
     experts = args.experts or LL_DEFAULTS["experts"]
     if opts["experts"] % args.ranks or experts % args.ranks:
         raise SystemExit(f"--experts must be divisible by --ranks {args.ranks}")
-    opts.update(ranks=args.ranks, sms=list(args.sms), seed=args.seed, out=args.out, skip=args.skip,
+    opts.update(profile=args.profile, ranks=args.ranks, sms=list(args.sms), seed=args.seed, out=args.out, skip=args.skip,
                 variants=knob_variants(args),
                 sweep=sorted(set(args.sweep or LL_DEFAULTS["sweep"])), ll_experts=experts,
                 ll_iters=args.iters or LL_DEFAULTS["iters"])
@@ -305,6 +348,10 @@ def _print(report: dict) -> None:
         for r in ll["rows"]:
             print(f"{r['tokens']:>8}{r['dispatch_us']:>14.1f}{r['combine_us']:>14.1f}"
                   f"{r['dispatch_us'] + r['combine_us']:>10.1f}")
+        for tokens, kernels in ll.get("profile", {}).items():
+            print(f"profile at {tokens} tokens/rank (GPU µs per call, both ranks pooled; a receive waits for the peer):")
+            for name, k in sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_call"] * kv[1]["calls"]):
+                print(f"  {name:<60}{k['calls']:>6}{k['us_per_call']:>10.1f}")
     print(flush=True)
 
 
