@@ -324,7 +324,11 @@ __device__ void block_exclusive_scan(int* data, int n) {
   __syncthreads();
 }
 
-constexpr int64_t kPieceBytes = 4096;  // rows are copied in pieces of about this size, one per warp
+constexpr int64_t kPieceBytes = 4096;
+// Combine: a warp item covers kSlices x 256 columns of one token; the send keeps kRowBatch of its
+// rows in flight per lane (kRowBatch x kSlices 16-byte loads), the receive every rank's partial sum.
+constexpr int kSlices = 4;
+constexpr int kRowBatch = 3;  // rows are copied in pieces of about this size, one per warp
 
 // The largest i in [0, n) with prefix[i] <= value (prefix non-decreasing, prefix[0] <= value): the
 // entry whose rows hold row `value` (entries without rows share their prefix with the next one).
@@ -423,6 +427,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a)
         const int q = __ffs(hits) - 1;
         const int64_t pair = static_cast<int64_t>(s) * L.m + token;
         a.routing[L.ws_token_rows + pair * L.num_topk + q] = static_cast<int>(static_cast<int64_t>(l) * slots + idx);
+        // Where the source stores this row's weight at combine ((l, s, j), as the combine's phase 1).
+        a.routing[L.ws_token_wslots + pair * L.num_topk + q] = (l * R + s) * L.m + j;
         if (q == 0) {
           a.routing[L.ws_token_count + pair] = n;
           a.routing[L.ws_owners + atomicAdd(a.routing + L.ws_num_owners, 1)] = static_cast<int>(pair);
@@ -469,7 +475,7 @@ __device__ __forceinline__ int pair_rank(const CombineArgs& a, int64_t p, int me
 
 // Two phases. As a source, this rank stores its tokens' top-k weights into every expert rank's
 // weight area (4 bytes per row) and raises a weight flag there (block 0). As an expert rank,
-// once every source's weights are in, one warp per (owner, 256 columns) sums weight x expert output
+// once every source's weights are in, one warp per (owner, kSlices x 256 columns) sums weight x expert output
 // over the owner's rows here in k order, in float32, and stores that partial sum into the owner's
 // source at [this rank][token]: a token crosses back once per rank, not once per expert. The last
 // block to finish publishes "all partial sums are back" to every source.
@@ -514,53 +520,72 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
   }
   __syncthreads();
   const int num_owners = *reinterpret_cast<const volatile int*>(a.routing + L.ws_num_owners);
+  // An item is (owner, kSlices x 256 columns): the owner's rows and weights are looked up once per
+  // item (lane q holds row q), then kRowBatch rows x kSlices vectors per lane are in flight at once.
   const int slices = (L.hidden + 255) / 256;  // 32 lanes x 8 columns
-  const int64_t items = static_cast<int64_t>(num_owners) * slices;
+  const int groups = (slices + kSlices - 1) / kSlices;
+  const int64_t items = static_cast<int64_t>(num_owners) * groups;
   const int64_t warp = gtid / 32;
   const int64_t num_warps = grid_threads / 32;
   const auto* weights = reinterpret_cast<const float*>(own + L.off_cweights);
   const auto* x = static_cast<const __nv_bfloat16*>(a.x);
   for (int64_t item = warp; item < items; item += num_warps) {
-    const int owner = a.routing[L.ws_owners + item / slices];
-    const int64_t col = (item % slices) * 256 + lane * 8;
-    if (col >= L.hidden) continue;  // hidden % 8 == 0: a lane's 8 columns are all in or all out
+    const int owner = a.routing[L.ws_owners + item / groups];
+    const int64_t col0 = (item % groups) * kSlices * 256 + lane * 8;
     const int s = owner / M;
     const int t = owner % M;
     const int n = a.routing[L.ws_token_count + owner];
-    const int* rows = a.routing + L.ws_token_rows + static_cast<int64_t>(owner) * K;
-    float acc[8];
+    // Lane q < K: the owner's row q here and where its weight is (entries past n are stale).
+    int my_row = 0;
+    int my_wslot = 0;
+    if (lane < K) {
+      my_row = a.routing[L.ws_token_rows + static_cast<int64_t>(owner) * K + lane];
+      my_wslot = a.routing[L.ws_token_wslots + static_cast<int64_t>(owner) * K + lane];
+    }
+    const float my_w = lane < n ? __ldcg(weights + my_wslot) : 0.0f;
+    float acc[kSlices][8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    constexpr int kBatch = 8;  // rows in flight per lane; the sum keeps the k order
-    for (int q0 = 0; q0 < n; q0 += kBatch) {
-      int row[kBatch];
+    for (int v = 0; v < kSlices; ++v) {
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) row[u] = q0 + u < n ? rows[q0 + u] : -1;
-      float w[kBatch];
-      uint4 raw[kBatch];
+      for (int i = 0; i < 8; ++i) acc[v][i] = 0.0f;
+    }
+    for (int q0 = 0; q0 < n; q0 += kRowBatch) {  // n <= K <= 32; the sum keeps the k order
+      uint4 raw[kRowBatch][kSlices];
+      float w[kRowBatch];
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        w[u] = 0.0f;
-        raw[u] = make_uint4(0u, 0u, 0u, 0u);
-        if (row[u] < 0) continue;
-        const int l = static_cast<int>(row[u] / slots);
-        const int idx = static_cast<int>(row[u] % slots);
-        const int j = idx - static_cast<int>(a.layout_range[static_cast<int64_t>(l) * R + s] >> 32);
-        w[u] = __ldcg(weights + (static_cast<int64_t>(l) * R + s) * M + j);
-        raw[u] = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row[u]) * L.hidden + col);
+      for (int u = 0; u < kRowBatch; ++u) {
+        const int q = q0 + u;
+        const int row = __shfl_sync(kFullWarp, my_row, q & 31);
+        w[u] = __shfl_sync(kFullWarp, my_w, q & 31);
+#pragma unroll
+        for (int v = 0; v < kSlices; ++v) {
+          const int64_t col = col0 + v * 256;
+          raw[u][v] = q < n && col < L.hidden
+                          ? *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row) * L.hidden + col)
+                          : make_uint4(0u, 0u, 0u, 0u);
+        }
       }
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        if (row[u] < 0) continue;
-        const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw[u]);
+      for (int u = 0; u < kRowBatch; ++u) {
+        if (q0 + u >= n) break;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] += w[u] * __bfloat162float(v[i]);
+        for (int v = 0; v < kSlices; ++v) {
+          const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw[u][v]);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[v][i] += w[u] * __bfloat162float(h[i]);
+        }
       }
     }
-    float4* dst = reinterpret_cast<float4*>(buffer_of(a.peers, s, a.data_offset) + L.off_carea +
-                                            ((static_cast<int64_t>(me) * M + t) * L.hidden + col) * 4);
-    dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    float* dst_row = reinterpret_cast<float*>(buffer_of(a.peers, s, a.data_offset) + L.off_carea) +
+                     (static_cast<int64_t>(me) * M + t) * L.hidden;
+#pragma unroll
+    for (int v = 0; v < kSlices; ++v) {
+      const int64_t col = col0 + v * 256;
+      if (col >= L.hidden) break;  // hidden % 8 == 0: a lane's 8 columns are all in or all out
+      float4* dst = reinterpret_cast<float4*>(dst_row + col);
+      dst[0] = make_float4(acc[v][0], acc[v][1], acc[v][2], acc[v][3]);
+      dst[1] = make_float4(acc[v][4], acc[v][5], acc[v][6], acc[v][7]);
+    }
   }
   // The last block to finish publishes "all partial sums are back" to every source, and clears
   // the weight flags every block has waited for.
@@ -580,8 +605,9 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
 }
 
 // ------------------------------------------------------------------------------ combine recv
-// Waits for every rank's flag, then one warp per (token, 256 columns) sums the partial sums of the
-// ranks the token went to, in rank order, in float32, and casts; the last block resets the flags.
+// Waits for every rank's flag, then one warp per (token, kSlices x 256 columns) sums the partial
+// sums of the ranks the token went to, in rank order, in float32, and casts; the last block resets
+// the flags.
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   const LLLayout& L = a.layout;
   const int me = a.peers.rank;
@@ -598,14 +624,15 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   }
   __syncthreads();
   const int slices = (L.hidden + 255) / 256;
-  const int64_t items = static_cast<int64_t>(a.num_tokens) * slices;
+  const int groups = (slices + kSlices - 1) / kSlices;
+  const int64_t items = static_cast<int64_t>(a.num_tokens) * groups;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarps;
   const auto* area = reinterpret_cast<const float*>(own + L.off_carea);
   auto* out = static_cast<__nv_bfloat16*>(a.out);
   for (int64_t item = warp; item < items; item += num_warps) {
-    const int64_t t = item / slices;
-    const int64_t col = (item % slices) * 256 + lane * 8;
+    const int64_t t = item / groups;
+    const int64_t col0 = (item % groups) * kSlices * 256 + lane * 8;
     // The ranks this token has rows on (lane k looks at entry k), as a bit mask: two warp OR
     // reductions (ranks 0-31, 32-63) per 32 entries.
     unsigned long long ranks = 0;
@@ -616,23 +643,39 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
       const unsigned hi = __reduce_or_sync(kFullWarp, static_cast<unsigned>(bit >> 32));
       ranks |= (static_cast<unsigned long long>(hi) << 32) | lo;
     }
-    if (col >= L.hidden) continue;  // hidden % 8 == 0: a lane's 8 columns are all in or all out
-    float acc[8];
+    float acc[kSlices][8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    for (unsigned long long m = ranks; m != 0; m &= m - 1) {
-      const int d = __ffsll(static_cast<long long>(m)) - 1;
-      const float4* src = reinterpret_cast<const float4*>(area + (static_cast<int64_t>(d) * L.m + t) * L.hidden + col);
-      const float4 v0 = __ldcg(src);
-      const float4 v1 = __ldcg(src + 1);
-      acc[0] += v0.x; acc[1] += v0.y; acc[2] += v0.z; acc[3] += v0.w;
-      acc[4] += v1.x; acc[5] += v1.y; acc[6] += v1.z; acc[7] += v1.w;
+    for (int v = 0; v < kSlices; ++v) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[v][i] = 0.0f;
     }
-    uint4 packed;
-    __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&packed);
+    for (unsigned long long m = ranks; m != 0; m &= m - 1) {  // ranks in order
+      const int d = __ffsll(static_cast<long long>(m)) - 1;
+      const float* src = area + (static_cast<int64_t>(d) * L.m + t) * L.hidden;
+      float4 part[kSlices][2];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16_rn(acc[i]);
-    *reinterpret_cast<uint4*>(out + t * L.hidden + col) = packed;
+      for (int v = 0; v < kSlices; ++v) {
+        const int64_t col = col0 + v * 256;
+        const bool in = col < L.hidden;
+        part[v][0] = in ? __ldcg(reinterpret_cast<const float4*>(src + col)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        part[v][1] = in ? __ldcg(reinterpret_cast<const float4*>(src + col) + 1) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int v = 0; v < kSlices; ++v) {
+        acc[v][0] += part[v][0].x; acc[v][1] += part[v][0].y; acc[v][2] += part[v][0].z; acc[v][3] += part[v][0].w;
+        acc[v][4] += part[v][1].x; acc[v][5] += part[v][1].y; acc[v][6] += part[v][1].z; acc[v][7] += part[v][1].w;
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < kSlices; ++v) {
+      const int64_t col = col0 + v * 256;
+      if (col >= L.hidden) break;  // hidden % 8 == 0: a lane's 8 columns are all in or all out
+      uint4 packed;
+      __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&packed);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16_rn(acc[v][i]);
+      *reinterpret_cast<uint4*>(out + t * L.hidden + col) = packed;
+    }
   }
   // The last block resets the flags every block has waited for.
   __shared__ bool last;
@@ -704,7 +747,8 @@ LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_
   l.buffer_bytes = (l.off_carea + carea + 127) / 128 * 128;
   const int64_t slots = static_cast<int64_t>(num_ranks) * m;
   l.ws_token_rows = 0;
-  l.ws_token_count = l.ws_token_rows + slots * num_topk;
+  l.ws_token_wslots = l.ws_token_rows + slots * num_topk;
+  l.ws_token_count = l.ws_token_wslots + slots * num_topk;
   l.ws_owners = l.ws_token_count + slots;
   l.ws_num_owners = l.ws_owners + slots;
   l.ws_ints = l.ws_num_owners + 1;
@@ -755,7 +799,8 @@ void launch_combine_send(const CombineArgs& args, int num_sms, cudaStream_t stre
 void launch_combine_recv(const CombineArgs& args, int num_sms, cudaStream_t stream) {
   check_layout(args.layout, args.peers);
   const int slices = (args.layout.hidden + 255) / 256;
-  combine_recv_kernel<<<grid_for(args.num_tokens * slices, kWarps, num_sms), kThreads, 0, stream>>>(args);
+  const int groups = (slices + kSlices - 1) / kSlices;
+  combine_recv_kernel<<<grid_for(args.num_tokens * groups, kWarps, num_sms), kThreads, 0, stream>>>(args);
   cuda_check(cudaGetLastError(), "low_latency combine_recv_kernel launch");
 }
 

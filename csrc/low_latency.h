@@ -81,9 +81,11 @@ struct LLLayout {
   int64_t off_dtokens = 0;
   int64_t off_cweights = 0;
   int64_t off_carea = 0;
-  // Routing workspace (int32 elements): token_rows [R * M * K], token_count [R * M], owners
-  // [R * M], num_owners [1].
+  // Routing workspace (int32 elements): token_rows [R * M * K], token_wslots [R * M * K] (where
+  // each of those rows' weight lands in the weight area), token_count [R * M], owners [R * M],
+  // num_owners [1].
   int64_t ws_token_rows = 0;
+  int64_t ws_token_wslots = 0;
   int64_t ws_token_count = 0;
   int64_t ws_owners = 0;
   int64_t ws_num_owners = 0;
