@@ -130,8 +130,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
   const int p1 = t1 * K;
   const int pairs = a.num_tokens * K;
   for (int e = tid; e < E; e += kThreads) total[e] = before[e] = 0;
-  // The receive kernel of this dispatch (later on the stream) counts its owners from zero.
+  // The receive kernel of this dispatch (later on the stream) counts its owners from zero, and
+  // reads (as the combine does) the mask this send used, whatever the live one becomes meanwhile.
   if (blockIdx.x == 0 && tid == 0) a.routing[L.ws_num_owners] = 0;
+  if (blockIdx.x == 0 && a.mask_snapshot != nullptr && tid < L.num_ranks) {
+    a.mask_snapshot[tid] = a.mask != nullptr ? a.mask[tid] : 0;
+  }
   __syncthreads();
   for (int p = tid; p < pairs; p += kThreads) {
     const int64_t e = __ldg(a.topk_idx + p);

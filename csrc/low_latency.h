@@ -103,6 +103,8 @@ struct DispatchArgs {
   const int64_t* topk_idx;        // [T, K]
   int num_tokens;
   const int* mask;                // [R] int32, 1 = masked rank (may be null); the same on every rank
+  int* mask_snapshot;             // send: where block 0 copies `mask` for the recv and the combine
+                                  // (null: none); the recv reads the snapshot, not the live mask
   bool round_scale;
   bool use_ue8m0;
   int* counts_e;                  // [E] this rank's rows per global expert (statistics, tests)

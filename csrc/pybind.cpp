@@ -253,7 +253,8 @@ void check_routing(const at::Tensor& routing, const ll::LLLayout& layout, const 
 }
 
 void ll_dispatch(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, int64_t m, int64_t buffer_index,
-                 const at::Tensor& x, const at::Tensor& topk_idx, const std::optional<at::Tensor>& mask, bool use_fp8,
+                 const at::Tensor& x, const at::Tensor& topk_idx, const std::optional<at::Tensor>& mask,
+                 const std::optional<at::Tensor>& mask_snapshot, bool use_fp8,
                  bool round_scale, bool use_ue8m0, const at::Tensor& counts_e, const at::Tensor& pair_pos,
                  const at::Tensor& send_done, const at::Tensor& recv_x, const std::optional<at::Tensor>& recv_scales, const at::Tensor& recv_count,
                  const at::Tensor& src_info, const at::Tensor& layout_range, const std::optional<at::Tensor>& stats,
@@ -272,6 +273,11 @@ void ll_dispatch(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, i
   a.topk_idx = topk_idx.data_ptr<int64_t>();
   a.num_tokens = static_cast<int>(x.size(0));
   a.mask = ptr_or_null<const int>(mask, buffer, "mask");
+  a.mask_snapshot = ptr_or_null<int>(mask_snapshot, buffer, "mask_snapshot");
+  if (mask.has_value() && mask_snapshot.has_value()) {
+    TORCH_CHECK_VALUE(mask->numel() == mask_snapshot->numel() && mask_snapshot->scalar_type() == at::kInt,
+                      "mask_snapshot must be int32 with as many elements as mask");
+  }
   a.round_scale = round_scale;
   a.use_ue8m0 = use_ue8m0;
   a.counts_e = static_cast<int*>(counts_e.data_ptr());
@@ -292,7 +298,12 @@ void ll_dispatch(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, i
   const c10::cuda::CUDAGuard guard(x.device());
   const int sms = static_cast<int>(num_sms);
   if (send) ll::launch_dispatch_send(a, sms, stream_of(buffer));
-  if (recv) ll::launch_dispatch_recv(a, sms, stream_of(buffer));
+  if (recv) {
+    ll::DispatchArgs r = a;  // the receive reads the mask the send used
+    if (a.mask_snapshot != nullptr) r.mask = a.mask_snapshot;
+    r.mask_snapshot = nullptr;
+    ll::launch_dispatch_recv(r, sms, stream_of(buffer));
+  }
 }
 
 void ll_combine(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, int64_t m, int64_t buffer_index,
@@ -433,7 +444,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("ll_dispatch", &ll_dispatch, pybind11::arg("buffer"), pybind11::arg("send"), pybind11::arg("recv"),
         pybind11::arg("num_experts"), pybind11::arg("m"), pybind11::arg("buffer_index"), pybind11::arg("x"),
-        pybind11::arg("topk_idx"), pybind11::arg("mask"), pybind11::arg("use_fp8"), pybind11::arg("round_scale"),
+        pybind11::arg("topk_idx"), pybind11::arg("mask"), pybind11::arg("mask_snapshot"), pybind11::arg("use_fp8"),
+        pybind11::arg("round_scale"),
         pybind11::arg("use_ue8m0"), pybind11::arg("counts_e"), pybind11::arg("pair_pos"),
         pybind11::arg("send_done"), pybind11::arg("recv_x"),
         pybind11::arg("recv_scales"), pybind11::arg("recv_count"), pybind11::arg("src_info"),

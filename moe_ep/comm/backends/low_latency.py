@@ -224,14 +224,14 @@ class LowLatencyEngine:
         result.use_fp8, result.num_topk, result.num_tokens = use_fp8, num_topk, x.shape[0]
         x = _aligned(x)
         topk_idx = topk_idx.contiguous()
-        result.mask.copy_(self.mask)  # the combine of this dispatch uses the same mask
-        mask = result.mask
+        # The send kernel copies the live mask into result.mask (no separate copy on the stream): the
+        # receive and this dispatch's combine use that snapshot, whatever the live mask becomes.
 
         def launch(send: bool, recv: bool) -> None:
-            self.ext.ll_dispatch(self.ipc, send, recv, num_experts, m, b, x, topk_idx, mask, use_fp8, round_scale,
-                                 use_ue8m0, result.counts_e, result.pair_pos, result.send_done, result.data, result.scales,
-                                 result.recv_count, result.src_info, result.layout_range, recv_stats, result.routing,
-                                 self.num_sms)
+            self.ext.ll_dispatch(self.ipc, send, recv, num_experts, m, b, x, topk_idx, self.mask, result.mask, use_fp8,
+                                 round_scale, use_ue8m0, result.counts_e, result.pair_pos, result.send_done, result.data,
+                                 result.scales, result.recv_count, result.src_info, result.layout_range, recv_stats,
+                                 result.routing, self.num_sms)
 
         handle = (result.src_info, result.layout_range, m, hidden, num_experts)
         recv_x = self._views(result, hidden, use_fp8, use_ue8m0)
