@@ -276,8 +276,9 @@ __device__ __forceinline__ RowExtras load_extras(const uint8_t* scale_src, int64
   return e;
 }
 
-// Stores what load_extras loaded; `local` maps an input id to the receiver's view (the sender's
-// and the own-row paths localize, the peer-row path stores what the sender localized).
+// Stores what load_extras loaded; with `localize` an input id becomes the receiver's local id, or
+// -1 with weight 0 (the sender's and the own-row paths; the peer-row path stores what the sender
+// localized).
 __device__ __forceinline__ void store_extras(const RowExtras& e, uint8_t* scale_dst, int64_t scale_bytes,
                                              bool scale_vectors, int64_t* out_idx, float* out_weights, int K,
                                              bool localize, int64_t first_expert, int num_local, int lane) {

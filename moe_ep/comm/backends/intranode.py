@@ -158,6 +158,8 @@ class IntranodeEngine:
         own stream. No torch.distributed group: ``num_worst_tokens`` is not checked across ranks."""
         _check_engine_args(device, num_nvl_bytes)
         _check_num_ranks(num_ranks)
+        if knobs is not None and not isinstance(knobs, IntranodeKnobs):
+            raise TypeError(f"knobs must be an IntranodeKnobs or None, got {type(knobs).__name__}")
         ipcs, regions = adopt_in_process(num_ranks, device, int(num_nvl_bytes))
         engines = []
         for rank, ipc in enumerate(ipcs):
