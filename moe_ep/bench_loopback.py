@@ -360,6 +360,7 @@ def bench_loopback(args: argparse.Namespace) -> None:
     # Before CUDA starts: a kernel loaded lazily at its first launch may wait for the whole device
     # while a peer's kernel waits for this rank (moe_ep.comm.ipc.adopt_in_process checks).
     os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+    opts = _resolve(args)  # bad options are reported on any machine
     if not torch.cuda.is_available():
         raise SystemExit("loopback needs a CUDA GPU (its ranks are threads on one GPU); none is visible")
     try:
@@ -367,7 +368,6 @@ def bench_loopback(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise SystemExit(f"loopback needs the CUDA extension moe_ep._C ({exc}); build it with "
                          "`python3 setup.py build_ext --inplace`") from exc
-    opts = _resolve(args)
     os.makedirs(opts["out"], exist_ok=True)
     device = torch.device("cuda", torch.cuda.current_device())
     ranks = ThreadRanks(opts["ranks"], device)

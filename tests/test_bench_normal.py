@@ -34,6 +34,16 @@ def test_loopback_without_gpu_says_why():
     assert "loopback needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("args,message", [(["--ranks", "1"], "--ranks must be in [2, 8], got 1"),
+                                          (["--sms", "7"], "--sms: every SM count must be even"),
+                                          (["--send-warps", "5"], "--send-warps: each value must be one of"),
+                                          (["--experts", "255"], "--experts must be divisible by --ranks 2")])
+def test_loopback_names_a_bad_option(args, message):
+    proc = _bench(["loopback", "--out", "/nonexistent-never-written", *args])
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+
+
 def test_normal_cpu_smoke(tmp_path):
     proc = _bench(["normal", "--out", str(tmp_path), "--tokens", "64", "--hidden", "256", "--experts", "16",
                    "--top-k", "4", "--sms", "4,8", "--chunks", "6", "--iters", "2"])
