@@ -40,19 +40,22 @@ __device__ __forceinline__ void warp_copy_vectors(uint8_t* dst, const uint8_t* s
   }
 }
 
+// Rows that are not 16-byte aligned (odd hidden sizes; FP8 rows and their scales are) take a
+// one-vector-per-round loop: unrolled narrow paths beside the 16-byte one cost every caller
+// registers, and ptxas spilled the transfer kernel for them (296 bytes at U = 8; none without).
 template <int U = kUnroll>
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t nbytes, int lane) {
   const uint64_t bits = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | static_cast<uint64_t>(nbytes);
   if (bits % 16 == 0) {
     warp_copy_vectors<uint4, U>(dst, src, nbytes, lane);
   } else if (bits % 8 == 0) {
-    warp_copy_vectors<uint2>(dst, src, nbytes, lane);
+    warp_copy_vectors<uint2, 1>(dst, src, nbytes, lane);
   } else if (bits % 4 == 0) {
-    warp_copy_vectors<unsigned int>(dst, src, nbytes, lane);
+    warp_copy_vectors<unsigned int, 1>(dst, src, nbytes, lane);
   } else if (bits % 2 == 0) {
-    warp_copy_vectors<unsigned short>(dst, src, nbytes, lane);
+    warp_copy_vectors<unsigned short, 1>(dst, src, nbytes, lane);
   } else {
-    warp_copy_vectors<unsigned char>(dst, src, nbytes, lane);
+    warp_copy_vectors<unsigned char, 1>(dst, src, nbytes, lane);
   }
 }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +82,44 @@ def test_every_cu_file_compiles_with_nvcc(tmp_path, name, flags):
     failures = [(src, rc, log) for src, rc, log in results if rc != 0]
     report = "\n\n".join(f"--- {os.path.relpath(src, REPO_ROOT)} ({name}): exit {rc}\n{log}" for src, rc, log in failures)
     assert not failures, f"{len(failures)} of {len(sources)} csrc/*.cu files failed to compile:\n{report}"
+
+
+# Kernels that must compile without register spills for sm_90 (local-memory traffic in their copy
+# loops): the intranode transfer at the default unroll and every low-latency kernel. A spill here
+# once came from unrolled narrow-copy paths that only odd row sizes take (csrc/device_copy.cuh).
+SPILL_FREE = {"intranode.cu": ("transfer_kernel<8>",),
+              "low_latency.cu": ("dispatch_send_kernel", "dispatch_recv_kernel", "combine_send_kernel",
+                                 "combine_recv_kernel")}
+
+
+def _spills(nvcc: str, source: str, out_dir: str) -> dict[str, tuple[int, int]]:
+    """{demangled kernel name: (spill store bytes, spill load bytes)} from ptxas -v."""
+    _, rc, log = _compile(nvcc, source, out_dir, ["-arch=sm_90", "-Xptxas", "-v"])
+    assert rc == 0, log
+    found, current = {}, None
+    for line in log.splitlines():
+        entry = re.search(r"Compiling entry function '(\S+)'", line)
+        if entry:
+            current = entry.group(1)
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if spill and current:
+            found[current] = (int(spill.group(1)), int(spill.group(2)))
+            current = None
+    names = subprocess.run(["c++filt"], input="\n".join(found), capture_output=True, text=True).stdout.split("\n")
+    return {name: value for name, value in zip(names, found.values())}
+
+
+@pytest.mark.parametrize("source", sorted(SPILL_FREE))
+def test_hot_kernels_do_not_spill_registers(tmp_path, source):
+    nvcc = _find_nvcc()
+    if nvcc is None or shutil.which("c++filt") is None:
+        pytest.skip(f"needs nvcc and c++filt (kernel names): nvcc={nvcc}, c++filt={shutil.which('c++filt')}")
+    spills = _spills(nvcc, os.path.join(CSRC, source), str(tmp_path))
+    for kernel in SPILL_FREE[source]:
+        matches = {name: value for name, value in spills.items() if kernel in name}
+        assert matches, f"{kernel} not found among the kernels ptxas compiled from {source}: {sorted(spills)}"
+        for name, (stores, loads) in matches.items():
+            assert (stores, loads) == (0, 0), f"{name} spills {stores} bytes (stores) / {loads} (loads) for sm_90"
 
 
 def test_nvshmem_runtime_links_against_the_host_library_alone(tmp_path):
