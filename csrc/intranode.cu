@@ -298,7 +298,7 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
                 const int* __restrict__ rank_prefix_matrix, int G, bool cached, int* recv_src_idx,
                 uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales, int64_t* __restrict__ recv_topk_idx,
                 float* __restrict__ recv_topk_weights, int64_t num_rows, int num_local, int send_warps,
-                uint64_t timeout_ns) {
+                bool skip_peer_copy, uint64_t timeout_ns) {
   const int R = peers.num_ranks;
   const int me = peers.rank;
   const int F = kFlagSlots / R;
@@ -405,6 +405,7 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
     }
     const wait::WaitSite site{"intranode_dispatch", "chunk_flag[src]", me, s, timeout_ns};
     warp_wait_flag(own_flags + static_cast<int64_t>(s) * F + k, seq, site, lane);
+    if (skip_peer_copy) continue;  // diagnostic (see launch_transfer): the peer's rows stay unwritten
     const int64_t buffer_row0 = row0 - (s > me ? recv_rows[me] : 0);
     for (int i = 0; i < n; ++i) {
       const int64_t row = row0 + i;
@@ -794,7 +795,7 @@ void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_to
                      const int* rank_prefix_matrix, int64_t max_pair_rows, bool cached, int* recv_src_idx,
                      void* recv_x, void* recv_scales, int64_t* recv_topk_idx, float* recv_topk_weights,
                      int64_t num_rows, int num_local_experts, const Knobs& knobs, int num_blocks,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, bool skip_peer_copy) {
   check_peers(peers);
   check_knobs(knobs);
   if (num_rows > INT32_MAX) throw std::invalid_argument("moe_ep intranode: too many received rows");
@@ -810,7 +811,7 @@ void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_to
         peers, layout, num_tokens, static_cast<const uint8_t*>(x), static_cast<const uint8_t*>(scales), topk_idx,
         topk_weights, send_lists, rank_prefix_matrix, G, cached, recv_src_idx, static_cast<uint8_t*>(recv_x),
         static_cast<uint8_t*>(recv_scales), recv_topk_idx, recv_topk_weights, num_rows, num_local_experts, send_warps,
-        timeout_ns);
+        skip_peer_copy, timeout_ns);
   });
   cuda_check(cudaGetLastError(), "intranode transfer_kernel launch");
 }

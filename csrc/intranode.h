@@ -152,12 +152,15 @@ void launch_notify(const Peers& peers, bool with_counts, int64_t num_tokens, con
 // padding after them: zeros, ids -1, source 0). x, scales ([T] rows), topk_idx / topk_weights
 // ([T, K], null when the layout has K = 0) are this rank's inputs; send_lists [R, T] from notify
 // (or the cached handle). recv_src_idx is read (cached: given, only padding untouched) or written.
+// skip_peer_copy is a diagnostic, never set by a Buffer: receivers wait for every peer chunk but do
+// not copy it out, so the outputs' peer rows are left unwritten; the loopback benchmark's
+// --isolate rows use it to measure what the copy-out pass costs.
 void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_tokens, const void* x,
                      const void* scales, const int64_t* topk_idx, const float* topk_weights, const int* send_lists,
                      const int* rank_prefix_matrix, int64_t max_pair_rows, bool cached, int* recv_src_idx,
                      void* recv_x, void* recv_scales, int64_t* recv_topk_idx, float* recv_topk_weights,
                      int64_t num_rows, int num_local_experts, const Knobs& knobs, int num_blocks,
-                     cudaStream_t stream);
+                     cudaStream_t stream, bool skip_peer_copy = false);
 
 // combine: out[t] = cast(sum over ranks r in order with is_token_in_rank[t, r] of the row rank r
 // received as (this rank, send_slot[t, r]) + bias0[t] + bias1[t]); out_weights[t] likewise

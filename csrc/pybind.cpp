@@ -177,7 +177,8 @@ void intranode_transfer(IpcBuffer& buffer, const at::Tensor& x, const std::optio
                         bool cached, const at::Tensor& recv_src_idx, const at::Tensor& recv_x,
                         const std::optional<at::Tensor>& recv_scales, const std::optional<at::Tensor>& recv_topk_idx,
                         const std::optional<at::Tensor>& recv_topk_weights, int64_t num_local_experts,
-                        const std::tuple<int64_t, int64_t, int64_t, int64_t>& knobs, int64_t num_sms) {
+                        const std::tuple<int64_t, int64_t, int64_t, int64_t>& knobs, int64_t num_sms,
+                        bool skip_peer_copy) {
   check_on_buffer(x, buffer, "x");
   check_on_buffer(recv_x, buffer, "recv_x");
   check_on_buffer(recv_src_idx, buffer, "recv_src_idx");
@@ -199,7 +200,7 @@ void intranode_transfer(IpcBuffer& buffer, const at::Tensor& x, const std::optio
                       ptr_or_null<int64_t>(recv_topk_idx, buffer, "recv_topk_idx"),
                       ptr_or_null<float>(recv_topk_weights, buffer, "recv_topk_weights"), recv_x.size(0),
                       static_cast<int>(num_local_experts), knobs_of(knobs), static_cast<int>(num_sms),
-                      stream_of(buffer));
+                      stream_of(buffer), skip_peer_copy);
 }
 
 void intranode_combine(IpcBuffer& buffer, const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
@@ -425,7 +426,8 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("rank_prefix_matrix"), pybind11::arg("max_pair_rows"), pybind11::arg("cached"),
         pybind11::arg("recv_src_idx"), pybind11::arg("recv_x"), pybind11::arg("recv_scales"),
         pybind11::arg("recv_topk_idx"), pybind11::arg("recv_topk_weights"), pybind11::arg("num_local_experts"),
-        pybind11::arg("knobs"), pybind11::arg("num_sms"));
+        pybind11::arg("knobs"), pybind11::arg("num_sms"), pybind11::arg("skip_peer_copy") = false,
+        "skip_peer_copy: a diagnostic (the loopback benchmark's --isolate): peer rows are waited for, not copied");
   m.def("intranode_combine", &intranode_combine, pybind11::arg("buffer"), pybind11::arg("x"),
         pybind11::arg("topk_weights"), pybind11::arg("is_token_in_rank"), pybind11::arg("send_slot"),
         pybind11::arg("rank_prefix_matrix"), pybind11::arg("stride_rows"), pybind11::arg("num_topk"),

@@ -14,6 +14,10 @@ one GPU would time-slice instead). A store to a "peer" lands in this GPU's HBM, 
   an R-th of the SMs per rank (a receive kernel on every SM could leave no room for a peer's send
   kernel on the one GPU), fewer than a rank has alone.
 
+``--isolate`` adds cached FP8/BF16 dispatch rows (``*_no_copy_out``) at every ``--sms`` with the
+receivers' copy-out of the peers' rows left out (``IntranodeEngine.diagnostic_skip_peer_copy``;
+their outputs are not valid): beside the full rows, what that pass costs at each SM count.
+
 Normal calls (``IntranodeEngine``), at the peer's settings (4096 tokens/rank, hidden 7168, top-8 of
 256), for every ``--sms`` and each knob variant (``--unroll``, ``--chunk-rows``, ``--send-warps``) at
 12 and 24 SMs: cached FP8 and BF16 dispatch, routed BF16 dispatch, BF16 combine. GB/s counted as
@@ -64,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loopback")
     group.add_argument("--ranks", type=int, default=2, help="loopback: ranks as threads on the one GPU (default 2)")
     group.add_argument("--skip", choices=("normal", "ll"), default=None, help="loopback: leave one family out")
+    group.add_argument("--isolate", action="store_true",
+                       help="loopback: also time the cached dispatches with the receivers' copy-out pass left out "
+                            "(a diagnostic: outputs not valid) at every --sms, to show what that pass costs")
     group.add_argument("--profile", action="store_true",
                        help="loopback: per-kernel GPU time of the low-latency calls (torch.profiler) at each --sweep point")
 
@@ -175,6 +182,17 @@ def _normal(ranks: ThreadRanks, opts: dict) -> dict:
             for op, (fn, nbytes) in ops.items():
                 ms = ranks.time_steps(rank, engine.ipc, [fn], opts["iters"], WARMUP)[0]
                 rows.append({"op": op, "sms": sms, **knobs, "ms": ms, "bytes": nbytes})
+        if opts["isolate"]:  # the copy-out pass left out: a diagnostic, last, so no valid output is needed after
+            engine.knobs, engine.diagnostic_skip_peer_copy = IntranodeKnobs(**KNOB_DEFAULTS), True
+            try:
+                for sms in opts["sms"]:
+                    engine.num_sms = sms
+                    for op in ("dispatch_fp8", "dispatch_bf16"):
+                        fn, nbytes = ops[op]
+                        ms = ranks.time_steps(rank, engine.ipc, [fn], opts["iters"], WARMUP)[0]
+                        rows.append({"op": f"{op}_no_copy_out", "sms": sms, **KNOB_DEFAULTS, "ms": ms, "bytes": nbytes})
+            finally:
+                engine.diagnostic_skip_peer_copy = False
         return {"rows": rows, "max_abs_err": err, "pass": bool(torch.allclose(combined.float(), expected, rtol=1e-2,
                                                                                 atol=1e-2))}
 
@@ -315,7 +333,7 @@ def _resolve(args: argparse.Namespace) -> dict:
     experts = args.experts or LL_DEFAULTS["experts"]
     if opts["experts"] % args.ranks or experts % args.ranks:
         raise SystemExit(f"--experts must be divisible by --ranks {args.ranks}")
-    opts.update(profile=args.profile, ranks=args.ranks, sms=list(args.sms), seed=args.seed, out=args.out, skip=args.skip,
+    opts.update(profile=args.profile, isolate=args.isolate, ranks=args.ranks, sms=list(args.sms), seed=args.seed, out=args.out, skip=args.skip,
                 variants=knob_variants(args),
                 sweep=sorted(set(args.sweep or LL_DEFAULTS["sweep"])), ll_experts=experts,
                 ll_iters=args.iters or LL_DEFAULTS["iters"])

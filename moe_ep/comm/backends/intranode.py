@@ -182,6 +182,9 @@ class IntranodeEngine:
         self._agreed_worst_tokens: set[int] = set()
         # Set to a list to record (step, start event, end event) per step: the benchmark's breakdown.
         self.profile: Optional[list] = None
+        # A diagnostic for the loopback benchmark only (its --isolate rows): receivers wait for the
+        # peers' rows but do not copy them out, leaving them unwritten. Never set by a Buffer.
+        self.diagnostic_skip_peer_copy = False
         self._collective_device = collective_device
 
     # ---------------------------------------------------------------- helpers
@@ -284,7 +287,7 @@ class IntranodeEngine:
             self.ext.intranode_transfer(self.ipc, x_data, scales, topk_idx, topk_weights, send_lists,
                                         rank_prefix_matrix, max(int(stride_rows), 1), cached, recv_src_idx, recv_x,
                                         recv_scales, recv_topk_idx, recv_topk_weights, num_local,
-                                        self.knobs.astuple(), sms)
+                                        self.knobs.astuple(), sms, self.diagnostic_skip_peer_copy)
         out_x = (recv_x, recv_scales) if is_fp8 else recv_x
         if cached:
             return out_x, None, None, None, None
