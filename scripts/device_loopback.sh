@@ -3,6 +3,8 @@
 # engine tests, optionally the low-latency GPU tests, then `python -m moe_ep.bench loopback` (ranks
 # as threads on the one GPU: the kernels' speed with the link taken out).
 #   STAGES=build,intranode_tests,tests,bench,ll_tests (in this order; default build,tests,bench)
+# Next single-GPU call (about 6 minutes): every stage, BENCH_ARGS="--isolate --profile": the GPU tests
+# after the spill fix and the --isolate diagnostic, then what the receivers' copy-out costs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"

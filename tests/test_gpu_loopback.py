@@ -98,16 +98,26 @@ def intranode_case(num_ranks: int, hidden: int) -> None:
         x, topk_idx, weights = data[rank]
         _, per_expert, in_rank = layouts[rank]
         recv_x, _, _, counts, handle = engine.dispatch(x, None, in_rank, per_expert, topk_idx, weights, 1, 0, experts)
+        # The loopback's --isolate diagnostic (peer rows waited for, not copied) must leave the
+        # protocol intact: own rows still right, and the calls after it exact again.
+        engine.diagnostic_skip_peer_copy = True
+        try:
+            partial = engine.dispatch(x, handle, None, None, None, None, 1, 0, experts)[0].clone()
+        finally:
+            engine.diagnostic_skip_peer_copy = False
         cached = engine.dispatch(x, handle, None, None, None, None, 1, 0, experts)[0]
         combined, _ = engine.combine(recv_x, handle, None, [])
-        return recv_x.clone(), cached.clone(), list(counts), combined.clone()
+        return recv_x.clone(), cached.clone(), list(counts), combined.clone(), partial
 
     results = ranks.run(body)
     local = experts // num_ranks
-    for rank, (recv_x, cached, counts, combined) in enumerate(results):
+    for rank, (recv_x, cached, counts, combined, partial) in enumerate(results):
         expected = torch.cat([data[src][0][layouts[src][2][:, rank]] for src in range(num_ranks)])
         assert torch.equal(recv_x, expected), f"rank {rank}: received rows differ"
         assert torch.equal(cached, expected), f"rank {rank}: cached dispatch rows differ"
+        start = sum(int(layouts[src][2][:, rank].sum()) for src in range(rank))  # rows come in source order
+        own = slice(start, start + int(layouts[rank][2][:, rank].sum()))
+        assert torch.equal(partial[own], expected[own]), f"rank {rank}: own rows differ with the peer copy left out"
         idx = torch.cat([data[src][1] for src in range(num_ranks)])
         mine = idx[(idx >= rank * local) & (idx < (rank + 1) * local)] - rank * local
         assert counts == torch.bincount(mine, minlength=local).tolist(), f"rank {rank}: expert counts"
