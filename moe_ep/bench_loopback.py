@@ -68,9 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loopback")
     group.add_argument("--ranks", type=int, default=2, help="loopback: ranks as threads on the one GPU (default 2)")
     group.add_argument("--skip", choices=("normal", "ll"), default=None, help="loopback: leave one family out")
-    group.add_argument("--isolate", action="store_true",
-                       help="loopback: also time the cached dispatches with the receivers' copy-out pass left out "
-                            "(a diagnostic: outputs not valid) at every --sms, to show what that pass costs")
     group.add_argument("--profile", action="store_true",
                        help="loopback: per-kernel GPU time of the low-latency calls (torch.profiler) at each --sweep point")
 

@@ -8,7 +8,10 @@ experts, seeded), for every SM count of ``--sms`` and chunk size of ``--chunks``
 * ``dispatch_fp8``, ``dispatch_bf16``: cached dispatch (``handle=``), which is what DeepEP's test
   times; ``dispatch_bf16_routed``: a dispatch from the layout (routing exchange and top-k carried
   along), which is what each MoE layer of a forward pass pays;
-* ``combine_bf16``: the dispatched BF16 rows combined with their handle.
+* ``combine_bf16``: the dispatched BF16 rows combined with their handle;
+* with ``--isolate`` (intranode kernels only), ``dispatch_fp8_no_copy_out`` and
+  ``dispatch_bf16_no_copy_out``: the cached dispatches with the receivers' copy-out of the peers'
+  rows left out, at every SM count: a diagnostic of what that pass costs (outputs not valid).
 
 Reference rows, not the Buffer: ``all_to_all_single`` of the BF16 dispatch's bytes with the same
 per-rank split sizes, and the copy ceiling (GPU r -> GPU (r+1) % R on every rank at once; one GPU:
@@ -71,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nvl-bytes", type=int, default=None,
                        help="Buffer num_nvl_bytes (default: 2e9 or the largest config's hint on GPUs, 0 on CPU)")
     group.add_argument("--seed", type=int, default=0, help="routing and data seed (rank r uses seed + r)")
+    group.add_argument("--isolate", action="store_true",
+                       help="normal and loopback: also time the cached dispatches with the receivers' copy-out of "
+                            "peer rows left out (a diagnostic of the intranode kernels: outputs not valid) at every "
+                            "--sms, to show what that pass costs")
     for key, values, what in KNOB_VARIANTS:
         allowed = ", ".join(map(str, IntranodeKnobs.ALLOWED[key]))
         group.add_argument(f"--{key.replace('_', '-')}", type=int_list, default=list(values),
@@ -103,7 +110,8 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
     if opts["top_k"] > opts["experts"]:
         raise SystemExit(f"--top-k {opts['top_k']} exceeds --experts {opts['experts']}")
     variants = knob_variants(args)
-    opts.update(sms=list(args.sms), chunks=list(args.chunks) if args.chunks else [None], nvl_bytes=args.nvl_bytes,
+    opts.update(isolate=args.isolate, sms=list(args.sms), chunks=list(args.chunks) if args.chunks else [None],
+                nvl_bytes=args.nvl_bytes,
                 seed=args.seed, out=args.out, variants=variants)
     return opts
 
@@ -170,9 +178,20 @@ def _sweep(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle
                 ms = timer(fn, iters, WARMUP, group)
                 rows.append({"op": op, "sms": num_sms, "chunk": cfg.num_max_nvl_chunked_send_tokens, **knobs,
                              "ms": ms, "bytes": nbytes})
+        if opts["isolate"] and engine is not None:  # a diagnostic, last: its outputs are not valid
+            engine.knobs, engine.diagnostic_skip_peer_copy = IntranodeKnobs(**KNOB_DEFAULTS), True
+            for num_sms in opts["sms"]:
+                Buffer.set_num_sms(num_sms)
+                calls = _calls(buffer, opts, x, topk_idx, topk_weights, layout, handle, recv_x, num_sms, None)
+                for op in ("dispatch_fp8", "dispatch_bf16"):
+                    fn, nbytes, cfg = calls[op]
+                    ms = timer(fn, iters, WARMUP, group)
+                    rows.append({"op": f"{op}_no_copy_out", "sms": num_sms, "chunk": cfg.num_max_nvl_chunked_send_tokens,
+                                 **KNOB_DEFAULTS, "ms": ms, "bytes": nbytes})
     finally:
         if engine is not None:
             engine.knobs = IntranodeKnobs(**KNOB_DEFAULTS)
+            engine.diagnostic_skip_peer_copy = False
     return rows
 
 
@@ -298,7 +317,9 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
         "ops": {"dispatch_fp8": "cached dispatch (handle=) of (x_fp8, 1x128 scales), as DeepEP's test times it",
                 "dispatch_bf16": "cached dispatch (handle=) of bf16 x, as DeepEP's test times it",
                 "dispatch_bf16_routed": "dispatch from the layout, top-k carried along (what each layer pays)",
-                "combine_bf16": "combine of the dispatched bf16 rows with their handle"},
+                "combine_bf16": "combine of the dispatched bf16 rows with their handle",
+                "*_no_copy_out": "(--isolate) the cached dispatch with the receivers' copy-out of peer rows left out: "
+                                 "a diagnostic of what that pass costs, outputs not valid"},
         "recv_rows_per_rank": [g["recv_rows"] for g in gathered],
         "correctness": {"pass": all(c["pass"] for c in checks), "max_abs_err": max(c["max_abs_err"] for c in checks),
                         "what": "combine(dispatch(x)) == x * ranks the token went to (bf16 tolerance)"},

@@ -3,7 +3,7 @@
 # 10-minute limit:  STAGES=build,bench_normal,bench_ll,profile_ll  then  STAGES=ll_tests,nccl_experimental
 # (intranode_tests and ll_new ran on one shared GPU already: scripts/device_intranode.sh).
 #   intranode_tests    every intranode GPU test (ranks on both GPUs) but the sanitizer runs
-#   bench_normal       the push-based intranode kernels over the SM sweep and every knob's variants
+#   bench_normal       the push-based intranode kernels over the SM sweep, every knob's variants and --isolate
 #   ll_new             the low-latency tests written after their last GPU run (out-of-range ids, staged send)
 #   bench_ll           the ll benchmark, direct and staged FP8 send
 #   profile_ll         per-kernel device time of the low-latency calls (scripts/profile_ll.py)
@@ -28,7 +28,7 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
   fi
   if has bench_normal; then
     stage "bench normal (push-based intranode kernels)"
-    timeout -k 10 ${NORMAL_S:-150} python3 -m moe_ep.bench normal --out "$OUT" 2>&1 | grep -v "^moe_ep: using"
+    timeout -k 10 ${NORMAL_S:-150} python3 -m moe_ep.bench normal --isolate --out "$OUT" 2>&1 | grep -v "^moe_ep: using"
   fi
   if has ll_new; then
     stage "LL tests written after the last GPU run: out-of-range ids, staged send"
