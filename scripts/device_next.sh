@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The 2-GPU checks left open (see the closing notes), in bounded stages; two calls fit the device's
-# 10-minute limit:  STAGES=build,bench_normal,bench_ll,profile_ll  then  STAGES=ll_tests,nccl_experimental
-# (intranode_tests and ll_new ran on one shared GPU already: scripts/device_intranode.sh).
+# The 2-GPU checks left open (see the closing notes), in bounded stages; three calls fit the device's
+# 10-minute limit (each starts with build: a machine released between calls keeps nothing):
+#   A  STAGES=build,bench_normal,bench_ll,profile_ll
+#   B  STAGES=build,intranode_tests,ll_tests       (the spill fix and --isolate are GPU-tested only here)
+#   C  STAGES=build,nccl_experimental
+# (scripts/device_loopback.sh is the one-GPU counterpart: tests with ranks sharing the GPU, the loopback.)
 #   intranode_tests    every intranode GPU test (ranks on both GPUs) but the sanitizer runs
 #   bench_normal       the push-based intranode kernels over the SM sweep, every knob's variants and --isolate
 #   ll_new             the low-latency tests written after their last GPU run (out-of-range ids, staged send)
