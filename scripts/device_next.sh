@@ -26,8 +26,8 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
   fi
   if has intranode_tests; then
     stage "intranode GPU tests"
-    MOE_EP_TIMEOUT_S=30 timeout -k 10 ${INTRANODE_S:-200} python3 -m pytest -q -m "gpu and not slow" \
-      tests/test_cuda_intranode.py tests/test_gpu_buffer_streams.py 2>&1 | tail -12
+    MOE_EP_TIMEOUT_S=30 timeout -k 10 ${INTRANODE_S:-240} python3 -m pytest -q -m "gpu and not slow" \
+      tests/test_cuda_intranode.py tests/test_gpu_buffer_streams.py tests/test_gpu_loopback.py 2>&1 | tail -12
   fi
   if has bench_normal; then
     stage "bench normal (push-based intranode kernels)"
