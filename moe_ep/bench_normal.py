@@ -158,8 +158,8 @@ def _calls(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle
 
 def _sweep(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle, recv_x, timer) -> list[dict]:
     """Every op at every (SMs, chunk) with the default knobs, then each knob's variants (--unroll,
-    --chunk-rows, --send-warps) at 12 and 24 SMs when the intranode kernels run (every rank sets
-    the same ones): rows of this rank's median ms and bytes."""
+    --chunk-rows, --send-warps, --combine-send-warps) at 12 and 24 SMs when the intranode kernels
+    run (every rank sets the same ones), then the --isolate rows: this rank's median ms and bytes."""
     group, iters = buffer.group, opts["iters"]
     engine = getattr(buffer.backend, "intranode", None)
     variant_sms = [sms for sms in (12, 24) if sms in opts["sms"]] if engine is not None else []
