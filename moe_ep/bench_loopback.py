@@ -51,9 +51,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .bench import HEAD_US, StepTimer, import_pyplot, random_routing, resolve_defaults, save_plot, write_report
+from .bench import (HEAD_US, StepTimer, import_pyplot, merge_rows, random_routing, resolve_defaults, save_plot,
+                    write_report)
 from .bench_ll import ll_routing
-from .bench_normal import FP8_BYTES_FACTOR, KNOB_DEFAULTS, WARMUP, knob_variants
+from .bench_normal import FP8_BYTES_FACTOR, KNOB_DEFAULTS, WARMUP, check_sms, knob_variants
 from .comm import per_token_group_quant_fp8
 from .comm.backends.intranode import IntranodeKnobs, intranode_size_hint
 
@@ -194,12 +195,7 @@ def _normal(ranks: ThreadRanks, opts: dict) -> dict:
                                                                                 atol=1e-2))}
 
     per_rank = ranks.run(body)
-    rows = []
-    for i, first in enumerate(per_rank[0]["rows"]):
-        mine = [r["rows"][i] for r in per_rank]
-        rows.append({k: v for k, v in first.items() if k not in ("ms", "bytes")}
-                    | {"us": max(r["ms"] for r in mine) * 1e3,
-                       "gbps": min(r["bytes"] / (r["ms"] * 1e-3) / 1e9 for r in mine)})
+    rows = merge_rows([r["rows"] for r in per_rank])
     del engines
     torch.cuda.empty_cache()
     return {"settings": {k: opts[k] for k in ("tokens", "hidden", "experts", "top_k", "iters")} | {"nvl_bytes": hint},
@@ -209,6 +205,21 @@ def _normal(ranks: ThreadRanks, opts: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ low latency
+def _ll_steps(engine, x, topk_idx, topk_weights, m: int, experts: int) -> list[Callable[[], None]]:
+    """The timed pair: FP8 dispatch, then BF16 combine of random expert outputs with its handle."""
+    R = engine.num_ranks
+    expert_out = torch.randn((experts // R, R * m, x.shape[1]), device=x.device).to(torch.bfloat16)
+    state: dict = {}
+
+    def dispatch() -> None:
+        state["handle"] = engine.dispatch(x, topk_idx, m, experts, None, True, False, False, False)[2]
+
+    def combine() -> None:
+        engine.combine(expert_out, topk_idx, topk_weights, state["handle"], None, False)
+
+    return [dispatch, combine]
+
+
 def _ll(ranks: ThreadRanks, opts: dict) -> dict:
     from .comm.backends.low_latency import LowLatencyEngine, ll_size_hint
 
@@ -232,16 +243,8 @@ def _ll(ranks: ThreadRanks, opts: dict) -> dict:
             expected = x.float() * torch.where(topk_idx >= 0, topk_weights, 0).sum(1, keepdim=True)
             err = ((combined.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
             out["checks"].append({"tokens": tokens, "rel_err": err, "pass": err <= LL_CHECK_TOL})
-            expert_out = torch.randn(recv.shape, device=device).to(torch.bfloat16)
-            state: dict = {}
-
-            def dispatch() -> None:
-                state["handle"] = engine.dispatch(x, topk_idx, m, experts, None, True, False, False, False)[2]
-
-            def combine() -> None:
-                engine.combine(expert_out, topk_idx, topk_weights, state["handle"], None, False)
-
-            d_ms, c_ms = ranks.time_steps(rank, engine.ipc, [dispatch, combine], opts["ll_iters"], WARMUP)
+            steps = _ll_steps(engine, x, topk_idx, topk_weights, m, experts)
+            d_ms, c_ms = ranks.time_steps(rank, engine.ipc, steps, opts["ll_iters"], WARMUP)
             out["rows"].append({"tokens": tokens, "dispatch_ms": d_ms, "combine_ms": c_ms})
         return out
 
@@ -279,18 +282,8 @@ def _ll_profile(ranks: ThreadRanks, engines: list, opts: dict, m: int) -> dict:
         def body(rank: int, tokens: int = tokens) -> None:
             engine = engines[rank]
             x, topk_idx, topk_weights = ll_routing(opts, tokens, rank, device)
-            num_ranks = ranks.num_ranks
-            expert_out = torch.randn((experts // num_ranks, num_ranks * m, opts["hidden"]), device=device)
-            expert_out = expert_out.to(torch.bfloat16)
-            state: dict = {}
-
-            def dispatch() -> None:
-                state["handle"] = engine.dispatch(x, topk_idx, m, experts, None, True, False, False, False)[2]
-
-            def combine() -> None:
-                engine.combine(expert_out, topk_idx, topk_weights, state["handle"], None, False)
-
-            ranks.time_steps(rank, engine.ipc, [dispatch, combine], PROFILE_ITERS, 0)
+            ranks.time_steps(rank, engine.ipc, _ll_steps(engine, x, topk_idx, topk_weights, m, experts),
+                             PROFILE_ITERS, 0)
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             ranks.run(body)
@@ -324,9 +317,7 @@ def _resolve(args: argparse.Namespace) -> dict:
     opts = resolve_defaults(args, NORMAL_DEFAULTS)
     if not 2 <= args.ranks <= 8:
         raise SystemExit(f"--ranks must be in [2, 8], got {args.ranks}")
-    bad_sms = [n for n in args.sms if n < 2 or n % 2]
-    if bad_sms:
-        raise SystemExit(f"--sms: every SM count must be even and >= 2, got {bad_sms}")
+    check_sms(args.sms)
     experts = args.experts or LL_DEFAULTS["experts"]
     if opts["experts"] % args.ranks or experts % args.ranks:
         raise SystemExit(f"--experts must be divisible by --ranks {args.ranks}")

@@ -86,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 f"skipped; the kernels accept {allowed})")
 
 
+def check_sms(sms: list[int]) -> None:
+    """--sms: every count even and >= 2 (the kernels' SM counts, as DeepEP's Config takes them)."""
+    bad = [n for n in sms if n < 2 or n % 2]
+    if bad:
+        raise SystemExit(f"--sms: every SM count must be even and >= 2, got {bad}")
+
+
 def knob_variants(args: argparse.Namespace) -> dict[str, list[int]]:
     """Each knob's variants from its option, checked, the default value left out."""
     variants = {}
@@ -102,9 +109,7 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
     """Options for the ranks: unset sizes take the peer's settings on GPUs, tiny ones on CPU."""
     defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
     opts = resolve_defaults(args, defaults)
-    bad_sms = [n for n in args.sms if n < 2 or n % 2]
-    if bad_sms:
-        raise SystemExit(f"--sms: every SM count must be even and >= 2 (a sender and a receiver per channel), got {bad_sms}")
+    check_sms(args.sms)
     if args.chunks and any(not 1 <= c < NVL_RECV_CHUNK for c in args.chunks):
         raise SystemExit(f"--chunks: every chunk must be in [1, {NVL_RECV_CHUNK}), got {args.chunks}")
     if opts["top_k"] > opts["experts"]:
