@@ -20,7 +20,7 @@ their outputs are not valid): beside the full rows, what that pass costs at each
 
 Normal calls (``IntranodeEngine``), at the peer's settings (4096 tokens/rank, hidden 7168, top-8 of
 256), for every ``--sms`` and each knob variant (``--unroll``, ``--chunk-rows``, ``--send-warps``,
-``--combine-send-warps``) at 12 and 24 SMs: cached FP8 and BF16 dispatch, routed BF16 dispatch, BF16 combine. GB/s counted as
+``--combine-send-warps``, ``--staged-vectors``) at 12 and 24 SMs: cached FP8 and BF16 dispatch, routed BF16 dispatch, BF16 combine. GB/s counted as
 ``bench normal`` counts it (rows received incl. local x hidden x 2; FP8 x (1+4/128)/2).
 Low-latency calls (``LowLatencyEngine``) over ``--sweep`` tokens per rank (default 1, 32, 128; 288
 experts): FP8 dispatch and BF16 combine, µs.
@@ -54,7 +54,7 @@ import torch
 from .bench import (HEAD_US, StepTimer, import_pyplot, merge_rows, random_routing, resolve_defaults, save_plot,
                     write_report)
 from .bench_ll import ll_routing
-from .bench_normal import FP8_BYTES_FACTOR, KNOB_DEFAULTS, WARMUP, check_sms, knob_variants
+from .bench_normal import FP8_BYTES_FACTOR, KNOB_DEFAULTS, KNOB_HEADER, WARMUP, check_sms, knob_cells, knob_variants
 from .comm import per_token_group_quant_fp8
 from .comm.backends.intranode import IntranodeKnobs, intranode_size_hint
 
@@ -339,10 +339,9 @@ def _print(report: dict) -> None:
         verdict = "PASS" if normal["check"]["pass"] else "FAIL"
         print(f"normal: {s['tokens']} tokens/rank, hidden {s['hidden']}, top-{s['top_k']} of {s['experts']}; "
               f"check {verdict} (max abs err {normal['check']['max_abs_err']:.3g})")
-        print(f"{'op':<24}{'SMs':>5}{'unroll':>7}{'rows':>6}{'send':>6}{'csend':>7}{'µs (max)':>12}{'GB/s (min)':>12}")
+        print(f"{'op':<24}{'SMs':>5}{KNOB_HEADER}{'µs (max)':>12}{'GB/s (min)':>12}")
         for r in normal["rows"]:
-            print(f"{r['op']:<24}{r['sms']:>5}{r['unroll']:>7}{r['chunk_rows']:>6}{r['send_warps']:>6}"
-                  f"{r['combine_send_warps']:>7}{r['us']:>12.1f}{r['gbps']:>12.1f}")
+            print(f"{r['op']:<24}{r['sms']:>5}{knob_cells(r)}{r['us']:>12.1f}{r['gbps']:>12.1f}")
     ll = report.get("ll")
     if ll:
         s = ll["settings"]

@@ -51,13 +51,15 @@ MIN_NVL_BYTES = int(2e9)
 WARMUP = 3
 FP8_BYTES_FACTOR = (1 + 4 / 128) / 2   # FP8 payload + float32 scale per 128 elements, relative to BF16
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 8 << 20}
-# The intranode kernels' tuning knobs (IntranodeKnobs: the engine's, set alike on every rank).
-KNOB_DEFAULTS = {name: getattr(IntranodeKnobs(), name) for name in IntranodeKnobs.ALLOWED}
+# The intranode kernels' tuning knobs (IntranodeKnobs: the engine's, set alike on every rank): the
+# sweep runs around the knobs the environment sets (MOE_EP_INTRANODE_*), the defaults where unset.
+KNOB_DEFAULTS = {name: getattr(IntranodeKnobs.from_env(), name) for name in IntranodeKnobs.ALLOWED}
 # The variants each knob's option sweeps by default (the default value among them is skipped).
 KNOB_VARIANTS = (("unroll", (4, 8, 16), "16-byte vectors in flight per lane in the copies"),
                  ("chunk_rows", (4, 8, 16), "rows per flag"),
                  ("send_warps", (4, 6, 8), "dispatch sender warps per 16-warp block"),
-                 ("combine_send_warps", (2, 4, 6), "combine sender warps per 16-warp block"))
+                 ("combine_send_warps", (2, 4, 6), "combine sender warps per 16-warp block"),
+                 ("staged_vectors", (0, 8, 16, 24), "vectors per lane in the staged copies' ring (0: registers)"))
 assert {key for key, _, _ in KNOB_VARIANTS} == set(IntranodeKnobs.ALLOWED), "every knob needs its option"
 OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed", "combine_bf16")
 
@@ -163,7 +165,7 @@ def _calls(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle
 
 def _sweep(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle, recv_x, timer) -> list[dict]:
     """Every op at every (SMs, chunk) with the default knobs, then each knob's variants (--unroll,
-    --chunk-rows, --send-warps, --combine-send-warps) at 12 and 24 SMs when the intranode kernels
+    --chunk-rows, --send-warps, --combine-send-warps, --staged-vectors) at 12 and 24 SMs when the intranode kernels
     run (every rank sets the same ones), then the --isolate rows: this rank's median ms and bytes."""
     group, iters = buffer.group, opts["iters"]
     engine = getattr(buffer.backend, "intranode", None)
@@ -336,11 +338,18 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
     }
 
 
-def _line(op: str, sms, chunk, us: float, gbps: float, unroll=None, chunk_rows=None, send_warps=None,
-          combine_send_warps=None) -> str:
+KNOB_HEADER = f"{'unroll':>7}{'rows':>6}{'send':>6}{'csend':>7}{'staged':>7}"
+
+
+def knob_cells(row: dict) -> str:
+    """A row's knobs under KNOB_HEADER ('-' where it has none: the reference rows)."""
+    widths = {"unroll": 7, "chunk_rows": 6, "send_warps": 6, "combine_send_warps": 7, "staged_vectors": 7}
+    return "".join(f"{'-' if row.get(key) is None else row[key]:>{width}}" for key, width in widths.items())
+
+
+def _line(op: str, sms, chunk, us: float, gbps: float, row: Optional[dict] = None) -> str:
     dash = lambda v: "-" if v is None else v  # noqa: E731
-    return (f"{op:<26}{dash(sms):>5}{dash(chunk):>7}{dash(unroll):>7}{dash(chunk_rows):>6}{dash(send_warps):>6}"
-            f"{dash(combine_send_warps):>7}{us:>12.1f}{gbps:>12.1f}")
+    return f"{op:<26}{dash(sms):>5}{dash(chunk):>7}{knob_cells(row or {})}{us:>12.1f}{gbps:>12.1f}"
 
 
 def _print(report: dict) -> None:
@@ -353,10 +362,9 @@ def _print(report: dict) -> None:
         print(report["buffer_backend_describe"])
     print(f"correctness (combine of dispatched x == x * ranks reached): {verdict} "
           f"(max abs err {report['correctness']['max_abs_err']:.3g})")
-    print(f"{'op':<26}{'SMs':>5}{'chunk':>7}{'unroll':>7}{'rows':>6}{'send':>6}{'csend':>7}{'µs (max)':>12}{'GB/s (min)':>12}")
+    print(f"{'op':<26}{'SMs':>5}{'chunk':>7}{KNOB_HEADER}{'µs (max)':>12}{'GB/s (min)':>12}")
     for row in report["rows"]:
-        print(_line(row["op"], row["sms"], row["chunk"], row["us"], row["gbps"], row.get("unroll"),
-                    row.get("chunk_rows"), row.get("send_warps"), row.get("combine_send_warps")))
+        print(_line(row["op"], row["sms"], row["chunk"], row["us"], row["gbps"], row))
     for rank, steps in enumerate(report["breakdown_per_rank"]):
         if steps:
             print(f"rank {rank} steps at {steps['sms']} SMs (GPU µs): " + "; ".join(

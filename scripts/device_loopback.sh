@@ -3,8 +3,7 @@
 # engine tests, optionally the low-latency GPU tests, then `python -m moe_ep.bench loopback` (ranks
 # as threads on the one GPU: the kernels' speed with the link taken out).
 #   STAGES=build,intranode_tests,tests,bench,ll_tests (in this order; default build,tests,bench)
-# Next single-GPU call (about 6 minutes): every stage, BENCH_ARGS="--isolate --profile": the GPU tests
-# after the spill fix and the --isolate diagnostic, then what the receivers' copy-out costs.
+#   BENCH_ARGS: the benchmark's options; BENCH_ENVS: one run per ';'-separated environment setting.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"
@@ -32,8 +31,16 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     MOE_EP_TIMEOUT_S=20 timeout -k 10 ${TESTS_S:-120} python3 -m pytest -q -m gpu tests/test_gpu_loopback.py 2>&1 | tail -12
   fi
   if has bench; then
-    stage "bench loopback"
-    MOE_EP_TIMEOUT_S=30 timeout -k 10 ${BENCH_S:-240} python3 -m moe_ep.bench loopback --out "$OUT" ${BENCH_ARGS:-} 2>&1
+    # BENCH_ENVS: ';'-separated environment settings, one benchmark run each (e.g. knobs to sweep
+    # around: "MOE_EP_INTRANODE_STAGED_VECTORS=16;MOE_EP_INTRANODE_STAGED_VECTORS=24"); JSON per run.
+    IFS=';' read -ra envs <<< "${BENCH_ENVS:-}"
+    [ ${#envs[@]} -eq 0 ] && envs=("")
+    for i in "${!envs[@]}"; do
+      stage "bench loopback ${envs[$i]:-(environment as is)}"
+      mkdir -p "$OUT/bench$i"
+      env ${envs[$i]} MOE_EP_TIMEOUT_S=30 timeout -k 10 ${BENCH_S:-240} python3 -m moe_ep.bench loopback \
+        --out "$OUT/bench$i" ${BENCH_ARGS:-} 2>&1
+    done
   fi
   if has ll_tests; then
     stage "low-latency GPU tests (ranks sharing the GPU)"
