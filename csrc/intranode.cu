@@ -377,7 +377,7 @@ __device__ __forceinline__ void store_extra_items(const ExtraItems& x, int n, in
 template <int S, typename RowOf, typename SrcOf, typename DstOf>
 __device__ __forceinline__ void staged_rows(int n, int64_t x_vecs, int sv, int K, int64_t scale_bytes, RowOf row_of,
                                             SrcOf src_of, DstOf dst_of, bool localize, int64_t first_expert,
-                                            int num_local, uint4* ring, int lane) {
+                                            int num_local, copy::StageRing<S>& ring, int lane) {
   const ExtraItems first = load_extra_items(n, sv, K, 0, row_of, lane);
   copy::warp_stream_rows<S>(n, x_vecs, src_of, dst_of, ring, lane);
   store_extra_items(first, n, sv, K, 0, row_of, localize, first_expert, num_local, lane);
@@ -441,8 +441,9 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
   // The launcher takes a staged kernel only for 16-byte-aligned payload rows (the buffer's rows always
   // are); its register paths are compiled out, which keeps it within the 128 registers of a thread.
   constexpr bool staged = S > 0;
-  extern __shared__ uint4 stage_smem[];
-  uint4* ring = stage_smem + (threadIdx.x / 32) * (copy::kStageRing * 32 * (S > 0 ? S : 1));
+  extern __shared__ __align__(16) uint8_t stage_smem[];
+  copy::StageRing<S> ring{};
+  if constexpr (S > 0) ring = copy::StageRing<S>::carve(stage_smem, threadIdx.x / 32, lane);
 
   if (role.sender) {
     for (int c = role.id; c < send_plan.total; c += role.count) {
@@ -735,7 +736,7 @@ template <typename T, int V, int S>
 __device__ __forceinline__ void reduce_token_staged(unsigned long long mask, const uint8_t* rows_lo,
                                                     const uint8_t* rows_hi, int64_t hidden, const void* bias0,
                                                     bool bias0_bf16, const void* bias1, bool bias1_bf16, int64_t t,
-                                                    T* out, uint4* ring, int lane) {
+                                                    T* out, copy::StageRing<S>& ring, int lane) {
   static_assert(sizeof(Pack<T, V>) == 16, "staged reduce takes 16-byte packs");
   if (mask == 0) {
     reduce_token<T, V>(mask, rows_lo, rows_hi, hidden, bias0, bias0_bf16, bias1, bias1_bf16, t, out, lane);
@@ -752,15 +753,10 @@ __device__ __forceinline__ void reduce_token_staged(unsigned long long mask, con
     const int r = __ffsll(static_cast<long long>(m)) - 1;
     return reinterpret_cast<const uint4*>(shfl_ptr(r < 32 ? rows_lo : rows_hi, r % 32));
   };
-  auto load = [&](int p, uint4* slot) {
+  auto piece = [&](int p, const uint4*& src, int& count) {
     const int round = p / nr;
-    const uint4* src = rank_row(p - round * nr) + round * kPiece;
-    const int m = steps - round * kPiece;
-#pragma unroll
-    for (int u = 0; u < S; ++u) {
-      const int i = u * 32 + lane;
-      if (i < m) copy::cp_async16(slot + i, src + i);
-    }
+    src = rank_row(p - round * nr) + round * kPiece;
+    count = min(kPiece, steps - round * kPiece);
   };
   auto use = [&](int p, const uint4* slot) {
     const int round = p / nr;
@@ -801,7 +797,7 @@ __device__ __forceinline__ void reduce_token_staged(unsigned long long mask, con
       }
     }
   };
-  copy::warp_stage_pieces<S>(rounds * nr, ring, load, use);
+  copy::warp_stage_pieces<S>(rounds * nr, ring, piece, use, lane);
 }
 
 // The block of rank r's rows in rank s's combine area (s's own rank has none).
@@ -836,8 +832,9 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
   __syncthreads();
   const int lane = threadIdx.x % 32;
   const WarpRole role = warp_role(R > 1 ? send_warps : 0);
-  extern __shared__ uint4 stage_smem[];
-  uint4* ring = stage_smem + (threadIdx.x / 32) * (copy::kStageRing * 32 * (S > 0 ? S : 1));
+  extern __shared__ __align__(16) uint8_t stage_smem[];
+  copy::StageRing<S> ring{};
+  if constexpr (S > 0) ring = copy::StageRing<S>::carve(stage_smem, threadIdx.x / 32, lane);
 
   if (role.sender) {
     for (int c = role.id; c < plan.total; c += role.count) {
