@@ -290,112 +290,7 @@ __device__ __forceinline__ void store_extras(const RowExtras& e, uint8_t* scale_
   }
 }
 
-// ------------------------------------------------------------- staged copies' small parts
-// With staged copies the small parts of a batch of rows go as items spread over the lanes (item e of
-// a row: scale vector e, then top-k pair e - sv), kExtraItems per lane in one round: the first
-// round is loaded before the batch's payload and stored after it, so its latency hides there.
-constexpr int kExtraItems = 4;
-
-// Where row r's small parts come from and go (a null destination: not stored).
-struct ExtrasRow {
-  const uint8_t* scale_src;
-  uint8_t* scale_dst;
-  const int64_t* idx_src;
-  int64_t* idx_dst;
-  const float* weights_src;
-  float* weights_dst;
-  const int* token_src;  // the source token is loaded from here, or is token_value
-  int token_value;
-  int* token_dst;
-};
-
-struct ExtraItems {
-  uint4 item[kExtraItems];
-  int token;
-};
-
-// Loads round `base` (items base .. base + 32 * kExtraItems) of n rows of sv + K items, and, in round
-// 0, lane r < n loads row r's source token. row_of is called by every lane alike.
-template <typename RowOf>
-__device__ __forceinline__ ExtraItems load_extra_items(int n, int sv, int K, int base, RowOf row_of, int lane) {
-  ExtraItems x;
-  const int E = sv + K;
-#pragma unroll
-  for (int q = 0; q < kExtraItems; ++q) {
-    x.item[q] = make_uint4(0, 0, 0, 0);
-    const int j = base + q * 32 + lane;
-    const bool live = E > 0 && j < n * E;
-    const int r = live ? j / E : 0;
-    const ExtrasRow row = row_of(r);
-    if (!live) continue;
-    const int e = j - r * E;
-    if (e < sv) {
-      x.item[q] = __ldcg(reinterpret_cast<const uint4*>(row.scale_src) + e);
-    } else {
-      const long long id = __ldcg(reinterpret_cast<const long long*>(row.idx_src) + (e - sv));
-      const float w = __ldcg(row.weights_src + (e - sv));
-      x.item[q] = make_uint4(static_cast<unsigned>(id), static_cast<unsigned>(static_cast<unsigned long long>(id) >> 32),
-                             __float_as_uint(w), 0);
-    }
-  }
-  x.token = 0;
-  const ExtrasRow mine = row_of(lane < n ? lane : 0);
-  if (base == 0 && lane < n) x.token = mine.token_src != nullptr ? __ldcg(mine.token_src) : mine.token_value;
-  return x;
-}
-
-// Stores what load_extra_items loaded; with `localize` an id becomes the receiver's local id, or -1
-// with weight 0.
-template <typename RowOf>
-__device__ __forceinline__ void store_extra_items(const ExtraItems& x, int n, int sv, int K, int base, RowOf row_of,
-                                                  bool localize, int64_t first_expert, int num_local, int lane) {
-  const int E = sv + K;
-#pragma unroll
-  for (int q = 0; q < kExtraItems; ++q) {
-    const int j = base + q * 32 + lane;
-    const bool live = E > 0 && j < n * E;
-    const int r = live ? j / E : 0;
-    const ExtrasRow row = row_of(r);
-    if (!live) continue;
-    const int e = j - r * E;
-    if (e < sv) {
-      reinterpret_cast<uint4*>(row.scale_dst)[e] = x.item[q];
-    } else {
-      const int64_t id = static_cast<int64_t>((static_cast<unsigned long long>(x.item[q].y) << 32) | x.item[q].x);
-      const bool mine = !localize || (id >= first_expert && id < first_expert + num_local);
-      row.idx_dst[e - sv] = mine ? id - (localize ? first_expert : 0) : -1;
-      row.weights_dst[e - sv] = mine ? __uint_as_float(x.item[q].z) : 0.0f;
-    }
-  }
-  const ExtrasRow mine = row_of(lane < n ? lane : 0);
-  if (base == 0 && lane < n && mine.token_dst != nullptr) *mine.token_dst = x.token;
-}
-
-// A batch of n <= 32 rows by staged copies: the first round of small parts, the payload stream, then
-// the rest of the small parts; scales that are not 16-byte vectors (sv == 0 with scale_bytes > 0)
-// go by warp_copy per row.
-template <int S, typename RowOf, typename SrcOf, typename DstOf>
-__device__ __forceinline__ void staged_rows(int n, int64_t x_vecs, int sv, int K, int64_t scale_bytes, RowOf row_of,
-                                            SrcOf src_of, DstOf dst_of, bool localize, int64_t first_expert,
-                                            int num_local, copy::StageRing<S>& ring, int lane) {
-  const ExtraItems first = load_extra_items(n, sv, K, 0, row_of, lane);
-  copy::warp_stream_rows<S>(n, x_vecs, src_of, dst_of, ring, lane);
-  store_extra_items(first, n, sv, K, 0, row_of, localize, first_expert, num_local, lane);
-  for (int base = 32 * kExtraItems; base < n * (sv + K); base += 32 * kExtraItems) {
-    const ExtraItems more = load_extra_items(n, sv, K, base, row_of, lane);
-    store_extra_items(more, n, sv, K, base, row_of, localize, first_expert, num_local, lane);
-  }
-  if (sv == 0 && scale_bytes > 0) {
-    for (int r = 0; r < n; ++r) {
-      const ExtrasRow row = row_of(r);
-      warp_copy<2>(row.scale_dst, row.scale_src, scale_bytes, lane);
-    }
-  }
-}
-
-// U: vectors per lane of the register copies; S > 0: staged copies of S vectors per lane per piece
-// (16-byte-aligned rows only: the launcher takes S = 0 for the others).
-template <int U, int S>
+template <int U>
 __global__ void __launch_bounds__(kThreads)
 transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t* __restrict__ x,
                 const uint8_t* __restrict__ scales, const int64_t* __restrict__ topk_idx,
@@ -437,13 +332,6 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
   const bool scale_vectors = scale_bytes > 0 && scale_bytes % 16 == 0 && scale_bytes <= 32 * 16 &&
                              reinterpret_cast<uintptr_t>(scales) % 16 == 0 &&
                              reinterpret_cast<uintptr_t>(recv_scales) % 16 == 0;
-  const int sv = scale_vectors ? static_cast<int>(scale_bytes / 16) : 0;
-  // The launcher takes a staged kernel only for 16-byte-aligned payload rows (the buffer's rows always
-  // are); its register paths are compiled out, which keeps it within the 128 registers of a thread.
-  constexpr bool staged = S > 0;
-  extern __shared__ __align__(16) uint8_t stage_smem[];
-  copy::StageRing<S> ring{};
-  if constexpr (S > 0) ring = copy::StageRing<S>::carve(stage_smem, threadIdx.x / 32, lane);
 
   if (role.sender) {
     for (int c = role.id; c < send_plan.total; c += role.count) {
@@ -455,27 +343,6 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
       for (int sub = 0; sub < n; sub += 32) {
         const int m = min(32, n - sub);
         const int token = lane < m ? __ldg(send_lists + static_cast<int64_t>(d) * num_tokens + j0 + sub + lane) : 0;
-        if constexpr (S > 0) {
-          if (staged) {
-            auto row_of = [&](int r) {
-              const int t = __shfl_sync(kFullWarp, token, r);
-              uint8_t* dst = dst_rows + static_cast<int64_t>(sub + r) * layout.stride;
-              return ExtrasRow{scales + t * scale_bytes, dst + layout.off_scales, topk_idx + static_cast<int64_t>(t) * K,
-                               reinterpret_cast<int64_t*>(dst + layout.off_idx), topk_weights + static_cast<int64_t>(t) * K,
-                               reinterpret_cast<float*>(dst + layout.off_weights), nullptr, t,
-                               reinterpret_cast<int*>(dst + layout.off_src)};
-            };
-            auto src_of = [&](int r) {
-              return reinterpret_cast<const uint4*>(x + __shfl_sync(kFullWarp, token, r) * x_bytes);
-            };
-            auto dst_of = [&](int r) {
-              return reinterpret_cast<uint4*>(dst_rows + static_cast<int64_t>(sub + r) * layout.stride);
-            };
-            staged_rows<S>(m, x_bytes / 16, sv, K, scale_bytes, row_of, src_of, dst_of, true, first_expert, num_local,
-                           ring, lane);
-            continue;
-          }
-        }
         for (int i = 0; i < m; ++i) {
           const int t = __shfl_sync(kFullWarp, token, i);
           uint8_t* dst = dst_rows + static_cast<int64_t>(sub + i) * layout.stride;
@@ -514,25 +381,6 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
       for (int sub = 0; sub < n; sub += 32) {
         const int m = min(32, n - sub);
         const int token = lane < m ? __ldg(send_lists + static_cast<int64_t>(me) * num_tokens + j0 + sub + lane) : 0;
-        if constexpr (S > 0) {
-          if (staged) {
-            auto row_of = [&](int r) {
-              const int t = __shfl_sync(kFullWarp, token, r);
-              const int64_t row = row0 + sub + r;
-              return ExtrasRow{scales + t * scale_bytes, recv_scales + row * scale_bytes,
-                               topk_idx + static_cast<int64_t>(t) * K, recv_topk_idx + row * K,
-                               topk_weights + static_cast<int64_t>(t) * K, recv_topk_weights + row * K, nullptr, t,
-                               cached ? nullptr : recv_src_idx + row};
-            };
-            auto src_of = [&](int r) {
-              return reinterpret_cast<const uint4*>(x + __shfl_sync(kFullWarp, token, r) * x_bytes);
-            };
-            auto dst_of = [&](int r) { return reinterpret_cast<uint4*>(recv_x + (row0 + sub + r) * x_bytes); };
-            staged_rows<S>(m, x_bytes / 16, sv, K, scale_bytes, row_of, src_of, dst_of, true, first_expert, num_local,
-                           ring, lane);
-            continue;
-          }
-        }
         for (int i = 0; i < m; ++i) {
           const int t = __shfl_sync(kFullWarp, token, i);
           const int64_t row = row0 + sub + i;
@@ -559,27 +407,6 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
     warp_wait_flag(own_flags + static_cast<int64_t>(s) * F + k, seq, site, lane);
     if (skip_peer_copy) continue;  // diagnostic (see launch_transfer): the peer's rows stay unwritten
     const int64_t buffer_row0 = row0 - (s > me ? recv_rows[me] : 0);
-    if constexpr (S > 0) {
-      if (staged) {
-        for (int sub = 0; sub < n; sub += 32) {
-          const int m = min(32, n - sub);
-          auto src_row = [&](int r) { return own_rows + (buffer_row0 + sub + r) * layout.stride; };
-          auto row_of = [&](int r) {
-            const uint8_t* src = src_row(r);
-            const int64_t row = row0 + sub + r;
-            return ExtrasRow{src + layout.off_scales, recv_scales + row * scale_bytes,
-                             reinterpret_cast<const int64_t*>(src + layout.off_idx), recv_topk_idx + row * K,
-                             reinterpret_cast<const float*>(src + layout.off_weights), recv_topk_weights + row * K,
-                             cached ? nullptr : reinterpret_cast<const int*>(src + layout.off_src), 0,
-                             cached ? nullptr : recv_src_idx + row};
-          };
-          auto src_of = [&](int r) { return reinterpret_cast<const uint4*>(src_row(r)); };
-          auto dst_of = [&](int r) { return reinterpret_cast<uint4*>(recv_x + (row0 + sub + r) * x_bytes); };
-          staged_rows<S>(m, x_bytes / 16, sv, K, scale_bytes, row_of, src_of, dst_of, false, 0, 0, ring, lane);
-        }
-        continue;
-      }
-    }
     for (int i = 0; i < n; ++i) {
       const int64_t row = row0 + i;
       const uint8_t* src = own_rows + (buffer_row0 + i) * layout.stride;
@@ -736,7 +563,7 @@ template <typename T, int V, int S>
 __device__ __forceinline__ void reduce_token_staged(unsigned long long mask, const uint8_t* rows_lo,
                                                     const uint8_t* rows_hi, int64_t hidden, const void* bias0,
                                                     bool bias0_bf16, const void* bias1, bool bias1_bf16, int64_t t,
-                                                    T* out, copy::StageRing<S>& ring, int lane) {
+                                                    T* out, uint4* ring, int lane) {
   static_assert(sizeof(Pack<T, V>) == 16, "staged reduce takes 16-byte packs");
   if (mask == 0) {
     reduce_token<T, V>(mask, rows_lo, rows_hi, hidden, bias0, bias0_bf16, bias1, bias1_bf16, t, out, lane);
@@ -753,10 +580,15 @@ __device__ __forceinline__ void reduce_token_staged(unsigned long long mask, con
     const int r = __ffsll(static_cast<long long>(m)) - 1;
     return reinterpret_cast<const uint4*>(shfl_ptr(r < 32 ? rows_lo : rows_hi, r % 32));
   };
-  auto piece = [&](int p, const uint4*& src, int& count) {
+  auto load = [&](int p, uint4* slot) {
     const int round = p / nr;
-    src = rank_row(p - round * nr) + round * kPiece;
-    count = min(kPiece, steps - round * kPiece);
+    const uint4* src = rank_row(p - round * nr) + round * kPiece;
+    const int m = steps - round * kPiece;
+#pragma unroll
+    for (int u = 0; u < S; ++u) {
+      const int i = u * 32 + lane;
+      if (i < m) copy::cp_async16(slot + i, src + i);
+    }
   };
   auto use = [&](int p, const uint4* slot) {
     const int round = p / nr;
@@ -797,14 +629,20 @@ __device__ __forceinline__ void reduce_token_staged(unsigned long long mask, con
       }
     }
   };
-  copy::warp_stage_pieces<S>(rounds * nr, ring, piece, use, lane);
+  copy::warp_stage_pieces<S>(rounds * nr, ring, load, use);
 }
+
+// A staged combine sender loads this many of its chunk's weights per lane ahead of the rows (a
+// chunk of 4 rows of top-8 needs one).
+constexpr int kAheadWeights = 4;
 
 // The block of rank r's rows in rank s's combine area (s's own rank has none).
 __device__ __forceinline__ int combine_block(int r, int s) { return r < s ? r : r - 1; }
 
 // U: vectors per lane of the register copies; S > 0 (16-byte packs only): the senders' copies and the
-// reduce are staged, S vectors per lane per piece.
+// reduce are staged (cp.async into the warp's ring), S vectors per lane per piece. Staging measured
+// faster for the combine only (its reduce reads two ranks' rows per token); the dispatch's copies
+// measured slower staged, with cp.async and with TMA bulk loads alike (benchmarks/RESULTS.md).
 template <typename T, int V, int U, int S>
 __global__ void __launch_bounds__(kThreads)
 combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, int64_t hidden,
@@ -832,9 +670,8 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
   __syncthreads();
   const int lane = threadIdx.x % 32;
   const WarpRole role = warp_role(R > 1 ? send_warps : 0);
-  extern __shared__ __align__(16) uint8_t stage_smem[];
-  copy::StageRing<S> ring{};
-  if constexpr (S > 0) ring = copy::StageRing<S>::carve(stage_smem, threadIdx.x / 32, lane);
+  extern __shared__ uint4 stage_smem[];
+  uint4* ring = stage_smem + (threadIdx.x / 32) * (copy::kStageRing * 32 * (S > 0 ? S : 1));
 
   if (role.sender) {
     for (int c = role.id; c < plan.total; c += role.count) {
@@ -846,9 +683,9 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
       if constexpr (S > 0) {
         // The weights of the chunk's rows (lane j: weight j % K of row j / K) are loaded before the
         // rows' payload stream and stored after it; what one round does not cover goes after.
-        float w[kExtraItems];
+        float w[kAheadWeights];
 #pragma unroll
-        for (int q = 0; q < kExtraItems; ++q) {
+        for (int q = 0; q < kAheadWeights; ++q) {
           const int j = q * 32 + lane;
           w[q] = j < n * K ? __ldg(topk_weights + row0 * K + j) : 0.0f;
         }
@@ -859,11 +696,11 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
           return reinterpret_cast<float*>(dst_rows + static_cast<int64_t>(j / K) * row_bytes + weights_offset) + j % K;
         };
 #pragma unroll
-        for (int q = 0; q < kExtraItems; ++q) {
+        for (int q = 0; q < kAheadWeights; ++q) {
           const int j = q * 32 + lane;
           if (j < n * K) *weight_at(j) = w[q];
         }
-        for (int j = kExtraItems * 32 + lane; j < n * K; j += 32) *weight_at(j) = __ldg(topk_weights + row0 * K + j);
+        for (int j = kAheadWeights * 32 + lane; j < n * K; j += 32) *weight_at(j) = __ldg(topk_weights + row0 * K + j);
         warp_raise_flag(flags_of(dst_region, true) + static_cast<int64_t>(me) * F + k, epoch, lane);
         continue;
       }
@@ -960,7 +797,7 @@ void check_knobs(const Knobs& knobs) {
   check_knob("chunk_rows", knobs.chunk_rows, {4, 8, 16, 32, 64});
   check_knob("send_warps", knobs.send_warps, {2, 4, 6, 8, 12});
   check_knob("combine_send_warps", knobs.combine_send_warps, {2, 4, 6, 8, 12});
-  check_knob("staged_vectors", knobs.staged_vectors, {0, 8, 16, 24});
+  check_knob("combine_staged_vectors", knobs.combine_staged_vectors, {0, 16, 24});
 }
 
 void check_peers(const Peers& peers) {
@@ -984,11 +821,10 @@ void with_unroll(int unroll, Launch launch) {
   }
 }
 
-// The staged copies' vectors per lane per piece (S = staged_vectors / kStageRing; 0: register copies).
+// The staged combine's vectors per lane per piece (S = combine_staged_vectors / kStageRing; 0: none).
 template <typename Launch>
 void with_stage(int staged_vectors, Launch launch) {
   switch (staged_vectors) {
-    case 8: launch(std::integral_constant<int, 2>{}); break;
     case 16: launch(std::integral_constant<int, 4>{}); break;
     case 24: launch(std::integral_constant<int, 6>{}); break;
     default: launch(std::integral_constant<int, 0>{}); break;
@@ -1008,9 +844,10 @@ int stage_smem_for(Kernel kernel, int S) {
   cudaFuncAttributes attrs{};
   cuda_check(cudaFuncGetAttributes(&attrs, kernel), "cudaFuncGetAttributes");
   if (bytes + static_cast<int>(attrs.sharedSizeBytes) > limit) {
-    throw std::invalid_argument("moe_ep intranode: staged_vectors=" + std::to_string(S * copy::kStageRing) + " needs " +
-                                std::to_string(bytes + attrs.sharedSizeBytes) + " bytes of shared memory per block, "
-                                "this GPU gives " + std::to_string(limit) + "; set MOE_EP_INTRANODE_STAGED_VECTORS lower");
+    throw std::invalid_argument("moe_ep intranode: combine_staged_vectors=" + std::to_string(S * copy::kStageRing) +
+                                " needs " + std::to_string(bytes + attrs.sharedSizeBytes) +
+                                " bytes of shared memory per block, this GPU gives " + std::to_string(limit) +
+                                "; set MOE_EP_INTRANODE_COMBINE_STAGED_VECTORS lower (0: no staging)");
   }
   if (attrs.maxDynamicSharedSizeBytes < bytes) {
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
@@ -1122,24 +959,14 @@ void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_to
   const int send_warps = knobs.send_warps;
   const uint64_t timeout_ns = wait::timeout_ns_from_env();
   const int blocks = check_blocks(num_blocks);
-  auto run = [&](auto kernel, int S) {
-    const int smem = stage_smem_for(kernel, S);
-    kernel<<<blocks, kThreads, smem, stream>>>(
+  auto run = [&](auto kernel) {
+    kernel<<<blocks, kThreads, 0, stream>>>(
         peers, layout, num_tokens, static_cast<const uint8_t*>(x), static_cast<const uint8_t*>(scales), topk_idx,
         topk_weights, send_lists, rank_prefix_matrix, G, cached, recv_src_idx, static_cast<uint8_t*>(recv_x),
         static_cast<uint8_t*>(recv_scales), recv_topk_idx, recv_topk_weights, num_rows, num_local_experts, send_warps,
         skip_peer_copy, timeout_ns);
   };
-  const bool aligned = layout.x_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(recv_x) % 16 == 0;
-  if (aligned && knobs.staged_vectors > 0) {
-    with_stage(knobs.staged_vectors, [&](auto stage) {
-      constexpr int S = decltype(stage)::value;
-      run(transfer_kernel<8, S>, S);
-    });
-  } else {
-    with_unroll(knobs.unroll, [&](auto unroll) { run(transfer_kernel<decltype(unroll)::value, 0>, 0); });
-  }
+  with_unroll(knobs.unroll, [&](auto unroll) { run(transfer_kernel<decltype(unroll)::value>); });
   cuda_check(cudaGetLastError(), "intranode transfer_kernel launch");
 }
 
@@ -1171,8 +998,8 @@ void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t 
                                                stride_rows, row_bytes, G, bias0, bias0_is_bf16, bias1, bias1_is_bf16,
                                                typed_out, out_weights, send_warps, timeout_ns);
   };
-  if (aligned && knobs.staged_vectors > 0) {  // staged: 16-byte packs only
-    with_stage(knobs.staged_vectors, [&](auto stage) {
+  if (aligned && knobs.combine_staged_vectors > 0) {  // staged: 16-byte packs only
+    with_stage(knobs.combine_staged_vectors, [&](auto stage) {
       constexpr int S = decltype(stage)::value;
       if (x_is_bf16) {
         run(combine_kernel<__nv_bfloat16, 8, 8, S>, static_cast<__nv_bfloat16*>(out), S);

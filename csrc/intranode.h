@@ -130,16 +130,16 @@ struct Peers {
 // Tuning knobs of transfer and combine. chunk_rows (rows per flag: 4, 8, 16, 32, 64) is part of
 // the protocol and must be the same on every rank; unroll (16-byte vectors in flight per lane in
 // the copies: 4, 8, 16), send_warps (transfer) and combine_send_warps (combine; of each block's 16
-// warps: 2, 4, 6, 8, 12) are local; so is staged_vectors (0: the copies hold their vectors in
-// registers; 8, 16, 24: the 16-byte-aligned copies and the combine's reduce load with cp.async into
-// a per-warp shared-memory ring of that many vectors per lane: 64, 128 or 192 KB per block). The
-// Python side (IntranodeKnobs) owns the defaults.
+// warps: 2, 4, 6, 8, 12) are local; so is combine_staged_vectors (0: the combine's copies and reduce
+// hold their loads in registers; 16, 24: with 16-byte packs they load with cp.async into a per-warp
+// shared-memory ring of that many vectors per lane, 128 or 192 KB per block). The Python side
+// (IntranodeKnobs) owns the defaults.
 struct Knobs {
   int unroll = 8;
   int chunk_rows = 4;
   int send_warps = 6;
   int combine_send_warps = 4;
-  int staged_vectors = 0;
+  int combine_staged_vectors = 16;
 };
 
 // notify. With counts (every non-cached dispatch, even of 0 tokens): send_slot [T, R] int32 (the

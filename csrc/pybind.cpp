@@ -131,7 +131,7 @@ int64_t row_bytes_of(const at::Tensor& t) {
   return elements * t.element_size();
 }
 
-// (unroll, chunk_rows, send_warps, combine_send_warps, staged_vectors), as
+// (unroll, chunk_rows, send_warps, combine_send_warps, combine_staged_vectors), as
 // moe_ep.comm.backends.intranode.IntranodeKnobs.astuple().
 in::Knobs knobs_of(const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>& knobs) {
   return in::Knobs{static_cast<int>(std::get<0>(knobs)), static_cast<int>(std::get<1>(knobs)),

@@ -32,7 +32,7 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
   fi
   if has bench; then
     # BENCH_ENVS: ';'-separated environment settings, one benchmark run each (e.g. knobs to sweep
-    # around: "MOE_EP_INTRANODE_STAGED_VECTORS=16;MOE_EP_INTRANODE_STAGED_VECTORS=24"); JSON per run.
+    # around: "MOE_EP_INTRANODE_COMBINE_STAGED_VECTORS=0;MOE_EP_INTRANODE_SEND_WARPS=8"); JSON per run.
     IFS=';' read -ra envs <<< "${BENCH_ENVS:-}"
     [ ${#envs[@]} -eq 0 ] && envs=("")
     for i in "${!envs[@]}"; do
