@@ -635,17 +635,6 @@ __device__ __forceinline__ void reduce_token_staged(unsigned long long mask, con
 // A staged combine sender loads this many of its chunk's weights per lane ahead of the rows (a
 // chunk of 4 rows of top-8 needs one).
 constexpr int kAheadWeights = 4;
-// The combine's reducers load the first kAheadRanks ranks' weights of a token ahead of its rows.
-constexpr int kAheadRanks = 2;
-
-// weight_ahead[q] for a runtime q < kAheadRanks, without indexing the array dynamically (which
-// would put it in local memory).
-__device__ __forceinline__ float weight_ahead_at(const float (&w)[kAheadRanks], int q) {
-  float v = w[0];
-#pragma unroll
-  for (int i = 1; i < kAheadRanks; ++i) v = q == i ? w[i] : v;
-  return v;
-}
 
 // The block of rank r's rows in rank s's combine area (s's own rank has none).
 __device__ __forceinline__ int combine_block(int r, int s) { return r < s ? r : r - 1; }
@@ -661,7 +650,7 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
                const bool* __restrict__ is_token_in_rank, const int* __restrict__ send_slot,
                const int* __restrict__ rank_prefix_matrix, int64_t stride_rows, int64_t row_bytes, int G,
                const void* bias0, bool bias0_bf16, const void* bias1, bool bias1_bf16, T* __restrict__ out,
-               float* __restrict__ out_weights, int send_warps, int token_run, uint64_t timeout_ns) {
+               float* __restrict__ out_weights, int send_warps, uint64_t timeout_ns) {
   const int R = peers.num_ranks;
   const int me = peers.rank;
   const int F = kFlagSlots / R;
@@ -740,60 +729,34 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
     if (t >= num_tokens || r >= R) return -1;
     return is_token_in_rank[t * R + r] ? send_slot[t * R + r] : -1;
   };
-  // A warp takes runs of token_run consecutive tokens (run i: tokens i * token_run ...), so the tokens
-  // of a run mostly share their chunks, and a lane waits on a chunk's flag once: ready_lo / ready_hi
-  // hold the last chunk this lane saw raised (chunks only grow along a warp's tokens).
-  auto next_token = [&](int64_t t) -> int64_t {
-    return (t + 1) % token_run != 0 ? t + 1 : t + 1 + static_cast<int64_t>(role.count - 1) * token_run;
-  };
-  int ready_lo = -1, ready_hi = -1;
-  auto locate = [&](int r, int slot, int& ready, const uint8_t*& row, const float*& weights) -> bool {
+  auto locate = [&](int r, int slot, const uint8_t*& row, const float*& weights) -> bool {
     if (slot < 0) return false;
     if (r == me) {
       row = x + (own_row0 + slot) * x_bytes;
       weights = topk_weights + (own_row0 + slot) * K;
     } else {
-      if (slot / G != ready) {
-        const wait::WaitSite site{"intranode_combine", "chunk_flag[src]", me, r, timeout_ns};
-        wait::wait_value<wait::Scope::kSys>(own_flags + static_cast<int64_t>(r) * F + slot / G, epoch, wait::Cmp::kGe,
-                                            site);
-        ready = slot / G;
-      }
+      const wait::WaitSite site{"intranode_combine", "chunk_flag[src]", me, r, timeout_ns};
+      wait::wait_value<wait::Scope::kSys>(own_flags + static_cast<int64_t>(r) * F + slot / G, epoch, wait::Cmp::kGe,
+                                          site);
       row = area + (combine_block(r, me) * stride_rows + slot) * row_bytes;
       weights = reinterpret_cast<const float*>(row + weights_offset);
     }
     return true;
   };
-  const int64_t first_token = static_cast<int64_t>(role.id) * token_run;
-  int slot_lo = routing(first_token, lane);
-  int slot_hi = routing(first_token, lane + 32);
-  for (int64_t t = first_token; t < num_tokens; t = next_token(t)) {
+  int slot_lo = routing(role.id, lane);
+  int slot_hi = routing(role.id, lane + 32);
+  for (int64_t t = role.id; t < num_tokens; t += role.count) {
     const uint8_t* row_lo = nullptr;
     const uint8_t* row_hi = nullptr;
     const float* w_lo = nullptr;
     const float* w_hi = nullptr;
-    const bool in_lo = locate(lane, slot_lo, ready_lo, row_lo, w_lo);
-    const bool in_hi = locate(lane + 32, slot_hi, ready_hi, row_hi, w_hi);
+    const bool in_lo = locate(lane, slot_lo, row_lo, w_lo);
+    const bool in_hi = locate(lane + 32, slot_hi, row_hi, w_hi);
     __syncwarp();  // orders every lane's flag acquire before any lane's loads of that rank's row
-    slot_lo = routing(next_token(t), lane);
-    slot_hi = routing(next_token(t), lane + 32);
+    slot_lo = routing(t + role.count, lane);
+    slot_hi = routing(t + role.count, lane + 32);
     const unsigned long long mask = static_cast<unsigned long long>(__ballot_sync(kFullWarp, in_lo)) |
                                     (static_cast<unsigned long long>(__ballot_sync(kFullWarp, in_hi)) << 32);
-    // The first kAheadRanks ranks' weights (lane k: weight k) are loaded before the rows are summed
-    // and added after, in rank order as the rest, so their latency hides behind the rows.
-    float weight_ahead[kAheadRanks];
-    if (K > 0) {
-      unsigned long long m = mask;
-#pragma unroll
-      for (int q = 0; q < kAheadRanks; ++q) {
-        weight_ahead[q] = 0.0f;
-        if (m == 0) continue;
-        const int r = __ffsll(static_cast<long long>(m)) - 1;
-        const float* w = shfl_ptr(r < 32 ? w_lo : w_hi, r % 32);
-        if (lane < K) weight_ahead[q] = __ldcg(w + lane);
-        m &= m - 1;
-      }
-    }
     if constexpr (S > 0) {
       reduce_token_staged<T, V, S>(mask, row_lo, row_hi, hidden, bias0, bias0_bf16, bias1, bias1_bf16, t, out, ring,
                                    lane);
@@ -805,11 +768,10 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
       for (int k0 = 0; k0 < K; k0 += 32) {
         const int k = k0 + lane;
         float acc = 0.0f;
-        int q = 0;
-        for (unsigned long long m = mask; m != 0; m &= m - 1, ++q) {
+        for (unsigned long long m = mask; m != 0; m &= m - 1) {
           const int r = __ffsll(static_cast<long long>(m)) - 1;
           const float* w = shfl_ptr(r < 32 ? w_lo : w_hi, r % 32);
-          if (k < K) acc += (k0 == 0 && q < kAheadRanks) ? weight_ahead_at(weight_ahead, q) : __ldcg(w + k);
+          if (k < K) acc += __ldcg(w + k);
         }
         if (k < K) out_weights[t * K + k] = acc;
       }
@@ -836,7 +798,6 @@ void check_knobs(const Knobs& knobs) {
   check_knob("send_warps", knobs.send_warps, {2, 4, 6, 8, 12});
   check_knob("combine_send_warps", knobs.combine_send_warps, {2, 4, 6, 8, 12});
   check_knob("combine_staged_vectors", knobs.combine_staged_vectors, {0, 16, 24});
-  check_knob("combine_token_run", knobs.combine_token_run, {1, 2, 4, 8});
 }
 
 void check_peers(const Peers& peers) {
@@ -1035,8 +996,7 @@ void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t 
     kernel<<<blocks, kThreads, smem, stream>>>(peers, barrier_epoch, num_tokens, hidden, static_cast<const uint8_t*>(x),
                                                topk_weights, num_topk, is_token_in_rank, send_slot, rank_prefix_matrix,
                                                stride_rows, row_bytes, G, bias0, bias0_is_bf16, bias1, bias1_is_bf16,
-                                               typed_out, out_weights, send_warps, knobs.combine_token_run,
-                                               timeout_ns);
+                                               typed_out, out_weights, send_warps, timeout_ns);
   };
   if (aligned && knobs.combine_staged_vectors > 0) {  // staged: 16-byte packs only
     with_stage(knobs.combine_staged_vectors, [&](auto stage) {

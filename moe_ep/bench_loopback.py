@@ -20,7 +20,7 @@ their outputs are not valid): beside the full rows, what that pass costs at each
 
 Normal calls (``IntranodeEngine``), at the peer's settings (4096 tokens/rank, hidden 7168, top-8 of
 256), for every ``--sms`` and each knob variant (``--unroll``, ``--chunk-rows``, ``--send-warps``,
-``--combine-send-warps``, ``--combine-staged-vectors``, ``--combine-token-run``) at 12 and 24 SMs: cached FP8 and BF16 dispatch, routed BF16 dispatch, BF16 combine. GB/s counted as
+``--combine-send-warps``, ``--combine-staged-vectors``) at 12 and 24 SMs: cached FP8 and BF16 dispatch, routed BF16 dispatch, BF16 combine. GB/s counted as
 ``bench normal`` counts it (rows received incl. local x hidden x 2; FP8 x (1+4/128)/2).
 Low-latency calls (``LowLatencyEngine``) over ``--sweep`` tokens per rank (default 1, 32, 128; 288
 experts): FP8 dispatch and BF16 combine, µs.

@@ -59,8 +59,7 @@ KNOB_VARIANTS = (("unroll", (4, 8, 16), "16-byte vectors in flight per lane in t
                  ("chunk_rows", (4, 8, 16), "rows per flag"),
                  ("send_warps", (4, 6, 8), "dispatch sender warps per 16-warp block"),
                  ("combine_send_warps", (2, 4, 6), "combine sender warps per 16-warp block"),
-                 ("combine_staged_vectors", (0, 16, 24), "vectors per lane in the combine's cp.async ring (0: registers)"),
-                 ("combine_token_run", (1, 2, 4), "consecutive tokens per combine reducer warp"))
+                 ("combine_staged_vectors", (0, 16, 24), "vectors per lane in the combine's cp.async ring (0: registers)"))
 assert {key for key, _, _ in KNOB_VARIANTS} == set(IntranodeKnobs.ALLOWED), "every knob needs its option"
 OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed", "combine_bf16")
 
@@ -166,7 +165,7 @@ def _calls(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle
 
 def _sweep(buffer: Buffer, opts: dict, x, topk_idx, topk_weights, layout, handle, recv_x, timer) -> list[dict]:
     """Every op at every (SMs, chunk) with the default knobs, then each knob's variants (--unroll,
-    --chunk-rows, --send-warps, --combine-send-warps, --combine-staged-vectors, --combine-token-run) at 12 and 24 SMs when the intranode kernels
+    --chunk-rows, --send-warps, --combine-send-warps, --combine-staged-vectors) at 12 and 24 SMs when the intranode kernels
     run (every rank sets the same ones), then the --isolate rows: this rank's median ms and bytes."""
     group, iters = buffer.group, opts["iters"]
     engine = getattr(buffer.backend, "intranode", None)
@@ -339,13 +338,12 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
     }
 
 
-KNOB_HEADER = f"{'unroll':>7}{'rows':>6}{'send':>6}{'csend':>7}{'cstage':>7}{'crun':>5}"
+KNOB_HEADER = f"{'unroll':>7}{'rows':>6}{'send':>6}{'csend':>7}{'cstage':>7}"
 
 
 def knob_cells(row: dict) -> str:
     """A row's knobs under KNOB_HEADER ('-' where it has none: the reference rows)."""
-    widths = {"unroll": 7, "chunk_rows": 6, "send_warps": 6, "combine_send_warps": 7, "combine_staged_vectors": 7,
-              "combine_token_run": 5}
+    widths = {"unroll": 7, "chunk_rows": 6, "send_warps": 6, "combine_send_warps": 7, "combine_staged_vectors": 7}
     return "".join(f"{'-' if row.get(key) is None else row[key]:>{width}}" for key, width in widths.items())
 
 

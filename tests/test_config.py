@@ -386,20 +386,18 @@ def test_intranode_knobs_defaults_and_env(monkeypatch):
     for var in IntranodeKnobs.ENV.values():
         monkeypatch.delenv(var, raising=False)
     assert IntranodeKnobs.from_env() == IntranodeKnobs(unroll=8, chunk_rows=4, send_warps=6, combine_send_warps=4,
-                                                       combine_staged_vectors=16, combine_token_run=1)
+                                                       combine_staged_vectors=16)
     monkeypatch.setenv("MOE_EP_INTRANODE_CHUNK_ROWS", "32")
     monkeypatch.setenv("MOE_EP_INTRANODE_SEND_WARPS", " 12 ")
     monkeypatch.setenv("MOE_EP_INTRANODE_COMBINE_SEND_WARPS", "2")
     monkeypatch.setenv("MOE_EP_INTRANODE_COMBINE_STAGED_VECTORS", "0")
-    monkeypatch.setenv("MOE_EP_INTRANODE_COMBINE_TOKEN_RUN", "4")
-    assert IntranodeKnobs.from_env().astuple() == (8, 32, 12, 2, 0, 4)
+    assert IntranodeKnobs.from_env().astuple() == (8, 32, 12, 2, 0)
 
 
 @pytest.mark.parametrize("var,value", [("MOE_EP_INTRANODE_CHUNK_ROWS", "7"), ("MOE_EP_INTRANODE_UNROLL", "eight"),
                                        ("MOE_EP_INTRANODE_SEND_WARPS", "16"),
                                        ("MOE_EP_INTRANODE_COMBINE_SEND_WARPS", "3"),
-                                       ("MOE_EP_INTRANODE_COMBINE_STAGED_VECTORS", "8"),
-                                       ("MOE_EP_INTRANODE_COMBINE_TOKEN_RUN", "3")])
+                                       ("MOE_EP_INTRANODE_COMBINE_STAGED_VECTORS", "8")])
 def test_intranode_knobs_reject_bad_values_naming_the_variable(monkeypatch, var, value):
     from moe_ep.comm.backends.intranode import IntranodeKnobs
 

@@ -379,9 +379,8 @@ def test_engine_matches_oracle(gpu_gloo_pool, case, world_size, seed):
 
 
 # The kernel variants the benchmark compares (the engine's IntranodeKnobs: unroll, chunk_rows,
-# send_warps, combine_send_warps, combine_staged_vectors, combine_token_run, set alike on every rank)
-# must give the same results: both staged ring sizes and none (pieces cut rows at 128 and 192
-# vectors), runs of tokens per reducer warp (runs that straddle chunks and the last token), and a few cases
+# send_warps, combine_send_warps, combine_staged_vectors, set alike on every rank) must give the same
+# results: both staged ring sizes and none (pieces cut rows at 128 and 192 vectors) and a few cases
 # with the big rows of BIG, a partial last chunk, skew, FP8 (scales as vectors and not), float32, a
 # rank with no tokens, cached/worst-token and non-16-byte-aligned rows, on 3 ranks. 64 rows per chunk
 # takes the path of chunks longer than a warp (which the defaults reach only with more rows per rank
@@ -390,32 +389,31 @@ VARIANT_CASE_NAMES = ("random-bf16-h7168-bias2", "masked-bf16-h100-bias2", "skew
                       "cached-worst-fp8-bias1", "fp32-h384-bias2", "zero-token-rank-fp8")
 VARIANT_CASES = [case for case in CASES if case.name in VARIANT_CASE_NAMES]
 assert len(VARIANT_CASES) == len(VARIANT_CASE_NAMES), "a variant case was renamed"
-VARIANTS = [("4", "4", "2", "12", "0", "1"), ("16", "16", "12", "2", "0", "8"), ("8", "32", "6", "6", "24", "2"),
-            ("8", "64", "8", "8", "16", "4"), ("8", "8", "4", "4", "24", "1"), ("8", "4", "6", "4", "0", "4"),
-            ("8", "4", "8", "2", "16", "8")]
+VARIANTS = [("4", "4", "2", "12", "0"), ("16", "16", "12", "2", "0"), ("8", "32", "6", "6", "24"),
+            ("8", "64", "8", "8", "16"), ("8", "8", "4", "4", "24"), ("8", "4", "6", "4", "0"),
+            ("8", "4", "8", "2", "16")]
 
 
 def _w_case_with_knobs(ctx, case: Case, seed: int, unroll: str, chunk_rows: str, send_warps: str,
-                       combine_send_warps: str, combine_staged_vectors: str, combine_token_run: str) -> list:
+                       combine_send_warps: str, combine_staged_vectors: str) -> list:
     from moe_ep.comm.backends.intranode import IntranodeKnobs
 
     engine = engine_for(ctx)
     engine.knobs = IntranodeKnobs(int(unroll), int(chunk_rows), int(send_warps), int(combine_send_warps),
-                                  int(combine_staged_vectors), int(combine_token_run))
+                                  int(combine_staged_vectors))
     try:
         return _w_case(ctx, case, seed)
     finally:
         engine.knobs = IntranodeKnobs()
 
 
-@pytest.mark.parametrize("unroll,chunk_rows,send_warps,combine_send_warps,combine_staged_vectors,combine_token_run",
-                         VARIANTS, ids=[f"unroll{u}-rows{r}-send{w}-csend{c}-cstage{v}-crun{n}"
-                                        for u, r, w, c, v, n in VARIANTS])
+@pytest.mark.parametrize("unroll,chunk_rows,send_warps,combine_send_warps,combine_staged_vectors", VARIANTS,
+                         ids=[f"unroll{u}-rows{r}-send{w}-csend{c}-cstage{v}" for u, r, w, c, v in VARIANTS])
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=[case.name for case in VARIANT_CASES])
 def test_copy_variants_match_oracle(gpu_gloo_pool, case, unroll, chunk_rows, send_warps, combine_send_warps,
-                                    combine_staged_vectors, combine_token_run, seed):
+                                    combine_staged_vectors, seed):
     received = gpu_gloo_pool(3).run(_w_case_with_knobs, case, seed, unroll, chunk_rows, send_warps, combine_send_warps,
-                                    combine_staged_vectors, combine_token_run, timeout=case.timeout)
+                                    combine_staged_vectors, timeout=case.timeout)
     assert len(received) == 3
 
 

@@ -81,17 +81,12 @@ class IntranodeKnobs:
     # 16 fits every sm_80+ GPU). Loopback on one H200: +6% at 24 SMs, +12% at 32, even at 8-16. The
     # dispatch stays on registers: staged (cp.async or TMA bulk loads) it measured 25-40% slower.
     combine_staged_vectors: int = 16
-    # Combine: consecutive tokens a reducer warp takes (1: tokens strided over the warps); in a run
-    # the tokens share their chunks, so a lane waits on a chunk's flag once per run.
-    combine_token_run: int = 1
 
     ALLOWED = {"unroll": (4, 8, 16), "chunk_rows": (4, 8, 16, 32, 64), "send_warps": (2, 4, 6, 8, 12),
-               "combine_send_warps": (2, 4, 6, 8, 12), "combine_staged_vectors": (0, 16, 24),
-               "combine_token_run": (1, 2, 4, 8)}
+               "combine_send_warps": (2, 4, 6, 8, 12), "combine_staged_vectors": (0, 16, 24)}
     ENV = {"unroll": "MOE_EP_INTRANODE_UNROLL", "chunk_rows": "MOE_EP_INTRANODE_CHUNK_ROWS",
            "send_warps": "MOE_EP_INTRANODE_SEND_WARPS", "combine_send_warps": "MOE_EP_INTRANODE_COMBINE_SEND_WARPS",
-           "combine_staged_vectors": "MOE_EP_INTRANODE_COMBINE_STAGED_VECTORS",
-           "combine_token_run": "MOE_EP_INTRANODE_COMBINE_TOKEN_RUN"}
+           "combine_staged_vectors": "MOE_EP_INTRANODE_COMBINE_STAGED_VECTORS"}
 
     def __post_init__(self) -> None:
         for name, allowed in self.ALLOWED.items():
@@ -112,9 +107,9 @@ class IntranodeKnobs:
                     raise ValueError(f"{var} must be one of {cls.ALLOWED[name]}, got {raw!r}") from None
         return cls(**values)
 
-    def astuple(self) -> tuple[int, ...]:
-        """The knobs in the order of ALLOWED: the tuple the kernels' launchers take."""
-        return tuple(getattr(self, name) for name in self.ALLOWED)
+    def astuple(self) -> tuple[int, int, int, int, int]:
+        """(unroll, chunk_rows, send_warps, combine_send_warps, combine_staged_vectors): the launchers' tuple."""
+        return (self.unroll, self.chunk_rows, self.send_warps, self.combine_send_warps, self.combine_staged_vectors)
 
 
 @dataclass
@@ -152,8 +147,8 @@ class IntranodeEngine:
         gathered: list = [None] * num_ranks
         dist.all_gather_object(gathered, (int(num_nvl_bytes), knobs.astuple()), group=group)
         if len({tuple(k) for _, k in gathered}) > 1:
-            raise ValueError(f"the ranks of the group set different intranode knobs ({', '.join(IntranodeKnobs.ALLOWED)}): "
-                             f"{[tuple(k) for _, k in gathered]}; set "
+            raise ValueError("the ranks of the group set different intranode knobs (unroll, chunk_rows, send_warps, "
+                             f"combine_send_warps, combine_staged_vectors): {[tuple(k) for _, k in gathered]}; set "
                              f"{', '.join(IntranodeKnobs.ENV.values())} alike on every rank")
         # Small host-side agreements (num_worst_tokens) go over the group's own backend.
         nccl = "nccl" in str(dist.get_backend(group)).lower()
