@@ -107,20 +107,12 @@ __device__ __forceinline__ float pow2_ceil(float s) {
 // (all pairs per expert, and those before its own tokens), so no block waits for another.
 __device__ __forceinline__ bool valid_expert(int64_t e, int num_experts) { return e >= 0 && e < num_experts; }
 
-// The first kPosCache pair positions of a block are kept in shared memory for its token loop (a
-// global read of what another thread just stored is a round trip to L2).
-constexpr int kPosCache = 256;
-
 // Block b owns tokens [t0, t1): it reads and casts each of them once, and stores the message to
-// every destination of its top-k. An expert whose pairs all lie in one block (every expert at one
-// token per rank) is published by that block after its fence; the others by the last block to count
-// one of their pairs (a global counter per expert).
+// every destination of its top-k. The last block to count an expert's pairs publishes its count.
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a) {
   const LLLayout& L = a.layout;
   __shared__ int total[kMaxExperts];   // this rank's pairs per expert
   __shared__ int before[kMaxExperts];  // ... among the pairs before this block's tokens
-  __shared__ unsigned elsewhere[kMaxExperts / 32];  // bit e: another block holds a pair of expert e
-  __shared__ int block_pos[kPosCache];  // pair_pos of this block's first pairs
   __shared__ uint8_t* dst[kMaxTopk];   // the current token's messages, one per rank (null: none)
   __shared__ int dst_rank[kMaxTopk];   // the rank entry k sends to (-1: nothing)
   __shared__ int dst_expert[kMaxTopk]; // its local expert there
@@ -138,7 +130,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
   const int p1 = t1 * K;
   const int pairs = a.num_tokens * K;
   for (int e = tid; e < E; e += kThreads) total[e] = before[e] = 0;
-  for (int w = tid; w < kMaxExperts / 32; w += kThreads) elsewhere[w] = 0u;
   // The receive kernel of this dispatch (later on the stream) counts its owners from zero, and
   // reads (as the combine does) the mask this send used, whatever the live one becomes meanwhile.
   if (blockIdx.x == 0 && tid == 0) a.routing[L.ws_num_owners] = 0;
@@ -152,7 +143,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
     if (e < 0) continue;  // -1: no expert
     atomicAdd(&total[e], 1);
     if (p < p0) atomicAdd(&before[e], 1);
-    if (p < p0 || p >= p1) atomicOr(&elsewhere[e / 32], 1u << (e % 32));
   }
   __syncthreads();
   // Statistics, and the flags of experts this rank sends nothing to (nothing to wait for).
@@ -172,7 +162,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
     int pos = before[e];
     for (int q = p0; q < p; ++q) pos += __ldg(a.topk_idx + q) == e ? 1 : 0;
     a.pair_pos[p] = pos;
-    if (p - p0 < kPosCache) block_pos[p - p0] = pos;
   }
   __syncthreads();  // this block's pair positions are visible to the whole block
 
@@ -184,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
       int rank = -1;
       if (valid_expert(e, E)) {
         const int d = static_cast<int>(e / L.num_local);
-        const int j = p - p0 < kPosCache ? block_pos[p - p0] : a.pair_pos[p];
+        const int j = a.pair_pos[p];
         if (!cut(a.mask, me, d) && j < L.m) {  // beyond M rows of one source for one expert: dropped (see header)
           // The expert's slot j names the token; the token's message goes to its rank once.
           int* index = reinterpret_cast<int*>(buffer_of(a.peers, d, a.data_offset) + L.off_dindex);
@@ -289,8 +278,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
     __syncthreads();  // dst[] is rewritten for the next token
   }
 
-  // Publish: the block's stores are fenced. An expert only this block holds pairs of is released by
-  // the thread of its last pair; for the others each pair counts once, and the pair that completes
+  // Publish: the block's stores are fenced; then each pair counts once, and the pair that completes
   // its expert's total releases the count (the expert's rows from every block before it).
   block_fence_system();
   for (int p = p0 + tid; p < p1; p += kThreads) {
@@ -298,15 +286,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
     if (!valid_expert(e, E)) continue;
     const int d = static_cast<int>(e / L.num_local);
     if (cut(a.mask, me, d)) continue;
-    if ((elsewhere[e / 32] & (1u << (e % 32))) == 0) {
-      const int pos = p - p0 < kPosCache ? block_pos[p - p0] : a.pair_pos[p];
-      if (pos == total[e] - 1) {
-        int* flag = reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + L.off_dflags) +
-                    (e % L.num_local) * L.num_ranks + me;
-        st_release_sys(flag, min(total[e], L.m) + 1);  // the block's stores, met at its barrier, first
-      }
-      continue;
-    }
     if (atomicAdd(a.send_done + e, 1) + 1 == total[e]) {
       __threadfence_system();
       a.send_done[e] = 0;  // every pair of e has counted: ready for the next dispatch
@@ -792,7 +771,7 @@ bool staged_send_from_env() {
   throw std::invalid_argument(std::string("moe_ep: MOE_EP_LL_SEND must be 'direct' or 'staged', got '") + raw + "'");
 }
 
-constexpr int64_t kMaxStageBytes = 38 << 10;  // with the send's ~9.7 KB of static shared memory: under 48 KB
+constexpr int64_t kMaxStageBytes = 40 << 10;  // with the 8 KB of histograms: under the 48 KB default
 
 void launch_dispatch_send(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
   check_layout(args.layout, args.peers);
