@@ -570,7 +570,7 @@ __device__ __forceinline__ void reduce_token_staged(unsigned long long mask, con
     return;
   }
   const int nr = __popcll(mask);
-  const int steps = static_cast<int>(hidden / V);  // hidden < 2^31 (checked by the launcher's caller)
+  const int steps = static_cast<int>(hidden / V);  // the launcher stages rows of under 2^30 columns only
   constexpr int kPiece = 32 * S;
   const int rounds = (steps + kPiece - 1) / kPiece;
   float acc[S][V];
@@ -998,7 +998,8 @@ void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t 
                                                stride_rows, row_bytes, G, bias0, bias0_is_bf16, bias1, bias1_is_bf16,
                                                typed_out, out_weights, send_warps, timeout_ns);
   };
-  if (aligned && knobs.combine_staged_vectors > 0) {  // staged: 16-byte packs only
+  // Staged: 16-byte packs only, and rows of under 2^30 columns (its piece arithmetic is 32-bit).
+  if (aligned && knobs.combine_staged_vectors > 0 && hidden < (int64_t{1} << 30)) {
     with_stage(knobs.combine_staged_vectors, [&](auto stage) {
       constexpr int S = decltype(stage)::value;
       if (x_is_bf16) {

@@ -2,7 +2,8 @@
 # The 2-GPU checks left open (see the closing notes), in bounded stages; three calls fit the device's
 # 10-minute limit (each starts with build: a machine released between calls keeps nothing):
 #   A  STAGES=build,bench_normal,bench_ll,profile_ll
-#   B  STAGES=build,intranode_tests,ll_tests       (the spill fix and --isolate are GPU-tested only here)
+#   B  STAGES=build,intranode_tests,ll_tests       (every kernel change since the last 2-GPU run: spill fix,
+#                                                  --isolate, the staged combine; so far run on one GPU only)
 #   C  STAGES=build,nccl_experimental
 # (scripts/device_loopback.sh is the one-GPU counterpart: tests with ranks sharing the GPU, the loopback.)
 #   intranode_tests    every intranode GPU test (ranks on both GPUs) but the sanitizer runs
