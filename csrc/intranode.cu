@@ -812,23 +812,12 @@ int check_blocks(int num_blocks) {
   return num_blocks;
 }
 
-template <typename Launch>
-void with_unroll(int unroll, Launch launch) {
-  switch (unroll) {
-    case 4: launch(std::integral_constant<int, 4>{}); break;
-    case 16: launch(std::integral_constant<int, 16>{}); break;
-    default: launch(std::integral_constant<int, 8>{}); break;
-  }
-}
-
-// The staged combine's vectors per lane per piece (S = combine_staged_vectors / kStageRing; 0: none).
-template <typename Launch>
-void with_stage(int staged_vectors, Launch launch) {
-  switch (staged_vectors) {
-    case 16: launch(std::integral_constant<int, 4>{}); break;
-    case 24: launch(std::integral_constant<int, 6>{}); break;
-    default: launch(std::integral_constant<int, 0>{}); break;
-  }
+// Calls launch(std::integral_constant<int, V>{}) for the V among Others equal to `value`, else for
+// Default (the knobs are checked before): a runtime knob picks its compiled kernel.
+template <int Default, int... Others, typename Launch>
+void with_constant(int value, Launch launch) {
+  const bool matched = ((value == Others ? (launch(std::integral_constant<int, Others>{}), true) : false) || ...);
+  if (!matched) launch(std::integral_constant<int, Default>{});
 }
 
 // Dynamic shared memory of a block with staged copies of S vectors per lane per piece (0 for S = 0),
@@ -966,7 +955,7 @@ void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_to
         static_cast<uint8_t*>(recv_scales), recv_topk_idx, recv_topk_weights, num_rows, num_local_experts, send_warps,
         skip_peer_copy, timeout_ns);
   };
-  with_unroll(knobs.unroll, [&](auto unroll) { run(transfer_kernel<decltype(unroll)::value>); });
+  with_constant<8, 4, 16>(knobs.unroll, [&](auto unroll) { run(transfer_kernel<decltype(unroll)::value>); });
   cuda_check(cudaGetLastError(), "intranode transfer_kernel launch");
 }
 
@@ -1000,8 +989,8 @@ void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t 
   };
   // Staged: 16-byte packs only, and rows of under 2^30 columns (its piece arithmetic is 32-bit).
   if (aligned && knobs.combine_staged_vectors > 0 && hidden < (int64_t{1} << 30)) {
-    with_stage(knobs.combine_staged_vectors, [&](auto stage) {
-      constexpr int S = decltype(stage)::value;
+    with_constant<0, 16, 24>(knobs.combine_staged_vectors, [&](auto vectors) {
+      constexpr int S = decltype(vectors)::value / copy::kStageRing;  // vectors per lane per piece
       if (x_is_bf16) {
         run(combine_kernel<__nv_bfloat16, 8, 8, S>, static_cast<__nv_bfloat16*>(out), S);
       } else {
@@ -1011,7 +1000,7 @@ void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t 
     cuda_check(cudaGetLastError(), "intranode combine_kernel launch");
     return;
   }
-  with_unroll(knobs.unroll, [&](auto unroll) {
+  with_constant<8, 4, 16>(knobs.unroll, [&](auto unroll) {
     constexpr int U = decltype(unroll)::value;
     if (x_is_bf16) {
       auto* o = static_cast<__nv_bfloat16*>(out);
