@@ -485,6 +485,22 @@ __device__ __forceinline__ Pack<T, V> load_pack(const Pack<T, V>* ptr) {
   return p;
 }
 
+// Stores pack i of token t's output: the summed values plus the biases, converted to T.
+template <typename T, int V>
+__device__ __forceinline__ void store_sum(const float (&acc)[V], int64_t i, int64_t hidden, const void* bias0,
+                                          bool bias0_bf16, const void* bias1, bool bias1_bf16, int64_t t, T* out) {
+  Pack<T, V> o;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int64_t index = t * hidden + i * V + v;
+    float value = acc[v];
+    if (bias0 != nullptr) value += bias_at(bias0, bias0_bf16, index);
+    if (bias1 != nullptr) value += bias_at(bias1, bias1_bf16, index);
+    o.v[v] = from_float<T>(value);
+  }
+  reinterpret_cast<Pack<T, V>*>(out + t * hidden)[i] = o;
+}
+
 // A lane keeps kReduceSteps vectors of kReduceRanks ranks' rows in flight at once, then sums them
 // in rank order: the reduce is bound by load latency, so the loads of every rank go out together.
 constexpr int kReduceSteps = 4;
@@ -540,17 +556,7 @@ __device__ __forceinline__ void reduce_token(unsigned long long mask, const uint
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t i = base + u * 32 + lane;
-      if (i >= steps) continue;
-      Pack<T, V> o;
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const int64_t index = t * hidden + i * V + v;
-        float value = acc[u][v];
-        if (bias0 != nullptr) value += bias_at(bias0, bias0_bf16, index);
-        if (bias1 != nullptr) value += bias_at(bias1, bias1_bf16, index);
-        o.v[v] = from_float<T>(value);
-      }
-      reinterpret_cast<Pack<T, V>*>(out + t * hidden)[i] = o;
+      if (i < steps) store_sum<T, V>(acc[u], i, hidden, bias0, bias0_bf16, bias1, bias1_bf16, t, out);
     }
   }
 }
@@ -615,17 +621,7 @@ __device__ __forceinline__ void reduce_token_staged(unsigned long long mask, con
 #pragma unroll
       for (int u = 0; u < S; ++u) {
         const int64_t i = static_cast<int64_t>(round) * kPiece + u * 32 + lane;
-        if (i >= steps) continue;
-        Pack<T, V> o;
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          const int64_t index = t * hidden + i * V + v;
-          float value = acc[u][v];
-          if (bias0 != nullptr) value += bias_at(bias0, bias0_bf16, index);
-          if (bias1 != nullptr) value += bias_at(bias1, bias1_bf16, index);
-          o.v[v] = from_float<T>(value);
-        }
-        reinterpret_cast<Pack<T, V>*>(out + t * hidden)[i] = o;
+        if (i < steps) store_sum<T, V>(acc[u], i, hidden, bias0, bias0_bf16, bias1, bias1_bf16, t, out);
       }
     }
   };
