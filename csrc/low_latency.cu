@@ -58,6 +58,10 @@ __device__ __forceinline__ void st_release_sys(int* ptr, int value) {
   asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
 
+__device__ __forceinline__ void st_release_gpu(int* ptr, int value) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
 // A flag that orders no data before it (a count of zero rows): no fence needed.
 __device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
   asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
@@ -101,6 +105,20 @@ __device__ __forceinline__ float pow2_ceil(float s) {
   return __uint_as_float((exponent + (mantissa != 0 ? 1u : 0u)) << 23);
 }
 
+// Phase boundaries of the trace (low_latency.h): event e of kernel k is stored at trace[k][block][e].
+enum TraceKernel { kTraceDispatchSend = 0, kTraceDispatchRecv = 1, kTraceCombineSend = 2, kTraceCombineRecv = 3 };
+// dispatch send: 0 start, 1 pair positions known, 2 tokens stored, 3 counts published
+// dispatch recv: 0 start, 1 counts in, 2 layout written, 3 rows copied
+// combine send:  0 start, 1 weights stored (block 0's phase 1), 2 every source's weights in, 3 partial
+//                sums stored, 4 flags published
+// combine recv:  0 start, 1 every rank's flag in, 2 tokens written
+__device__ __forceinline__ void trace_mark(unsigned long long* trace, int kernel, int event) {
+  if (trace == nullptr || threadIdx.x != 0 || blockIdx.x >= kTraceBlocks) return;
+  unsigned long long now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  trace[(static_cast<int64_t>(kernel) * kTraceBlocks + blockIdx.x) * kTraceEvents + event] = now;
+}
+
 // ----------------------------------------------------------------------------- dispatch send
 // Slot of pair (token, k) = its position among this rank's pairs for the same expert, in (token, k)
 // order: the pairs before it with that expert. Every block histograms topk_idx in shared memory
@@ -109,8 +127,9 @@ __device__ __forceinline__ bool valid_expert(int64_t e, int num_experts) { retur
 
 // Block b owns tokens [t0, t1): it reads and casts each of them once, and stores the message to
 // every destination of its top-k. The last block to count an expert's pairs publishes its count.
-__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a) {
+__device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   const LLLayout& L = a.layout;
+  trace_mark(a.trace, kTraceDispatchSend, 0);
   __shared__ int total[kMaxExperts];   // this rank's pairs per expert
   __shared__ int before[kMaxExperts];  // ... among the pairs before this block's tokens
   __shared__ uint8_t* dst[kMaxTopk];   // the current token's messages, one per rank (null: none)
@@ -130,9 +149,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
   const int p1 = t1 * K;
   const int pairs = a.num_tokens * K;
   for (int e = tid; e < E; e += kThreads) total[e] = before[e] = 0;
-  // The receive kernel of this dispatch (later on the stream) counts its owners from zero, and
-  // reads (as the combine does) the mask this send used, whatever the live one becomes meanwhile.
-  if (blockIdx.x == 0 && tid == 0) a.routing[L.ws_num_owners] = 0;
+  // The receive of this dispatch counts its owners from zero (it waits for owners_ready: in a fused
+  // launch its blocks may get there before block 0 has run), and reads (as the combine does) the
+  // mask this send used, whatever the live one becomes meanwhile.
+  if (blockIdx.x == 0 && tid == 0) {
+    a.routing[L.ws_num_owners] = 0;
+    st_release_gpu(a.routing + L.ws_owners_ready, 1);
+  }
   if (blockIdx.x == 0 && a.mask_snapshot != nullptr && tid < L.num_ranks) {
     a.mask_snapshot[tid] = a.mask != nullptr ? a.mask[tid] : 0;
   }
@@ -164,6 +187,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
     a.pair_pos[p] = pos;
   }
   __syncthreads();  // this block's pair positions are visible to the whole block
+  trace_mark(a.trace, kTraceDispatchSend, 1);
 
   const int groups = L.hidden / kGroup;
   for (int t = t0; t < t1; ++t) {
@@ -277,6 +301,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
     }
     __syncthreads();  // dst[] is rewritten for the next token
   }
+  trace_mark(a.trace, kTraceDispatchSend, 2);
 
   // Publish: the block's stores are fenced; then each pair counts once, and the pair that completes
   // its expert's total releases the count (the expert's rows from every block before it).
@@ -294,6 +319,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a)
       st_relaxed_sys(flag, min(total[e], L.m) + 1);  // after the fence above: a release
     }
   }
+  __syncthreads();
+  trace_mark(a.trace, kTraceDispatchSend, 3);
 }
 
 // Exclusive prefix sum of n <= 2 * kThreads ints, in place in shared memory (the whole block calls it).
@@ -349,8 +376,9 @@ __device__ __forceinline__ int find_entry(const int* prefix, int n, int value) {
 // Every block waits for all (expert, source) counts (polling its own memory), so each knows where
 // every row goes; the rows of all experts are then spread, in pieces, over every warp of the grid.
 // The last block past the waits resets the flags.
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a) {
+__device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   const LLLayout& L = a.layout;
+  trace_mark(a.trace, kTraceDispatchRecv, 0);
   __shared__ int counts[kMaxExperts];  // [l][s]: rows of source s for local expert l
   __shared__ int first[kMaxExperts];   // [l][s]: their first row among all received rows ([l][s] order)
   __shared__ bool last;
@@ -374,7 +402,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a)
     counts[i] = count;
     first[i] = count;
   }
+  if (tid == kThreads - 1) {  // num_owners is zero (the send's block 0) before any owner is appended
+    const wait::WaitSite site{"low_latency_dispatch_recv", "owners_ready", me, me, a.timeout_ns};
+    wait::wait_value<wait::Scope::kGpu>(static_cast<const int*>(a.routing + L.ws_owners_ready), 0, wait::Cmp::kNe, site);
+  }
   __syncthreads();
+  trace_mark(a.trace, kTraceDispatchRecv, 1);
   if (tid == 0) {
     int* done = reinterpret_cast<int*>(own_flags + L.off_done) + 2;
     last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
@@ -383,7 +416,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a)
   block_exclusive_scan(first, E);  // syncs first: `last` is set
   if (last) {  // every block has read every flag: ready for this buffer's next dispatch
     for (int i = tid; i < E; i += kThreads) reinterpret_cast<volatile int*>(flags)[i] = 0;
-    if (tid == 0) reinterpret_cast<volatile int*>(own_flags + L.off_done)[2] = 0;
+    if (tid == 0) {
+      reinterpret_cast<volatile int*>(own_flags + L.off_done)[2] = 0;
+      reinterpret_cast<volatile int*>(a.routing)[L.ws_owners_ready] = 0;
+    }
   }
   const int rows = first[E - 1] + last_count;
   const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -406,6 +442,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a)
     const int expert_end = l + 1 < L.num_local ? first[(l + 1) * R] : rows;
     if (q % slots >= expert_end - first[l * R]) a.src_info[q] = -1;
   }
+  trace_mark(a.trace, kTraceDispatchRecv, 2);
   const int groups = L.hidden / kGroup;
   const int64_t pieces = (L.x_bytes + kPieceBytes - 1) / kPieceBytes;
   const int64_t piece_bytes = align16((L.x_bytes + pieces - 1) / pieces);
@@ -462,6 +499,16 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a)
     }
     if (lane == 0) a.src_info[row] = token;
   }
+  __syncthreads();
+  trace_mark(a.trace, kTraceDispatchRecv, 3);
+}
+
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a) { dispatch_send(a); }
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a) { dispatch_recv(a); }
+// Both halves in one launch: the receive half reads the live mask, which is the one the send half used.
+__global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
+  dispatch_send(a);
+  dispatch_recv(a);
 }
 
 // ------------------------------------------------------------------------------ combine send
@@ -483,8 +530,9 @@ __device__ __forceinline__ int pair_rank(const CombineArgs& a, int64_t p, int me
 // over the owner's rows here in k order, in float32, and stores that partial sum into the owner's
 // source at [this rank][token]: a token crosses back once per rank, not once per expert. The last
 // block to finish publishes "all partial sums are back" to every source.
-__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
+__device__ __forceinline__ void combine_send(const CombineArgs& a) {
   const LLLayout& L = a.layout;
+  trace_mark(a.trace, kTraceCombineSend, 0);
   const int me = a.peers.rank;
   const int R = L.num_ranks;
   const int K = L.num_topk;
@@ -515,6 +563,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
       st_release_sys(reinterpret_cast<int*>(buffer_of(a.peers, tid, a.flags_offset) + L.off_wflags) + me, 1);
     }
   }
+  trace_mark(a.trace, kTraceCombineSend, 1);
 
   // Phase 2: every source's weights are here, then the partial sums go back.
   if (tid < R && !cut(a.mask, me, tid)) {
@@ -523,6 +572,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
                                         wait::Cmp::kNe, site);
   }
   __syncthreads();
+  trace_mark(a.trace, kTraceCombineSend, 2);
   const int num_owners = *reinterpret_cast<const volatile int*>(a.routing + L.ws_num_owners);
   // An item is (owner, kSlices x 256 columns): the owner's rows and weights are looked up once per
   // item (lane q holds row q), then kRowBatch rows x kSlices vectors per lane are in flight at once.
@@ -593,6 +643,8 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
   }
   // The last block to finish publishes "all partial sums are back" to every source, and clears
   // the weight flags every block has waited for.
+  __syncthreads();
+  trace_mark(a.trace, kTraceCombineSend, 3);
   block_fence_system();
   if (tid == 0) last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
   __syncthreads();
@@ -606,14 +658,17 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
     }
   }
   if (last && tid == 0) done[0] = 0;
+  __syncthreads();
+  trace_mark(a.trace, kTraceCombineSend, 4);
 }
 
 // ------------------------------------------------------------------------------ combine recv
 // Waits for every rank's flag, then one warp per (token, kSlices x 256 columns) sums the partial
 // sums of the ranks the token went to, in rank order, in float32, and casts; the last block resets
 // the flags.
-__global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
+__device__ __forceinline__ void combine_recv(const CombineArgs& a) {
   const LLLayout& L = a.layout;
+  trace_mark(a.trace, kTraceCombineRecv, 0);
   const int me = a.peers.rank;
   const int R = L.num_ranks;
   const int K = L.num_topk;
@@ -627,6 +682,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
                                         site);
   }
   __syncthreads();
+  trace_mark(a.trace, kTraceCombineRecv, 1);
   const int slices = (L.hidden + 255) / 256;
   const int groups = (slices + kSlices - 1) / kSlices;
   const int64_t items = static_cast<int64_t>(a.num_tokens) * groups;
@@ -691,6 +747,14 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   __syncthreads();
   if (last && threadIdx.x < R) reinterpret_cast<volatile int*>(own_flags + L.off_cflags)[threadIdx.x] = 0;
   if (last && threadIdx.x == 0) reinterpret_cast<int*>(own_flags + L.off_done)[1] = 0;
+  trace_mark(a.trace, kTraceCombineRecv, 2);
+}
+
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) { combine_send(a); }
+__global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) { combine_recv(a); }
+__global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
+  combine_send(a);
+  combine_recv(a);
 }
 
 int grid_for(int work, int per_block, int num_sms) {
@@ -755,7 +819,8 @@ LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_
   l.ws_token_count = l.ws_token_wslots + slots * num_topk;
   l.ws_owners = l.ws_token_count + slots;
   l.ws_num_owners = l.ws_owners + slots;
-  l.ws_ints = l.ws_num_owners + 1;
+  l.ws_owners_ready = l.ws_num_owners + 1;
+  l.ws_ints = l.ws_owners_ready + 1;
   return l;
 }
 
@@ -771,9 +836,12 @@ bool staged_send_from_env() {
   throw std::invalid_argument(std::string("moe_ep: MOE_EP_LL_SEND must be 'direct' or 'staged', got '") + raw + "'");
 }
 
-constexpr int64_t kMaxStageBytes = 40 << 10;  // with the 8 KB of histograms: under the 48 KB default
+// With the send's 8 KB of histograms and the receive's 8 KB of counts (a fused launch has both): under
+// the 48 KB of static + dynamic shared memory a launch gets without opting in.
+constexpr int64_t kMaxStageBytes = 24 << 10;
 
-void launch_dispatch_send(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
+// The send's token check and its staged-send choice (both launches that run the send half).
+DispatchArgs checked_send_args(const DispatchArgs& args, size_t* stage_bytes) {
   check_layout(args.layout, args.peers);
   if (args.num_tokens < 0 || args.num_tokens > args.layout.m) {  // a token's message slot is its index
     throw std::invalid_argument("moe_ep low_latency: x has " + std::to_string(args.num_tokens) +
@@ -781,22 +849,37 @@ void launch_dispatch_send(const DispatchArgs& args, int num_sms, cudaStream_t st
   }
   DispatchArgs a = args;
   a.staged_send = args.layout.use_fp8 && args.layout.off_src <= kMaxStageBytes && staged_send_from_env();
-  const size_t stage_bytes = a.staged_send ? static_cast<size_t>(args.layout.off_src) : 0;
+  *stage_bytes = a.staged_send ? static_cast<size_t>(args.layout.off_src) : 0;
+  return a;
+}
+
+int grid_of(int num_sms) { return num_sms < 1 ? 1 : num_sms; }
+
+void launch_dispatch_send(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
+  size_t stage_bytes = 0;
+  const DispatchArgs a = checked_send_args(args, &stage_bytes);
   dispatch_send_kernel<<<grid_for(args.num_tokens, 1, num_sms), kThreads, stage_bytes, stream>>>(a);
   cuda_check(cudaGetLastError(), "low_latency dispatch_send_kernel launch");
 }
 
-void launch_dispatch_recv(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
-  check_layout(args.layout, args.peers);
+void launch_dispatch_recv(const DispatchArgs& recv_args, int num_sms, cudaStream_t stream) {
+  check_layout(recv_args.layout, recv_args.peers);
   // Where the rows go is known on the device only: every SM takes a share.
-  dispatch_recv_kernel<<<num_sms < 1 ? 1 : num_sms, kThreads, 0, stream>>>(args);
+  dispatch_recv_kernel<<<grid_of(num_sms), kThreads, 0, stream>>>(recv_args);
   cuda_check(cudaGetLastError(), "low_latency dispatch_recv_kernel launch");
+}
+
+void launch_dispatch(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
+  size_t stage_bytes = 0;
+  const DispatchArgs a = checked_send_args(args, &stage_bytes);
+  dispatch_kernel<<<grid_of(num_sms), kThreads, stage_bytes, stream>>>(a);
+  cuda_check(cudaGetLastError(), "low_latency dispatch_kernel launch");
 }
 
 void launch_combine_send(const CombineArgs& args, int num_sms, cudaStream_t stream) {
   check_layout(args.layout, args.peers);
   // The rows each expert received are known on the device only: every SM takes a share.
-  combine_send_kernel<<<num_sms < 1 ? 1 : num_sms, kThreads, 0, stream>>>(args);
+  combine_send_kernel<<<grid_of(num_sms), kThreads, 0, stream>>>(args);
   cuda_check(cudaGetLastError(), "low_latency combine_send_kernel launch");
 }
 
@@ -806,6 +889,12 @@ void launch_combine_recv(const CombineArgs& args, int num_sms, cudaStream_t stre
   const int groups = (slices + kSlices - 1) / kSlices;
   combine_recv_kernel<<<grid_for(args.num_tokens * groups, kWarps, num_sms), kThreads, 0, stream>>>(args);
   cuda_check(cudaGetLastError(), "low_latency combine_recv_kernel launch");
+}
+
+void launch_combine(const CombineArgs& args, int num_sms, cudaStream_t stream) {
+  check_layout(args.layout, args.peers);
+  combine_kernel<<<grid_of(num_sms), kThreads, 0, stream>>>(args);
+  cuda_check(cudaGetLastError(), "low_latency combine_kernel launch");
 }
 
 }  // namespace low_latency

@@ -59,6 +59,15 @@ constexpr int kMaxTopk = 32;
 constexpr int kGroup = 128;  // FP8 scale group
 constexpr int64_t kFlagsPerBuffer = 8192;  // kMaxExperts + 2 kMaxRanks int32 flags, 3 done counters
 constexpr int64_t kFlagsBytes = 2 * kFlagsPerBuffer;
+
+// Diagnostic phase trace (the loopback benchmark's --trace; off when the args' trace is null):
+// thread 0 of block b < kTraceBlocks stores %globaltimer (ns) at each phase boundary of each kernel
+// into trace[kernel][b][event]; a fused launch writes both halves' rows. Which events each kernel
+// records: see TraceEvent in low_latency.cu. Costs one predicated branch per boundary when off.
+constexpr int kTraceKernels = 4;  // dispatch send, dispatch recv, combine send, combine recv
+constexpr int kTraceBlocks = 160;
+constexpr int kTraceEvents = 5;
+constexpr int64_t kTraceInts = static_cast<int64_t>(kTraceKernels) * kTraceBlocks * kTraceEvents;  // int64 entries
 static_assert((kMaxExperts + 2 * kMaxRanks + 3) * 4 <= kFlagsPerBuffer, "the flags must fit their region");
 
 struct LLLayout {
@@ -83,12 +92,14 @@ struct LLLayout {
   int64_t off_carea = 0;
   // Routing workspace (int32 elements): token_rows [R * M * K], token_wslots [R * M * K] (where
   // each of those rows' weight lands in the weight area), token_count [R * M], owners [R * M],
-  // num_owners [1].
+  // num_owners [1], owners_ready [1] (1 once the dispatch send has zeroed num_owners: in a fused
+  // launch the receive half of another block may append owners before block 0 has run).
   int64_t ws_token_rows = 0;
   int64_t ws_token_wslots = 0;
   int64_t ws_token_count = 0;
   int64_t ws_owners = 0;
   int64_t ws_num_owners = 0;
+  int64_t ws_owners_ready = 0;
   int64_t ws_ints = 0;
   int64_t buffer_bytes = 0;  // data of one of the two buffers
 };
@@ -120,14 +131,20 @@ struct DispatchArgs {
   int* cumulative_stats;          // [L] or null
   int* routing;                   // the routing workspace (layout.ws_ints int32)
   uint64_t timeout_ns;
-  bool staged_send = false;       // set by launch_dispatch_send (MOE_EP_LL_SEND), not by callers
+  bool staged_send = false;       // set by the launchers (MOE_EP_LL_SEND), not by callers
+  unsigned long long* trace = nullptr;  // [kTraceKernels][kTraceBlocks][kTraceEvents] ns, or null
 };
 
 // MOE_EP_TIMEOUT_S (default 100 s) in nanoseconds, for the args' timeout_ns (csrc/bounded_wait.cuh).
 uint64_t timeout_ns_from_env();
 
 void launch_dispatch_send(const DispatchArgs& args, int num_sms, cudaStream_t stream);
-void launch_dispatch_recv(const DispatchArgs& args, int num_sms, cudaStream_t stream);
+// `recv_args` is `args` with the mask the send snapshotted (see DispatchArgs::mask_snapshot).
+void launch_dispatch_recv(const DispatchArgs& recv_args, int num_sms, cudaStream_t stream);
+// Send and receive in ONE launch (no hook): every block sends its tokens, then takes its share of
+// the receive. Saves a kernel boundary; the blocks of the grid must be co-resident (grid <= num_sms,
+// one block per SM), as for every kernel here that waits for another block.
+void launch_dispatch(const DispatchArgs& args, int num_sms, cudaStream_t stream);
 
 struct CombineArgs {
   intranode::Peers peers;
@@ -145,10 +162,13 @@ struct CombineArgs {
   const int* routing;             // the dispatch's routing workspace
   void* out;                      // [T, H] bf16
   uint64_t timeout_ns;
+  unsigned long long* trace = nullptr;  // as DispatchArgs::trace
 };
 
 void launch_combine_send(const CombineArgs& args, int num_sms, cudaStream_t stream);
 void launch_combine_recv(const CombineArgs& args, int num_sms, cudaStream_t stream);
+// Send and receive in one launch (no hook), as launch_dispatch.
+void launch_combine(const CombineArgs& args, int num_sms, cudaStream_t stream);
 
 // clean_low_latency_buffer zeroes [0, kFlagsBytes) of the own region (every flag and counter); the
 // host does it with a memset, so no kernel is needed.

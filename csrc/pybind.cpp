@@ -254,13 +254,22 @@ void check_routing(const at::Tensor& routing, const ll::LLLayout& layout, const 
                     "routing must be int32 with at least ", layout.ws_ints, " elements (ll_layout_info's routing_ints)");
 }
 
+// The diagnostic trace (csrc/low_latency.h): int64 with ll_trace_ints elements, or None.
+unsigned long long* ll_trace_of(const std::optional<at::Tensor>& trace, const IpcBuffer& buffer) {
+  if (!trace.has_value()) return nullptr;
+  check_on_buffer(*trace, buffer, "trace");
+  TORCH_CHECK_VALUE(trace->scalar_type() == at::kLong && trace->is_contiguous() && trace->numel() >= ll::kTraceInts,
+                    "trace must be a contiguous int64 tensor of at least ", ll::kTraceInts, " elements");
+  return reinterpret_cast<unsigned long long*>(trace->data_ptr<int64_t>());
+}
+
 void ll_dispatch(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, int64_t m, int64_t buffer_index,
                  const at::Tensor& x, const at::Tensor& topk_idx, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& mask_snapshot, bool use_fp8,
                  bool round_scale, bool use_ue8m0, const at::Tensor& counts_e, const at::Tensor& pair_pos,
                  const at::Tensor& send_done, const at::Tensor& recv_x, const std::optional<at::Tensor>& recv_scales, const at::Tensor& recv_count,
                  const at::Tensor& src_info, const at::Tensor& layout_range, const std::optional<at::Tensor>& stats,
-                 const at::Tensor& routing, int64_t num_sms) {
+                 const at::Tensor& routing, int64_t num_sms, bool fused, const std::optional<at::Tensor>& trace) {
   check_on_buffer(x, buffer, "x");
   check_on_buffer(topk_idx, buffer, "topk_idx");
   TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "x must be bfloat16");
@@ -297,8 +306,13 @@ void ll_dispatch(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, i
   check_routing(routing, layout, buffer);
   a.routing = routing.data_ptr<int>();
   a.timeout_ns = ll::timeout_ns_from_env();
+  a.trace = ll_trace_of(trace, buffer);
   const c10::cuda::CUDAGuard guard(x.device());
   const int sms = static_cast<int>(num_sms);
+  if (send && recv && fused) {
+    ll::launch_dispatch(a, sms, stream_of(buffer));
+    return;
+  }
   if (send) ll::launch_dispatch_send(a, sms, stream_of(buffer));
   if (recv) {
     ll::DispatchArgs r = a;  // the receive reads the mask the send used
@@ -311,7 +325,8 @@ void ll_dispatch(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, i
 void ll_combine(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, int64_t m, int64_t buffer_index,
                 bool dispatch_used_fp8, const at::Tensor& x, const at::Tensor& layout_range, const at::Tensor& topk_idx,
                 const at::Tensor& topk_weights, const std::optional<at::Tensor>& mask, const at::Tensor& pair_pos,
-                const at::Tensor& src_info, const at::Tensor& routing, const at::Tensor& out, int64_t num_sms) {
+                const at::Tensor& src_info, const at::Tensor& routing, const at::Tensor& out, int64_t num_sms,
+                bool fused, const std::optional<at::Tensor>& trace) {
   check_on_buffer(x, buffer, "x");
   check_on_buffer(out, buffer, "out");
   check_on_buffer(topk_weights, buffer, "topk_weights");
@@ -337,8 +352,13 @@ void ll_combine(IpcBuffer& buffer, bool send, bool recv, int64_t num_experts, in
   a.routing = routing.data_ptr<int>();
   a.out = out.data_ptr();
   a.timeout_ns = ll::timeout_ns_from_env();
+  a.trace = ll_trace_of(trace, buffer);
   const c10::cuda::CUDAGuard guard(x.device());
   const int sms = static_cast<int>(num_sms);
+  if (send && recv && fused) {
+    ll::launch_combine(a, sms, stream_of(buffer));
+    return;
+  }
   if (send) ll::launch_combine_send(a, sms, stream_of(buffer));
   if (recv) ll::launch_combine_recv(a, sms, stream_of(buffer));
 }
@@ -452,18 +472,21 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("use_ue8m0"), pybind11::arg("counts_e"), pybind11::arg("pair_pos"),
         pybind11::arg("send_done"), pybind11::arg("recv_x"),
         pybind11::arg("recv_scales"), pybind11::arg("recv_count"), pybind11::arg("src_info"),
-        pybind11::arg("layout_range"), pybind11::arg("stats"), pybind11::arg("routing"), pybind11::arg("num_sms"));
+        pybind11::arg("layout_range"), pybind11::arg("stats"), pybind11::arg("routing"), pybind11::arg("num_sms"),
+        pybind11::arg("fused") = true, pybind11::arg("trace") = pybind11::none());
   m.def("ll_combine", &ll_combine, pybind11::arg("buffer"), pybind11::arg("send"), pybind11::arg("recv"),
         pybind11::arg("num_experts"), pybind11::arg("m"), pybind11::arg("buffer_index"),
         pybind11::arg("dispatch_used_fp8"), pybind11::arg("x"), pybind11::arg("layout_range"),
         pybind11::arg("topk_idx"), pybind11::arg("topk_weights"), pybind11::arg("mask"), pybind11::arg("pair_pos"),
-        pybind11::arg("src_info"), pybind11::arg("routing"), pybind11::arg("out"), pybind11::arg("num_sms"));
+        pybind11::arg("src_info"), pybind11::arg("routing"), pybind11::arg("out"), pybind11::arg("num_sms"),
+        pybind11::arg("fused") = true, pybind11::arg("trace") = pybind11::none());
   m.def("ll_layout_info", &ll_layout_info, pybind11::arg("num_ranks"), pybind11::arg("num_experts"), pybind11::arg("m"),
         pybind11::arg("hidden"), pybind11::arg("num_topk"), pybind11::arg("use_fp8"),
         "Sizes of the low-latency region: {region_bytes (all), flags_bytes (both buffers' flags, first), "
         "buffer_bytes (one buffer's data), msg_bytes, routing_ints (a dispatch result's routing workspace)}");
   m.attr("ll_max_experts") = ll::kMaxExperts;
   m.attr("ll_flags_bytes") = ll::kFlagsBytes;
+  m.attr("ll_trace_shape") = pybind11::make_tuple(ll::kTraceKernels, ll::kTraceBlocks, ll::kTraceEvents);
 
   // Kernel families present in this build; the Buffer runs kernels only for their calls.
   m.attr("kernel_families") = pybind11::make_tuple("layout", "intranode", "low_latency");

@@ -569,6 +569,67 @@ def test_staged_send_matches_reference_semantics(ll_pool, case, seed):
     assert len(counts) == 3 and all(len(per_rank) == REPS for per_rank in counts)
 
 
+# A call without a hook runs send and receive in one kernel (LowLatencyEngine.fused, the default);
+# the two-kernel form (as a hook runs it, MOE_EP_LL_FUSED=0) must give the same results. Hooks off.
+SPLIT_CASE_NAMES = ("random-fp8-h7168", "random-bf16-h2560", "skewed-one-expert-fp8-h7168",
+                    "zero-token-ranks-fp8-h2560", "nothing-routed-bf16-h384", "many-experts-fp8-h512")
+SPLIT_CASES = [case for case in CASES if case.name in SPLIT_CASE_NAMES]
+assert len(SPLIT_CASES) == len(SPLIT_CASE_NAMES), "a split-launch case was renamed"
+
+
+def _w_case_split(ctx, case: Case, seed: int) -> None:
+    engine = engine_for(ctx)
+    engine.fused = False
+    try:
+        for rep in range(2):
+            run_case(ctx, engine, case, seed + rep, rep, f"{case.name}, two kernels (run {rep + 1} of 2)",
+                     hooks=(False, False), mode=("plain", "zero_copy")[rep])
+    finally:
+        engine.fused = True
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[case.name for case in SPLIT_CASES])
+def test_split_launch_matches_reference_semantics(ll_pool, case, seed):
+    ll_pool(3).run(_w_case_split, case, seed, timeout=case.timeout)
+
+
+def _w_trace(ctx, seed: int) -> list:
+    """Phase trace on: one fused dispatch + combine, then the same with hooks (split kernels). Every
+    block of every kernel records its events in order (non-decreasing %globaltimer)."""
+    engine = engine_for(ctx)
+    case = Case("trace-fp8", hidden=2560, fmt="fp8")
+    trace = engine.enable_trace()
+    try:
+        grids = []
+        for hooks in ((False, False), (True, True)):
+            trace.zero_()
+            run_case(ctx, engine, case, seed, 0, f"trace, hooks={hooks}", hooks=hooks, mode="plain")
+            sync(ctx)
+            t = trace.cpu()
+            events = {0: 4, 1: 4, 2: 5, 3: 3}  # recorded events per kernel (csrc/low_latency.cu TraceKernel)
+            used = []
+            for kernel, n in events.items():
+                rows = t[kernel, :, :n]
+                ran = rows[:, 0] != 0
+                assert bool(ran[0]), f"hooks={hooks}: kernel {kernel}: block 0 recorded no start"
+                rows = rows[ran]
+                assert bool((rows != 0).all()), f"hooks={hooks}: kernel {kernel}: a block missed an event: {rows}"
+                assert bool((rows[:, 1:] >= rows[:, :-1]).all()), \
+                    f"hooks={hooks}: kernel {kernel}: events out of order: {rows}"
+                used.append(int(ran.sum()))
+            # A receive starts once its send half ended (same kernel, or the next on the stream).
+            assert int(t[1, 0, 0]) >= int(t[0, 0, 3]) and int(t[3, 0, 0]) >= int(t[2, 0, 4]), t[:, 0]
+            grids.append(used)
+        return grids
+    finally:
+        engine.trace = None
+
+
+def test_phase_trace_records_every_kernel(ll_pool, seed):
+    grids = ll_pool(2).run(_w_trace, seed, timeout=300)
+    assert all(len(g) == 2 for g in grids), grids
+
+
 def _w_hooks(ctx, fmt: str, seed: int) -> None:
     """Both hooks; outputs poisoned between the send half and hook(); a barrier there shows the
     send halves complete without any receive."""

@@ -40,6 +40,16 @@ from ..ipc import adopt_in_process, open_intranode_buffer
 # Where the buffers live: "ipc" (CUDA-IPC buffers, any torch.distributed backend, ranks may share a
 # GPU) or "nvshmem" (NVSHMEM symmetric memory, one GPU per rank; moe_ep.comm.nvshmem).
 TRANSPORT_ENV = "MOE_EP_LL_TRANSPORT"
+# A call without a hook runs its send and receive halves in one kernel ("1", the default) or in two
+# ("0": as with a hook; for comparison). Read when the engine is built.
+FUSED_ENV = "MOE_EP_LL_FUSED"
+
+
+def _fused_from_env() -> bool:
+    raw = os.environ.get(FUSED_ENV, "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"{FUSED_ENV} must be '0' or '1', got {raw!r}")
+    return raw == "1"
 
 
 def _extension():
@@ -139,6 +149,16 @@ class LowLatencyEngine:
         self.combine_idx = 0   # combines alternate between their combine areas, independently, so
         #                        repeated combines of one handle never reuse the area a peer reads
         self.last_wait_ns = 0
+        self.fused = _fused_from_env()
+        self.trace: Optional[torch.Tensor] = None  # enable_trace()
+
+    def enable_trace(self) -> torch.Tensor:
+        """Make every later call record its phase boundaries (%globaltimer ns, csrc/low_latency.h) into
+        the returned int64 tensor [kernel, block, event] (kernels: dispatch send, dispatch recv, combine
+        send, combine recv); a diagnostic of the loopback benchmark. Each call overwrites its rows."""
+        shape = tuple(self.ext.ll_trace_shape)
+        self.trace = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        return self.trace
 
     # -------------------------------------------------------- buffers
     def _ensure(self, m: int, hidden: int, num_experts: int, num_topk: int, use_fp8: bool, use_ue8m0: bool) -> None:
@@ -231,7 +251,7 @@ class LowLatencyEngine:
             self.ext.ll_dispatch(self.ipc, send, recv, num_experts, m, b, x, topk_idx, self.mask, result.mask, use_fp8,
                                  round_scale, use_ue8m0, result.counts_e, result.pair_pos, result.send_done, result.data,
                                  result.scales, result.recv_count, result.src_info, result.layout_range, recv_stats,
-                                 result.routing, self.num_sms)
+                                 result.routing, self.num_sms, self.fused, self.trace)
 
         handle = (result.src_info, result.layout_range, m, hidden, num_experts)
         recv_x = self._views(result, hidden, use_fp8, use_ue8m0)
@@ -267,7 +287,7 @@ class LowLatencyEngine:
         def launch(send: bool, recv: bool) -> None:
             self.ext.ll_combine(self.ipc, send, recv, num_experts, m, area, result.use_fp8, x, layout_range, topk_idx,
                                 topk_weights, result.mask, result.pair_pos, result.src_info, result.routing, combined,
-                                self.num_sms)
+                                self.num_sms, self.fused, self.trace)
             if recv and out is not None and not direct:
                 out.copy_(combined)
 
