@@ -13,12 +13,12 @@
 //                   pieces spread over every warp of the grid; src_info, layout_range, recv_count
 //                   and the statistics are written once; the last block past the waits resets the
 //                   flags.
-//   combine send    as a source, each rank stores its tokens' top-k weights into their expert
-//                   ranks (4 bytes per row) and raises a weight flag there; as an expert rank, once
-//                   every source's weights are in, it sums weight x output over each (source,
-//                   token)'s rows here in k order, in float32, and stores that one partial row into
-//                   the source: a token crosses back once per rank, not once per expert. The last
-//                   block to finish publishes one flag per source.
+//   combine send    as a source, every block stores a share of its tokens' top-k weights into their
+//                   expert ranks (4 bytes per row) and adds the number to a weight counter there; as
+//                   an expert rank, each warp loads its first rows, waits until every source's count
+//                   is in, sums weight x output over each (source, token)'s rows here in k order, in
+//                   float32, and stores that one partial row into the source: a token crosses back
+//                   once per rank, not once per expert. The last block publishes one flag per source.
 //   combine recv    waits for every rank's flag, then one warp per (token, 256 hidden columns)
 //                   sums the partial rows of the token's ranks in rank order and casts; the last
 //                   block resets the flags.
@@ -107,10 +107,11 @@ __device__ __forceinline__ float pow2_ceil(float s) {
 
 // Phase boundaries of the trace (low_latency.h): event e of kernel k is stored at trace[k][block][e].
 enum TraceKernel { kTraceDispatchSend = 0, kTraceDispatchRecv = 1, kTraceCombineSend = 2, kTraceCombineRecv = 3 };
-// dispatch send: 0 start, 1 pair positions known, 2 tokens stored, 3 counts published
+// dispatch send: 0 start, 1 histogram done, 2 tokens stored, 3 counts published
 // dispatch recv: 0 start, 1 counts in, 2 layout written, 3 rows copied
-// combine send:  0 start, 1 weights stored (block 0's phase 1), 2 every source's weights in, 3 partial
-//                sums stored, 4 flags published
+// combine send:  0 start, 1 the block's weights stored, 2 every source's weights in (warp 0, after its
+//                first rows are in flight; when it has no item, the end of its loop), 3 partial sums
+//                stored, 4 flags published
 // combine recv:  0 start, 1 every rank's flag in, 2 tokens written
 __device__ __forceinline__ void trace_mark(unsigned long long* trace, int kernel, int event) {
   if (trace == nullptr || threadIdx.x != 0 || blockIdx.x >= kTraceBlocks) return;
@@ -125,21 +126,74 @@ __device__ __forceinline__ void trace_mark(unsigned long long* trace, int kernel
 // (all pairs per expert, and those before its own tokens), so no block waits for another.
 __device__ __forceinline__ bool valid_expert(int64_t e, int num_experts) { return e >= 0 && e < num_experts; }
 
-// Block b owns tokens [t0, t1): it reads and casts each of them once, and stores the message to
-// every destination of its top-k. The last block to count an expert's pairs publishes its count.
+// A send round: up to kRoundPairs (token, k) pairs of consecutive tokens, their rows loaded kPassLoads
+// vectors per thread at a time (FP8: a half-warp per 128-column group, a 16-byte vector per lane and
+// group; BF16: 16-byte vectors).
+constexpr int kRoundPairs = 256;
+constexpr int kPassLoads = 4;
+constexpr int kHalfWarps = kThreads / 16;
+
+// Tokens per round: one pass of loads covers the round's rows (at least one token, at most
+// kRoundPairs pairs); a staged send stages one token at a time.
+__device__ __forceinline__ int round_tokens(const LLLayout& L, bool staged) {
+  if (staged) return 1;
+  const int per_token = L.use_fp8 ? L.hidden / kGroup : static_cast<int>(L.x_bytes / 16);
+  const int per_pass = L.use_fp8 ? kHalfWarps * kPassLoads : kThreads * kPassLoads;
+  return max(1, min(per_pass / per_token, kRoundPairs / L.num_topk));
+}
+
+// The vectors a thread loads in one pass of a round of tokens [r0, r1): pass `base` covers the
+// round's vectors [base, base + one pass). FP8: item i = (token, group), half-warp hw takes
+// i = base + hw + kHalfWarps x j and lane hl its 16 bytes; BF16: thread tid takes vector
+// base + tid + kThreads x j of the round's rows.
+struct PassLoads {
+  uint4 raw[kPassLoads];
+};
+__device__ __forceinline__ PassLoads load_pass(const DispatchArgs& a, int r0, int r1, int base) {
+  const LLLayout& L = a.layout;
+  const auto* x = static_cast<const __nv_bfloat16*>(a.x);
+  PassLoads out;
+  if (L.use_fp8) {
+    const int groups = L.hidden / kGroup;
+    const int items = (r1 - r0) * groups;
+#pragma unroll
+    for (int j = 0; j < kPassLoads; ++j) {
+      const int i = base + static_cast<int>(threadIdx.x) / 16 + kHalfWarps * j;
+      out.raw[j] = i < items ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(r0 + i / groups) * L.hidden +
+                                                                     (i % groups) * kGroup) + threadIdx.x % 16)
+                             : make_uint4(0u, 0u, 0u, 0u);
+    }
+  } else {
+    const int per_token = static_cast<int>(L.x_bytes / 16);
+    const int items = (r1 - r0) * per_token;
+#pragma unroll
+    for (int j = 0; j < kPassLoads; ++j) {
+      const int i = base + static_cast<int>(threadIdx.x) + kThreads * j;
+      out.raw[j] = i < items ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(r0 + i / per_token) * L.hidden) +
+                                     i % per_token)
+                             : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  return out;
+}
+
+// Block b owns tokens [t0, t1), sent in rounds of consecutive tokens: each token is read and cast
+// once and its message stored once per destination rank. The first pass's rows are loaded before
+// the histogram, so their latency hides behind it. A block publishes, per expert, how many of its
+// pairs it sent (one atomic per expert); the block that completes an expert's total releases its count.
 __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   const LLLayout& L = a.layout;
   trace_mark(a.trace, kTraceDispatchSend, 0);
   __shared__ int total[kMaxExperts];   // this rank's pairs per expert
-  __shared__ int before[kMaxExperts];  // ... among the pairs before this block's tokens
-  __shared__ uint8_t* dst[kMaxTopk];   // the current token's messages, one per rank (null: none)
-  __shared__ int dst_rank[kMaxTopk];   // the rank entry k sends to (-1: nothing)
-  __shared__ int dst_expert[kMaxTopk]; // its local expert there
-  __shared__ int dst_slot[kMaxTopk];   // and its slot (position among this rank's rows for it)
+  __shared__ int before[kMaxExperts];  // ... among the pairs before the current round
+  __shared__ int mine[kMaxExperts];    // ... among this block's pairs
+  __shared__ int round_expert[kRoundPairs];  // the round's pairs: expert id (-1: none)
+  __shared__ int dst_rank[kRoundPairs];      // the rank pair i sends to (-1: nothing)
+  __shared__ int round_slot[kRoundPairs];    // and its slot there (its position among this rank's rows for the expert)
+  __shared__ uint8_t* dst[kRoundPairs];      // the message pair i stores (null: an earlier k of its token does)
   extern __shared__ uint4 stage[];     // staged send (FP8): the current token's payload and scales
   const int tid = threadIdx.x;
   const int lane = tid % 32;
-  const int warp = tid / 32;
   const int me = a.peers.rank;
   const int K = L.num_topk;
   const int E = L.num_experts;
@@ -148,7 +202,9 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   const int p0 = t0 * K;
   const int p1 = t1 * K;
   const int pairs = a.num_tokens * K;
-  for (int e = tid; e < E; e += kThreads) total[e] = before[e] = 0;
+  const int rt = round_tokens(L, a.staged_send);
+  PassLoads loads = load_pass(a, t0, min(t0 + rt, t1), 0);  // the first pass, in flight from here
+  for (int e = tid; e < E; e += kThreads) total[e] = before[e] = mine[e] = 0;
   // The receive of this dispatch counts its owners from zero (it waits for owners_ready: in a fused
   // launch its blocks may get there before block 0 has run), and reads (as the combine does) the
   // mask this send used, whatever the live one becomes meanwhile.
@@ -166,6 +222,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
     if (e < 0) continue;  // -1: no expert
     atomicAdd(&total[e], 1);
     if (p < p0) atomicAdd(&before[e], 1);
+    else if (p < p1) atomicAdd(&mine[e], 1);
   }
   __syncthreads();
   // Statistics, and the flags of experts this rank sends nothing to (nothing to wait for).
@@ -179,51 +236,58 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
       st_relaxed_sys(flag, 1);
     }
   }
-  for (int p = p0 + tid; p < p1; p += kThreads) {
-    const int64_t e = __ldg(a.topk_idx + p);
-    if (!valid_expert(e, E)) continue;
-    int pos = before[e];
-    for (int q = p0; q < p; ++q) pos += __ldg(a.topk_idx + q) == e ? 1 : 0;
-    a.pair_pos[p] = pos;
-  }
-  __syncthreads();  // this block's pair positions are visible to the whole block
   trace_mark(a.trace, kTraceDispatchSend, 1);
 
   const int groups = L.hidden / kGroup;
-  for (int t = t0; t < t1; ++t) {
-    if (tid < K) {
-      const int p = t * K + tid;
-      const int64_t e = __ldg(a.topk_idx + p);
+  for (int r0 = t0; r0 < t1; r0 += rt) {
+    const int r1 = min(r0 + rt, t1);
+    const int rp = (r1 - r0) * K;  // <= kRoundPairs
+    // 1. The round's experts; each pair's slot (pairs before it with its expert), its index entry
+    //    at the destination, and its destination rank.
+    if (tid < rp) {
+      const int64_t e = __ldg(a.topk_idx + r0 * K + tid);
+      round_expert[tid] = e >= 0 ? static_cast<int>(e) : -1;
+    }
+    __syncthreads();
+    if (tid < rp) {
+      const int e = round_expert[tid];
       int rank = -1;
-      if (valid_expert(e, E)) {
-        const int d = static_cast<int>(e / L.num_local);
-        const int j = a.pair_pos[p];
+      if (e >= 0) {
+        int j = before[e];
+        for (int q = 0; q < tid; ++q) j += round_expert[q] == e ? 1 : 0;
+        a.pair_pos[r0 * K + tid] = j;
+        const int d = e / L.num_local;
         if (!cut(a.mask, me, d) && j < L.m) {  // beyond M rows of one source for one expert: dropped (see header)
-          // The expert's slot j names the token; the token's message goes to its rank once.
           int* index = reinterpret_cast<int*>(buffer_of(a.peers, d, a.data_offset) + L.off_dindex);
-          index[(static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j] = t;
+          index[(static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j] = r0 + tid / K;
           rank = d;
-          dst_expert[tid] = static_cast<int>(e % L.num_local);
-          dst_slot[tid] = j;
+          round_slot[tid] = j;
         }
       }
       dst_rank[tid] = rank;
     }
     __syncthreads();
-    if (tid < K) {
+    // 2. A token's message goes to each of its ranks once: the first k for that rank writes the meta
+    //    (the token, then its (local expert, slot) pairs there in k order: the combine's list).
+    if (tid < rp) {
+      const int e = round_expert[tid];
+      if (e >= 0) atomicAdd(&before[e], 1);  // every pair of the round has read before[]
+      const int k = tid % K;
+      const int first_k = tid - k;
       const int d = dst_rank[tid];
       bool first = d >= 0;
-      for (int k = 0; k < tid && first; ++k) first = dst_rank[k] != d;
+      for (int q = first_k; q < tid && first; ++q) first = dst_rank[q] != d;
       uint8_t* msg = nullptr;
       if (first) {
+        const int t = r0 + tid / K;
         msg = buffer_of(a.peers, d, a.data_offset) + L.off_dtokens + (static_cast<int64_t>(me) * L.m + t) * L.msg_bytes;
-        // Meta: the token, then its (local expert, slot) pairs on d in k order (the combine's list).
         int* meta = reinterpret_cast<int*>(msg + L.off_src);
         int n = 0;
-        for (int k = tid; k < K; ++k) {
-          if (dst_rank[k] != d) continue;
-          meta[2 + 2 * n] = dst_expert[k];
-          meta[3 + 2 * n] = dst_slot[k];
+        for (int q = tid; q < first_k + K; ++q) {
+          if (dst_rank[q] != d) continue;
+          const int eq = round_expert[q];
+          meta[2 + 2 * n] = eq % L.num_local;
+          meta[3 + 2 * n] = round_slot[q];
           ++n;
         }
         meta[0] = t;
@@ -232,86 +296,89 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
       dst[tid] = msg;
     }
     __syncthreads();
-    const __nv_bfloat16* row = static_cast<const __nv_bfloat16*>(a.x) + static_cast<int64_t>(t) * L.hidden;
-    if (L.use_fp8) {
-      // A half-warp casts one 128-column group (8 columns per lane), once for all destinations.
-      const int half = lane / 16;
-      const int hl = lane % 16;
-      for (int gbase = warp * 2; gbase < groups; gbase += kWarps * 2) {
-        const int g = gbase + half;
-        const bool active = g < groups;
-        float f[8];
-        float amax = 0.0f;
-        if (active) {
-          const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + g * kGroup) + hl);
-          const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
+    // 3. Rows: cast (FP8) and store to every destination, a pass of loads at a time.
+    const int round_items = L.use_fp8 ? (r1 - r0) * groups : (r1 - r0) * static_cast<int>(L.x_bytes / 16);
+    const int per_pass = L.use_fp8 ? kHalfWarps * kPassLoads : kThreads * kPassLoads;
+    for (int base = 0; base < round_items; base += per_pass) {
+      if (base > 0 || r0 > t0) loads = load_pass(a, r0, r1, base);
+      if (L.use_fp8) {
+        const int hl = lane % 16;
 #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            f[i] = __bfloat162float(v[i]);
-            amax = fmaxf(amax, fabsf(f[i]));
+        for (int j = 0; j < kPassLoads; ++j) {
+          const int i = base + tid / 16 + kHalfWarps * j;
+          const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&loads.raw[j]);
+          float f[8];
+          float amax = 0.0f;
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            f[c] = __bfloat162float(v[c]);
+            amax = fmaxf(amax, fabsf(f[c]));
           }
-        } else {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) f[i] = 0.0f;
-        }
+          for (int offset = 8; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullWarp, amax, offset));
+          if (i >= round_items) continue;  // after the shuffles: the whole warp takes part in them
+          // amax / 448, floored, optionally rounded up to a power of two: moe_ep.comm.fp8's quantizer.
+          float scale = fmaxf(amax, kAmaxFloor) / kFp8Max;
+          if (a.round_scale) scale = pow2_ceil(scale);
+          uint2 packed = make_uint2(0u, 0u);
 #pragma unroll
-        for (int offset = 8; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullWarp, amax, offset));
-        // amax / 448, floored, optionally rounded up to a power of two: moe_ep.comm.fp8's quantizer.
-        float scale = fmaxf(amax, kAmaxFloor) / kFp8Max;
-        if (a.round_scale) scale = pow2_ceil(scale);
-        uint2 packed = make_uint2(0u, 0u);
+          for (int c = 0; c < 8; ++c) {
+            const float q = fminf(fmaxf(f[c] / scale, -kFp8Max), kFp8Max);
+            const unsigned b = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
+            if (c < 4) packed.x |= b << (8 * c); else packed.y |= b << (8 * (c - 4));
+          }
+          const int tk = i / groups;
+          const int g = i % groups;
+          if (a.staged_send) {  // one token per round
+            uint8_t* staged = reinterpret_cast<uint8_t*>(stage);
+            reinterpret_cast<uint2*>(staged + g * kGroup)[hl] = packed;
+            if (hl == 0) reinterpret_cast<float*>(staged + L.off_scales)[g] = scale;
+            continue;
+          }
+          for (int k = 0; k < K; ++k) {
+            uint8_t* msg = dst[tk * K + k];
+            if (msg == nullptr) continue;
+            reinterpret_cast<uint2*>(msg + g * kGroup)[hl] = packed;
+            if (hl == 0) reinterpret_cast<float*>(msg + L.off_scales)[g] = scale;
+          }
+        }
+      } else {
+        const int per_token = static_cast<int>(L.x_bytes / 16);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const float q = fminf(fmaxf(f[i] / scale, -kFp8Max), kFp8Max);
-          const unsigned b = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
-          if (i < 4) packed.x |= b << (8 * i); else packed.y |= b << (8 * (i - 4));
-        }
-        if (!active) continue;
-        if (a.staged_send) {
-          uint8_t* staged = reinterpret_cast<uint8_t*>(stage);
-          reinterpret_cast<uint2*>(staged + g * kGroup)[hl] = packed;
-          if (hl == 0) reinterpret_cast<float*>(staged + L.off_scales)[g] = scale;
-          continue;
-        }
-        for (int k = 0; k < K; ++k) {
-          uint8_t* msg = dst[k];
-          if (msg == nullptr) continue;
-          reinterpret_cast<uint2*>(msg + g * kGroup)[hl] = packed;
-          if (hl == 0) reinterpret_cast<float*>(msg + L.off_scales)[g] = scale;
-        }
-      }
-      if (a.staged_send) {
-        // Every thread stores 16-byte vectors of the staged message, all destinations at once.
-        __syncthreads();
-        const int vectors = static_cast<int>(L.off_src / 16);  // payload + scales (off_src is 16-aligned)
-        for (int i = tid; i < K * vectors; i += kThreads) {
-          uint8_t* msg = dst[i / vectors];
-          if (msg != nullptr) reinterpret_cast<uint4*>(msg)[i % vectors] = stage[i % vectors];
-        }
-      }
-    } else {
-      const int64_t vectors = L.x_bytes / 16;  // hidden % 8 == 0 (make_layout)
-      const uint4* src = reinterpret_cast<const uint4*>(row);
-      for (int64_t v = tid; v < vectors; v += kThreads) {
-        const uint4 value = __ldg(src + v);
-        for (int k = 0; k < K; ++k) {
-          if (dst[k] != nullptr) reinterpret_cast<uint4*>(dst[k])[v] = value;
+        for (int j = 0; j < kPassLoads; ++j) {
+          const int i = base + tid + kThreads * j;
+          if (i >= round_items) continue;
+          const int tk = i / per_token;
+          for (int k = 0; k < K; ++k) {
+            uint8_t* msg = dst[tk * K + k];
+            if (msg != nullptr) reinterpret_cast<uint4*>(msg)[i % per_token] = loads.raw[j];
+          }
         }
       }
     }
-    __syncthreads();  // dst[] is rewritten for the next token
+    if (a.staged_send) {
+      // Every thread stores 16-byte vectors of the staged message, all destinations at once.
+      __syncthreads();
+      const int vectors = static_cast<int>(L.off_src / 16);  // payload + scales (off_src is 16-aligned)
+      for (int i = tid; i < K * vectors; i += kThreads) {
+        uint8_t* msg = dst[i / vectors];
+        if (msg != nullptr) reinterpret_cast<uint4*>(msg)[i % vectors] = stage[i % vectors];
+      }
+    }
+    __syncthreads();  // the round's shared arrays are rewritten by the next round
   }
   trace_mark(a.trace, kTraceDispatchSend, 2);
 
-  // Publish: the block's stores are fenced; then each pair counts once, and the pair that completes
-  // its expert's total releases the count (the expert's rows from every block before it).
-  block_fence_system();
-  for (int p = p0 + tid; p < p1; p += kThreads) {
-    const int64_t e = __ldg(a.topk_idx + p);
-    if (!valid_expert(e, E)) continue;
-    const int d = static_cast<int>(e / L.num_local);
+  // Publish: after the block's barrier one fence orders every thread's stores (as a grid barrier
+  // does); then per expert one atomic adds this block's pairs, and the block that completes the
+  // expert's total releases its count (the expert's rows from every block before it).
+  if (tid == 0) __threadfence_system();
+  __syncthreads();
+  for (int e = tid; e < E; e += kThreads) {
+    if (mine[e] == 0) continue;
+    const int d = e / L.num_local;
     if (cut(a.mask, me, d)) continue;
-    if (atomicAdd(a.send_done + e, 1) + 1 == total[e]) {
+    if (atomicAdd(a.send_done + e, mine[e]) + mine[e] == total[e]) {
       __threadfence_system();
       a.send_done[e] = 0;  // every pair of e has counted: ready for the next dispatch
       int* flag = reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + L.off_dflags) +
@@ -424,6 +491,12 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   const int rows = first[E - 1] + last_count;
   const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
+  // Rows from each source (the weights it stores here at combine), by the grid's first threads.
+  for (int64_t s = gtid; s < R; s += grid_threads) {
+    int total = 0;
+    for (int l = 0; l < L.num_local; ++l) total += counts[l * R + s];
+    a.routing[L.ws_src_rows + s] = total;
+  }
   // layout_range, recv_count and statistics: entry i = (l, s) belongs to one thread of the grid.
   for (int64_t i = gtid; i < E; i += grid_threads) {
     const int l = static_cast<int>(i / R);
@@ -448,26 +521,65 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   const int64_t piece_bytes = align16((L.x_bytes + pieces - 1) / pieces);
   const int64_t warp = gtid / 32;
   const int64_t num_warps = grid_threads / 32;
-  for (int64_t item = warp; item < rows * pieces; item += num_warps) {
-    const int r = static_cast<int>(item / pieces);
-    const int64_t piece = item % pieces;
-    const int i = find_entry(first, E, r);
-    const int l = i / R;
-    const int s = i % R;
-    const int j = r - first[i];
-    const int idx = r - first[l * R];
-    const int token = __ldcg(reinterpret_cast<const int*>(own + L.off_dindex) + (static_cast<int64_t>(l) * R + s) * L.m + j);
-    const uint8_t* msg = own + L.off_dtokens + (static_cast<int64_t>(s) * L.m + token) * L.msg_bytes;
-    if (piece == 0) {
-      // This row's place q in its token's list here: the list (rows in k order), and the owners.
+  const int64_t total_items = rows * pieces;
+  const int* dindex = reinterpret_cast<const int*>(own + L.off_dindex);
+  // A warp's items are warp + u x num_warps: lane u looks up item u's token (one round trip per 32
+  // items, not one per item); on piece 0 the row's meta and scales are loaded before its copy and
+  // used after it, so the three loads overlap.
+  const bool scales_ahead = a.use_ue8m0 ? groups / 4 <= 32 : groups <= 64;
+  for (int64_t batch = warp; batch < total_items; batch += 32 * num_warps) {
+    int my_token = 0;
+    const int64_t my_item = batch + lane * num_warps;
+    if (my_item < total_items) {
+      const int r = static_cast<int>(my_item / pieces);
+      const int i = find_entry(first, E, r);
+      my_token = __ldcg(dindex + static_cast<int64_t>(i) * L.m + (r - first[i]));  // [l][s] = entry i
+    }
+    for (int u = 0; u < 32; ++u) {
+      const int64_t item = batch + u * num_warps;
+      if (item >= total_items) break;  // the same for the whole warp
+      const int token = __shfl_sync(kFullWarp, my_token, u);
+      const int r = static_cast<int>(item / pieces);
+      const int64_t piece = item % pieces;
+      const int i = find_entry(first, E, r);
+      const int l = i / R;
+      const int s = i % R;
+      const int j = r - first[i];
+      const int idx = r - first[l * R];
+      const uint8_t* msg = own + L.off_dtokens + (static_cast<int64_t>(s) * L.m + token) * L.msg_bytes;
+      const int64_t row = static_cast<int64_t>(l) * slots + idx;
       const int* meta = reinterpret_cast<const int*>(msg + L.off_src);
-      const int n = __ldcg(meta + 1);
-      const bool match = lane < n && __ldcg(meta + 2 + 2 * lane) == l && __ldcg(meta + 3 + 2 * lane) == j;
+      const float* scales = reinterpret_cast<const float*>(msg + L.off_scales);
+      int n = 0;
+      int meta_l = -1;
+      int meta_j = -1;
+      float4 sc = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (piece == 0) {
+        n = __ldcg(meta + 1);
+        if (lane < L.num_topk) {
+          meta_l = __ldcg(meta + 2 + 2 * lane);
+          meta_j = __ldcg(meta + 3 + 2 * lane);
+        }
+        if (L.use_fp8 && scales_ahead) {
+          if (a.use_ue8m0) {
+            if (lane < groups / 4) sc = __ldcg(reinterpret_cast<const float4*>(scales) + lane);  // 16-byte aligned
+          } else {
+            if (lane < groups) sc.x = __ldcg(scales + lane);
+            if (lane + 32 < groups) sc.y = __ldcg(scales + lane + 32);
+          }
+        }
+      }
+      const int64_t begin = piece * piece_bytes;
+      warp_copy(static_cast<uint8_t*>(a.recv_x) + row * L.x_bytes + begin, msg + begin,
+                min(piece_bytes, L.x_bytes - begin), lane);
+      if (piece != 0) continue;
+      // This row's place q in its token's list here: the list (rows in k order), and the owners.
+      const bool match = lane < n && meta_l == l && meta_j == j;
       const unsigned hits = __ballot_sync(kFullWarp, match);
       if (lane == 0 && hits != 0) {
         const int q = __ffs(hits) - 1;
         const int64_t pair = static_cast<int64_t>(s) * L.m + token;
-        a.routing[L.ws_token_rows + pair * L.num_topk + q] = static_cast<int>(static_cast<int64_t>(l) * slots + idx);
+        a.routing[L.ws_token_rows + pair * L.num_topk + q] = static_cast<int>(row);
         // Where the source stores this row's weight at combine ((l, s, j), as the combine's phase 1).
         a.routing[L.ws_token_wslots + pair * L.num_topk + q] = (l * R + s) * L.m + j;
         if (q == 0) {
@@ -475,29 +587,27 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
           a.routing[L.ws_owners + atomicAdd(a.routing + L.ws_num_owners, 1)] = static_cast<int>(pair);
         }
       }
-    }
-    const int64_t row = static_cast<int64_t>(l) * slots + idx;
-    const int64_t begin = piece * piece_bytes;
-    warp_copy(static_cast<uint8_t*>(a.recv_x) + row * L.x_bytes + begin, msg + begin,
-              min(piece_bytes, L.x_bytes - begin), lane);
-    if (piece != 0) continue;
-    if (L.use_fp8) {
-      const float* scales = reinterpret_cast<const float*>(msg + L.off_scales);
-      if (a.use_ue8m0) {
-        // Scales [L, G/4, slots] int32: group 4w+i's exponent byte in byte i of word w.
-        for (int w = lane; w < groups / 4; w += 32) {
-          unsigned word = 0;
-          for (int b = 0; b < 4; ++b) word |= ((__float_as_uint(scales[4 * w + b]) >> 23) & 0xFFu) << (8 * b);
-          static_cast<int*>(a.recv_scales)[(static_cast<int64_t>(l) * (groups / 4) + w) * slots + idx] =
-              static_cast<int>(word);
-        }
-      } else {
-        for (int g = lane; g < groups; g += 32) {
-          static_cast<float*>(a.recv_scales)[(static_cast<int64_t>(l) * groups + g) * slots + idx] = scales[g];
+      if (L.use_fp8) {
+        if (a.use_ue8m0) {
+          // Scales [L, G/4, slots] int32: group 4w+i's exponent byte in byte i of word w.
+          auto word_of = [](float4 f) {
+            return ((__float_as_uint(f.x) >> 23) & 0xFFu) | (((__float_as_uint(f.y) >> 23) & 0xFFu) << 8) |
+                   (((__float_as_uint(f.z) >> 23) & 0xFFu) << 16) | (((__float_as_uint(f.w) >> 23) & 0xFFu) << 24);
+          };
+          for (int w = lane; w < groups / 4; w += 32) {
+            const float4 f = scales_ahead ? sc : __ldcg(reinterpret_cast<const float4*>(scales) + w);
+            static_cast<int*>(a.recv_scales)[(static_cast<int64_t>(l) * (groups / 4) + w) * slots + idx] =
+                static_cast<int>(word_of(f));
+          }
+        } else {
+          for (int g = lane; g < groups; g += 32) {
+            const float v = !scales_ahead ? __ldcg(scales + g) : (g == lane ? sc.x : sc.y);
+            static_cast<float*>(a.recv_scales)[(static_cast<int64_t>(l) * groups + g) * slots + idx] = v;
+          }
         }
       }
+      if (lane == 0) a.src_info[row] = token;
     }
-    if (lane == 0) a.src_info[row] = token;
   }
   __syncthreads();
   trace_mark(a.trace, kTraceDispatchRecv, 3);
@@ -524,12 +634,50 @@ __device__ __forceinline__ int pair_rank(const CombineArgs& a, int64_t p, int me
   return d;
 }
 
-// Two phases. As a source, this rank stores its tokens' top-k weights into every expert rank's
-// weight area (4 bytes per row) and raises a weight flag there (block 0). As an expert rank,
-// once every source's weights are in, one warp per (owner, kSlices x 256 columns) sums weight x expert output
-// over the owner's rows here in k order, in float32, and stores that partial sum into the owner's
-// source at [this rank][token]: a token crosses back once per rank, not once per expert. The last
-// block to finish publishes "all partial sums are back" to every source.
+// A release add at system scope (the counter's readers acquire it; the adds of many writers make one
+// release sequence).
+__device__ __forceinline__ void red_release_sys_add(int* ptr, int value) {
+  asm volatile("red.release.sys.global.add.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+// Rows this rank received from source s at the dispatch (= weights s stores here at combine), for
+// lane's sources s = lane and lane + 32; 0 past R.
+struct SourceRows {
+  int lo = 0;
+  int hi = 0;
+};
+__device__ __forceinline__ SourceRows source_rows(const CombineArgs& a, int lane) {
+  const LLLayout& L = a.layout;
+  SourceRows rows;
+  if (lane < L.num_ranks) rows.lo = __ldcg(a.routing + L.ws_src_rows + lane);
+  if (lane + 32 < L.num_ranks) rows.hi = __ldcg(a.routing + L.ws_src_rows + lane + 32);
+  return rows;
+}
+
+// One warp waits (bounded) until every source's weights for this rank's rows are here: weight
+// counter [s] reaches the rows s sent at the dispatch. The warp's later loads see the weights.
+__device__ __forceinline__ void warp_wait_weights(const CombineArgs& a, const int* counters, SourceRows rows, int lane) {
+  const int me = a.peers.rank;
+  for (int half = 0; half < 2; ++half) {
+    const int s = lane + 32 * half;
+    const int expected = half == 0 ? rows.lo : rows.hi;
+    if (s < a.layout.num_ranks && expected > 0) {
+      const wait::WaitSite site{"low_latency_combine_send", "weight_count[src]", me, s, a.timeout_ns};
+      wait::wait_value<wait::Scope::kSys>(counters + s, expected, wait::Cmp::kGe, site);
+    }
+  }
+  __syncwarp();
+}
+
+// Two phases. As a source, every block stores its share of this rank's tokens' top-k weights into
+// their expert ranks (4 bytes per row) and adds, per rank, how many it stored to that rank's weight
+// counter [this rank]. As an expert rank, one warp per (owner, kSlices x 256 columns) loads the owner's
+// rows here, waits (once per warp, after its first loads are in flight) until every source's weights
+// are in, sums weight x expert output over the rows in k order, in float32, and stores that partial
+// sum into the owner's source at [this rank][token]: a token crosses back once per rank, not once per
+// expert. The last block to finish publishes "all partial sums are back" to every source.
+// The combine's topk_idx must be the dispatch's (as the reference backend assumes): the counters
+// count the dispatch's rows, so other ids end in the bounded wait's error, not in wrong sums.
 __device__ __forceinline__ void combine_send(const CombineArgs& a) {
   const LLLayout& L = a.layout;
   trace_mark(a.trace, kTraceCombineSend, 0);
@@ -539,40 +687,37 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
   const int M = L.m;
   const int tid = threadIdx.x;
   const int lane = tid % 32;
-  const int64_t slots = static_cast<int64_t>(R) * M;
   uint8_t* own = buffer_of(a.peers, me, a.data_offset);
   uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
   int* done = reinterpret_cast<int*>(own_flags + L.off_done);
+  int* counters = reinterpret_cast<int*>(own_flags + L.off_wflags);
   const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
+  const SourceRows expected = source_rows(a, lane);
 
-  // Phase 1, block 0 alone (T x K 4-byte stores; no other block has to finish first, so a grid
-  // that is not all resident at once still progresses): the weights of this rank's rows, into
-  // their expert ranks, then a weight flag at each.
+  // Phase 1, spread over the grid: this rank's weights into their expert ranks, then per rank one
+  // release add of how many this block stored there.
+  __shared__ int stored[kMaxRanks];
   __shared__ bool last;
-  if (blockIdx.x == 0) {
-    for (int64_t p = tid; p < static_cast<int64_t>(a.num_tokens) * K; p += kThreads) {
-      const int d = pair_rank(a, p, me);
-      if (d < 0) continue;
-      const int64_t e = a.topk_idx[p];
-      float* weights = reinterpret_cast<float*>(buffer_of(a.peers, d, a.data_offset) + L.off_cweights);
-      weights[((e % L.num_local) * R + me) * M + a.pair_pos[p]] = a.topk_weights[p];
-    }
-    block_fence_system();
-    if (tid < R && !cut(a.mask, me, tid)) {
-      st_release_sys(reinterpret_cast<int*>(buffer_of(a.peers, tid, a.flags_offset) + L.off_wflags) + me, 1);
-    }
+  for (int r = tid; r < R; r += kThreads) stored[r] = 0;
+  __syncthreads();
+  for (int64_t p = gtid; p < static_cast<int64_t>(a.num_tokens) * K; p += grid_threads) {
+    const int d = pair_rank(a, p, me);
+    if (d < 0) continue;
+    const int64_t e = a.topk_idx[p];
+    float* weights = reinterpret_cast<float*>(buffer_of(a.peers, d, a.data_offset) + L.off_cweights);
+    weights[((e % L.num_local) * R + me) * M + a.pair_pos[p]] = a.topk_weights[p];
+    atomicAdd(&stored[d], 1);
+  }
+  __syncthreads();
+  if (tid < R && stored[tid] > 0) {
+    __threadfence_system();  // after the block's barrier: every thread's weight stores come first
+    red_release_sys_add(reinterpret_cast<int*>(buffer_of(a.peers, tid, a.flags_offset) + L.off_wflags) + me,
+                        stored[tid]);
   }
   trace_mark(a.trace, kTraceCombineSend, 1);
 
-  // Phase 2: every source's weights are here, then the partial sums go back.
-  if (tid < R && !cut(a.mask, me, tid)) {
-    const wait::WaitSite site{"low_latency_combine_send", "weight_flag[src]", me, tid, a.timeout_ns};
-    wait::wait_value<wait::Scope::kSys>(reinterpret_cast<const int*>(own_flags + L.off_wflags) + tid, 0,
-                                        wait::Cmp::kNe, site);
-  }
-  __syncthreads();
-  trace_mark(a.trace, kTraceCombineSend, 2);
+  // Phase 2: the partial sums go back.
   const int num_owners = *reinterpret_cast<const volatile int*>(a.routing + L.ws_num_owners);
   // An item is (owner, kSlices x 256 columns): the owner's rows and weights are looked up once per
   // item (lane q holds row q), then kRowBatch rows x kSlices vectors per lane are in flight at once.
@@ -583,6 +728,7 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
   const int64_t num_warps = grid_threads / 32;
   const auto* weights = reinterpret_cast<const float*>(own + L.off_cweights);
   const auto* x = static_cast<const __nv_bfloat16*>(a.x);
+  bool weights_in = false;
   for (int64_t item = warp; item < items; item += num_warps) {
     const int owner = a.routing[L.ws_owners + item / groups];
     const int64_t col0 = (item % groups) * kSlices * 256 + lane * 8;
@@ -596,7 +742,7 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
       my_row = a.routing[L.ws_token_rows + static_cast<int64_t>(owner) * K + lane];
       my_wslot = a.routing[L.ws_token_wslots + static_cast<int64_t>(owner) * K + lane];
     }
-    const float my_w = lane < n ? __ldcg(weights + my_wslot) : 0.0f;
+    float my_w = 0.0f;
     float acc[kSlices][8];
 #pragma unroll
     for (int v = 0; v < kSlices; ++v) {
@@ -605,12 +751,10 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
     }
     for (int q0 = 0; q0 < n; q0 += kRowBatch) {  // n <= K <= 32; the sum keeps the k order
       uint4 raw[kRowBatch][kSlices];
-      float w[kRowBatch];
 #pragma unroll
       for (int u = 0; u < kRowBatch; ++u) {
         const int q = q0 + u;
         const int row = __shfl_sync(kFullWarp, my_row, q & 31);
-        w[u] = __shfl_sync(kFullWarp, my_w, q & 31);
 #pragma unroll
         for (int v = 0; v < kSlices; ++v) {
           const int64_t col = col0 + v * 256;
@@ -619,14 +763,23 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
                           : make_uint4(0u, 0u, 0u, 0u);
         }
       }
+      if (q0 == 0) {  // the first rows are in flight: now the weights
+        if (!weights_in) {
+          warp_wait_weights(a, counters, expected, lane);
+          weights_in = true;
+          if (warp % kWarps == 0) trace_mark(a.trace, kTraceCombineSend, 2);
+        }
+        my_w = lane < n ? __ldcg(weights + my_wslot) : 0.0f;
+      }
 #pragma unroll
       for (int u = 0; u < kRowBatch; ++u) {
         if (q0 + u >= n) break;
+        const float w = __shfl_sync(kFullWarp, my_w, (q0 + u) & 31);
 #pragma unroll
         for (int v = 0; v < kSlices; ++v) {
           const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw[u][v]);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) acc[v][i] += w[u] * __bfloat162float(h[i]);
+          for (int i = 0; i < 8; ++i) acc[v][i] += w * __bfloat162float(h[i]);
         }
       }
     }
@@ -641,20 +794,24 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
       dst[1] = make_float4(acc[v][4], acc[v][5], acc[v][6], acc[v][7]);
     }
   }
-  // The last block to finish publishes "all partial sums are back" to every source, and clears
-  // the weight flags every block has waited for.
+  if (!weights_in && warp % kWarps == 0) trace_mark(a.trace, kTraceCombineSend, 2);  // no item: nothing waited
+  // The last block to finish publishes "all partial sums are back" to every source. It also resets
+  // the weight counters, once each holds its full count (a warp without items never waited for it,
+  // so an add may still be on its way).
   __syncthreads();
   trace_mark(a.trace, kTraceCombineSend, 3);
   block_fence_system();
   if (tid == 0) last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
   __syncthreads();
-  if (last && tid < R) {
-    const int src = tid;
-    reinterpret_cast<volatile int*>(own_flags + L.off_wflags)[src] = 0;
+  if (last && tid < 32) {
+    warp_wait_weights(a, counters, expected, lane);
+    for (int src = lane; src < R; src += 32) reinterpret_cast<volatile int*>(counters)[src] = 0;
     __threadfence_system();
-    if (!cut(a.mask, me, src)) {
-      int* flag = reinterpret_cast<int*>(buffer_of(a.peers, src, a.flags_offset) + L.off_cflags) + me;
-      st_release_sys(flag, 1);
+    for (int src = lane; src < R; src += 32) {
+      if (!cut(a.mask, me, src)) {
+        int* flag = reinterpret_cast<int*>(buffer_of(a.peers, src, a.flags_offset) + L.off_cflags) + me;
+        st_release_sys(flag, 1);
+      }
     }
   }
   if (last && tid == 0) done[0] = 0;
@@ -663,18 +820,63 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
 }
 
 // ------------------------------------------------------------------------------ combine recv
+// The ranks token t has rows on (lane k looks at entry k), as a bit mask: two warp OR reductions
+// (ranks 0-31, 32-63) per 32 entries.
+__device__ __forceinline__ unsigned long long token_ranks(const CombineArgs& a, int64_t t, int lane) {
+  const int K = a.layout.num_topk;
+  unsigned long long ranks = 0;
+  for (int k0 = 0; k0 < K; k0 += 32) {
+    const int d = k0 + lane < K ? pair_rank(a, t * K + k0 + lane, a.peers.rank) : -1;
+    const unsigned long long bit = d >= 0 ? 1ull << d : 0ull;
+    const unsigned lo = __reduce_or_sync(kFullWarp, static_cast<unsigned>(bit));
+    const unsigned hi = __reduce_or_sync(kFullWarp, static_cast<unsigned>(bit >> 32));
+    ranks |= (static_cast<unsigned long long>(hi) << 32) | lo;
+  }
+  return ranks;
+}
+
+// Lane's 8 columns at col0 + v x 256 (v < kSlices) of a float32 partial row; zeros past hidden.
+struct PartialSlices {
+  float4 part[kSlices][2];
+};
+__device__ __forceinline__ PartialSlices load_partial(const float* src, int64_t col0, int hidden) {
+  PartialSlices p;
+#pragma unroll
+  for (int v = 0; v < kSlices; ++v) {
+    const int64_t col = col0 + v * 256;
+    const bool in = col < hidden;
+    p.part[v][0] = in ? __ldcg(reinterpret_cast<const float4*>(src + col)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    p.part[v][1] = in ? __ldcg(reinterpret_cast<const float4*>(src + col) + 1) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  return p;
+}
+
+__device__ __forceinline__ void add_partial(float (&acc)[kSlices][8], const PartialSlices& p) {
+#pragma unroll
+  for (int v = 0; v < kSlices; ++v) {
+    acc[v][0] += p.part[v][0].x; acc[v][1] += p.part[v][0].y; acc[v][2] += p.part[v][0].z; acc[v][3] += p.part[v][0].w;
+    acc[v][4] += p.part[v][1].x; acc[v][5] += p.part[v][1].y; acc[v][6] += p.part[v][1].z; acc[v][7] += p.part[v][1].w;
+  }
+}
+
 // Waits for every rank's flag, then one warp per (token, kSlices x 256 columns) sums the partial
 // sums of the ranks the token went to, in rank order, in float32, and casts; the last block resets
-// the flags.
+// the flags. A warp finds its first token's ranks before the wait (they depend on the dispatch
+// only), and loads two ranks' partial rows at a time.
 __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
   const LLLayout& L = a.layout;
   trace_mark(a.trace, kTraceCombineRecv, 0);
   const int me = a.peers.rank;
   const int R = L.num_ranks;
-  const int K = L.num_topk;
   const int lane = threadIdx.x % 32;
   uint8_t* own = buffer_of(a.peers, me, a.data_offset);
   uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
+  const int slices = (L.hidden + 255) / 256;
+  const int groups = (slices + kSlices - 1) / kSlices;
+  const int64_t items = static_cast<int64_t>(a.num_tokens) * groups;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  const unsigned long long first_ranks = warp < items ? token_ranks(a, warp / groups, lane) : 0ull;
   if (threadIdx.x < R && !cut(a.mask, me, threadIdx.x)) {
     const int d = threadIdx.x;
     const wait::WaitSite site{"low_latency_combine_recv", "combine_flag[src]", me, d, a.timeout_ns};
@@ -683,47 +885,30 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
   }
   __syncthreads();
   trace_mark(a.trace, kTraceCombineRecv, 1);
-  const int slices = (L.hidden + 255) / 256;
-  const int groups = (slices + kSlices - 1) / kSlices;
-  const int64_t items = static_cast<int64_t>(a.num_tokens) * groups;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarps;
   const auto* area = reinterpret_cast<const float*>(own + L.off_carea);
   auto* out = static_cast<__nv_bfloat16*>(a.out);
   for (int64_t item = warp; item < items; item += num_warps) {
     const int64_t t = item / groups;
     const int64_t col0 = (item % groups) * kSlices * 256 + lane * 8;
-    // The ranks this token has rows on (lane k looks at entry k), as a bit mask: two warp OR
-    // reductions (ranks 0-31, 32-63) per 32 entries.
-    unsigned long long ranks = 0;
-    for (int k0 = 0; k0 < K; k0 += 32) {
-      const int d = k0 + lane < K ? pair_rank(a, t * K + k0 + lane, me) : -1;
-      const unsigned long long bit = d >= 0 ? 1ull << d : 0ull;
-      const unsigned lo = __reduce_or_sync(kFullWarp, static_cast<unsigned>(bit));
-      const unsigned hi = __reduce_or_sync(kFullWarp, static_cast<unsigned>(bit >> 32));
-      ranks |= (static_cast<unsigned long long>(hi) << 32) | lo;
-    }
+    unsigned long long ranks = item == warp ? first_ranks : token_ranks(a, t, lane);
     float acc[kSlices][8];
 #pragma unroll
     for (int v = 0; v < kSlices; ++v) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[v][i] = 0.0f;
     }
-    for (unsigned long long m = ranks; m != 0; m &= m - 1) {  // ranks in order
-      const int d = __ffsll(static_cast<long long>(m)) - 1;
-      const float* src = area + (static_cast<int64_t>(d) * L.m + t) * L.hidden;
-      float4 part[kSlices][2];
-#pragma unroll
-      for (int v = 0; v < kSlices; ++v) {
-        const int64_t col = col0 + v * 256;
-        const bool in = col < L.hidden;
-        part[v][0] = in ? __ldcg(reinterpret_cast<const float4*>(src + col)) : make_float4(0.f, 0.f, 0.f, 0.f);
-        part[v][1] = in ? __ldcg(reinterpret_cast<const float4*>(src + col) + 1) : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-#pragma unroll
-      for (int v = 0; v < kSlices; ++v) {
-        acc[v][0] += part[v][0].x; acc[v][1] += part[v][0].y; acc[v][2] += part[v][0].z; acc[v][3] += part[v][0].w;
-        acc[v][4] += part[v][1].x; acc[v][5] += part[v][1].y; acc[v][6] += part[v][1].z; acc[v][7] += part[v][1].w;
+    while (ranks != 0) {  // ranks in order, two at a time
+      const int d0 = __ffsll(static_cast<long long>(ranks)) - 1;
+      ranks &= ranks - 1;
+      const int d1 = ranks != 0 ? __ffsll(static_cast<long long>(ranks)) - 1 : -1;
+      if (d1 >= 0) ranks &= ranks - 1;
+      const PartialSlices p0 = load_partial(area + (static_cast<int64_t>(d0) * L.m + t) * L.hidden, col0, L.hidden);
+      if (d1 >= 0) {
+        const PartialSlices p1 = load_partial(area + (static_cast<int64_t>(d1) * L.m + t) * L.hidden, col0, L.hidden);
+        add_partial(acc, p0);
+        add_partial(acc, p1);
+      } else {
+        add_partial(acc, p0);
       }
     }
 #pragma unroll
@@ -820,7 +1005,8 @@ LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_
   l.ws_owners = l.ws_token_count + slots;
   l.ws_num_owners = l.ws_owners + slots;
   l.ws_owners_ready = l.ws_num_owners + 1;
-  l.ws_ints = l.ws_owners_ready + 1;
+  l.ws_src_rows = l.ws_owners_ready + 1;
+  l.ws_ints = l.ws_src_rows + num_ranks;
   return l;
 }
 
@@ -836,9 +1022,9 @@ bool staged_send_from_env() {
   throw std::invalid_argument(std::string("moe_ep: MOE_EP_LL_SEND must be 'direct' or 'staged', got '") + raw + "'");
 }
 
-// With the send's 8 KB of histograms and the receive's 8 KB of counts (a fused launch has both): under
-// the 48 KB of static + dynamic shared memory a launch gets without opting in.
-constexpr int64_t kMaxStageBytes = 24 << 10;
+// With the send's 17 KB (histograms, round arrays) and the receive's 8 KB of counts (a fused launch
+// has both): under the 48 KB of static + dynamic shared memory a launch gets without opting in.
+constexpr int64_t kMaxStageBytes = 16 << 10;
 
 // The send's token check and its staged-send choice (both launches that run the send half).
 DispatchArgs checked_send_args(const DispatchArgs& args, size_t* stage_bytes) {

@@ -18,8 +18,9 @@
 //                                  reset to 0 by the receiver once read
 //     combine flags  [R] int32     1 once rank d has written back every partial sum of this
 //                                  rank's tokens; reset by the receiver
-//     weight flags   [R] int32     1 once source s has written its top-k weights here; reset by
-//                                  this rank's combine send
+//     weight counts  [R] int32     weights source s has stored here for this combine (release adds,
+//                                  one per source block); complete when they reach the rows s
+//                                  sent at the dispatch; reset by this rank's combine send
 //     done counters  [3] int32     last-block detection inside this rank's own kernels (combine
 //                                  send, combine recv, dispatch recv)
 //   data of buffer b, at kFlagsBytes + b * buffer_bytes:
@@ -93,13 +94,15 @@ struct LLLayout {
   // Routing workspace (int32 elements): token_rows [R * M * K], token_wslots [R * M * K] (where
   // each of those rows' weight lands in the weight area), token_count [R * M], owners [R * M],
   // num_owners [1], owners_ready [1] (1 once the dispatch send has zeroed num_owners: in a fused
-  // launch the receive half of another block may append owners before block 0 has run).
+  // launch the receive half of another block may append owners before block 0 has run),
+  // src_rows [R] (rows received from each source: the weights it stores here at combine).
   int64_t ws_token_rows = 0;
   int64_t ws_token_wslots = 0;
   int64_t ws_token_count = 0;
   int64_t ws_owners = 0;
   int64_t ws_num_owners = 0;
   int64_t ws_owners_ready = 0;
+  int64_t ws_src_rows = 0;
   int64_t ws_ints = 0;
   int64_t buffer_bytes = 0;  // data of one of the two buffers
 };
