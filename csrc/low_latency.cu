@@ -133,12 +133,18 @@ constexpr int kRoundPairs = 256;
 constexpr int kPassLoads = 4;
 constexpr int kHalfWarps = kThreads / 16;
 
+// What a dispatch message carries, fixed at compile time (each kind is its own kernel: the code a
+// block runs per token stays short).
+enum Payload : int { kBf16Rows = 0, kFp8Rows = 1, kFp8Staged = 2 };  // kFp8Staged: FP8, cast into shared memory first
+constexpr bool is_fp8(int payload) { return payload != kBf16Rows; }
+
 // Tokens per round: one pass of loads covers the round's rows (at least one token, at most
 // kRoundPairs pairs); a staged send stages one token at a time.
-__device__ __forceinline__ int round_tokens(const LLLayout& L, bool staged) {
-  if (staged) return 1;
-  const int per_token = L.use_fp8 ? L.hidden / kGroup : static_cast<int>(L.x_bytes / 16);
-  const int per_pass = L.use_fp8 ? kHalfWarps * kPassLoads : kThreads * kPassLoads;
+template <int P>
+__device__ __forceinline__ int round_tokens(const LLLayout& L) {
+  if (P == kFp8Staged) return 1;
+  const int per_token = is_fp8(P) ? L.hidden / kGroup : static_cast<int>(L.x_bytes / 16);
+  const int per_pass = is_fp8(P) ? kHalfWarps * kPassLoads : kThreads * kPassLoads;
   return max(1, min(per_pass / per_token, kRoundPairs / L.num_topk));
 }
 
@@ -149,11 +155,12 @@ __device__ __forceinline__ int round_tokens(const LLLayout& L, bool staged) {
 struct PassLoads {
   uint4 raw[kPassLoads];
 };
+template <bool kFp8>
 __device__ __forceinline__ PassLoads load_pass(const DispatchArgs& a, int r0, int r1, int base) {
   const LLLayout& L = a.layout;
   const auto* x = static_cast<const __nv_bfloat16*>(a.x);
   PassLoads out;
-  if (L.use_fp8) {
+  if (kFp8) {
     const int groups = L.hidden / kGroup;
     const int items = (r1 - r0) * groups;
 #pragma unroll
@@ -181,6 +188,7 @@ __device__ __forceinline__ PassLoads load_pass(const DispatchArgs& a, int r0, in
 // once and its message stored once per destination rank. The first pass's rows are loaded before
 // the histogram, so their latency hides behind it. A block publishes, per expert, how many of its
 // pairs it sent (one atomic per expert); the block that completes an expert's total releases its count.
+template <int P>
 __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   const LLLayout& L = a.layout;
   trace_mark(a.trace, kTraceDispatchSend, 0);
@@ -202,8 +210,8 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   const int p0 = t0 * K;
   const int p1 = t1 * K;
   const int pairs = a.num_tokens * K;
-  const int rt = round_tokens(L, a.staged_send);
-  PassLoads loads = load_pass(a, t0, min(t0 + rt, t1), 0);  // the first pass, in flight from here
+  const int rt = round_tokens<P>(L);
+  PassLoads loads = load_pass<is_fp8(P)>(a, t0, min(t0 + rt, t1), 0);  // the first pass, in flight from here
   for (int e = tid; e < E; e += kThreads) total[e] = before[e] = mine[e] = 0;
   // The receive of this dispatch counts its owners from zero (it waits for owners_ready: in a fused
   // launch its blocks may get there before block 0 has run), and reads (as the combine does) the
@@ -297,11 +305,11 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
     }
     __syncthreads();
     // 3. Rows: cast (FP8) and store to every destination, a pass of loads at a time.
-    const int round_items = L.use_fp8 ? (r1 - r0) * groups : (r1 - r0) * static_cast<int>(L.x_bytes / 16);
-    const int per_pass = L.use_fp8 ? kHalfWarps * kPassLoads : kThreads * kPassLoads;
+    const int round_items = is_fp8(P) ? (r1 - r0) * groups : (r1 - r0) * static_cast<int>(L.x_bytes / 16);
+    const int per_pass = is_fp8(P) ? kHalfWarps * kPassLoads : kThreads * kPassLoads;
     for (int base = 0; base < round_items; base += per_pass) {
-      if (base > 0 || r0 > t0) loads = load_pass(a, r0, r1, base);
-      if (L.use_fp8) {
+      if (base > 0 || r0 > t0) loads = load_pass<is_fp8(P)>(a, r0, r1, base);
+      if (is_fp8(P)) {
         const int hl = lane % 16;
 #pragma unroll
         for (int j = 0; j < kPassLoads; ++j) {
@@ -318,18 +326,23 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
           for (int offset = 8; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullWarp, amax, offset));
           if (i >= round_items) continue;  // after the shuffles: the whole warp takes part in them
           // amax / 448, floored, optionally rounded up to a power of two: moe_ep.comm.fp8's quantizer.
+          // Values are multiplied by the scale's reciprocal (one division per group, not eight: the
+          // code per token stays short). With a power-of-two scale that is x / scale exactly; else it
+          // may differ from x / scale in the last float bit, which moves an FP8 value by at most one
+          // step in rare ties.
           float scale = fmaxf(amax, kAmaxFloor) / kFp8Max;
           if (a.round_scale) scale = pow2_ceil(scale);
+          const float inv = 1.0f / scale;
           uint2 packed = make_uint2(0u, 0u);
 #pragma unroll
           for (int c = 0; c < 8; ++c) {
-            const float q = fminf(fmaxf(f[c] / scale, -kFp8Max), kFp8Max);
+            const float q = fminf(fmaxf(f[c] * inv, -kFp8Max), kFp8Max);
             const unsigned b = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
             if (c < 4) packed.x |= b << (8 * c); else packed.y |= b << (8 * (c - 4));
           }
           const int tk = i / groups;
           const int g = i % groups;
-          if (a.staged_send) {  // one token per round
+          if (P == kFp8Staged) {  // one token per round
             uint8_t* staged = reinterpret_cast<uint8_t*>(stage);
             reinterpret_cast<uint2*>(staged + g * kGroup)[hl] = packed;
             if (hl == 0) reinterpret_cast<float*>(staged + L.off_scales)[g] = scale;
@@ -356,7 +369,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
         }
       }
     }
-    if (a.staged_send) {
+    if (P == kFp8Staged) {
       // Every thread stores 16-byte vectors of the staged message, all destinations at once.
       __syncthreads();
       const int vectors = static_cast<int>(L.off_src / 16);  // payload + scales (off_src is 16-aligned)
@@ -443,6 +456,7 @@ __device__ __forceinline__ int find_entry(const int* prefix, int n, int value) {
 // Every block waits for all (expert, source) counts (polling its own memory), so each knows where
 // every row goes; the rows of all experts are then spread, in pieces, over every warp of the grid.
 // The last block past the waits resets the flags.
+template <bool kFp8>
 __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   const LLLayout& L = a.layout;
   trace_mark(a.trace, kTraceDispatchRecv, 0);
@@ -560,7 +574,7 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
           meta_l = __ldcg(meta + 2 + 2 * lane);
           meta_j = __ldcg(meta + 3 + 2 * lane);
         }
-        if (L.use_fp8 && scales_ahead) {
+        if (kFp8 && scales_ahead) {
           if (a.use_ue8m0) {
             if (lane < groups / 4) sc = __ldcg(reinterpret_cast<const float4*>(scales) + lane);  // 16-byte aligned
           } else {
@@ -587,7 +601,7 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
           a.routing[L.ws_owners + atomicAdd(a.routing + L.ws_num_owners, 1)] = static_cast<int>(pair);
         }
       }
-      if (L.use_fp8) {
+      if (kFp8) {
         if (a.use_ue8m0) {
           // Scales [L, G/4, slots] int32: group 4w+i's exponent byte in byte i of word w.
           auto word_of = [](float4 f) {
@@ -613,12 +627,15 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   trace_mark(a.trace, kTraceDispatchRecv, 3);
 }
 
-__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a) { dispatch_send(a); }
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a) { dispatch_recv(a); }
+template <int P>
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a) { dispatch_send<P>(a); }
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a) { dispatch_recv<kFp8>(a); }
 // Both halves in one launch: the receive half reads the live mask, which is the one the send half used.
+template <int P>
 __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
-  dispatch_send(a);
-  dispatch_recv(a);
+  dispatch_send<P>(a);
+  dispatch_recv<is_fp8(P)>(a);
 }
 
 // ------------------------------------------------------------------------------ combine send
@@ -1044,21 +1061,28 @@ int grid_of(int num_sms) { return num_sms < 1 ? 1 : num_sms; }
 void launch_dispatch_send(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
   size_t stage_bytes = 0;
   const DispatchArgs a = checked_send_args(args, &stage_bytes);
-  dispatch_send_kernel<<<grid_for(args.num_tokens, 1, num_sms), kThreads, stage_bytes, stream>>>(a);
+  const dim3 grid(grid_for(args.num_tokens, 1, num_sms));
+  if (a.staged_send) dispatch_send_kernel<kFp8Staged><<<grid, kThreads, stage_bytes, stream>>>(a);
+  else if (a.layout.use_fp8) dispatch_send_kernel<kFp8Rows><<<grid, kThreads, 0, stream>>>(a);
+  else dispatch_send_kernel<kBf16Rows><<<grid, kThreads, 0, stream>>>(a);
   cuda_check(cudaGetLastError(), "low_latency dispatch_send_kernel launch");
 }
 
 void launch_dispatch_recv(const DispatchArgs& recv_args, int num_sms, cudaStream_t stream) {
   check_layout(recv_args.layout, recv_args.peers);
   // Where the rows go is known on the device only: every SM takes a share.
-  dispatch_recv_kernel<<<grid_of(num_sms), kThreads, 0, stream>>>(recv_args);
+  if (recv_args.layout.use_fp8) dispatch_recv_kernel<true><<<grid_of(num_sms), kThreads, 0, stream>>>(recv_args);
+  else dispatch_recv_kernel<false><<<grid_of(num_sms), kThreads, 0, stream>>>(recv_args);
   cuda_check(cudaGetLastError(), "low_latency dispatch_recv_kernel launch");
 }
 
 void launch_dispatch(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
   size_t stage_bytes = 0;
   const DispatchArgs a = checked_send_args(args, &stage_bytes);
-  dispatch_kernel<<<grid_of(num_sms), kThreads, stage_bytes, stream>>>(a);
+  const dim3 grid(grid_of(num_sms));
+  if (a.staged_send) dispatch_kernel<kFp8Staged><<<grid, kThreads, stage_bytes, stream>>>(a);
+  else if (a.layout.use_fp8) dispatch_kernel<kFp8Rows><<<grid, kThreads, 0, stream>>>(a);
+  else dispatch_kernel<kBf16Rows><<<grid, kThreads, 0, stream>>>(a);
   cuda_check(cudaGetLastError(), "low_latency dispatch_kernel launch");
 }
 
