@@ -126,17 +126,18 @@ __device__ __forceinline__ void trace_mark(unsigned long long* trace, int kernel
 // (all pairs per expert, and those before its own tokens), so no block waits for another.
 __device__ __forceinline__ bool valid_expert(int64_t e, int num_experts) { return e >= 0 && e < num_experts; }
 
-// A send round: up to kRoundPairs (token, k) pairs of consecutive tokens, their rows loaded kPassLoads
-// vectors per thread at a time (FP8: a half-warp per 128-column group, a 16-byte vector per lane and
-// group; BF16: 16-byte vectors).
 constexpr int kRoundPairs = 256;
-constexpr int kPassLoads = 4;
 constexpr int kHalfWarps = kThreads / 16;
 
 // What a dispatch message carries, fixed at compile time (each kind is its own kernel: the code a
 // block runs per token stays short).
 enum Payload : int { kBf16Rows = 0, kFp8Rows = 1, kFp8Staged = 2 };  // kFp8Staged: FP8, cast into shared memory first
 constexpr bool is_fp8(int payload) { return payload != kBf16Rows; }
+// A send round: up to kRoundPairs (token, k) pairs of consecutive tokens, their rows loaded
+// pass_loads(P) vectors per thread at a time (FP8: a half-warp per 128-column group, a 16-byte vector
+// per lane and group; BF16: 16-byte vectors). The staged send keeps two (its shared-memory copy
+// needs the registers).
+constexpr int pass_loads(int payload) { return payload == kFp8Staged ? 2 : 4; }
 
 // Tokens per round: one pass of loads covers the round's rows (at least one token, at most
 // kRoundPairs pairs); a staged send stages one token at a time.
@@ -144,7 +145,7 @@ template <int P>
 __device__ __forceinline__ int round_tokens(const LLLayout& L) {
   if (P == kFp8Staged) return 1;
   const int per_token = is_fp8(P) ? L.hidden / kGroup : static_cast<int>(L.x_bytes / 16);
-  const int per_pass = is_fp8(P) ? kHalfWarps * kPassLoads : kThreads * kPassLoads;
+  const int per_pass = is_fp8(P) ? kHalfWarps * pass_loads(P) : kThreads * pass_loads(P);
   return max(1, min(per_pass / per_token, kRoundPairs / L.num_topk));
 }
 
@@ -152,15 +153,17 @@ __device__ __forceinline__ int round_tokens(const LLLayout& L) {
 // round's vectors [base, base + one pass). FP8: item i = (token, group), half-warp hw takes
 // i = base + hw + kHalfWarps x j and lane hl its 16 bytes; BF16: thread tid takes vector
 // base + tid + kThreads x j of the round's rows.
+template <int N>
 struct PassLoads {
-  uint4 raw[kPassLoads];
+  uint4 raw[N];
 };
-template <bool kFp8>
-__device__ __forceinline__ PassLoads load_pass(const DispatchArgs& a, int r0, int r1, int base) {
+template <int P>
+__device__ __forceinline__ PassLoads<pass_loads(P)> load_pass(const DispatchArgs& a, int r0, int r1, int base) {
+  constexpr int kPassLoads = pass_loads(P);
   const LLLayout& L = a.layout;
   const auto* x = static_cast<const __nv_bfloat16*>(a.x);
-  PassLoads out;
-  if (kFp8) {
+  PassLoads<kPassLoads> out;
+  if (is_fp8(P)) {
     const int groups = L.hidden / kGroup;
     const int items = (r1 - r0) * groups;
 #pragma unroll
@@ -211,7 +214,8 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   const int p1 = t1 * K;
   const int pairs = a.num_tokens * K;
   const int rt = round_tokens<P>(L);
-  PassLoads loads = load_pass<is_fp8(P)>(a, t0, min(t0 + rt, t1), 0);  // the first pass, in flight from here
+  constexpr int kPassLoads = pass_loads(P);
+  PassLoads<kPassLoads> loads = load_pass<P>(a, t0, min(t0 + rt, t1), 0);  // the first pass, in flight from here
   for (int e = tid; e < E; e += kThreads) total[e] = before[e] = mine[e] = 0;
   // The receive of this dispatch counts its owners from zero (it waits for owners_ready: in a fused
   // launch its blocks may get there before block 0 has run), and reads (as the combine does) the
@@ -308,7 +312,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
     const int round_items = is_fp8(P) ? (r1 - r0) * groups : (r1 - r0) * static_cast<int>(L.x_bytes / 16);
     const int per_pass = is_fp8(P) ? kHalfWarps * kPassLoads : kThreads * kPassLoads;
     for (int base = 0; base < round_items; base += per_pass) {
-      if (base > 0 || r0 > t0) loads = load_pass<is_fp8(P)>(a, r0, r1, base);
+      if (base > 0 || r0 > t0) loads = load_pass<P>(a, r0, r1, base);
       if (is_fp8(P)) {
         const int hl = lane % 16;
 #pragma unroll
@@ -435,11 +439,13 @@ __device__ void block_exclusive_scan(int* data, int n) {
   __syncthreads();
 }
 
-constexpr int64_t kPieceBytes = 4096;
+constexpr int64_t kPieceBytes = 4096;  // the dispatch receive copies rows in pieces of about this size, one per warp item
 // Combine: a warp item covers kSlices x 256 columns of one token; the send keeps kRowBatch of its
-// rows in flight per lane (kRowBatch x kSlices 16-byte loads), the receive every rank's partial sum.
+// rows in flight per lane (kRowBatch x kSlices 16-byte loads; kFusedRowBatch in the fused kernel),
+// the receive two ranks' partial sums.
 constexpr int kSlices = 4;
-constexpr int kRowBatch = 3;  // rows are copied in pieces of about this size, one per warp
+constexpr int kRowBatch = 3;
+constexpr int kFusedRowBatch = 2;
 
 // The largest i in [0, n) with prefix[i] <= value (prefix non-decreasing, prefix[0] <= value): the
 // entry whose rows hold row `value` (entries without rows share their prefix with the next one).
@@ -695,6 +701,7 @@ __device__ __forceinline__ void warp_wait_weights(const CombineArgs& a, const in
 // expert. The last block to finish publishes "all partial sums are back" to every source.
 // The combine's topk_idx must be the dispatch's (as the reference backend assumes): the counters
 // count the dispatch's rows, so other ids end in the bounded wait's error, not in wrong sums.
+template <int kRowBatch>
 __device__ __forceinline__ void combine_send(const CombineArgs& a) {
   const LLLayout& L = a.layout;
   trace_mark(a.trace, kTraceCombineSend, 0);
@@ -952,10 +959,11 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
   trace_mark(a.trace, kTraceCombineRecv, 2);
 }
 
-__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) { combine_send(a); }
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) { combine_send<kRowBatch>(a); }
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) { combine_recv(a); }
+// The receive half's registers leave the send half two rows per batch (three would spill).
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
-  combine_send(a);
+  combine_send<kFusedRowBatch>(a);
   combine_recv(a);
 }
 

@@ -2,7 +2,7 @@
 # One bounded call on ONE GPU: build (unless a built moe_ep/_C*.so was carried in), the in-process
 # engine tests, optionally the low-latency GPU tests, then `python -m moe_ep.bench loopback` (ranks
 # as threads on the one GPU: the kernels' speed with the link taken out).
-#   STAGES=build,intranode_tests,sanitizer,tests,bench,ll_tests (in this order; default build,tests,bench)
+#   STAGES=build,intranode_tests,sanitizer,tests,bench,ll_tests,ll_sanitizer (in this order; default build,tests,bench)
 #   INTRANODE_K: a pytest -k filter for the intranode tests; BENCH_ARGS: the benchmark's options; BENCH_ENVS: one run per ';'-separated environment setting.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +51,11 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     stage "low-latency GPU tests (ranks sharing the GPU)"
     MOE_EP_TIMEOUT_S=20 timeout -k 10 ${LL_S:-220} python3 -m pytest -q -m "gpu and not slow" \
       tests/test_cuda_low_latency.py 2>&1 | tail -12
+  fi
+  if has ll_sanitizer; then
+    stage "low-latency compute-sanitizer runs (memcheck, racecheck; ranks sharing the GPU)"
+    MOE_EP_TIMEOUT_S=60 timeout -k 10 ${LL_SANITIZER_S:-200} python3 -m pytest -q -m "gpu and slow" \
+      tests/test_cuda_low_latency.py -k sanitizer 2>&1 | tail -12
   fi
   stage done
 } 2>&1 | tee -a "$OUT/loopback.log"
