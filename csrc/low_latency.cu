@@ -495,27 +495,23 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   }
   __syncthreads();
   trace_mark(a.trace, kTraceDispatchRecv, 1);
-  if (tid == 0) {
-    int* done = reinterpret_cast<int*>(own_flags + L.off_done) + 2;
-    last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
-  }
+  // This block is past its waits: its ticket says whether it is the last (read at the end, so the
+  // atomic's round trip overlaps the copies).
+  int ticket = 0;
+  if (tid == 0) ticket = atomicAdd(reinterpret_cast<int*>(own_flags + L.off_done) + 2, 1);
   const int last_count = counts[E - 1];
-  block_exclusive_scan(first, E);  // syncs first: `last` is set
-  if (last) {  // every block has read every flag: ready for this buffer's next dispatch
-    for (int i = tid; i < E; i += kThreads) reinterpret_cast<volatile int*>(flags)[i] = 0;
-    if (tid == 0) {
-      reinterpret_cast<volatile int*>(own_flags + L.off_done)[2] = 0;
-      reinterpret_cast<volatile int*>(a.routing)[L.ws_owners_ready] = 0;
-    }
-  }
+  block_exclusive_scan(first, E);
   const int rows = first[E - 1] + last_count;
   const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
-  // Rows from each source (the weights it stores here at combine), by the grid's first threads.
-  for (int64_t s = gtid; s < R; s += grid_threads) {
-    int total = 0;
-    for (int l = 0; l < L.num_local; ++l) total += counts[l * R + s];
-    a.routing[L.ws_src_rows + s] = total;
+  // Rows from each source (the weights it stores here at combine): block 0, a warp per source.
+  if (blockIdx.x == 0) {
+    for (int s = tid / 32; s < R; s += kWarps) {
+      int total = 0;
+      for (int l = lane; l < L.num_local; l += 32) total += counts[l * R + s];
+      total = __reduce_add_sync(kFullWarp, total);
+      if (lane == 0) a.routing[L.ws_src_rows + s] = total;
+    }
   }
   // layout_range, recv_count and statistics: entry i = (l, s) belongs to one thread of the grid.
   for (int64_t i = gtid; i < E; i += grid_threads) {
@@ -629,7 +625,15 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
       if (lane == 0) a.src_info[row] = token;
     }
   }
+  if (tid == 0) last = ticket == static_cast<int>(gridDim.x) - 1;
   __syncthreads();
+  if (last) {  // every block has read every flag: ready for this buffer's next dispatch
+    for (int i = tid; i < E; i += kThreads) reinterpret_cast<volatile int*>(flags)[i] = 0;
+    if (tid == 0) {
+      reinterpret_cast<volatile int*>(own_flags + L.off_done)[2] = 0;
+      reinterpret_cast<volatile int*>(a.routing)[L.ws_owners_ready] = 0;
+    }
+  }
   trace_mark(a.trace, kTraceDispatchRecv, 3);
 }
 
