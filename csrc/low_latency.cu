@@ -107,7 +107,8 @@ __device__ __forceinline__ float pow2_ceil(float s) {
 
 // Phase boundaries of the trace (low_latency.h): event e of kernel k is stored at trace[k][block][e].
 enum TraceKernel { kTraceDispatchSend = 0, kTraceDispatchRecv = 1, kTraceCombineSend = 2, kTraceCombineRecv = 3 };
-// dispatch send: 0 start, 1 histogram done, 2 tokens stored, 3 counts published
+// dispatch send: 0 start, 1 histogram done, 2 first round routed (destinations, index entries and
+//                meta written; no tokens: as 1), 3 tokens stored, 4 counts published
 // dispatch recv: 0 start, 1 counts in, 2 layout written, 3 rows copied
 // combine send:  0 start, 1 the block's weights stored, 2 every source's weights in (warp 0, after its
 //                first rows are in flight; when it has no item, the end of its loop), 3 partial sums
@@ -308,6 +309,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
       dst[tid] = msg;
     }
     __syncthreads();
+    if (r0 == t0) trace_mark(a.trace, kTraceDispatchSend, 2);
     // 3. Rows: cast (FP8) and store to every destination, a pass of loads at a time.
     const int round_items = is_fp8(P) ? (r1 - r0) * groups : (r1 - r0) * static_cast<int>(L.x_bytes / 16);
     const int per_pass = is_fp8(P) ? kHalfWarps * kPassLoads : kThreads * kPassLoads;
@@ -384,7 +386,8 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
     }
     __syncthreads();  // the round's shared arrays are rewritten by the next round
   }
-  trace_mark(a.trace, kTraceDispatchSend, 2);
+  if (t0 == t1) trace_mark(a.trace, kTraceDispatchSend, 2);
+  trace_mark(a.trace, kTraceDispatchSend, 3);
 
   // Publish: after the block's barrier one fence orders every thread's stores (as a grid barrier
   // does); then per expert one atomic adds this block's pairs, and the block that completes the
@@ -404,7 +407,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
     }
   }
   __syncthreads();
-  trace_mark(a.trace, kTraceDispatchSend, 3);
+  trace_mark(a.trace, kTraceDispatchSend, 4);
 }
 
 // Exclusive prefix sum of n <= 2 * kThreads ints, in place in shared memory (the whole block calls it).

@@ -275,7 +275,7 @@ def _ll(ranks: ThreadRanks, opts: dict) -> dict:
 PROFILE_ITERS = 20
 TRACE_ITERS = 20
 # Kernel rows of the trace (LowLatencyEngine.enable_trace) and the events each records, in order.
-TRACE_EVENTS = (("dispatch send", ("start", "histogram", "stored", "published")),
+TRACE_EVENTS = (("dispatch send", ("start", "histogram", "routed", "stored", "published")),
                 ("dispatch recv", ("start", "counts in", "layout", "copied")),
                 ("combine send", ("start", "weights out", "weights in", "sums stored", "published")),
                 ("combine recv", ("start", "flags in", "written")))
