@@ -202,7 +202,10 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   __shared__ int round_expert[kRoundPairs];  // the round's pairs: expert id (-1: none)
   __shared__ int dst_rank[kRoundPairs];      // the rank pair i sends to (-1: nothing)
   __shared__ int round_slot[kRoundPairs];    // and its slot there (its position among this rank's rows for the expert)
-  __shared__ uint8_t* dst[kRoundPairs];      // the message pair i stores (null: an earlier k of its token does)
+  __shared__ uint8_t* dst[kRoundPairs];      // per token of the round: its messages, one per destination rank, first
+  __shared__ int num_dst[kRoundPairs];       // per token of the round: how many
+  __shared__ uint8_t* peer_data[kMaxRanks];  // each rank's data area of the buffer in use
+  __shared__ bool peer_cut[kMaxRanks];       // cut(mask, me, rank)
   extern __shared__ uint4 stage[];     // staged send (FP8): the current token's payload and scales
   const int tid = threadIdx.x;
   const int lane = tid % 32;
@@ -227,6 +230,11 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   }
   if (blockIdx.x == 0 && a.mask_snapshot != nullptr && tid < L.num_ranks) {
     a.mask_snapshot[tid] = a.mask != nullptr ? a.mask[tid] : 0;
+  }
+  // The peers' addresses and the mask, once per block (a round reads them for every pair).
+  if (tid < L.num_ranks) {
+    peer_data[tid] = buffer_of(a.peers, tid, a.data_offset);
+    peer_cut[tid] = cut(a.mask, me, tid);
   }
   __syncthreads();
   for (int p = tid; p < pairs; p += kThreads) {
@@ -270,8 +278,8 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
         for (int q = 0; q < tid; ++q) j += round_expert[q] == e ? 1 : 0;
         a.pair_pos[r0 * K + tid] = j;
         const int d = e / L.num_local;
-        if (!cut(a.mask, me, d) && j < L.m) {  // beyond M rows of one source for one expert: dropped (see header)
-          int* index = reinterpret_cast<int*>(buffer_of(a.peers, d, a.data_offset) + L.off_dindex);
+        if (!peer_cut[d] && j < L.m) {  // beyond M rows of one source for one expert: dropped (see header)
+          int* index = reinterpret_cast<int*>(peer_data[d] + L.off_dindex);
           index[(static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j] = r0 + tid / K;
           rank = d;
           round_slot[tid] = j;
@@ -293,7 +301,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
       uint8_t* msg = nullptr;
       if (first) {
         const int t = r0 + tid / K;
-        msg = buffer_of(a.peers, d, a.data_offset) + L.off_dtokens + (static_cast<int64_t>(me) * L.m + t) * L.msg_bytes;
+        msg = peer_data[d] + L.off_dtokens + (static_cast<int64_t>(me) * L.m + t) * L.msg_bytes;
         int* meta = reinterpret_cast<int*>(msg + L.off_src);
         int n = 0;
         for (int q = tid; q < first_k + K; ++q) {
@@ -309,6 +317,16 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
       dst[tid] = msg;
     }
     __syncthreads();
+    // Each token's messages, compacted to the front of its K entries (the rows loop over them only).
+    if (tid < r1 - r0) {
+      int n = 0;
+      for (int k = 0; k < K; ++k) {
+        uint8_t* msg = dst[tid * K + k];
+        if (msg != nullptr) dst[tid * K + n++] = msg;
+      }
+      num_dst[tid] = n;
+    }
+    __syncthreads();
     if (r0 == t0) trace_mark(a.trace, kTraceDispatchSend, 2);
     // 3. Rows: cast (FP8) and store to every destination, a pass of loads at a time.
     const int round_items = is_fp8(P) ? (r1 - r0) * groups : (r1 - r0) * static_cast<int>(L.x_bytes / 16);
@@ -320,6 +338,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
 #pragma unroll
         for (int j = 0; j < kPassLoads; ++j) {
           const int i = base + tid / 16 + kHalfWarps * j;
+          if (base + 2 * (tid / 32) + kHalfWarps * j >= round_items) break;  // both half-warps done: the warp leaves together
           const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&loads.raw[j]);
           float f[8];
           float amax = 0.0f;
@@ -354,9 +373,8 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
             if (hl == 0) reinterpret_cast<float*>(staged + L.off_scales)[g] = scale;
             continue;
           }
-          for (int k = 0; k < K; ++k) {
-            uint8_t* msg = dst[tk * K + k];
-            if (msg == nullptr) continue;
+          for (int m = 0; m < num_dst[tk]; ++m) {
+            uint8_t* msg = dst[tk * K + m];
             reinterpret_cast<uint2*>(msg + g * kGroup)[hl] = packed;
             if (hl == 0) reinterpret_cast<float*>(msg + L.off_scales)[g] = scale;
           }
@@ -368,10 +386,9 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
           const int i = base + tid + kThreads * j;
           if (i >= round_items) continue;
           const int tk = i / per_token;
-          for (int k = 0; k < K; ++k) {
-            uint8_t* msg = dst[tk * K + k];
-            if (msg != nullptr) reinterpret_cast<uint4*>(msg)[i % per_token] = loads.raw[j];
-          }
+          const int v = i - tk * per_token;
+          const int n = num_dst[tk];
+          for (int m = 0; m < n; ++m) reinterpret_cast<uint4*>(dst[tk * K + m])[v] = loads.raw[j];
         }
       }
     }
@@ -379,9 +396,8 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
       // Every thread stores 16-byte vectors of the staged message, all destinations at once.
       __syncthreads();
       const int vectors = static_cast<int>(L.off_src / 16);  // payload + scales (off_src is 16-aligned)
-      for (int i = tid; i < K * vectors; i += kThreads) {
-        uint8_t* msg = dst[i / vectors];
-        if (msg != nullptr) reinterpret_cast<uint4*>(msg)[i % vectors] = stage[i % vectors];
+      for (int i = tid; i < num_dst[0] * vectors; i += kThreads) {
+        reinterpret_cast<uint4*>(dst[i / vectors])[i % vectors] = stage[i % vectors];
       }
     }
     __syncthreads();  // the round's shared arrays are rewritten by the next round
@@ -397,7 +413,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   for (int e = tid; e < E; e += kThreads) {
     if (mine[e] == 0) continue;
     const int d = e / L.num_local;
-    if (cut(a.mask, me, d)) continue;
+    if (peer_cut[d]) continue;
     if (atomicAdd(a.send_done + e, mine[e]) + mine[e] == total[e]) {
       __threadfence_system();
       a.send_done[e] = 0;  // every pair of e has counted: ready for the next dispatch
