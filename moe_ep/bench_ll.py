@@ -49,6 +49,7 @@ import torch.distributed as dist
 from .bench import (GAP_US, HEAD_US, StepTimer, import_pyplot, int_list, merge_rows, random_routing, report_header, resolve_defaults, save_plot,
                     write_report)
 from .bench_normal import CPU_RANKS, WARMUP
+from .bench_trace import print_trace, trace_summary, traced_iterations
 from .comm import Buffer, per_token_group_dequant_fp8
 from .comm.backends.cuda import EXPERIMENTAL_ENV
 from .comm.backends.reference import ReferenceBackend
@@ -104,7 +105,7 @@ def _resolve(args: argparse.Namespace, on_gpu: bool, world_size: int) -> dict:
         raise SystemExit(f"--hidden {opts['hidden']} must be a multiple of {FP8_GROUP_SIZE} for FP8 (or pass --no-fp8)")
     points = sorted(set(sweep) | {opts["tokens"]})
     opts.update(sweep=sorted(set(sweep)), points=points, max_tokens=max(points), fp8=fp8, seed=getattr(args, "seed", 0),
-                out=args.out)
+                out=args.out, trace=bool(getattr(args, "trace", False)))
     return opts
 
 
@@ -222,9 +223,16 @@ def _capture(calls: _Calls, group):
     return dispatch_graph, combine_graph
 
 
+def _trace_engine(buffer: Buffer):
+    """The Buffer's low-latency kernels' engine when it can record a phase trace, else None."""
+    engine = getattr(buffer.backend, "low_latency", None)
+    return engine if hasattr(engine, "enable_trace") else None
+
+
 def _measure(name: str, buffer: Buffer, opts: dict, data, expert_out, timer: StepTimer, group,
-             graph_errors: dict) -> list[dict]:
-    """This rank's rows (median ms and bytes) for one Buffer at one token count."""
+             graph_errors: dict, traces: dict) -> list[dict]:
+    """This rank's rows (median ms and bytes) for one Buffer at one token count; with --trace, the
+    kernels' phase trace of eager dispatch + combine into ``traces[tokens]`` (after the timed runs)."""
     x, topk_idx, topk_weights = data
     tokens, iters = x.shape[0], opts["iters"]
     selections = int((topk_idx >= 0).sum().item())
@@ -238,6 +246,10 @@ def _measure(name: str, buffer: Buffer, opts: dict, data, expert_out, timer: Ste
                 for op, ms, b in zip(OPS[mode], times, nbytes)]
 
     out = rows("eager", timer([(calls.dispatch, False), (calls.combine, False)], iters), True)
+    engine = _trace_engine(buffer) if opts["trace"] and timer.cuda else None
+    if engine is not None:
+        traces[str(tokens)] = traced_iterations(
+            engine, lambda: timer([(calls.dispatch, False), (calls.combine, False)], 1))
     hooked = timer([(calls.dispatch_send, False), (calls.recv, True), (calls.combine_send, False),
                     (calls.recv, True)], iters)
     out += rows("hook", hooked[:4], False)
@@ -308,14 +320,15 @@ def _bench_rank(rank: int, world_size: int, opts: dict) -> None:
     gen = torch.Generator(device="cpu").manual_seed(opts["seed"] + 104729 + rank)
     expert_out = torch.randn(num_local, world_size * opts["max_tokens"], opts["hidden"], generator=gen)
     expert_out = expert_out.to(torch.bfloat16).to(device)
-    rows, selections, graph_errors = [], [], {}
+    rows, selections, graph_errors, traces = [], [], {}, {}
     for tokens in opts["points"]:
         data = ll_routing(opts, tokens, rank, device)
         selections.append(int((data[1] >= 0).sum().item()))
         for name, buf in zip(BACKENDS, (buffer, baseline)):
-            rows += _measure(name, buf, opts, data, expert_out, timer, group, graph_errors)
+            rows += _measure(name, buf, opts, data, expert_out, timer, group, graph_errors,
+                             traces if name == "buffer" else {})
     check = _check(buffer, baseline, opts, ll_routing(opts, opts["tokens"], rank, device), rank, world_size)
-    mine = {"rows": rows, "selections": selections, "check": check}
+    mine = {"rows": rows, "selections": selections, "check": check, "traces": traces}
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, mine, group=group)
     if rank == 0:
@@ -374,6 +387,9 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
                                 f"{'FP8 (7%)' if opts['fp8'] else 'BF16 (1%)'} of sum_k |w x factor x x| + 0.01, and "
                                 f"== the baseline's combine within the same bound; recv_count equal"},
         "rows": merge_rows([g["rows"] for g in gathered]),
+        # One GPU per rank: each rank's clock, so each rank is measured from its own start.
+        "trace": {tokens: trace_summary([g["traces"][tokens] for g in gathered], shared_clock=False)
+                  for tokens in gathered[0]["traces"] if all(tokens in g["traces"] for g in gathered)},
         "peer": PEER,
     }
 
@@ -436,6 +452,7 @@ def _print(report: dict) -> None:
                 rows = [_find(report, t, b, m, op) for op in OPS[m]]
                 cells.append(" / ".join(f"{r['us']:.1f}" if r else "-" for r in rows))
         print(f"{t:>6}" + "".join(f"{cell:>27}" for cell in cells))
+    print_trace(report.get("trace", {}), "µs after this rank's first dispatch block started: each GPU has its own clock")
     if report["device"] != "cpu":
         p = report["peer"]
         print(f"peer, quoted (not measured here): {p['what']}: dispatch {p['dispatch_us']} µs, combine "

@@ -54,6 +54,7 @@ import torch
 from .bench import (HEAD_US, StepTimer, import_pyplot, merge_rows, random_routing, resolve_defaults, save_plot,
                     write_report)
 from .bench_ll import ll_routing
+from .bench_trace import print_trace, trace_summary, traced_iterations
 from .bench_normal import FP8_BYTES_FACTOR, KNOB_DEFAULTS, KNOB_HEADER, WARMUP, check_sms, knob_cells, knob_variants
 from .comm import per_token_group_quant_fp8
 from .comm.backends.intranode import IntranodeKnobs, intranode_size_hint
@@ -72,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--profile", action="store_true",
                        help="loopback: per-kernel GPU time of the low-latency calls (torch.profiler) at each --sweep point")
     group.add_argument("--trace", action="store_true",
-                       help="loopback: the low-latency kernels' phase boundaries (in-kernel %%globaltimer) at each --sweep point")
+                       help="loopback, ll: the low-latency kernels' phase boundaries (in-kernel %%globaltimer) at each "
+                            "--sweep point")
 
 
 class ThreadRanks:
@@ -249,7 +251,8 @@ def _ll(ranks: ThreadRanks, opts: dict) -> dict:
             d_ms, c_ms = ranks.time_steps(rank, engine.ipc, steps, opts["ll_iters"], WARMUP)
             out["rows"].append({"tokens": tokens, "dispatch_ms": d_ms, "combine_ms": c_ms})
             if opts["trace"]:  # after the timed iterations, so the timings never include the trace
-                out.setdefault("traces", []).append(_traced_iterations(ranks, rank, engine, steps))
+                out.setdefault("traces", []).append(
+                    traced_iterations(engine, lambda: ranks.time_steps(rank, engine.ipc, steps, 1, 0)))
         return out
 
     per_rank = ranks.run(body)
@@ -260,7 +263,7 @@ def _ll(ranks: ThreadRanks, opts: dict) -> dict:
         d_us, c_us = max(r["dispatch_ms"] for r in mine) * 1e3, max(r["combine_ms"] for r in mine) * 1e3
         rows.append({"tokens": first["tokens"], "dispatch_us": d_us, "combine_us": c_us})
     checks = [c for r in per_rank for c in r["checks"]]
-    trace = {str(tokens): _trace_summary([r["traces"][i] for r in per_rank])
+    trace = {str(tokens): trace_summary([r["traces"][i] for r in per_rank], shared_clock=True)
              for i, tokens in enumerate(opts["sweep"])} if opts["trace"] else {}
     del engines
     torch.cuda.empty_cache()
@@ -273,49 +276,6 @@ def _ll(ranks: ThreadRanks, opts: dict) -> dict:
 
 
 PROFILE_ITERS = 20
-TRACE_ITERS = 20
-# Kernel rows of the trace (LowLatencyEngine.enable_trace) and the events each records, in order.
-TRACE_EVENTS = (("dispatch send", ("start", "histogram", "routed", "stored", "published")),
-                ("dispatch recv", ("start", "counts in", "layout", "copied")),
-                ("combine send", ("start", "weights out", "weights in", "sums stored", "published")),
-                ("combine recv", ("start", "flags in", "written")))
-
-
-def _traced_iterations(ranks: ThreadRanks, rank: int, engine, steps: list) -> list[torch.Tensor]:
-    """TRACE_ITERS timed iterations with the engine's trace on; each one's trace (int64 ns, on the CPU)."""
-    trace = engine.enable_trace()
-    samples = []
-    try:
-        for _ in range(TRACE_ITERS):
-            trace.zero_()
-            ranks.time_steps(rank, engine.ipc, steps, 1, 0)
-            samples.append(trace.cpu())
-    finally:
-        engine.trace = None
-    return samples
-
-
-def _trace_summary(per_rank: list[list[torch.Tensor]]) -> dict:
-    """Per rank, kernel and event: µs after the first dispatch-send block of any rank started (one
-    GPU, one clock), as the mean over blocks and the last block, averaged over the iterations."""
-    out: dict = {}
-    iters = len(per_rank[0])
-    for it in range(iters):
-        traces = [samples[it].double() for samples in per_rank]
-        starts = [t[0, :, 0][t[0, :, 0] > 0] for t in traces]
-        t0 = min(float(s.min()) for s in starts if s.numel())
-        for rank, t in enumerate(traces):
-            for k, (kernel, events) in enumerate(TRACE_EVENTS):
-                ran = t[k, :, 0] > 0
-                if not bool(ran.any()):
-                    continue
-                rows = (t[k][ran][:, :len(events)] - t0) / 1e3
-                cell = out.setdefault(f"rank {rank}", {}).setdefault(kernel, {"blocks": int(ran.sum())})
-                for e, name in enumerate(events):
-                    mean_last = cell.setdefault(name, [0.0, 0.0])
-                    mean_last[0] += float(rows[:, e].mean()) / iters
-                    mean_last[1] += float(rows[:, e].max()) / iters
-    return out
 
 
 def _ll_profile(ranks: ThreadRanks, engines: list, opts: dict, m: int) -> dict:
@@ -402,13 +362,7 @@ def _print(report: dict) -> None:
         for r in ll["rows"]:
             print(f"{r['tokens']:>8}{r['dispatch_us']:>14.1f}{r['combine_us']:>14.1f}"
                   f"{r['dispatch_us'] + r['combine_us']:>10.1f}")
-        for tokens, per_rank in ll.get("trace", {}).items():
-            print(f"trace at {tokens} tokens/rank (µs after the first dispatch block started; mean over blocks / "
-                  f"last block; {TRACE_ITERS} iterations):")
-            for rank, kernels in per_rank.items():
-                for kernel, cell in kernels.items():
-                    phases = "  ".join(f"{name} {v[0]:.1f}/{v[1]:.1f}" for name, v in cell.items() if name != "blocks")
-                    print(f"  {rank} {kernel:<14}({cell['blocks']:>3} blocks)  {phases}")
+        print_trace(ll.get("trace", {}), "µs after the first dispatch block of any rank started: one GPU, one clock")
         for tokens, kernels in ll.get("profile", {}).items():
             print(f"profile at {tokens} tokens/rank (GPU µs per call, both ranks pooled; a receive waits for the peer):")
             for name, k in sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_call"] * kv[1]["calls"]):
