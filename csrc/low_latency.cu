@@ -188,6 +188,59 @@ __device__ __forceinline__ PassLoads<pass_loads(P)> load_pass(const DispatchArgs
   return out;
 }
 
+// Routes a round of rp <= 32 pairs with one warp (lane = pair, in (token, k) order), with warp
+// intrinsics in place of the block's loops: each pair's slot (pairs before the round with its
+// expert, from `before`, plus earlier lanes with it), its index entry at the destination; each
+// token's message per destination rank (the first k for that rank), whose meta every pair of the
+// group writes its own entry of; and each token's messages, compacted, into dst / num_dst.
+__device__ __forceinline__ void route_round_in_warp(const DispatchArgs& a, int r0, int rp, uint8_t* const* peer_data,
+                                                   const bool* peer_cut, int* before, uint8_t** dst, int* num_dst) {
+  const LLLayout& L = a.layout;
+  const int K = L.num_topk;
+  const int me = a.peers.rank;
+  const int lane = threadIdx.x % 32;
+  const unsigned lower = (1u << lane) - 1u;  // the lanes before this one
+  const bool in = lane < rp;
+  const int p = r0 * K + lane;
+  const int e = in ? static_cast<int>(__ldg(a.topk_idx + p)) : -1;
+  const unsigned same_expert = __match_any_sync(kFullWarp, e);
+  int j = 0;
+  int rank = -1;
+  if (e >= 0) {
+    j = before[e] + __popc(same_expert & lower);
+    a.pair_pos[p] = j;
+    const int d = e / L.num_local;
+    if (!peer_cut[d] && j < L.m) {  // beyond M rows of one source for one expert: dropped (see header)
+      int* index = reinterpret_cast<int*>(peer_data[d] + L.off_dindex);
+      index[(static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j] = r0 + lane / K;
+      rank = d;
+    }
+  }
+  __syncwarp();  // every lane has read before[]: the last lane of each expert moves it past the round
+  if (e >= 0 && (same_expert >> lane) == 1u) before[e] += __popc(same_expert);
+  // The token's pairs to one rank share one message: keyed by (token in the round, rank).
+  const int tk = lane / K;
+  const int key = rank >= 0 ? tk * kMaxRanks + rank : -1 - lane;
+  const unsigned same_msg = __match_any_sync(kFullWarp, key);
+  const bool first = rank >= 0 && (same_msg & lower) == 0u;
+  const unsigned firsts = __ballot_sync(kFullWarp, first);
+  const unsigned token_lanes = K == 32 ? kFullWarp : ((1u << K) - 1u) << (tk * K);
+  if (rank >= 0) {
+    const int t = r0 + tk;
+    uint8_t* msg = peer_data[rank] + L.off_dtokens + (static_cast<int64_t>(me) * L.m + t) * L.msg_bytes;
+    int* meta = reinterpret_cast<int*>(msg + L.off_src);
+    const int q = __popc(same_msg & lower);  // this pair's entry in the message's list (k order)
+    meta[2 + 2 * q] = e % L.num_local;
+    meta[3 + 2 * q] = j;
+    if (first) {
+      meta[0] = t;
+      meta[1] = __popc(same_msg);
+      dst[tk * K + __popc(firsts & token_lanes & lower)] = msg;
+    }
+  }
+  if (in && lane % K == 0) num_dst[tk] = __popc(firsts & token_lanes);
+}
+
 // Block b owns tokens [t0, t1), sent in rounds of consecutive tokens: each token is read and cast
 // once and its message stored once per destination rank. The first pass's rows are loaded before
 // the histogram, so their latency hides behind it. A block publishes, per expert, how many of its
@@ -263,70 +316,75 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   for (int r0 = t0; r0 < t1; r0 += rt) {
     const int r1 = min(r0 + rt, t1);
     const int rp = (r1 - r0) * K;  // <= kRoundPairs
-    // 1. The round's experts; each pair's slot (pairs before it with its expert), its index entry
-    //    at the destination, and its destination rank.
-    if (tid < rp) {
-      const int64_t e = __ldg(a.topk_idx + r0 * K + tid);
-      round_expert[tid] = e >= 0 ? static_cast<int>(e) : -1;
-    }
-    __syncthreads();
-    if (tid < rp) {
-      const int e = round_expert[tid];
-      int rank = -1;
-      if (e >= 0) {
-        int j = before[e];
-        for (int q = 0; q < tid; ++q) j += round_expert[q] == e ? 1 : 0;
-        a.pair_pos[r0 * K + tid] = j;
-        const int d = e / L.num_local;
-        if (!peer_cut[d] && j < L.m) {  // beyond M rows of one source for one expert: dropped (see header)
-          int* index = reinterpret_cast<int*>(peer_data[d] + L.off_dindex);
-          index[(static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j] = r0 + tid / K;
-          rank = d;
-          round_slot[tid] = j;
-        }
+    if (rp <= 32) {
+      if (tid < 32) route_round_in_warp(a, r0, rp, peer_data, peer_cut, before, dst, num_dst);
+      __syncthreads();
+    } else {
+      // 1. The round's experts; each pair's slot (pairs before it with its expert), its index entry
+      //    at the destination, and its destination rank.
+      if (tid < rp) {
+        const int64_t e = __ldg(a.topk_idx + r0 * K + tid);
+        round_expert[tid] = e >= 0 ? static_cast<int>(e) : -1;
       }
-      dst_rank[tid] = rank;
-    }
-    __syncthreads();
-    // 2. A token's message goes to each of its ranks once: the first k for that rank writes the meta
-    //    (the token, then its (local expert, slot) pairs there in k order: the combine's list).
-    if (tid < rp) {
-      const int e = round_expert[tid];
-      if (e >= 0) atomicAdd(&before[e], 1);  // every pair of the round has read before[]
-      const int k = tid % K;
-      const int first_k = tid - k;
-      const int d = dst_rank[tid];
-      bool first = d >= 0;
-      for (int q = first_k; q < tid && first; ++q) first = dst_rank[q] != d;
-      uint8_t* msg = nullptr;
-      if (first) {
-        const int t = r0 + tid / K;
-        msg = peer_data[d] + L.off_dtokens + (static_cast<int64_t>(me) * L.m + t) * L.msg_bytes;
-        int* meta = reinterpret_cast<int*>(msg + L.off_src);
+      __syncthreads();
+      if (tid < rp) {
+        const int e = round_expert[tid];
+        int rank = -1;
+        if (e >= 0) {
+          int j = before[e];
+          for (int q = 0; q < tid; ++q) j += round_expert[q] == e ? 1 : 0;
+          a.pair_pos[r0 * K + tid] = j;
+          const int d = e / L.num_local;
+          if (!peer_cut[d] && j < L.m) {  // beyond M rows of one source for one expert: dropped (see header)
+            int* index = reinterpret_cast<int*>(peer_data[d] + L.off_dindex);
+            index[(static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j] = r0 + tid / K;
+            rank = d;
+            round_slot[tid] = j;
+          }
+        }
+        dst_rank[tid] = rank;
+      }
+      __syncthreads();
+      // 2. A token's message goes to each of its ranks once: the first k for that rank writes the meta
+      //    (the token, then its (local expert, slot) pairs there in k order: the combine's list).
+      if (tid < rp) {
+        const int e = round_expert[tid];
+        if (e >= 0) atomicAdd(&before[e], 1);  // every pair of the round has read before[]
+        const int k = tid % K;
+        const int first_k = tid - k;
+        const int d = dst_rank[tid];
+        bool first = d >= 0;
+        for (int q = first_k; q < tid && first; ++q) first = dst_rank[q] != d;
+        uint8_t* msg = nullptr;
+        if (first) {
+          const int t = r0 + tid / K;
+          msg = peer_data[d] + L.off_dtokens + (static_cast<int64_t>(me) * L.m + t) * L.msg_bytes;
+          int* meta = reinterpret_cast<int*>(msg + L.off_src);
+          int n = 0;
+          for (int q = tid; q < first_k + K; ++q) {
+            if (dst_rank[q] != d) continue;
+            const int eq = round_expert[q];
+            meta[2 + 2 * n] = eq % L.num_local;
+            meta[3 + 2 * n] = round_slot[q];
+            ++n;
+          }
+          meta[0] = t;
+          meta[1] = n;
+        }
+        dst[tid] = msg;
+      }
+      __syncthreads();
+      // Each token's messages, compacted to the front of its K entries (the rows loop over them only).
+      if (tid < r1 - r0) {
         int n = 0;
-        for (int q = tid; q < first_k + K; ++q) {
-          if (dst_rank[q] != d) continue;
-          const int eq = round_expert[q];
-          meta[2 + 2 * n] = eq % L.num_local;
-          meta[3 + 2 * n] = round_slot[q];
-          ++n;
+        for (int k = 0; k < K; ++k) {
+          uint8_t* msg = dst[tid * K + k];
+          if (msg != nullptr) dst[tid * K + n++] = msg;
         }
-        meta[0] = t;
-        meta[1] = n;
+        num_dst[tid] = n;
       }
-      dst[tid] = msg;
+      __syncthreads();
     }
-    __syncthreads();
-    // Each token's messages, compacted to the front of its K entries (the rows loop over them only).
-    if (tid < r1 - r0) {
-      int n = 0;
-      for (int k = 0; k < K; ++k) {
-        uint8_t* msg = dst[tid * K + k];
-        if (msg != nullptr) dst[tid * K + n++] = msg;
-      }
-      num_dst[tid] = n;
-    }
-    __syncthreads();
     if (r0 == t0) trace_mark(a.trace, kTraceDispatchSend, 2);
     // 3. Rows: cast (FP8) and store to every destination, a pass of loads at a time.
     const int round_items = is_fp8(P) ? (r1 - r0) * groups : (r1 - r0) * static_cast<int>(L.x_bytes / 16);
