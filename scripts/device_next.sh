@@ -9,7 +9,7 @@
 #   intranode_tests    every intranode GPU test (ranks on both GPUs) but the sanitizer runs
 #   bench_normal       the push-based intranode kernels over the SM sweep, every knob's variants and --isolate
 #   ll_new             the low-latency tests written after their last GPU run (out-of-range ids, staged send)
-#   bench_ll           the ll benchmark, direct and staged FP8 send
+#   bench_ll           the ll benchmark (with the kernels' phase trace), direct and staged FP8 send
 #   profile_ll         per-kernel device time of the low-latency calls (scripts/profile_ll.py)
 #   ll_tests           every low-latency GPU test (the condition to promote the family)
 #   nccl_experimental  the suite over NCCL with the low-latency kernels on (the other condition)
@@ -41,7 +41,7 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
   fi
   if has bench_ll; then
     stage "bench ll"
-    timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 --out "$OUT" 2>&1 \
+    timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 --trace --out "$OUT" 2>&1 \
       | grep -v "^moe_ep: using"
     stage "bench ll, staged FP8 send"
     MOE_EP_LL_SEND=staged timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 \
