@@ -3,7 +3,9 @@
 # 10-minute limit (each starts with build: a machine released between calls keeps nothing):
 #   A  STAGES=build,bench_normal,bench_ll,profile_ll
 #   B  STAGES=build,intranode_tests,ll_tests       (every kernel change since the last 2-GPU run: spill fix,
-#                                                  --isolate, the staged combine; so far run on one GPU only)
+#                                                  --isolate, the staged combine; the fifth session's LL
+#                                                  fused kernels, weight counters, send rounds, warp routing;
+#                                                  so far run on one GPU only)
 #   C  STAGES=build,nccl_experimental
 # (scripts/device_loopback.sh is the one-GPU counterpart: tests with ranks sharing the GPU, the loopback.)
 #   intranode_tests    every intranode GPU test (ranks on both GPUs) but the sanitizer runs
