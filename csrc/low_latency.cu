@@ -1,13 +1,15 @@
 // Kernel family "low_latency" (see low_latency.h for the buffer layout and the guarantees).
 //
-//   dispatch send   block b owns a contiguous range of tokens. Every block histograms topk_idx in
-//                   shared memory, so it knows each of its pairs' slot (the pair's position among
-//                   this rank's pairs for that expert) and each expert's total without waiting for
-//                   another block. Each token is read and cast to FP8 once (a half-warp per
-//                   128-column group), then stored ONCE per destination rank into its token
-//                   area [this rank][token], and the token's index into each expert's slot
-//                   [l][this rank][j] (NVLink carries a token once per rank, not once per expert). The block that counts an expert's last pair publishes the
-//                   count with a release store. Nothing waits: the hook's "send" half.
+//   dispatch send   block b owns a contiguous range of tokens, sent in rounds. Every block
+//                   histograms topk_idx in shared memory, so it knows each of its pairs' slot (the
+//                   pair's position among this rank's pairs for that expert) and each expert's total
+//                   without waiting for another block; a round of up to 32 pairs is routed by one
+//                   warp. Each token is read and cast to FP8 once (a half-warp per 128-column
+//                   group), then stored ONCE per destination rank into its token area [this rank]
+//                   [token], and the token's index into each expert's slot [l][this rank][j] (NVLink
+//                   carries a token once per rank, not once per expert). The block that completes
+//                   an expert's count publishes it with a release store. Nothing waits: the hook's
+//                   "send" half. Without a hook, send and receive run in one kernel (dispatch_kernel).
 //   dispatch recv   every block waits (bounded) for every (expert, source) count, so it knows
 //                   where each row goes; rows are packed in source-rank order into recv_x, in
 //                   pieces spread over every warp of the grid; src_info, layout_range, recv_count
@@ -125,7 +127,6 @@ __device__ __forceinline__ void trace_mark(unsigned long long* trace, int kernel
 // Slot of pair (token, k) = its position among this rank's pairs for the same expert, in (token, k)
 // order: the pairs before it with that expert. Every block histograms topk_idx in shared memory
 // (all pairs per expert, and those before its own tokens), so no block waits for another.
-__device__ __forceinline__ bool valid_expert(int64_t e, int num_experts) { return e >= 0 && e < num_experts; }
 
 constexpr int kRoundPairs = 256;
 constexpr int kHalfWarps = kThreads / 16;
