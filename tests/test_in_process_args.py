@@ -36,3 +36,24 @@ def test_engines_in_process_reject_a_cpu_device():
         IntranodeEngine.in_process(2, torch.device("cpu"), 1 << 20)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         LowLatencyEngine.in_process(2, torch.device("cpu"), 1 << 20)
+
+
+
+@pytest.mark.parametrize("value,fused", [("0", False), ("1", True), (None, True)])
+def test_ll_fused_setting_is_read_from_the_environment(monkeypatch, value, fused):
+    from moe_ep.comm.backends.low_latency import FUSED_ENV, _fused_from_env
+
+    if value is None:
+        monkeypatch.delenv(FUSED_ENV, raising=False)
+    else:
+        monkeypatch.setenv(FUSED_ENV, value)
+    assert _fused_from_env() is fused
+
+
+@pytest.mark.parametrize("value", ["yes", "2", ""])
+def test_ll_fused_setting_rejects_other_values(monkeypatch, value):
+    from moe_ep.comm.backends.low_latency import FUSED_ENV, _fused_from_env
+
+    monkeypatch.setenv(FUSED_ENV, value)
+    with pytest.raises(ValueError, match="MOE_EP_LL_FUSED must be '0' or '1'"):
+        _fused_from_env()
