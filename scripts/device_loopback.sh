@@ -2,7 +2,9 @@
 # One bounded call on ONE GPU: build (unless a built moe_ep/_C*.so was carried in), the in-process
 # engine tests, optionally the low-latency GPU tests, then `python -m moe_ep.bench loopback` (ranks
 # as threads on the one GPU: the kernels' speed with the link taken out).
-#   STAGES=build,intranode_tests,sanitizer,tests,bench,ll_tests,ll_sanitizer (in this order; default build,tests,bench)
+#   STAGES=build,intranode_tests,sanitizer,tests,bench,ll_one_rank,ll_tests,ll_sanitizer (in this order; default build,tests,bench)
+#   ll_one_rank: `bench ll --trace` with the one GPU as one rank (all 132 SMs, every expert local): a
+#   2-GPU rank's kernel work at the same tokens/rank, without the link.
 #   INTRANODE_K: a pytest -k filter for the intranode tests; BENCH_ARGS: the benchmark's options; BENCH_ENVS: one run per ';'-separated environment setting.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +48,11 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
       env ${envs[$i]} MOE_EP_TIMEOUT_S=30 timeout -k 10 ${BENCH_S:-240} python3 -m moe_ep.bench loopback \
         --out "$OUT/bench$i" ${BENCH_ARGS:-} 2>&1
     done
+  fi
+  if has ll_one_rank; then
+    stage "bench ll, one rank on the one GPU"
+    timeout -k 10 ${LL_ONE_S:-120} python3 -m moe_ep.bench ll --trace --sweep 1,32,128 --iters 30 --out "$OUT/ll_one_rank" \
+      2>&1 | grep -v "^moe_ep: using"
   fi
   if has ll_tests; then
     stage "low-latency GPU tests (ranks sharing the GPU)"
