@@ -66,10 +66,27 @@ def _extension_kwargs():
         libraries=[],
     )
     modules = [ext]
-    nvshmem = _nvshmem_extension(include_dirs, cxx_flags)
+    nvshmem = _nvshmem_extension(include_dirs, cxx_flags, nvcc_flags)
     if nvshmem is not None:
         modules.append(nvshmem)
-    return {"ext_modules": modules, "cmdclass": {"build_ext": BuildExtension}}
+    return {"ext_modules": modules, "cmdclass": {"build_ext": _build_ext_class(BuildExtension)}}
+
+
+def _build_ext_class(base):
+    """torch's BuildExtension, except that an optional module (moe_ep._nvshmem) that fails to build
+    only warns: ninja's RuntimeError is not among the errors setuptools' `optional` forgives."""
+
+    class BuildExtensionKeepGoing(base):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - any compiler or ninja failure
+                if not getattr(ext, "optional", False):
+                    raise
+                print(f"moe_ep: the optional module {ext.name} failed to build ({exc}); "
+                      "building without it", file=sys.stderr)
+
+    return BuildExtensionKeepGoing
 
 
 def _load_build_paths():
@@ -83,10 +100,12 @@ def _load_build_paths():
     return module
 
 
-def _nvshmem_extension(include_dirs: list[str], cxx_flags: list[str]):
-    """moe_ep._nvshmem: NVSHMEM's host runtime for the low-latency buffers, built only where NVSHMEM
-    is found, as a separate optional module (a failure to build it warns and leaves moe_ep._C
-    alone; moe_ep._C never links NVSHMEM, so it imports where NVSHMEM is absent)."""
+def _nvshmem_extension(include_dirs: list[str], cxx_flags: list[str], nvcc_flags: list[str]):
+    """moe_ep._nvshmem: NVSHMEM's runtime for the low-latency buffers, and the low-latency kernels
+    built again with NVSHMEM's device library (relocatable device code, device-linked with
+    libnvshmem_device.a) so they can reach peers by puts. Built only where NVSHMEM is found, as a
+    separate optional module (a failure to build it warns and leaves moe_ep._C alone; moe_ep._C
+    never links NVSHMEM, so it imports where NVSHMEM is absent)."""
     from torch.utils.cpp_extension import CUDAExtension
 
     home = _load_build_paths().nvshmem_home()
@@ -99,12 +118,27 @@ def _nvshmem_extension(include_dirs: list[str], cxx_flags: list[str]):
     if not host_libs:
         print(f"moe_ep: no libnvshmem_host.so in {lib}: building without moe_ep._nvshmem", file=sys.stderr)
         return None
+    if not os.path.exists(os.path.join(lib, "libnvshmem_device.a")):
+        print(f"moe_ep: no libnvshmem_device.a in {lib}: building without moe_ep._nvshmem", file=sys.stderr)
+        return None
+    # The kernels of moe_ep._C's low-latency family, with the put path compiled in; the bindings
+    # and the error helper they need come along (each module is self-contained).
+    sources = ["csrc/nvshmem/runtime.cpp", "csrc/ll_bindings.cpp", "csrc/low_latency.cu", "csrc/runtime.cu"]
     return CUDAExtension(
         name="moe_ep._nvshmem",
-        sources=["csrc/nvshmem/runtime.cpp"],
+        sources=sources,
         include_dirs=[os.path.join(home, "include"), *include_dirs],
-        extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=[f"-L{lib}", f"-l:{os.path.basename(host_libs[0])}", f"-Wl,-rpath,{lib}"],
+        # NVSHMEM's device headers use half / bfloat16 operators that torch's default flags switch off.
+        extra_compile_args={"cxx": cxx_flags, "nvcc": [*nvcc_flags, "-rdc=true", "-DMOE_EP_NVSHMEM_DEVICE",
+                                                       "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                                                       "-U__CUDA_NO_HALF2_OPERATORS__",
+                                                       "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
+                            # The device link step, by hand: CUDAExtension(dlink=True) adds -dlto, and
+                            # nvlink then fails to load libnvshmem_device.a ("library load error").
+                            "nvcc_dlink": ["-dlink", f"-L{lib}", "-lnvshmem_device"]},
+        library_dirs=[lib],
+        extra_link_args=[f"-L{lib}", f"-l:{os.path.basename(host_libs[0])}", "-l:libnvshmem_device.a",
+                         f"-Wl,-rpath,{lib}"],
         optional=True,
     )
 

@@ -24,6 +24,9 @@
 //   combine recv    waits for every rank's flag, then one warp per (token, 256 hidden columns)
 //                   sums the partial rows of the token's ranks in rank order and casts; the last
 //                   block resets the flags.
+//   puts            a rank in put_mask is reached through NVSHMEM's device API (low_latency.h):
+//                   the same kernels, with rows staged in the outbox and put whole, and counts and
+//                   flags put after a quiet. Compiled only into moe_ep._nvshmem (MOE_EP_NVSHMEM_DEVICE).
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -37,6 +40,11 @@
 #include "device_copy.cuh"
 #include "low_latency.h"
 #include "runtime.h"
+
+#ifdef MOE_EP_NVSHMEM_DEVICE
+#include <nvshmem.h>
+#include <nvshmemx.h>
+#endif
 
 namespace moe_ep {
 namespace low_latency {
@@ -67,6 +75,37 @@ __device__ __forceinline__ void st_release_gpu(int* ptr, int value) {
 // A flag that orders no data before it (a count of zero rows): no fence needed.
 __device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
   asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------- puts
+// NVSHMEM's portable device API for the ranks in put_mask (low_latency.h). `sym` is always this
+// rank's own address of the symmetric location (NVSHMEM's convention), `pe` the rank it lands on.
+// A build without NVSHMEM's device library never gets a put_mask (the launchers refuse one).
+__device__ __forceinline__ bool puts_to(uint64_t put_mask, int rank) { return ((put_mask >> rank) & 1ull) != 0; }
+
+#ifdef MOE_EP_NVSHMEM_DEVICE
+__device__ __forceinline__ void put_int(int* sym, int value, int pe) { nvshmem_int_p(sym, value, pe); }
+__device__ __forceinline__ void put_float(float* sym, float value, int pe) { nvshmem_float_p(sym, value, pe); }
+__device__ __forceinline__ void put_add(int* sym, int value, int pe) { nvshmem_int_atomic_add(sym, value, pe); }
+// The whole warp calls it (a warp-collective put of `bytes` from this rank's `src`).
+__device__ __forceinline__ void warp_put(void* sym, const void* src, size_t bytes, int pe) {
+  nvshmemx_putmem_nbi_warp(sym, src, bytes, pe);
+}
+// Every put this thread issued is complete at its target.
+__device__ __forceinline__ void quiet_puts() { nvshmem_quiet(); }
+#else
+__device__ __forceinline__ void put_int(int*, int, int) { asm volatile("trap;"); }
+__device__ __forceinline__ void put_float(float*, float, int) { asm volatile("trap;"); }
+__device__ __forceinline__ void put_add(int*, int, int) { asm volatile("trap;"); }
+__device__ __forceinline__ void warp_put(void*, const void*, size_t, int) { asm volatile("trap;"); }
+__device__ __forceinline__ void quiet_puts() {}
+#endif
+
+// A 4-byte store into rank d's memory: a plain store where it is mapped, else a put of the same
+// location (`own` is this rank's address of it; `mapped` rank d's, through the peer table).
+__device__ __forceinline__ void store_int_to(uint64_t put_mask, int d, int* mapped, int* own, int value) {
+  if (puts_to(put_mask, d)) put_int(own, value, d);
+  else *mapped = value;
 }
 
 // Every thread fences its own stores (system scope), then the block meets: whatever one thread
@@ -194,9 +233,14 @@ __device__ __forceinline__ PassLoads<pass_loads(P)> load_pass(const DispatchArgs
 // expert, from `before`, plus earlier lanes with it), its index entry at the destination; each
 // token's message per destination rank (the first k for that rank), whose meta every pair of the
 // group writes its own entry of; and each token's messages, compacted, into dst / num_dst.
+// peer_data[d]: rank d's data area (mapped); peer_tokens[d]: where this rank's messages to d are
+// written (d's token area [this rank], or with puts the outbox's [d]).
+template <bool kPuts>
 __device__ __forceinline__ void route_round_in_warp(const DispatchArgs& a, int r0, int rp, uint8_t* const* peer_data,
+                                                   uint8_t* const* peer_tokens, uint8_t* own_data,
                                                    const bool* peer_cut, int* before, uint8_t** dst, int* num_dst) {
   const LLLayout& L = a.layout;
+  const uint64_t put_mask = kPuts ? a.put_mask : 0;  // 0: the branches of puts fold away
   const int K = L.num_topk;
   const int me = a.peers.rank;
   const int lane = threadIdx.x % 32;
@@ -212,8 +256,9 @@ __device__ __forceinline__ void route_round_in_warp(const DispatchArgs& a, int r
     a.pair_pos[p] = j;
     const int d = e / L.num_local;
     if (!peer_cut[d] && j < L.m) {  // beyond M rows of one source for one expert: dropped (see header)
-      int* index = reinterpret_cast<int*>(peer_data[d] + L.off_dindex);
-      index[(static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j] = r0 + lane / K;
+      const int64_t at = L.off_dindex + 4 * ((static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j);
+      store_int_to(put_mask, d, reinterpret_cast<int*>(peer_data[d] + at), reinterpret_cast<int*>(own_data + at),
+                   r0 + lane / K);
       rank = d;
     }
   }
@@ -228,7 +273,7 @@ __device__ __forceinline__ void route_round_in_warp(const DispatchArgs& a, int r
   const unsigned token_lanes = K == 32 ? kFullWarp : ((1u << K) - 1u) << (tk * K);
   if (rank >= 0) {
     const int t = r0 + tk;
-    uint8_t* msg = peer_data[rank] + L.off_dtokens + (static_cast<int64_t>(me) * L.m + t) * L.msg_bytes;
+    uint8_t* msg = peer_tokens[rank] + static_cast<int64_t>(t) * L.msg_bytes;
     int* meta = reinterpret_cast<int*>(msg + L.off_src);
     const int q = __popc(same_msg & lower);  // this pair's entry in the message's list (k order)
     meta[2 + 2 * q] = e % L.num_local;
@@ -246,9 +291,10 @@ __device__ __forceinline__ void route_round_in_warp(const DispatchArgs& a, int r
 // once and its message stored once per destination rank. The first pass's rows are loaded before
 // the histogram, so their latency hides behind it. A block publishes, per expert, how many of its
 // pairs it sent (one atomic per expert); the block that completes an expert's total releases its count.
-template <int P>
+template <int P, bool kPuts>
 __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   const LLLayout& L = a.layout;
+  const uint64_t put_mask = kPuts ? a.put_mask : 0;  // 0: the branches of puts fold away
   trace_mark(a.trace, kTraceDispatchSend, 0);
   __shared__ int total[kMaxExperts];   // this rank's pairs per expert
   __shared__ int before[kMaxExperts];  // ... among the pairs before the current round
@@ -259,6 +305,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   __shared__ uint8_t* dst[kRoundPairs];      // per token of the round: its messages, one per destination rank, first
   __shared__ int num_dst[kRoundPairs];       // per token of the round: how many
   __shared__ uint8_t* peer_data[kMaxRanks];  // each rank's data area of the buffer in use
+  __shared__ uint8_t* peer_tokens[kMaxRanks];  // where this rank's messages to each rank are written
   __shared__ bool peer_cut[kMaxRanks];       // cut(mask, me, rank)
   extern __shared__ uint4 stage[];     // staged send (FP8): the current token's payload and scales
   const int tid = threadIdx.x;
@@ -286,8 +333,13 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
     a.mask_snapshot[tid] = a.mask != nullptr ? a.mask[tid] : 0;
   }
   // The peers' addresses and the mask, once per block (a round reads them for every pair).
+  uint8_t* own_data = buffer_of(a.peers, me, a.data_offset);
+  uint8_t* outbox_tokens = buffer_of(a.peers, me, a.outbox_offset) + L.off_dtokens;
   if (tid < L.num_ranks) {
     peer_data[tid] = buffer_of(a.peers, tid, a.data_offset);
+    peer_tokens[tid] = puts_to(put_mask, tid)
+                           ? outbox_tokens + static_cast<int64_t>(tid) * L.m * L.msg_bytes
+                           : peer_data[tid] + L.off_dtokens + static_cast<int64_t>(me) * L.m * L.msg_bytes;
     peer_cut[tid] = cut(a.mask, me, tid);
   }
   __syncthreads();
@@ -306,9 +358,9 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
     const bool masked = cut(a.mask, me, d);
     a.counts_e[e] = masked ? 0 : min(total[e], L.m);
     if (!masked && total[e] == 0) {
-      int* flag = reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + L.off_dflags) +
-                  (e % L.num_local) * L.num_ranks + me;
-      st_relaxed_sys(flag, 1);
+      const int64_t at = L.off_dflags + 4 * ((e % L.num_local) * L.num_ranks + me);
+      if (puts_to(put_mask, d)) put_int(reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + at), 1, d);
+      else st_relaxed_sys(reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + at), 1);
     }
   }
   trace_mark(a.trace, kTraceDispatchSend, 1);
@@ -318,7 +370,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
     const int r1 = min(r0 + rt, t1);
     const int rp = (r1 - r0) * K;  // <= kRoundPairs
     if (rp <= 32) {
-      if (tid < 32) route_round_in_warp(a, r0, rp, peer_data, peer_cut, before, dst, num_dst);
+      if (tid < 32) route_round_in_warp<kPuts>(a, r0, rp, peer_data, peer_tokens, own_data, peer_cut, before, dst, num_dst);
       __syncthreads();
     } else {
       // 1. The round's experts; each pair's slot (pairs before it with its expert), its index entry
@@ -337,8 +389,10 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
           a.pair_pos[r0 * K + tid] = j;
           const int d = e / L.num_local;
           if (!peer_cut[d] && j < L.m) {  // beyond M rows of one source for one expert: dropped (see header)
-            int* index = reinterpret_cast<int*>(peer_data[d] + L.off_dindex);
-            index[(static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j] = r0 + tid / K;
+            const int64_t at =
+                L.off_dindex + 4 * ((static_cast<int64_t>(e % L.num_local) * L.num_ranks + me) * L.m + j);
+            store_int_to(put_mask, d, reinterpret_cast<int*>(peer_data[d] + at),
+                         reinterpret_cast<int*>(own_data + at), r0 + tid / K);
             rank = d;
             round_slot[tid] = j;
           }
@@ -359,7 +413,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
         uint8_t* msg = nullptr;
         if (first) {
           const int t = r0 + tid / K;
-          msg = peer_data[d] + L.off_dtokens + (static_cast<int64_t>(me) * L.m + t) * L.msg_bytes;
+          msg = peer_tokens[d] + static_cast<int64_t>(t) * L.msg_bytes;
           int* meta = reinterpret_cast<int*>(msg + L.off_src);
           int n = 0;
           for (int q = tid; q < first_k + K; ++q) {
@@ -459,6 +513,20 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
         reinterpret_cast<uint4*>(dst[i / vectors])[i % vectors] = stage[i % vectors];
       }
     }
+    if (put_mask != 0) {
+      // The round's messages in the outbox are whole: a warp puts each into its rank's token area
+      // [this rank][token] (non-blocking; the quiet before the counts completes them).
+      __syncthreads();
+      const int64_t outbox_bytes = static_cast<int64_t>(L.num_ranks) * L.m * L.msg_bytes;
+      for (int i = tid / 32; i < (r1 - r0) * K; i += kWarps) {
+        if (i % K >= num_dst[i / K]) continue;
+        const int64_t off = dst[i] - outbox_tokens;
+        if (off < 0 || off >= outbox_bytes) continue;  // a mapped rank's message, stored in place
+        const int d = static_cast<int>(off / (static_cast<int64_t>(L.m) * L.msg_bytes));
+        const int t = static_cast<int>((off / L.msg_bytes) % L.m);
+        warp_put(own_data + L.off_dtokens + (static_cast<int64_t>(me) * L.m + t) * L.msg_bytes, dst[i], L.msg_bytes, d);
+      }
+    }
     __syncthreads();  // the round's shared arrays are rewritten by the next round
   }
   if (t0 == t1) trace_mark(a.trace, kTraceDispatchSend, 2);
@@ -466,7 +534,9 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
 
   // Publish: after the block's barrier one fence orders every thread's stores (as a grid barrier
   // does); then per expert one atomic adds this block's pairs, and the block that completes the
-  // expert's total releases its count (the expert's rows from every block before it).
+  // expert's total releases its count (the expert's rows from every block before it). With puts,
+  // every thread first completes what it put (messages, index entries).
+  if (put_mask != 0) quiet_puts();
   if (tid == 0) __threadfence_system();
   __syncthreads();
   for (int e = tid; e < E; e += kThreads) {
@@ -476,9 +546,10 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
     if (atomicAdd(a.send_done + e, mine[e]) + mine[e] == total[e]) {
       __threadfence_system();
       a.send_done[e] = 0;  // every pair of e has counted: ready for the next dispatch
-      int* flag = reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + L.off_dflags) +
-                  (e % L.num_local) * L.num_ranks + me;
-      st_relaxed_sys(flag, min(total[e], L.m) + 1);  // after the fence above: a release
+      const int64_t at = L.off_dflags + 4 * ((e % L.num_local) * L.num_ranks + me);
+      const int value = min(total[e], L.m) + 1;
+      if (puts_to(put_mask, d)) put_int(reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + at), value, d);
+      else st_relaxed_sys(reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + at), value);  // after the fence above: a release
     }
   }
   __syncthreads();
@@ -715,14 +786,14 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   trace_mark(a.trace, kTraceDispatchRecv, 3);
 }
 
-template <int P>
-__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a) { dispatch_send<P>(a); }
+template <int P, bool kPuts>
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a) { dispatch_send<P, kPuts>(a); }
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a) { dispatch_recv<kFp8>(a); }
 // Both halves in one launch: the receive half reads the live mask, which is the one the send half used.
-template <int P>
+template <int P, bool kPuts>
 __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
-  dispatch_send<P>(a);
+  dispatch_send<P, kPuts>(a);
   dispatch_recv<is_fp8(P)>(a);
 }
 
@@ -783,9 +854,10 @@ __device__ __forceinline__ void warp_wait_weights(const CombineArgs& a, const in
 // expert. The last block to finish publishes "all partial sums are back" to every source.
 // The combine's topk_idx must be the dispatch's (as the reference backend assumes): the counters
 // count the dispatch's rows, so other ids end in the bounded wait's error, not in wrong sums.
-template <int kRowBatch>
+template <int kRowBatch, bool kPuts>
 __device__ __forceinline__ void combine_send(const CombineArgs& a) {
   const LLLayout& L = a.layout;
+  const uint64_t put_mask = kPuts ? a.put_mask : 0;  // 0: the branches of puts fold away
   trace_mark(a.trace, kTraceCombineSend, 0);
   const int me = a.peers.rank;
   const int R = L.num_ranks;
@@ -811,15 +883,22 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
     const int d = pair_rank(a, p, me);
     if (d < 0) continue;
     const int64_t e = a.topk_idx[p];
-    float* weights = reinterpret_cast<float*>(buffer_of(a.peers, d, a.data_offset) + L.off_cweights);
-    weights[((e % L.num_local) * R + me) * M + a.pair_pos[p]] = a.topk_weights[p];
+    const int64_t at = L.off_cweights + 4 * (((e % L.num_local) * R + me) * M + a.pair_pos[p]);
+    if (puts_to(put_mask, d)) put_float(reinterpret_cast<float*>(own + at), a.topk_weights[p], d);
+    else *reinterpret_cast<float*>(buffer_of(a.peers, d, a.data_offset) + at) = a.topk_weights[p];
     atomicAdd(&stored[d], 1);
   }
+  if (put_mask != 0) quiet_puts();  // the weights this thread put are in before the counts
   __syncthreads();
   if (tid < R && stored[tid] > 0) {
-    __threadfence_system();  // after the block's barrier: every thread's weight stores come first
-    red_release_sys_add(reinterpret_cast<int*>(buffer_of(a.peers, tid, a.flags_offset) + L.off_wflags) + me,
-                        stored[tid]);
+    int* own_counter = counters + me;
+    if (puts_to(put_mask, tid)) {
+      put_add(own_counter, stored[tid], tid);
+    } else {
+      __threadfence_system();  // after the block's barrier: every thread's weight stores come first
+      red_release_sys_add(reinterpret_cast<int*>(buffer_of(a.peers, tid, a.flags_offset) + L.off_wflags) + me,
+                          stored[tid]);
+    }
   }
   trace_mark(a.trace, kTraceCombineSend, 1);
 
@@ -889,8 +968,12 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
         }
       }
     }
-    float* dst_row = reinterpret_cast<float*>(buffer_of(a.peers, s, a.data_offset) + L.off_carea) +
-                     (static_cast<int64_t>(me) * M + t) * L.hidden;
+    // Rank s's row [this rank][t], or with puts the outbox's [s][t] (put once written).
+    const bool put = puts_to(put_mask, s);
+    float* dst_row = put ? reinterpret_cast<float*>(buffer_of(a.peers, me, a.outbox_offset) + L.off_carea) +
+                               (static_cast<int64_t>(s) * M + t) * L.hidden
+                         : reinterpret_cast<float*>(buffer_of(a.peers, s, a.data_offset) + L.off_carea) +
+                               (static_cast<int64_t>(me) * M + t) * L.hidden;
 #pragma unroll
     for (int v = 0; v < kSlices; ++v) {
       const int64_t col = col0 + v * 256;
@@ -899,11 +982,19 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
       dst[0] = make_float4(acc[v][0], acc[v][1], acc[v][2], acc[v][3]);
       dst[1] = make_float4(acc[v][4], acc[v][5], acc[v][6], acc[v][7]);
     }
+    if (put) {  // the item's columns, whole: one put of the warp (non-blocking; quieted below)
+      __syncwarp();
+      const int64_t begin = (item % groups) * kSlices * 256;
+      const int64_t end = min(begin + kSlices * 256, static_cast<int64_t>(L.hidden));
+      float* own_row = reinterpret_cast<float*>(own + L.off_carea) + (static_cast<int64_t>(me) * M + t) * L.hidden;
+      warp_put(own_row + begin, dst_row + begin, static_cast<size_t>(end - begin) * 4, s);
+    }
   }
   if (!weights_in && warp % kWarps == 0) trace_mark(a.trace, kTraceCombineSend, 2);  // no item: nothing waited
   // The last block to finish publishes "all partial sums are back" to every source. It also resets
   // the weight counters, once each holds its full count (a warp without items never waited for it,
   // so an add may still be on its way).
+  if (put_mask != 0) quiet_puts();  // every partial row this thread put is in before the flags
   __syncthreads();
   trace_mark(a.trace, kTraceCombineSend, 3);
   block_fence_system();
@@ -915,8 +1006,9 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
     __threadfence_system();
     for (int src = lane; src < R; src += 32) {
       if (!cut(a.mask, me, src)) {
-        int* flag = reinterpret_cast<int*>(buffer_of(a.peers, src, a.flags_offset) + L.off_cflags) + me;
-        st_release_sys(flag, 1);
+        const int64_t at = L.off_cflags + 4 * me;
+        if (puts_to(put_mask, src)) put_int(reinterpret_cast<int*>(own_flags + at), 1, src);
+        else st_release_sys(reinterpret_cast<int*>(buffer_of(a.peers, src, a.flags_offset) + at), 1);
       }
     }
   }
@@ -1041,11 +1133,13 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
   trace_mark(a.trace, kTraceCombineRecv, 2);
 }
 
-__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) { combine_send<kRowBatch>(a); }
+template <bool kPuts>
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) { combine_send<kRowBatch, kPuts>(a); }
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) { combine_recv(a); }
 // The receive half's registers leave the send half two rows per batch (three would spill).
+template <bool kPuts>
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
-  combine_send<kFusedRowBatch>(a);
+  combine_send<kFusedRowBatch, kPuts>(a);
   combine_recv(a);
 }
 
@@ -1058,6 +1152,19 @@ int grid_for(int work, int per_block, int num_sms) {
 void check_layout(const LLLayout& layout, const Peers& peers) {
   if (peers.bases == nullptr) throw std::invalid_argument("moe_ep low_latency: the buffer's peers are not open");
   if (layout.num_ranks != peers.num_ranks) throw std::invalid_argument("moe_ep low_latency: layout and peers disagree");
+}
+
+// A put_mask needs this build to link NVSHMEM's device library, and names ranks of the group only.
+void check_puts(uint64_t put_mask, const LLLayout& layout) {
+  if (put_mask == 0) return;
+  if (!puts_compiled()) {
+    throw std::invalid_argument("moe_ep low_latency: put_mask is set but this module was built without NVSHMEM's "
+                                "device library (puts run from moe_ep._nvshmem)");
+  }
+  if (layout.num_ranks < 64 && (put_mask >> layout.num_ranks) != 0) {
+    throw std::invalid_argument("moe_ep low_latency: put_mask names a rank >= num_ranks=" +
+                                std::to_string(layout.num_ranks));
+  }
 }
 
 }  // namespace
@@ -1119,6 +1226,14 @@ LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_
 
 uint64_t timeout_ns_from_env() { return wait::timeout_ns_from_env(); }
 
+bool puts_compiled() {
+#ifdef MOE_EP_NVSHMEM_DEVICE
+  return true;
+#else
+  return false;
+#endif
+}
+
 // MOE_EP_LL_SEND = "direct" (default: each half-warp stores its 8 FP8 bytes to every destination)
 // or "staged" (the token is cast into shared memory, then every thread stores 16-byte vectors),
 // read at every launch so a benchmark can compare them. BF16 rows always go as 16-byte vectors.
@@ -1136,6 +1251,7 @@ constexpr int64_t kMaxStageBytes = 16 << 10;
 // The send's token check and its staged-send choice (both launches that run the send half).
 DispatchArgs checked_send_args(const DispatchArgs& args, size_t* stage_bytes) {
   check_layout(args.layout, args.peers);
+  check_puts(args.put_mask, args.layout);
   if (args.num_tokens < 0 || args.num_tokens > args.layout.m) {  // a token's message slot is its index
     throw std::invalid_argument("moe_ep low_latency: x has " + std::to_string(args.num_tokens) +
                                 " tokens, more than num_max_dispatch_tokens_per_rank=" + std::to_string(args.layout.m));
@@ -1148,13 +1264,30 @@ DispatchArgs checked_send_args(const DispatchArgs& args, size_t* stage_bytes) {
 
 int grid_of(int num_sms) { return num_sms < 1 ? 1 : num_sms; }
 
+// The kernel that runs a dispatch's send half (with its receive half: with_recv) for the payload
+// kind and the transport. kPuts kernels exist only where NVSHMEM's device library is linked
+// (moe_ep._nvshmem); moe_ep._C compiles the stores-only ones alone.
+using DispatchKernel = void (*)(DispatchArgs);
+
+template <bool kPuts>
+DispatchKernel send_kernel_of(const DispatchArgs& a, bool with_recv) {
+  if (a.staged_send) return with_recv ? dispatch_kernel<kFp8Staged, kPuts> : dispatch_send_kernel<kFp8Staged, kPuts>;
+  if (a.layout.use_fp8) return with_recv ? dispatch_kernel<kFp8Rows, kPuts> : dispatch_send_kernel<kFp8Rows, kPuts>;
+  return with_recv ? dispatch_kernel<kBf16Rows, kPuts> : dispatch_send_kernel<kBf16Rows, kPuts>;
+}
+
+DispatchKernel send_kernel_for(const DispatchArgs& a, bool with_recv) {
+#ifdef MOE_EP_NVSHMEM_DEVICE
+  if (a.put_mask != 0) return send_kernel_of<true>(a, with_recv);
+#endif
+  return send_kernel_of<false>(a, with_recv);
+}
+
 void launch_dispatch_send(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
   size_t stage_bytes = 0;
   const DispatchArgs a = checked_send_args(args, &stage_bytes);
   const dim3 grid(grid_for(args.num_tokens, 1, num_sms));
-  if (a.staged_send) dispatch_send_kernel<kFp8Staged><<<grid, kThreads, stage_bytes, stream>>>(a);
-  else if (a.layout.use_fp8) dispatch_send_kernel<kFp8Rows><<<grid, kThreads, 0, stream>>>(a);
-  else dispatch_send_kernel<kBf16Rows><<<grid, kThreads, 0, stream>>>(a);
+  send_kernel_for(a, false)<<<grid, kThreads, stage_bytes, stream>>>(a);
   cuda_check(cudaGetLastError(), "low_latency dispatch_send_kernel launch");
 }
 
@@ -1169,17 +1302,19 @@ void launch_dispatch_recv(const DispatchArgs& recv_args, int num_sms, cudaStream
 void launch_dispatch(const DispatchArgs& args, int num_sms, cudaStream_t stream) {
   size_t stage_bytes = 0;
   const DispatchArgs a = checked_send_args(args, &stage_bytes);
-  const dim3 grid(grid_of(num_sms));
-  if (a.staged_send) dispatch_kernel<kFp8Staged><<<grid, kThreads, stage_bytes, stream>>>(a);
-  else if (a.layout.use_fp8) dispatch_kernel<kFp8Rows><<<grid, kThreads, 0, stream>>>(a);
-  else dispatch_kernel<kBf16Rows><<<grid, kThreads, 0, stream>>>(a);
+  send_kernel_for(a, true)<<<dim3(grid_of(num_sms)), kThreads, stage_bytes, stream>>>(a);
   cuda_check(cudaGetLastError(), "low_latency dispatch_kernel launch");
 }
 
 void launch_combine_send(const CombineArgs& args, int num_sms, cudaStream_t stream) {
   check_layout(args.layout, args.peers);
+  check_puts(args.put_mask, args.layout);
   // The rows each expert received are known on the device only: every SM takes a share.
-  combine_send_kernel<<<grid_of(num_sms), kThreads, 0, stream>>>(args);
+#ifdef MOE_EP_NVSHMEM_DEVICE
+  if (args.put_mask != 0) combine_send_kernel<true><<<grid_of(num_sms), kThreads, 0, stream>>>(args);
+  else
+#endif
+  combine_send_kernel<false><<<grid_of(num_sms), kThreads, 0, stream>>>(args);
   cuda_check(cudaGetLastError(), "low_latency combine_send_kernel launch");
 }
 
@@ -1193,7 +1328,12 @@ void launch_combine_recv(const CombineArgs& args, int num_sms, cudaStream_t stre
 
 void launch_combine(const CombineArgs& args, int num_sms, cudaStream_t stream) {
   check_layout(args.layout, args.peers);
-  combine_kernel<<<grid_of(num_sms), kThreads, 0, stream>>>(args);
+  check_puts(args.put_mask, args.layout);
+#ifdef MOE_EP_NVSHMEM_DEVICE
+  if (args.put_mask != 0) combine_kernel<true><<<grid_of(num_sms), kThreads, 0, stream>>>(args);
+  else
+#endif
+  combine_kernel<false><<<grid_of(num_sms), kThreads, 0, stream>>>(args);
   cuda_check(cudaGetLastError(), "low_latency combine_kernel launch");
 }
 

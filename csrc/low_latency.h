@@ -3,10 +3,18 @@
 // synchronisation (CUDA-graph capturable) and a send/receive split for the receive hook.
 // Torch-free: raw pointers + cudaStream_t; moe_ep/comm/backends/low_latency.py owns the policy.
 //
-// Transport: every rank's buffer region is reachable through a table of peer pointers (today the
-// CUDA-IPC buffers of csrc/ipc_buffer.h; an NVSHMEM heap gives the same table through
-// nvshmem_ptr for the peers reachable over NVLink). Kernels store straight into peers' memory and
-// publish with release stores at system scope; receivers acquire with bounded waits.
+// Transport: every rank's buffer region is reachable through a table of peer pointers (the
+// CUDA-IPC buffers of csrc/ipc_buffer.h, or an NVSHMEM heap through nvshmem_ptr for the peers
+// reachable over NVLink). Kernels store straight into peers' memory and publish with release
+// stores at system scope; receivers acquire with bounded waits.
+// Puts (put_mask bit d set; only in the build that links NVSHMEM's device library, the module
+// moe_ep._nvshmem): rank d is reached through NVSHMEM's portable device API instead, the path for
+// peers nvshmem_ptr cannot map (RDMA, IBGDA across nodes). Rows are written into this rank's
+// outbox (a third data area, after the two buffers: the same layout with the rank index meaning
+// "destination"), then put whole (nvshmemx_putmem_nbi_warp); 4-byte index entries and weights go
+// as single-element puts; every thread that put quiets before its block counts or publishes, and
+// counts and flags go as puts / atomic adds after that. The receive side is the same either way:
+// it reads its own memory.
 //
 // A rank's region: first the flags of both buffers, at offsets that never depend on the sizes
 // (so a call with other sizes can never read a stale flag from bytes that used to hold data; every
@@ -134,6 +142,8 @@ struct DispatchArgs {
   int* cumulative_stats;          // [L] or null
   int* routing;                   // the routing workspace (layout.ws_ints int32)
   uint64_t timeout_ns;
+  uint64_t put_mask = 0;          // bit d: rank d is reached by NVSHMEM puts (see the header)
+  int64_t outbox_offset = 0;      // region offset of the outbox (puts only)
   bool staged_send = false;       // set by the launchers (MOE_EP_LL_SEND), not by callers
   unsigned long long* trace = nullptr;  // [kTraceKernels][kTraceBlocks][kTraceEvents] ns, or null
 };
@@ -165,6 +175,8 @@ struct CombineArgs {
   const int* routing;             // the dispatch's routing workspace
   void* out;                      // [T, H] bf16
   uint64_t timeout_ns;
+  uint64_t put_mask = 0;          // as DispatchArgs
+  int64_t outbox_offset = 0;
   unsigned long long* trace = nullptr;  // as DispatchArgs::trace
 };
 
@@ -175,8 +187,12 @@ void launch_combine(const CombineArgs& args, int num_sms, cudaStream_t stream);
 
 // clean_low_latency_buffer zeroes [0, kFlagsBytes) of the own region (every flag and counter); the
 // host does it with a memset, so no kernel is needed.
-// Region bytes the two buffers need.
+// Region bytes the two buffers need; with puts, the outbox after them.
 inline int64_t region_bytes(const LLLayout& layout) { return kFlagsBytes + 2 * layout.buffer_bytes; }
+inline int64_t outbox_offset(const LLLayout& layout) { return region_bytes(layout); }
+inline int64_t region_bytes_with_outbox(const LLLayout& layout) { return region_bytes(layout) + layout.buffer_bytes; }
+// Whether this build can put (it links NVSHMEM's device library: moe_ep._nvshmem, not moe_ep._C).
+bool puts_compiled();
 // Region offsets of buffer `index` (0 or 1): its flags, and its data.
 inline int64_t flags_offset(int64_t index) { return index * kFlagsPerBuffer; }
 inline int64_t data_offset(const LLLayout& layout, int64_t index) { return kFlagsBytes + index * layout.buffer_bytes; }

@@ -124,15 +124,24 @@ def test_hot_kernels_do_not_spill_registers(tmp_path, source):
             assert (stores, loads) == (0, 0), f"{name} spills {stores} bytes (stores) / {loads} (loads) for sm_90"
 
 
-def test_nvshmem_runtime_links_against_the_host_library_alone(tmp_path):
-    """moe_ep._nvshmem links only libnvshmem_host.so: every NVSHMEM symbol it uses must be exported
-    there (nvshmemx_init_attr is not: it calls nvshmemi_init_thread of the static device library,
-    which made the module fail to import on the GPU machine)."""
+def _nvshmem_tools():
+    """(nvcc, NVSHMEM home) or a skip naming what is missing."""
     from moe_ep._build_paths import nvshmem_home
 
     nvcc, home = _find_nvcc(), nvshmem_home()
     if nvcc is None or home is None or shutil.which("nm") is None:
         pytest.skip(f"needs nvcc, nm and NVSHMEM (NVSHMEM_DIR or nvidia-nvshmem-cu13): nvcc={nvcc}, nvshmem={home}")
+    if not os.path.exists(os.path.join(home, "lib", "libnvshmem_device.a")):
+        pytest.skip(f"no libnvshmem_device.a in {home}/lib")
+    return nvcc, home
+
+
+def test_nvshmem_runtime_symbols_come_from_the_libraries_it_links(tmp_path):
+    """moe_ep._nvshmem links libnvshmem_host.so and libnvshmem_device.a (setup.py): every NVSHMEM
+    symbol runtime.cpp needs must be exported by the one or defined in the other (a module that
+    misses one fails to import on the GPU machine, as nvshmemx_init_attr once did with the host
+    library alone)."""
+    nvcc, home = _nvshmem_tools()
     host_libs = sorted(glob.glob(os.path.join(home, "lib", "libnvshmem_host.so*")))
     if not host_libs:
         pytest.skip(f"no libnvshmem_host.so in {home}/lib")
@@ -157,5 +166,26 @@ def test_nvshmem_runtime_links_against_the_host_library_alone(tmp_path):
     exported = subprocess.run(["nm", "-D", "--defined-only", host_libs[0]], capture_output=True, text=True,
                               check=True).stdout
     names = {line.split()[-1].split("@")[0] for line in exported.splitlines() if line.strip()}
+    static = subprocess.run(["nm", "--defined-only", os.path.join(home, "lib", "libnvshmem_device.a")],
+                            capture_output=True, text=True).stdout
+    names |= {line.split()[-1] for line in static.splitlines() if len(line.split()) >= 3}
     missing = [s for s in used if "nvshmem" in s and s not in names]
-    assert used and not missing, f"NVSHMEM symbols runtime.cpp needs that {host_libs[0]} does not export: {missing}"
+    assert used and not missing, f"NVSHMEM symbols runtime.cpp needs that neither library provides: {missing}"
+
+
+def test_low_latency_put_path_compiles_and_device_links_with_nvshmem(tmp_path):
+    """The low-latency kernels as moe_ep._nvshmem builds them (relocatable device code, the put path
+    compiled in) compile and device-link against libnvshmem_device.a, and the put kernels exist."""
+    nvcc, home = _nvshmem_tools()
+    obj = os.path.join(str(tmp_path), "low_latency.cu.o")  # where _compile puts it
+    _, rc, log = _compile(nvcc, os.path.join(CSRC, "low_latency.cu"), str(tmp_path),
+                          ["-arch=sm_90", "-rdc=true", "-DMOE_EP_NVSHMEM_DEVICE", "-I", os.path.join(home, "include")])
+    assert rc == 0, log
+    cmd = [nvcc, "-dlink", "-arch=sm_90", obj, "-L", os.path.join(home, "lib"), "-lnvshmem_device",
+           "-o", os.path.join(str(tmp_path), "dlink.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    assert proc.returncode == 0, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
+    symbols = subprocess.run(["nm", "-C", obj], capture_output=True, text=True, check=True).stdout
+    for kernel in ("dispatch_kernel<0, true>", "dispatch_send_kernel<1, true>", "combine_kernel<true>",
+                   "combine_send_kernel<true>"):
+        assert kernel in symbols, f"{kernel} missing from the put build of low_latency.cu"

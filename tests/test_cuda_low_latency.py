@@ -1099,15 +1099,20 @@ def test_nonpositive_num_bytes_raises(ll_pool):
 
 
 def test_buffer_size_hint_covers_the_kernels():
-    """Buffer.get_low_latency_rdma_size_hint is never smaller than the kernels' ll_size_hint."""
+    """Buffer.get_low_latency_rdma_size_hint is never smaller than the kernels' ll_size_hint, with the
+    outbox of NVSHMEM puts too (one expert per rank and a wide hidden size is its tightest case)."""
     require_ll_kernels()
     from moe_ep.comm import Buffer
+    from moe_ep.comm.backends.low_latency import ll_size_hint
 
     for m, hidden, num_ranks, num_experts in [(1, 8, 1, 1), (16, 384, 2, 16), (128, 7168, 8, 256), (256, 2560, 4, 64),
-                                              (32, 4096, 3, 1023), (64, 512, 64, 1024)]:
+                                              (32, 4096, 3, 1023), (64, 512, 64, 1024), (128, 7168, 1, 1),
+                                              (256, 7168, 8, 8)]:
         hint = Buffer.get_low_latency_rdma_size_hint(m, hidden, num_ranks, num_experts)
-        need = needed_bytes(m, hidden, num_ranks, num_experts, 8)
-        assert hint >= need, f"M={m} H={hidden} R={num_ranks} E={num_experts}: Buffer hint {hint} < kernels' {need}"
+        for puts in (False, True):
+            need = ll_size_hint(m, hidden, num_ranks, num_experts, 8, puts=puts)
+            assert hint >= need, (f"M={m} H={hidden} R={num_ranks} E={num_experts} puts={puts}: Buffer hint {hint} "
+                                  f"< kernels' {need}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,17 @@
-"""NVSHMEM symmetric memory for the low-latency kernels (moe_ep.comm.nvshmem).
+"""NVSHMEM symmetric memory for the low-latency kernels (moe_ep.comm.nvshmem), and their put path.
 
 On any machine: without the optional module ``moe_ep._nvshmem`` the runtime raises an error that
-says how to enable it. With 2 GPUs and the module built: a low-latency engine on NVSHMEM memory
-gives the oracle's results (one GPU per rank, as NVSHMEM requires)."""
+says how to enable it; bad settings raise before anything starts. With 2 GPUs and the module built:
+a low-latency engine on NVSHMEM memory gives the oracle's results (one GPU per rank, as NVSHMEM
+wants). The put path (NVSHMEM's device API, for peers nvshmem_ptr cannot map) is forced onto every
+rank with MOE_EP_NVSHMEM_PUTS=all and checked against the oracle on every low-latency case: on one
+GPU with one rank (puts to itself), and on 2 GPUs. ``MOE_EP_TEST_NVSHMEM_SHARED_GPU=1`` also runs
+the 2-rank put test with both ranks on one GPU (NVSHMEM's multiple-PEs-per-GPU mode; opt in, as
+NVSHMEM supports that mode only in part)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -56,3 +62,97 @@ def test_low_latency_engine_on_nvshmem_memory(nccl_pool, seed):
     if count < 2:
         pytest.skip(f"NVSHMEM needs one GPU per rank: 2 GPUs needed, {count} visible")
     nccl_pool(2).run(_w_engine_on_nvshmem, seed, timeout=300)
+
+
+def test_bad_puts_setting_is_rejected(monkeypatch):
+    monkeypatch.setenv(nvshmem.PUTS_ENV, "some")
+    with pytest.raises(ValueError, match="MOE_EP_NVSHMEM_PUTS"):
+        nvshmem.puts_from_env()
+    with pytest.raises(ValueError, match="puts"):
+        nvshmem.open_nvshmem_buffer(None, 1024, puts="some")
+
+
+def _require_put_build() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if importlib.util.find_spec("moe_ep._nvshmem") is None:
+        pytest.skip(f"moe_ep._nvshmem is not built: {nvshmem.HOW_TO_ENABLE}")
+    from moe_ep import _nvshmem
+
+    if not getattr(_nvshmem, "ll_puts_compiled", False):
+        pytest.skip("moe_ep._nvshmem was built without the put path (no libnvshmem_device.a at build time)")
+
+
+# Every rank engine of a pool process, per (world size, bytes): NVSHMEM memory is never freed while
+# the process lives, so each process builds one and reuses it.
+_PUT_ENGINES: dict = {}
+
+
+def _w_put_path(ctx, seed: int) -> int:
+    from tests.test_cuda_low_latency import CASES, run_case
+
+    with environ(MOE_EP_LL_TRANSPORT="nvshmem", MOE_EP_NVSHMEM_PUTS="all"):
+        from moe_ep.comm.backends.low_latency import LowLatencyEngine, ll_size_hint
+
+        num_bytes = max(ll_size_hint(c.m, c.hidden, ctx.world_size, c.num_experts(ctx.world_size), c.num_topk,
+                                     puts=True) for c in CASES)
+        key = (ctx.world_size, num_bytes)
+        engine = _PUT_ENGINES.get(key)
+        if engine is None:
+            engine = _PUT_ENGINES[key] = LowLatencyEngine(ctx.group, ctx.device, num_bytes)
+        assert engine.put_mask == (1 << ctx.world_size) - 1, engine.put_mask
+        assert engine.ext.__name__ == "moe_ep._nvshmem", engine.ext.__name__
+        runs = 0
+        for i, case in enumerate(CASES):
+            for rep in range(2):  # the hooks and the combine's output modes cycle with rep
+                run_case(ctx, engine, case, seed + 31 * i + rep, rep, f"{case.name} by puts (run {rep + 1} of 2)")
+                runs += 1
+        torch.cuda.synchronize()
+        return runs
+
+
+@pytest.mark.gpu
+def test_put_path_matches_the_oracle_on_one_rank(nccl_pool, seed):
+    """Every low-latency case through the put path with one rank: each row, index entry, weight,
+    count and flag goes out as an NVSHMEM put (to this PE) and comes back through the receive."""
+    _require_put_build()
+    runs = nccl_pool(1).run(_w_put_path, seed, timeout=900)
+    assert runs and all(r > 0 for r in runs), runs
+
+
+@pytest.mark.gpu
+def test_put_path_matches_the_oracle_on_two_ranks(nccl_pool, gpu_gloo_pool, seed):
+    _require_put_build()
+    count = torch.cuda.device_count()
+    if os.environ.get("MOE_EP_TEST_NVSHMEM_SHARED_GPU") == "1":
+        pool = gpu_gloo_pool(2)  # both ranks on one GPU when only one is visible
+    elif count < 2:
+        pytest.skip(f"NVSHMEM needs one GPU per rank: 2 GPUs needed, {count} visible "
+                    "(MOE_EP_TEST_NVSHMEM_SHARED_GPU=1 tries one shared GPU)")
+    else:
+        pool = nccl_pool(2)
+    runs = pool.run(_w_put_path, seed, timeout=900)
+    assert len(runs) == 2 and all(r > 0 for r in runs), runs
+
+
+def _w_puts_refused_by_the_stores_only_build(ctx) -> str:
+    from moe_ep.comm.backends.low_latency import LowLatencyEngine, ll_size_hint
+
+    engine = LowLatencyEngine(ctx.group, ctx.device, ll_size_hint(8, 256, 1, 8, 2, puts=True))
+    engine.put_mask = 1  # the stores-only module (moe_ep._C) must refuse it, not launch it
+    x = torch.randn(4, 256, device=ctx.device).to(torch.bfloat16)
+    topk_idx = torch.randint(0, 8, (4, 2), device=ctx.device)
+    with pytest.raises(ValueError, match="without NVSHMEM's device library") as info:
+        engine.dispatch(x, topk_idx, 8, 8, None, False, False, False, False)
+    return str(info.value)
+
+
+@pytest.mark.gpu
+def test_stores_only_build_refuses_a_put_mask(nccl_pool):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from tests.test_cuda_low_latency import require_ll_kernels
+
+    require_ll_kernels()
+    messages = nccl_pool(1).run(_w_puts_refused_by_the_stores_only_build, timeout=120)
+    assert "put_mask" in messages[0], messages

@@ -1,15 +1,16 @@
-// moe_ep._nvshmem: the NVSHMEM host runtime the low-latency kernels can take their memory from.
-//
-// Host API only: the kernels (csrc/low_latency.cu) store straight into peers' memory through a
-// table of peer pointers, which nvshmem_ptr gives for every PE reachable over NVLink. So nothing
-// here needs NVSHMEM's device library or relocatable device code; the module links
-// libnvshmem_host only, and it is a separate module so that moe_ep._C imports where NVSHMEM is not
-// installed. Bootstrap: a unique id made on one rank and broadcast over torch.distributed
-// (moe_ep/comm/nvshmem.py), then nvshmemx_hostlib_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID).
+// moe_ep._nvshmem: the NVSHMEM runtime the low-latency kernels can take their memory from, and
+// those kernels built with NVSHMEM's device library (csrc/ll_bindings.cpp, csrc/low_latency.cu
+// compiled with MOE_EP_NVSHMEM_DEVICE), whose put path reaches peers that nvshmem_ptr cannot map.
+// A separate module so that moe_ep._C imports where NVSHMEM is not installed. Bootstrap: a unique
+// id made on one rank and broadcast over torch.distributed (moe_ep/comm/nvshmem.py), then
+// nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID), which also sets up the device library's state
+// in this module.
 #include <cuda_runtime.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
 #include <pybind11/pybind11.h>
+
+#include "../ll_bindings.h"
 
 #include <cstdint>
 #include <cstring>
@@ -46,10 +47,9 @@ void init(int rank, int num_ranks, const std::string& id_bytes) {
   if (nvshmemx_set_attr_uniqueid_args(rank, num_ranks, &id, &attr) != 0) {
     throw std::runtime_error("moe_ep._nvshmem: nvshmemx_set_attr_uniqueid_args failed");
   }
-  // The host library alone: the kernels only store through nvshmem_ptr addresses, no NVSHMEM device
-  // calls, so nothing needs libnvshmem_device.a (whose nvshmemi_init_thread nvshmemx_init_attr calls).
-  if (nvshmemx_hostlib_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr) != 0) {
-    throw std::runtime_error("moe_ep._nvshmem: nvshmemx_hostlib_init_attr (unique id bootstrap) failed");
+  // The full init (host library and this module's device state): the put path calls the device API.
+  if (nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr) != 0) {
+    throw std::runtime_error("moe_ep._nvshmem: nvshmemx_init_attr (unique id bootstrap) failed");
   }
   g_initialized = true;
   if (nvshmem_my_pe() != rank || nvshmem_n_pes() != num_ranks) {
@@ -77,8 +77,13 @@ uintptr_t peer_pointer(uintptr_t addr, int pe) {
 
 void free_symmetric(uintptr_t addr) { nvshmem_free(reinterpret_cast<void*>(addr)); }
 
+void barrier_all() {
+  if (!g_initialized) throw std::runtime_error("moe_ep._nvshmem: call init first");
+  nvshmem_barrier_all();
+}
+
 void finalize() {
-  if (g_initialized) nvshmemx_hostlib_finalize();
+  if (g_initialized) nvshmem_finalize();
   g_initialized = false;
 }
 
@@ -95,5 +100,8 @@ PYBIND11_MODULE(_nvshmem, m) {
   m.def("peer_pointer", &peer_pointer, pybind11::arg("addr"), pybind11::arg("pe"),
         "nvshmem_ptr(addr, pe) as an int (0: not reachable by loads/stores)");
   m.def("free", &free_symmetric, pybind11::arg("addr"));
+  m.def("barrier_all", &barrier_all, "Collective: NVSHMEM's barrier over every PE (mapped or not)");
   m.def("finalize", &finalize);
+  // The low-latency launchers, with puts (the same signatures as moe_ep._C's).
+  moe_ep::bind_low_latency(m);
 }

@@ -69,7 +69,9 @@ class Config:
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
     """Bytes of ``num_rdma_bytes`` a low-latency Buffer needs: two buffers (double buffering),
     each with a dispatch send area (one FP8/BF16 row per token), a receive area with a slot per
-    (expert, source rank, token), and the same for combine in BF16, plus counters."""
+    (expert, source rank, token), and the same for combine in BF16, plus counters; and the outbox
+    NVSHMEM puts stage rows in (a message and a float32 combine row per (rank, token), and 4 bytes
+    per (expert, token) for index entries and weights; csrc/low_latency.h)."""
     m = num_max_dispatch_tokens_per_rank
     dispatch_row = _align(LL_ROW_META_BYTES + max(hidden * 2, hidden + 4 * (hidden // FP8_GROUP_SIZE)), 16)
     combine_row = _align(hidden * 2, 16)
@@ -77,7 +79,8 @@ def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: in
     recv = num_experts * m * dispatch_row + num_experts * m * combine_row
     counters = 2 * num_experts * 8 + num_ranks * 8
     per_buffer = _align(send + recv + counters, 128) + 4 * 128  # each of 4 areas starts 128-byte aligned
-    return NUM_LOW_LATENCY_BUFFERS * per_buffer + LL_FLAGS_BYTES
+    outbox = _align(num_ranks * m * (dispatch_row + 4 * hidden) + 2 * num_experts * m * 4, 128) + 4 * 128
+    return NUM_LOW_LATENCY_BUFFERS * per_buffer + outbox + LL_FLAGS_BYTES
 
 
 # Tuned defaults per rank count (DeepEP-compatible lookup); the CUDA backend's benchmark refines them.

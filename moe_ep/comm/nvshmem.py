@@ -4,12 +4,15 @@
 process with the unique-id bootstrap (rank 0 makes the id, torch.distributed broadcasts it), every
 rank allocates the same zeroed symmetric buffer, and ``nvshmem_ptr`` gives this process's address
 of every peer's copy. The result is a ``moe_ep._C.IpcBuffer`` adopting that memory, so the
-low-latency kernels (which store straight into peers' memory) run on it unchanged.
+low-latency kernels run on it unchanged, plus the ranks they must reach by puts.
 
-Scope today: every peer must be reachable by loads and stores (NVLink / P2P, i.e. one node). A
-peer reachable only by RDMA (``nvshmem_ptr`` returns null) raises :class:`NvshmemUnavailable`:
-the kernels' RDMA path (NVSHMEM puts over IBGDA) is not written yet. NVSHMEM wants one PE per GPU,
-so ranks must not share a device here (the CUDA-IPC buffers of ``moe_ep.comm.ipc`` allow that).
+Peers: a peer ``nvshmem_ptr`` maps (NVLink / P2P, one node) gets stores straight into its memory;
+a peer it cannot map (RDMA, across nodes) is reached with NVSHMEM's device API (puts, atomic adds
+and quiet; IBGDA where present): the same kernels built into ``moe_ep._nvshmem`` with a put mask
+(``csrc/low_latency.h``). ``MOE_EP_NVSHMEM_PUTS=all`` puts to every rank, this one included: the
+RDMA path's code run over NVLink (or on one GPU), which is how it is tested without InfiniBand.
+NVSHMEM wants one PE per GPU, so ranks should not share a device here (the CUDA-IPC buffers of
+``moe_ep.comm.ipc`` allow that).
 """
 from __future__ import annotations
 
@@ -18,7 +21,20 @@ import torch.distributed as dist
 
 from .errors import translate_device_errors
 
-__all__ = ["NvshmemUnavailable", "open_nvshmem_buffer", "HOW_TO_ENABLE"]
+__all__ = ["NvshmemUnavailable", "open_nvshmem_buffer", "HOW_TO_ENABLE", "PUTS_ENV", "puts_from_env"]
+
+# Which ranks the low-latency kernels reach by NVSHMEM puts: "auto" (default: those nvshmem_ptr cannot
+# map) or "all" (every rank, this one too).
+PUTS_ENV = "MOE_EP_NVSHMEM_PUTS"
+
+
+def puts_from_env() -> str:
+    import os
+
+    raw = os.environ.get(PUTS_ENV, "auto")
+    if raw not in ("auto", "all"):
+        raise ValueError(f"{PUTS_ENV} must be 'auto' or 'all', got {raw!r}")
+    return raw
 
 HOW_TO_ENABLE = ("install the nvidia-nvshmem-cu13 wheel (or set NVSHMEM_DIR to an NVSHMEM install) and rebuild "
                  "with `python3 setup.py build_ext --inplace`, which then builds moe_ep._nvshmem")
@@ -51,11 +67,16 @@ def _ensure_initialized(group, runtime) -> None:
     _state["world"] = (rank, world)
 
 
-def open_nvshmem_buffer(group, num_bytes: int):
+def open_nvshmem_buffer(group, num_bytes: int, puts: str = "auto"):
     """Collectively build a ``moe_ep._C.IpcBuffer`` over NVSHMEM symmetric memory of ``num_bytes``
-    (plus the buffer header) on the current CUDA device of every rank."""
+    (plus the buffer header) on the current CUDA device of every rank. Returns ``(buffer,
+    put_ranks)``: the ranks the kernels must reach by puts (``puts="auto"``: those ``nvshmem_ptr``
+    cannot map; ``"all"``: every rank). Their entries in the buffer's peer table hold this rank's
+    own address and are never stored through."""
     if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes <= 0:
         raise ValueError(f"num_rdma_bytes must be a positive int, got {num_bytes!r}")
+    if puts not in ("auto", "all"):
+        raise ValueError(f"puts must be 'auto' or 'all', got {puts!r}")
     runtime = _runtime()
     from moe_ep import _C
 
@@ -67,12 +88,16 @@ def open_nvshmem_buffer(group, num_bytes: int):
     # Every rank learns every rank's verdict, so all raise alike instead of some waiting.
     verdicts: list = [None] * world
     dist.all_gather_object(verdicts, unreachable, group=group)
-    if any(verdicts):
+    if any(verdicts) and not getattr(runtime, "ll_puts_compiled", False):
         raise NvshmemUnavailable("NVSHMEM peers out of load/store reach (" + "; ".join(
-            f"rank {r} cannot reach {pes}" for r, pes in enumerate(verdicts) if pes) + "): the RDMA path of the "
-            "low-latency kernels is not written yet; use ranks of one NVLink domain")
-    buffer = _C.IpcBuffer.adopt(peers, rank, num_bytes)
+            f"rank {r} cannot reach {pes}" for r, pes in enumerate(verdicts) if pes) + "), and moe_ep._nvshmem "
+            "was built without the low-latency kernels' put path: rebuild it (setup.py) with NVSHMEM's "
+            "libnvshmem_device.a present")
+    put_ranks = list(range(world)) if puts == "all" else unreachable
+    # This rank's entry is the symmetric address itself: the put path names locations by it.
+    table = [addr if pe in unreachable or pe == rank else ptr for pe, ptr in enumerate(peers)]
+    buffer = _C.IpcBuffer.adopt(table, rank, num_bytes)
     with translate_device_errors("open_nvshmem_buffer (first barrier)"):
-        buffer.barrier()
         torch.cuda.current_stream().synchronize()
-    return buffer
+        runtime.barrier_all()  # NVSHMEM's own barrier: it reaches every PE, mapped or not
+    return buffer, put_ranks

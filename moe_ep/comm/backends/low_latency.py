@@ -8,8 +8,11 @@ may be in flight, e.g. with receive hooks), which buffer a call uses, and the ho
 Transport: the kernels store straight into peers' memory through a table of peer pointers, from a
 CUDA-IPC buffer of ``num_rdma_bytes`` per rank (``moe_ep.comm.ipc``, the default) or, with
 ``MOE_EP_LL_TRANSPORT=nvshmem``, from NVSHMEM symmetric memory (``moe_ep.comm.nvshmem``: unique-id
-bootstrap over torch.distributed, peer addresses from ``nvshmem_ptr``). Either way this is the
-NVLink path, inside one node; NVSHMEM's RDMA puts (IBGDA, across nodes) are not written yet. Nothing is read on the host, so a decode step can be captured in a CUDA graph
+bootstrap over torch.distributed, peer addresses from ``nvshmem_ptr``). With NVSHMEM, the ranks
+``nvshmem_ptr`` cannot map (RDMA, across nodes; or every rank with ``MOE_EP_NVSHMEM_PUTS=all``) are
+reached by NVSHMEM puts: the same kernels built into ``moe_ep._nvshmem`` with a put mask, which then
+runs every call of this engine; the buffer then also holds an outbox (``ll_size_hint(..., puts=True)``).
+Nothing is read on the host, so a decode step can be captured in a CUDA graph
 (every replay reuses the buffer index chosen at capture; the kernels reset their flags after
 reading them, so consecutive replays need no cleaning).
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -57,6 +60,15 @@ def _extension():
     return _C
 
 
+def _put_extension():
+    """moe_ep._nvshmem, whose build of the kernels has the put path (checked, so a stale build says so)."""
+    from moe_ep import _nvshmem
+    if not getattr(_nvshmem, "ll_puts_compiled", False):
+        raise RuntimeError("moe_ep._nvshmem has no low-latency kernels with puts: rebuild it (setup.py build_ext) "
+                           "with NVSHMEM's libnvshmem_device.a present")
+    return _nvshmem
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """Contiguous and 16-byte aligned (the kernels load rows in 8- and 16-byte pieces); a view at an
     odd offset is copied."""
@@ -65,12 +77,12 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def ll_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int,
-                 num_topk: int = 8) -> int:
-    """Bytes the low-latency kernels need (both buffers); ``Buffer.get_low_latency_rdma_size_hint``
-    is never smaller."""
+                 num_topk: int = 8, puts: bool = False) -> int:
+    """Bytes the low-latency kernels need (both buffers; with ``puts``, the outbox too);
+    ``Buffer.get_low_latency_rdma_size_hint`` is never smaller than either."""
     info = _extension().ll_layout_info(num_ranks, num_experts, num_max_dispatch_tokens_per_rank, hidden, num_topk,
                                        False)
-    return int(info["region_bytes"])
+    return int(info["region_bytes_with_outbox" if puts else "region_bytes"])
 
 
 def _check_engine_args(device: torch.device, num_bytes) -> None:
@@ -106,16 +118,17 @@ class LowLatencyEngine:
     def __init__(self, group, device: torch.device, num_bytes: int, num_sms: Optional[int] = None) -> None:
         _check_engine_args(device, num_bytes)
         transport = os.environ.get(TRANSPORT_ENV, "ipc")
+        put_ranks: list = []
         with torch.cuda.device(device):
             if transport == "ipc":
                 ipc = open_intranode_buffer(group, num_bytes)
             elif transport == "nvshmem":
-                from ..nvshmem import open_nvshmem_buffer
-                ipc = open_nvshmem_buffer(group, num_bytes)
+                from ..nvshmem import open_nvshmem_buffer, puts_from_env
+                ipc, put_ranks = open_nvshmem_buffer(group, num_bytes, puts_from_env())
             else:
                 raise ValueError(f"{TRANSPORT_ENV} must be 'ipc' or 'nvshmem', got {transport!r}")
         self._setup(group, dist.get_rank(group), dist.get_world_size(group), device, num_bytes, num_sms, ipc,
-                    transport, lambda: dist.barrier(group=group))
+                    transport, lambda: dist.barrier(group=group), put_ranks)
 
     @classmethod
     def in_process(cls, num_ranks: int, device: torch.device, num_bytes: int,
@@ -135,11 +148,14 @@ class LowLatencyEngine:
         return engines
 
     def _setup(self, group, rank: int, num_ranks: int, device: torch.device, num_bytes: int, num_sms: Optional[int],
-               ipc, transport: str, peer_barrier: Callable[[], object]) -> None:
+               ipc, transport: str, peer_barrier: Callable[[], object], put_ranks: Sequence[int] = ()) -> None:
         self.group, self.rank, self.num_ranks, self.device = group, rank, num_ranks, device
         self.num_bytes, self.ipc, self.transport = num_bytes, ipc, transport
         self._peer_barrier = peer_barrier  # host barrier of the ranks (their sizes change together)
-        self.ext = _extension()
+        self.view = ipc.ll_view()  # what the launchers need of the buffer
+        # Bit r: rank r is reached by NVSHMEM puts; then moe_ep._nvshmem's build of the kernels runs.
+        self.put_mask = sum(1 << r for r in sorted(set(put_ranks)))
+        self.ext = _extension() if self.put_mask == 0 else _put_extension()
         # Decode kernels are latency-bound: they may use every SM (as DeepEP's low-latency kernels).
         self.num_sms = num_sms or torch.cuda.get_device_properties(device).multi_processor_count
         self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=device)
@@ -171,10 +187,12 @@ class LowLatencyEngine:
             torch.cuda.synchronize(self.device)
             self._peer_barrier()
         info = self.ext.ll_layout_info(self.num_ranks, num_experts, m, hidden, num_topk, use_fp8)
-        needed = info["region_bytes"]
+        needed = info["region_bytes_with_outbox" if self.put_mask else "region_bytes"]
         if needed > self.num_bytes:
+            with_puts = " (with the outbox of NVSHMEM puts)" if self.put_mask else ""
             raise ValueError(f"num_rdma_bytes={self.num_bytes} is too small for the low-latency kernels with "
-                             f"M={m}, hidden={hidden}, num_experts={num_experts}, top-k={num_topk}: they need {needed}")
+                             f"M={m}, hidden={hidden}, num_experts={num_experts}, top-k={num_topk}: they need "
+                             f"{needed}{with_puts}")
         num_local = num_experts // self.num_ranks
         slots = self.num_ranks * m
         dev = self.device
@@ -248,10 +266,10 @@ class LowLatencyEngine:
         # receive and this dispatch's combine use that snapshot, whatever the live mask becomes.
 
         def launch(send: bool, recv: bool) -> None:
-            self.ext.ll_dispatch(self.ipc, send, recv, num_experts, m, b, x, topk_idx, self.mask, result.mask, use_fp8,
+            self.ext.ll_dispatch(self.view, send, recv, num_experts, m, b, x, topk_idx, self.mask, result.mask, use_fp8,
                                  round_scale, use_ue8m0, result.counts_e, result.pair_pos, result.send_done, result.data,
                                  result.scales, result.recv_count, result.src_info, result.layout_range, recv_stats,
-                                 result.routing, self.num_sms, self.fused, self.trace)
+                                 result.routing, self.num_sms, self.fused, self.trace, self.put_mask)
 
         handle = (result.src_info, result.layout_range, m, hidden, num_experts)
         recv_x = self._views(result, hidden, use_fp8, use_ue8m0)
@@ -285,9 +303,9 @@ class LowLatencyEngine:
         self.combine_idx ^= 1
 
         def launch(send: bool, recv: bool) -> None:
-            self.ext.ll_combine(self.ipc, send, recv, num_experts, m, area, result.use_fp8, x, layout_range, topk_idx,
+            self.ext.ll_combine(self.view, send, recv, num_experts, m, area, result.use_fp8, x, layout_range, topk_idx,
                                 topk_weights, result.mask, result.pair_pos, result.src_info, result.routing, combined,
-                                self.num_sms, self.fused, self.trace)
+                                self.num_sms, self.fused, self.trace, self.put_mask)
             if recv and out is not None and not direct:
                 out.copy_(combined)
 
