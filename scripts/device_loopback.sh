@@ -66,10 +66,10 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     grep -E "optional module|nvshmem" "$OUT/build.log" | head -5
     stage "NVSHMEM tests (one rank on the GPU: every low-latency case by puts)"
     MOE_EP_TIMEOUT_S=30 timeout -k 10 ${PUTS_S:-300} python3 -m pytest -q -m gpu tests/test_nvshmem.py -x \
-      -k "not two_ranks" 2>&1 | tail -15
+      -k "not two_ranks" 2>&1 | tee "$OUT/puts_tests.log" | tail -15
     stage "NVSHMEM put path, 2 ranks sharing the GPU (NVSHMEM multiple PEs per GPU: an experiment)"
     MOE_EP_TEST_NVSHMEM_SHARED_GPU=1 MOE_EP_TIMEOUT_S=30 timeout -k 10 ${PUTS_SHARED_S:-150} python3 -m pytest -q \
-      -m gpu tests/test_nvshmem.py -k two_ranks 2>&1 | tail -15
+      -m gpu tests/test_nvshmem.py -k two_ranks 2>&1 | tee "$OUT/puts_shared.log" | tail -15
     stage "bench ll, one rank: stores vs NVSHMEM puts (to itself)"
     timeout -k 10 ${PUTS_BENCH_S:-100} python3 -m moe_ep.bench ll --sweep 1,128 --iters 30 --out "$OUT/ll_stores" 2>&1 \
       | grep -v "^moe_ep: using" | tail -12
