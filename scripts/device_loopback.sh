@@ -3,7 +3,7 @@
 # engine tests, optionally the low-latency GPU tests, then `python -m moe_ep.bench loopback` (ranks
 # as threads on the one GPU: the kernels' speed with the link taken out).
 #   STAGES=build,intranode_tests,sanitizer,tests,bench,ll_one_rank,ll_tests,nvshmem_puts,ll_sanitizer (in this order; default build,tests,bench)
-#   nvshmem_puts: the put path's tests (one rank; then 2 ranks sharing the GPU, an experiment) and bench ll stores vs puts.
+#   nvshmem_puts: the put path's tests (one rank; then 2 ranks sharing the GPU, an experiment) and bench ll stores vs puts (PUTS_BENCH=0: no bench).
 #   ll_one_rank: `bench ll --trace` with the one GPU as one rank (all 132 SMs, every expert local): a
 #   2-GPU rank's kernel work at the same tokens/rank, without the link.
 #   INTRANODE_K: a pytest -k filter for the intranode tests; BENCH_ARGS: the benchmark's options; BENCH_ENVS: one run per ';'-separated environment setting.
@@ -62,14 +62,16 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
   fi
   if has nvshmem_puts; then
     stage "NVSHMEM put path: moe_ep._nvshmem built?"
-    python3 -c "from moe_ep import _nvshmem as n; print('ll_puts_compiled =', n.ll_puts_compiled)" 2>&1 | tail -3
+    python3 -c "import torch; from moe_ep import _nvshmem as n; print('ll_puts_compiled =', n.ll_puts_compiled)" 2>&1 | tail -3
     grep -E "optional module|nvshmem" "$OUT/build.log" | head -5
     stage "NVSHMEM tests (one rank on the GPU: every low-latency case by puts)"
     MOE_EP_TIMEOUT_S=30 timeout -k 10 ${PUTS_S:-300} python3 -m pytest -q -m gpu tests/test_nvshmem.py -x \
       -k "not two_ranks" 2>&1 | tee "$OUT/puts_tests.log" | tail -15
     stage "NVSHMEM put path, 2 ranks sharing the GPU (NVSHMEM multiple PEs per GPU: an experiment)"
     MOE_EP_TEST_NVSHMEM_SHARED_GPU=1 MOE_EP_TIMEOUT_S=30 timeout -k 10 ${PUTS_SHARED_S:-150} python3 -m pytest -q \
-      -m gpu tests/test_nvshmem.py -k two_ranks 2>&1 | tee "$OUT/puts_shared.log" | tail -15
+      -m gpu tests/test_nvshmem.py -k "two_ranks or nvshmem_memory" 2>&1 | tee "$OUT/puts_shared.log" | tail -15
+  fi
+  if has nvshmem_puts && [ "${PUTS_BENCH:-1}" = 1 ]; then
     stage "bench ll, one rank: stores vs NVSHMEM puts (to itself)"
     timeout -k 10 ${PUTS_BENCH_S:-100} python3 -m moe_ep.bench ll --sweep 1,128 --iters 30 --out "$OUT/ll_stores" 2>&1 \
       | grep -v "^moe_ep: using" | tail -12

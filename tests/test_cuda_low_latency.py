@@ -694,10 +694,11 @@ def test_cumulative_recv_stats(ll_pool, world_size, seed):
     ll_pool(world_size).run(_w_stats, seed, timeout=300)
 
 
-def _w_masked(ctx, masked_rank: int, seed: int) -> None:
+def _w_masked(ctx, masked_rank: int, seed: int, engine=None) -> None:
     """Rank ``masked_rank`` is masked on every rank and makes no call (a failed rank): the others
-    neither send to it nor wait for it. Then the mask is cleared and every rank runs again."""
-    engine = engine_for(ctx)
+    neither send to it nor wait for it. Then the mask is cleared and every rank runs again.
+    ``engine``: this rank's engine (default: the shared one of ``engine_for``)."""
+    engine = engine if engine is not None else engine_for(ctx)
     case = Case("masked-bf16-h2560", hidden=2560, tokens=(M, 20, 27))
     world = case_world(case, ctx.world_size, seed)
     ensure_layout(ctx, engine, (case.m, case.hidden, world.num_experts, case.num_topk, False, False))

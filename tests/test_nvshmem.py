@@ -49,19 +49,28 @@ def _w_engine_on_nvshmem(ctx, seed: int) -> None:
         case = next(c for c in CASES if c.name.startswith("random"))
         engine = LowLatencyEngine(ctx.group, ctx.device, ll_size_hint(case.m, 7168, ctx.world_size, 1024, 8) + (1 << 20))
         assert engine.transport == "nvshmem"
+        assert engine.put_mask == 0, f"every peer is mapped here, yet put_mask = {engine.put_mask}"
         for rep in range(3):
             run_case(ctx, engine, case, seed + rep, rep, f"{case.name} on NVSHMEM (run {rep + 1} of 3)")
         torch.cuda.synchronize()
 
 
+def _two_rank_pool(nccl_pool, gpu_gloo_pool):
+    """Two NVSHMEM ranks: one GPU each, or (MOE_EP_TEST_NVSHMEM_SHARED_GPU=1) both on one GPU."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if os.environ.get("MOE_EP_TEST_NVSHMEM_SHARED_GPU") == "1" and count >= 1:
+        return gpu_gloo_pool(2)
+    if count < 2:
+        pytest.skip(f"NVSHMEM needs one GPU per rank: 2 GPUs needed, {count} visible "
+                    "(MOE_EP_TEST_NVSHMEM_SHARED_GPU=1 tries one shared GPU)")
+    return nccl_pool(2)
+
+
 @pytest.mark.gpu
-def test_low_latency_engine_on_nvshmem_memory(nccl_pool, seed):
+def test_low_latency_engine_on_nvshmem_memory(nccl_pool, gpu_gloo_pool, seed):
     if importlib.util.find_spec("moe_ep._nvshmem") is None:
         pytest.skip(f"moe_ep._nvshmem is not built: {nvshmem.HOW_TO_ENABLE}")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count < 2:
-        pytest.skip(f"NVSHMEM needs one GPU per rank: 2 GPUs needed, {count} visible")
-    nccl_pool(2).run(_w_engine_on_nvshmem, seed, timeout=300)
+    _two_rank_pool(nccl_pool, gpu_gloo_pool).run(_w_engine_on_nvshmem, seed, timeout=300)
 
 
 def test_bad_puts_setting_is_rejected(monkeypatch):
@@ -89,7 +98,7 @@ _PUT_ENGINES: dict = {}
 
 
 def _w_put_path(ctx, seed: int) -> int:
-    from tests.test_cuda_low_latency import CASES, run_case
+    from tests.test_cuda_low_latency import CASES, REPS, Case, _w_masked, run_case
 
     with environ(MOE_EP_LL_TRANSPORT="nvshmem", MOE_EP_NVSHMEM_PUTS="all"):
         from moe_ep.comm.backends.low_latency import LowLatencyEngine, ll_size_hint
@@ -104,9 +113,17 @@ def _w_put_path(ctx, seed: int) -> int:
         assert engine.ext.__name__ == "moe_ep._nvshmem", engine.ext.__name__
         runs = 0
         for i, case in enumerate(CASES):
-            for rep in range(2):  # the hooks and the combine's output modes cycle with rep
-                run_case(ctx, engine, case, seed + 31 * i + rep, rep, f"{case.name} by puts (run {rep + 1} of 2)")
+            for rep in range(REPS):  # every hook combination; the combine's output modes cycle too
+                run_case(ctx, engine, case, seed + 31 * i + rep, rep, f"{case.name} by puts (run {rep + 1} of {REPS})")
                 runs += 1
+        with environ(MOE_EP_LL_SEND="staged"):  # the staged FP8 send's own kernel, by puts
+            staged = Case("staged-fp8-h7168", hidden=7168, fmt="fp8")
+            for rep in range(REPS):
+                run_case(ctx, engine, staged, seed + 997 + rep, rep, f"{staged.name} by puts (run {rep + 1})")
+                runs += 1
+        if ctx.world_size > 1:  # a masked rank: nobody puts to it or waits for it
+            _w_masked(ctx, ctx.world_size - 1, seed + 5, engine)
+            runs += 1
         torch.cuda.synchronize()
         return runs
 
@@ -123,15 +140,7 @@ def test_put_path_matches_the_oracle_on_one_rank(nccl_pool, seed):
 @pytest.mark.gpu
 def test_put_path_matches_the_oracle_on_two_ranks(nccl_pool, gpu_gloo_pool, seed):
     _require_put_build()
-    count = torch.cuda.device_count()
-    if os.environ.get("MOE_EP_TEST_NVSHMEM_SHARED_GPU") == "1":
-        pool = gpu_gloo_pool(2)  # both ranks on one GPU when only one is visible
-    elif count < 2:
-        pytest.skip(f"NVSHMEM needs one GPU per rank: 2 GPUs needed, {count} visible "
-                    "(MOE_EP_TEST_NVSHMEM_SHARED_GPU=1 tries one shared GPU)")
-    else:
-        pool = nccl_pool(2)
-    runs = pool.run(_w_put_path, seed, timeout=900)
+    runs = _two_rank_pool(nccl_pool, gpu_gloo_pool).run(_w_put_path, seed, timeout=900)
     assert len(runs) == 2 and all(r > 0 for r in runs), runs
 
 
