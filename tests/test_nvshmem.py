@@ -97,6 +97,20 @@ def _require_put_build() -> None:
 _PUT_ENGINES: dict = {}
 
 
+def _seed_with_valid_data(case, world_size: int, seed: int) -> int:
+    """The first seed from ``seed`` on whose data respects the kernels' limits (with one rank, 8
+    experts and duplicated top-k entries, an expert may get more than M rows; redraw then)."""
+    from tests.test_cuda_low_latency import case_world, check_within_limits
+
+    for candidate in range(seed, seed + 50):
+        try:
+            check_within_limits(case_world(case, world_size, candidate), case.m)
+            return candidate
+        except AssertionError:
+            continue
+    raise AssertionError(f"test data: no seed in [{seed}, {seed + 50}) gives {case.name} valid data")
+
+
 def _w_put_path(ctx, seed: int) -> int:
     from tests.test_cuda_low_latency import CASES, REPS, Case, _w_masked, run_case
 
@@ -114,12 +128,14 @@ def _w_put_path(ctx, seed: int) -> int:
         runs = 0
         for i, case in enumerate(CASES):
             for rep in range(REPS):  # every hook combination; the combine's output modes cycle too
-                run_case(ctx, engine, case, seed + 31 * i + rep, rep, f"{case.name} by puts (run {rep + 1} of {REPS})")
+                data_seed = _seed_with_valid_data(case, ctx.world_size, seed + 131 * i + 37 * rep)
+                run_case(ctx, engine, case, data_seed, rep, f"{case.name} by puts (run {rep + 1} of {REPS})")
                 runs += 1
         with environ(MOE_EP_LL_SEND="staged"):  # the staged FP8 send's own kernel, by puts
             staged = Case("staged-fp8-h7168", hidden=7168, fmt="fp8")
             for rep in range(REPS):
-                run_case(ctx, engine, staged, seed + 997 + rep, rep, f"{staged.name} by puts (run {rep + 1})")
+                data_seed = _seed_with_valid_data(staged, ctx.world_size, seed + 997 + 37 * rep)
+                run_case(ctx, engine, staged, data_seed, rep, f"{staged.name} by puts (run {rep + 1})")
                 runs += 1
         if ctx.world_size > 1:  # a masked rank: nobody puts to it or waits for it
             _w_masked(ctx, ctx.world_size - 1, seed + 5, engine)
