@@ -18,8 +18,9 @@ under test and for the baseline:
   them, each with CUDA events); ``dispatch+combine`` is their sum in the same iteration;
 * ``hook``: ``return_recv_hook=True``: the send call and ``hook()`` timed separately, with an
   untimed pause between them (DeepEP puts a large GEMM there) so the receive finds its data;
-* ``graph``: dispatch + hook and combine + hook captured as CUDA graphs (after warm-up on a side
-  stream, as torch requires) and replayed (GPUs only).
+* ``graph``: dispatch and combine (no hook: the calls a decode step captures, one kernel each)
+  captured as CUDA graphs (after warm-up on a side stream, as torch requires) and replayed (GPUs
+  only); ``graph-hook``: the same with dispatch + hook() and combine + hook() (two kernels each).
 
 Timing (GPU): each iteration starts with a barrier, then a GPU delay (``torch.cuda._sleep``) and a
 one-element all-reduce, as DeepEP's ``barrier_comm_profiling`` does with a GEMM and an all-reduce:
@@ -67,7 +68,8 @@ EXPERT_FACTORS = 4  # toy expert e multiplies its rows by 1 + (e % 4) / 4
 BACKENDS = ("buffer", "reference")
 OPS = {"eager": ("dispatch", "combine", "dispatch+combine"),
        "hook": ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv"),
-       "graph": ("dispatch", "combine", "dispatch+combine")}
+       "graph": ("dispatch", "combine", "dispatch+combine"),
+       "graph-hook": ("dispatch", "combine", "dispatch+combine")}
 # DeepEP V1 on 2 x H200 (/work/shared/ANCHORS.md), quoted, not measured here.
 PEER = {"what": "DeepEP V1 test_low_latency on 2 x H200 (NVSHMEM NVLink path), quoted from /work/shared/ANCHORS.md",
         "settings": "128 tokens/rank, hidden 7168, top-8 of 288 experts, FP8 dispatch, BF16 combine",
@@ -203,22 +205,23 @@ class _Calls:
         self.recv()
 
 
-def _capture(calls: _Calls, group):
-    """CUDA graphs of dispatch + hook and of combine + hook (warm-up on a side stream first)."""
+def _capture(calls: _Calls, group, hooked: bool):
+    """CUDA graphs of dispatch and of combine, plain or with their hooks (warm-up on a side stream first)."""
+    dispatch, combine = (calls.dispatch_hooked, calls.combine_hooked) if hooked else (calls.dispatch, calls.combine)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(WARMUP):
-            calls.dispatch_hooked()
-            calls.combine_hooked()
+            dispatch()
+            combine()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     dist.barrier(group=group)
     dispatch_graph, combine_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     with torch.cuda.graph(dispatch_graph):
-        calls.dispatch_hooked()
+        dispatch()
     with torch.cuda.graph(combine_graph):
-        calls.combine_hooked()
+        combine()
     torch.cuda.synchronize()
     return dispatch_graph, combine_graph
 
@@ -253,19 +256,21 @@ def _measure(name: str, buffer: Buffer, opts: dict, data, expert_out, timer: Ste
     hooked = timer([(calls.dispatch_send, False), (calls.recv, True), (calls.combine_send, False),
                     (calls.recv, True)], iters)
     out += rows("hook", hooked[:4], False)
-    if timer.cuda:
+    for mode, hooked in (("graph", False), ("graph-hook", True)):
+        if not timer.cuda:
+            break
         error = None
         try:
-            graphs = _capture(calls, group)
-        except Exception as exc:  # recorded (every rank skips the graph rows alike), not fatal
+            graphs = _capture(calls, group, hooked)
+        except Exception as exc:  # recorded (every rank skips these graph rows alike), not fatal
             graphs, error = None, f"{type(exc).__name__}: {exc}"
         errors: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(errors, error, group=group)
         if any(errors):
-            graph_errors[f"{name} tokens={tokens}"] = errors
+            graph_errors[f"{name} {mode} tokens={tokens}"] = errors
         else:
             dispatch_graph, combine_graph = graphs
-            out += rows("graph", timer([(dispatch_graph.replay, False), (combine_graph.replay, False)], iters), True)
+            out += rows(mode, timer([(dispatch_graph.replay, False), (combine_graph.replay, False)], iters), True)
         del graphs
         torch.cuda.synchronize()
     return out
@@ -349,8 +354,9 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
     elif info["graph_errors"]:
         graph_note = "captured and replayed, except where graph_errors says the capture failed"
     else:
-        graph_note = ("dispatch + hook() and combine + hook() (return_recv_hook=True) captured as two CUDA graphs "
-                      "after warm-up on a side stream; replays timed as eager calls are")
+        graph_note = ("graph: dispatch and combine (no hook: one kernel each) captured as two CUDA graphs after "
+                      "warm-up on a side stream; graph-hook: dispatch + hook() and combine + hook() "
+                      "(return_recv_hook=True: two kernels each) likewise; replays timed as eager calls are")
     timing = ("GPU: per iteration synchronize + barrier, a GPU delay (torch.cuda._sleep, head_us) and a one-element "
               "all-reduce, then CUDA events around each call: device time, host launch overhead excluded (as DeepEP's "
               "kineto kernel times; a host slower than head_us to enqueue an iteration would show in the times); "
@@ -433,14 +439,14 @@ def _print(report: dict) -> None:
     for where, errors in report["graph_errors"].items():
         print(f"  graph capture failed for {where}: {errors}")
     tokens = s["tokens"]
-    print(f"\nat {tokens} tokens/rank      {'ours µs':>10}{'GB/s':>8}{'ref µs':>10}{'GB/s':>8}{'ref/ours':>10}")
+    print(f"\nat {tokens} tokens/rank          {'ours µs':>10}{'GB/s':>8}{'ref µs':>10}{'GB/s':>8}{'ref/ours':>10}")
     for mode, ops in OPS.items():
         for op in ops:
             ours, ref = (_find(report, tokens, b, mode, op) for b in BACKENDS)
             if ours is None and ref is None:
                 continue
             ratio = f"{ref['us'] / ours['us']:>9.2f}x" if ours and ref and ours["us"] > 0 else f"{'-':>10}"
-            print(f"{op:<18}{mode:<7}{_cell(ours)}{_cell(ref)}{ratio}")
+            print(f"{op:<18}{mode:<11}{_cell(ours)}{_cell(ref)}{ratio}")
     modes = [m for m in ("eager", "graph") if any(r["mode"] == m for r in report["rows"])]
     print("\nlatency vs tokens per rank (µs, max over ranks): dispatch / combine / dispatch+combine")
     label = {"buffer": "ours", "reference": "reference"}
