@@ -11,7 +11,8 @@ The engine has the interface of the reference backend's ``LowLatencyState`` (``d
 * bf16 rows: bit for bit (``oracle.check_ll_recv`` as well). FP8 rows: scales within
   ``SCALE_RTOL`` of the reference formula ``max(amax, 1e-4) / 448`` (``round_scale``: exactly the
   smallest power of two >= it; ``use_ue8m0``: those exponents packed, exactly); dequantized values
-  within FP8 rounding (:func:`check_dequant`).
+  within FP8 rounding (:func:`check_dequant`); the FP8 bytes equal ``moe_ep.comm.fp8``'s quantizer's
+  (:func:`check_fp8_bits`).
 * combine: within bf16 tolerance (``oracle.assert_close``) of the float32 sum over k of
   weight x expert row, cast to bf16 (``oracle.ll_combine`` for bf16; for FP8, from the rows the
   experts actually returned, gathered from every rank, since the kernel's scales may differ from
@@ -385,7 +386,24 @@ def check_recv(ctx, world: oracle.World, m: int, got, fmt: str, what: str, maske
         where = f"{what}: local expert {l}"
         s = check_fp8_scales(scales[l, :n].contiguous(), x, fmt, where)
         check_dequant(data[l, :n], s, x, where, rows)
+        check_fp8_bits(data[l, :n], x, fmt, where, rows)
     return exp
+
+
+def check_fp8_bits(q: torch.Tensor, x: torch.Tensor, fmt: str, what: str, rows) -> None:
+    """The FP8 bytes equal moe_ep.comm.fp8's quantizer's on the same rows, bit for bit (the kernel
+    divides by the scale as the quantizer does)."""
+    from moe_ep.comm.fp8 import per_token_group_quant_fp8
+
+    _, round_scale, _ = FORMATS[fmt]
+    want, _ = per_token_group_quant_fp8(x, round_scale=round_scale)
+    got_bits, want_bits = q.view(torch.uint8), want.view(torch.uint8)
+    differ = got_bits != want_bits
+    if bool(differ.any()):
+        i, c = differ.nonzero()[0].tolist()
+        raise AssertionError(f"{what}: {int(differ.sum())} FP8 values differ from the reference quantizer's; first at "
+                             f"row {i} {rows[i]}, column {c}: byte {int(got_bits[i, c])} vs {int(want_bits[i, c])} "
+                             f"(token value {x[i, c].item()!r})")
 
 
 def expected_combine(ctx, world: oracle.World, outputs: torch.Tensor, layout_range: torch.Tensor, fmt: str,
