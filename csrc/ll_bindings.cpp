@@ -87,7 +87,7 @@ void ll_dispatch(const ViewTuple& view, bool send, bool recv, int64_t num_expert
                  const at::Tensor& x, const at::Tensor& topk_idx, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& mask_snapshot, bool use_fp8,
                  bool round_scale, bool use_ue8m0, const at::Tensor& counts_e, const at::Tensor& pair_pos,
-                 const at::Tensor& recv_x, const std::optional<at::Tensor>& recv_scales, const at::Tensor& recv_count,
+                 const at::Tensor& send_done, const at::Tensor& recv_x, const std::optional<at::Tensor>& recv_scales, const at::Tensor& recv_count,
                  const at::Tensor& src_info, const at::Tensor& layout_range, const std::optional<at::Tensor>& stats,
                  const at::Tensor& routing, int64_t num_sms, bool fused, const std::optional<at::Tensor>& trace,
                  uint64_t put_mask) {
@@ -116,6 +116,10 @@ void ll_dispatch(const ViewTuple& view, bool send, bool recv, int64_t num_expert
   a.use_ue8m0 = use_ue8m0;
   a.counts_e = static_cast<int*>(counts_e.data_ptr());
   a.pair_pos = static_cast<int*>(pair_pos.data_ptr());
+  check_on_buffer(send_done, buffer, "send_done");
+  TORCH_CHECK_VALUE(send_done.scalar_type() == at::kInt && send_done.numel() >= num_experts,
+                    "send_done must be int32 with at least num_experts elements");
+  a.send_done = static_cast<int*>(send_done.data_ptr());
   a.recv_x = recv_x.data_ptr();
   a.recv_scales = ptr_or_null<void>(recv_scales, buffer, "recv_scales");
   a.recv_count = static_cast<int*>(recv_count.data_ptr());
@@ -209,7 +213,7 @@ void bind_low_latency(pybind11::module_& m) {
         pybind11::arg("topk_idx"), pybind11::arg("mask"), pybind11::arg("mask_snapshot"), pybind11::arg("use_fp8"),
         pybind11::arg("round_scale"),
         pybind11::arg("use_ue8m0"), pybind11::arg("counts_e"), pybind11::arg("pair_pos"),
-        pybind11::arg("recv_x"),
+        pybind11::arg("send_done"), pybind11::arg("recv_x"),
         pybind11::arg("recv_scales"), pybind11::arg("recv_count"), pybind11::arg("src_info"),
         pybind11::arg("layout_range"), pybind11::arg("stats"), pybind11::arg("routing"), pybind11::arg("num_sms"),
         pybind11::arg("fused") = true, pybind11::arg("trace") = pybind11::none(), pybind11::arg("put_mask") = 0);

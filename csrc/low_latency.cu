@@ -7,10 +7,9 @@
 //                   warp. Each token is read and cast to FP8 once (a half-warp per 128-column
 //                   group), then stored ONCE per destination rank into its token area [this rank]
 //                   [token], and the token's index into each expert's slot [l][this rank][j] (NVLink
-//                   carries a token once per rank, not once per expert). Each block then stores
-//                   each expert's count (known to all) and release-adds the rows it stored; the
-//                   receiver waits for the count, then for the adds to reach it. Nothing waits:
-//                   the hook's "send" half. Without a hook, send and receive run in one kernel (dispatch_kernel).
+//                   carries a token once per rank, not once per expert). The block that completes
+//                   an expert's count publishes it with a release store. Nothing waits: the hook's
+//                   "send" half. Without a hook, send and receive run in one kernel (dispatch_kernel).
 //   dispatch recv   every block waits (bounded) for every (expert, source) count, so it knows
 //                   where each row goes; rows are packed in source-rank order into recv_x, in
 //                   pieces spread over every warp of the grid; src_info, layout_range, recv_count
@@ -78,12 +77,6 @@ __device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
   asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
 
-// A release add at system scope (the counter's readers acquire it; the adds of many writers make one
-// release sequence).
-__device__ __forceinline__ void red_release_sys_add(int* ptr, int value) {
-  asm volatile("red.release.sys.global.add.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
-}
-
 // ---------------------------------------------------------------------------------------- puts
 // NVSHMEM's portable device API for the ranks in put_mask (low_latency.h). `sym` is always this
 // rank's own address of the symmetric location (NVSHMEM's convention), `pe` the rank it lands on.
@@ -100,15 +93,12 @@ __device__ __forceinline__ void warp_put(void* sym, const void* src, size_t byte
 }
 // Every put this thread issued is complete at its target.
 __device__ __forceinline__ void quiet_puts() { nvshmem_quiet(); }
-// This thread's puts and atomics to one PE are delivered in order across this point.
-__device__ __forceinline__ void put_fence() { nvshmem_fence(); }
 #else
 __device__ __forceinline__ void put_int(int*, int, int) { asm volatile("trap;"); }
 __device__ __forceinline__ void put_float(float*, float, int) { asm volatile("trap;"); }
 __device__ __forceinline__ void put_add(int*, int, int) { asm volatile("trap;"); }
 __device__ __forceinline__ void warp_put(void*, const void*, size_t, int) { asm volatile("trap;"); }
 __device__ __forceinline__ void quiet_puts() {}
-__device__ __forceinline__ void put_fence() {}
 #endif
 
 // A 4-byte store into rank d's memory: a plain store where it is mapped, else a put of the same
@@ -299,8 +289,8 @@ __device__ __forceinline__ void route_round_in_warp(const DispatchArgs& a, int r
 
 // Block b owns tokens [t0, t1), sent in rounds of consecutive tokens: each token is read and cast
 // once and its message stored once per destination rank. The first pass's rows are loaded before
-// the histogram, so their latency hides behind it. A block publishes, per expert, the expert's
-// count and (a release add) how many rows it stored.
+// the histogram, so their latency hides behind it. A block publishes, per expert, how many of its
+// pairs it sent (one atomic per expert); the block that completes an expert's total releases its count.
 template <int P, bool kPuts>
 __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   const LLLayout& L = a.layout;
@@ -540,32 +530,24 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   if (t0 == t1) trace_mark(a.trace, kTraceDispatchSend, 2);
   trace_mark(a.trace, kTraceDispatchSend, 3);
 
-  // Publish, per expert this block sent pairs of: the expert's count (the same from every block: each
-  // histogrammed all pairs), then a release add of how many rows this block stored (its pairs below
-  // slot M). The receiver waits for the count, then for the adds to reach it: no block waits for
-  // another, and no atomic round trip here. After the block's barrier, each publishing thread fences
-  // (system scope: every thread's stores before the barrier come first) before its add. With puts,
+  // Publish: after the block's barrier one fence orders every thread's stores (as a grid barrier
+  // does); then per expert one atomic adds this block's pairs, and the block that completes the
+  // expert's total releases its count (the expert's rows from every block before it). With puts,
   // every thread first completes what it put (messages, index entries).
   if (put_mask != 0) quiet_puts();
+  if (tid == 0) __threadfence_system();
   __syncthreads();
   for (int e = tid; e < E; e += kThreads) {
     if (mine[e] == 0) continue;
     const int d = e / L.num_local;
     if (peer_cut[d]) continue;
-    const int first_slot = before[e] - mine[e];  // before[] was moved past this block's pairs
-    const int stored = max(0, min(before[e], L.m) - first_slot);
-    const int64_t slot = (e % L.num_local) * L.num_ranks + me;
-    const int count = min(total[e], L.m) + 1;
-    if (puts_to(put_mask, d)) {
-      uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
-      put_int(reinterpret_cast<int*>(own_flags + L.off_dflags) + slot, count, d);
-      put_fence();  // the count lands before the add (NVSHMEM orders puts and atomics to one PE only so)
-      if (stored > 0) put_add(reinterpret_cast<int*>(own_flags + L.off_darrived) + slot, stored, d);
-    } else {
-      uint8_t* flags = buffer_of(a.peers, d, a.flags_offset);
+    if (atomicAdd(a.send_done + e, mine[e]) + mine[e] == total[e]) {
       __threadfence_system();
-      st_relaxed_sys(reinterpret_cast<int*>(flags + L.off_dflags) + slot, count);
-      if (stored > 0) red_release_sys_add(reinterpret_cast<int*>(flags + L.off_darrived) + slot, stored);
+      a.send_done[e] = 0;  // every pair of e has counted: ready for the next dispatch
+      const int64_t at = L.off_dflags + 4 * ((e % L.num_local) * L.num_ranks + me);
+      const int value = min(total[e], L.m) + 1;
+      if (puts_to(put_mask, d)) put_int(reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + at), value, d);
+      else st_relaxed_sys(reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + at), value);  // after the fence above: a release
     }
   }
   __syncthreads();
@@ -643,19 +625,13 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   uint8_t* own = buffer_of(a.peers, me, a.data_offset);
   uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
   int* flags = reinterpret_cast<int*>(own_flags + L.off_dflags);
-  int* arrived = reinterpret_cast<int*>(own_flags + L.off_darrived);
   for (int i = tid; i < E; i += kThreads) {
     const int s = i % R;
     int count = 0;
     if (!cut(a.mask, me, s)) {
-      // The count first, then the senders' release adds of the rows they stored, up to it.
-      const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_count[expert][src]", me, s, a.timeout_ns};
+      const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src]", me, s, a.timeout_ns};
       count = wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), 0, wait::Cmp::kNe, site) - 1;
       count = min(max(count, 0), L.m);  // a sender never publishes more than M
-      if (count > 0) {
-        const wait::WaitSite rows{"low_latency_dispatch_recv", "dispatch_rows[expert][src]", me, s, a.timeout_ns};
-        wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(arrived + i), count, wait::Cmp::kGe, rows);
-      }
     }
     counts[i] = count;
     first[i] = count;
@@ -799,10 +775,7 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   if (tid == 0) last = ticket == static_cast<int>(gridDim.x) - 1;
   __syncthreads();
   if (last) {  // every block has read every flag: ready for this buffer's next dispatch
-    for (int i = tid; i < E; i += kThreads) {
-      reinterpret_cast<volatile int*>(flags)[i] = 0;
-      reinterpret_cast<volatile int*>(arrived)[i] = 0;
-    }
+    for (int i = tid; i < E; i += kThreads) reinterpret_cast<volatile int*>(flags)[i] = 0;
     if (tid == 0) {
       reinterpret_cast<volatile int*>(own_flags + L.off_done)[2] = 0;
       reinterpret_cast<volatile int*>(a.routing)[L.ws_owners_ready] = 0;
@@ -835,6 +808,11 @@ __device__ __forceinline__ int pair_rank(const CombineArgs& a, int64_t p, int me
   return d;
 }
 
+// A release add at system scope (the counter's readers acquire it; the adds of many writers make one
+// release sequence).
+__device__ __forceinline__ void red_release_sys_add(int* ptr, int value) {
+  asm volatile("red.release.sys.global.add.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
 
 // Rows this rank received from source s at the dispatch (= weights s stores here at combine), for
 // lane's sources s = lane and lane + 32; 0 past R.
@@ -1223,7 +1201,6 @@ LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_
   l.off_cflags = static_cast<int64_t>(kMaxExperts) * 4;
   l.off_wflags = l.off_cflags + static_cast<int64_t>(kMaxRanks) * 4;
   l.off_done = l.off_wflags + static_cast<int64_t>(kMaxRanks) * 4;
-  l.off_darrived = l.off_done + 16;
   l.off_dindex = 0;
   const int64_t dindex = static_cast<int64_t>(l.num_local) * num_ranks * m * 4;
   l.off_dtokens = (dindex + 127) / 128 * 128;

@@ -22,13 +22,8 @@
 // buffers' dispatch areas, combines between their combine areas (independently, chosen by the
 // host), so at most two calls of a kind may be outstanding.
 //   flags of buffer b, at b * kFlagsPerBuffer:
-//     dispatch counts [L][R] int32 source s's count for local expert l, plus one (0: not yet),
-//                                  stored by each of s's blocks that sent pairs to l (the same
-//                                  value), or by one block when there are none
-//     (after the done counters)
-//     dispatch rows  [L][R] int32  rows of those s has stored (release adds, one per block); the
-//                                  receiver waits for the count, then for these to reach it.
-//                                  Both reset to 0 by the receiver once read
+//     dispatch flags [L][R] int32  source s's count for local expert l, plus one (0: not yet);
+//                                  reset to 0 by the receiver once read
 //     combine flags  [R] int32     1 once rank d has written back every partial sum of this
 //                                  rank's tokens; reset by the receiver
 //     weight counts  [R] int32     weights source s has stored here for this combine (release adds,
@@ -71,7 +66,7 @@ constexpr int kMaxRanks = 64;
 constexpr int kMaxExperts = 1024;
 constexpr int kMaxTopk = 32;
 constexpr int kGroup = 128;  // FP8 scale group
-constexpr int64_t kFlagsPerBuffer = 16384;  // 2 kMaxExperts + 2 kMaxRanks int32 flags, 3 done counters
+constexpr int64_t kFlagsPerBuffer = 8192;  // kMaxExperts + 2 kMaxRanks int32 flags, 3 done counters
 constexpr int64_t kFlagsBytes = 2 * kFlagsPerBuffer;
 
 // Diagnostic phase trace (the loopback benchmark's --trace; off when the args' trace is null):
@@ -82,7 +77,7 @@ constexpr int kTraceKernels = 4;  // dispatch send, dispatch recv, combine send,
 constexpr int kTraceBlocks = 160;
 constexpr int kTraceEvents = 5;
 constexpr int64_t kTraceInts = static_cast<int64_t>(kTraceKernels) * kTraceBlocks * kTraceEvents;  // int64 entries
-static_assert((2 * kMaxExperts + 2 * kMaxRanks + 4) * 4 <= kFlagsPerBuffer, "the flags must fit their region");
+static_assert((kMaxExperts + 2 * kMaxRanks + 3) * 4 <= kFlagsPerBuffer, "the flags must fit their region");
 
 struct LLLayout {
   int num_ranks = 0;
@@ -100,7 +95,6 @@ struct LLLayout {
   int64_t off_cflags = 0;
   int64_t off_wflags = 0;
   int64_t off_done = 0;
-  int64_t off_darrived = 0;
   int64_t off_dindex = 0;   // from the buffer's data
   int64_t off_dtokens = 0;
   int64_t off_cweights = 0;
@@ -137,6 +131,8 @@ struct DispatchArgs {
   bool use_ue8m0;
   int* counts_e;                  // [E] this rank's rows per global expert (statistics, tests)
   int* pair_pos;                  // [T*K] the pair's row among this rank's rows for its expert
+  int* send_done;                 // [E] int32 workspace, zero before the first dispatch; each
+                                  // expert's counter returns to zero once its count is published
   // receive side outputs
   void* recv_x;                   // [L, R*M, H] bf16 or fp8
   void* recv_scales;              // fp8: float32 [L, G, R*M] or int32 [L, G/4, R*M] (ue8m0); else null

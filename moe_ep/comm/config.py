@@ -12,7 +12,7 @@ LL_MAX_TOPK = 32
 LL_ROW_META_BYTES = (2 + 2 * LL_MAX_TOPK) * 4 + 8
 # The low-latency kernels keep both buffers' flags in a fixed area first (csrc/low_latency.h
 # kFlagsBytes; tests/test_cuda_low_latency.py checks this hint against the kernels' own sizes).
-LL_FLAGS_BYTES = 32768
+LL_FLAGS_BYTES = 16384
 NUM_LOW_LATENCY_BUFFERS = 2  # double buffering: two results may be alive at once
 
 

@@ -103,6 +103,7 @@ class _Result:
     layout_range: torch.Tensor     # [L, R] int64
     counts_e: torch.Tensor         # [E] int32: this rank's rows per expert
     pair_pos: torch.Tensor         # [M*K] int32
+    send_done: torch.Tensor        # [E] int32 kernel workspace: zero between dispatches
     combine_input: torch.Tensor    # [L, R*M, H] bf16 (zero-copy combine)
     mask: torch.Tensor             # [R] int32: the mask its dispatch used (the combine must use the same)
     routing: torch.Tensor          # int32 kernel workspace: which rows each (source, token) has here
@@ -212,6 +213,7 @@ class LowLatencyEngine:
                 layout_range=torch.zeros((num_local, self.num_ranks), dtype=torch.int64, device=dev),
                 counts_e=torch.zeros(num_experts, dtype=torch.int32, device=dev),
                 pair_pos=torch.zeros(max(m * num_topk, 1), dtype=torch.int32, device=dev),
+                send_done=torch.zeros(num_experts, dtype=torch.int32, device=dev),
                 combine_input=torch.zeros((num_local, slots, hidden), dtype=torch.bfloat16, device=dev),
                 mask=torch.zeros(self.num_ranks, dtype=torch.int32, device=dev),
                 routing=torch.zeros(int(info["routing_ints"]), dtype=torch.int32, device=dev)))
@@ -226,6 +228,7 @@ class LowLatencyEngine:
             result.recv_count.zero_()
             result.src_info.fill_(-1)
             result.layout_range.zero_()
+            result.send_done.zero_()
 
     def _result_of(self, handle) -> int:
         for b, result in enumerate(self.results):
@@ -264,7 +267,7 @@ class LowLatencyEngine:
 
         def launch(send: bool, recv: bool) -> None:
             self.ext.ll_dispatch(self.view, send, recv, num_experts, m, b, x, topk_idx, self.mask, result.mask, use_fp8,
-                                 round_scale, use_ue8m0, result.counts_e, result.pair_pos, result.data,
+                                 round_scale, use_ue8m0, result.counts_e, result.pair_pos, result.send_done, result.data,
                                  result.scales, result.recv_count, result.src_info, result.layout_range, recv_stats,
                                  result.routing, self.num_sms, self.fused, self.trace, self.put_mask)
 
