@@ -4,8 +4,9 @@ On any machine: without the optional module ``moe_ep._nvshmem`` the runtime rais
 says how to enable it; bad settings raise before anything starts. With 2 GPUs and the module built:
 a low-latency engine on NVSHMEM memory gives the oracle's results (one GPU per rank, as NVSHMEM
 wants). The put path (NVSHMEM's device API, for peers nvshmem_ptr cannot map) is forced onto every
-rank with MOE_EP_NVSHMEM_PUTS=all and checked against the oracle on every low-latency case: on one
-GPU with one rank (puts to itself), and on 2 GPUs. ``MOE_EP_TEST_NVSHMEM_SHARED_GPU=1`` also runs
+rank with MOE_EP_NVSHMEM_PUTS=all (and onto rank 1 only with "1": puts and stores mixed, as in a
+multi-node job) and checked against the oracle on every low-latency case: on one GPU with one rank
+(puts to itself), and on 2 GPUs. ``MOE_EP_TEST_NVSHMEM_SHARED_GPU=1`` also runs
 the 2-rank put test with both ranks on one GPU (NVSHMEM's multiple-PEs-per-GPU mode; opt in, as
 NVSHMEM supports that mode only in part)."""
 from __future__ import annotations
@@ -73,12 +74,15 @@ def test_low_latency_engine_on_nvshmem_memory(nccl_pool, gpu_gloo_pool, seed):
     _two_rank_pool(nccl_pool, gpu_gloo_pool).run(_w_engine_on_nvshmem, seed, timeout=300)
 
 
-def test_bad_puts_setting_is_rejected(monkeypatch):
-    monkeypatch.setenv(nvshmem.PUTS_ENV, "some")
-    with pytest.raises(ValueError, match="MOE_EP_NVSHMEM_PUTS"):
-        nvshmem.puts_from_env()
-    with pytest.raises(ValueError, match="puts"):
-        nvshmem.open_nvshmem_buffer(None, 1024, puts="some")
+def test_puts_setting_is_parsed_and_checked(monkeypatch):
+    assert nvshmem.parse_puts("auto") == "auto" and nvshmem.parse_puts("all") == "all"
+    assert nvshmem.parse_puts("1,3") == (1, 3) and nvshmem.parse_puts([0]) == (0,)
+    for bad in ("some", "", "1,x", "-1", [True], [-2]):
+        monkeypatch.setenv(nvshmem.PUTS_ENV, str(bad))
+        with pytest.raises(ValueError, match="MOE_EP_NVSHMEM_PUTS"):
+            nvshmem.puts_from_env()
+        with pytest.raises(ValueError, match="MOE_EP_NVSHMEM_PUTS"):
+            nvshmem.open_nvshmem_buffer(None, 1024, puts=bad)
 
 
 def _require_put_build() -> None:
@@ -111,19 +115,20 @@ def _seed_with_valid_data(case, world_size: int, seed: int) -> int:
     raise AssertionError(f"test data: no seed in [{seed}, {seed + 50}) gives {case.name} valid data")
 
 
-def _w_put_path(ctx, seed: int) -> int:
+def _w_put_path(ctx, seed: int, puts: str) -> int:
     from tests.test_cuda_low_latency import CASES, REPS, Case, _w_masked, run_case
 
-    with environ(MOE_EP_LL_TRANSPORT="nvshmem", MOE_EP_NVSHMEM_PUTS="all"):
+    with environ(MOE_EP_LL_TRANSPORT="nvshmem", MOE_EP_NVSHMEM_PUTS=puts):
         from moe_ep.comm.backends.low_latency import LowLatencyEngine, ll_size_hint
 
         num_bytes = max(ll_size_hint(c.m, c.hidden, ctx.world_size, c.num_experts(ctx.world_size), c.num_topk,
                                      puts=True) for c in CASES)
-        key = (ctx.world_size, num_bytes)
+        key = (ctx.world_size, num_bytes, puts)
         engine = _PUT_ENGINES.get(key)
         if engine is None:
             engine = _PUT_ENGINES[key] = LowLatencyEngine(ctx.group, ctx.device, num_bytes)
-        assert engine.put_mask == (1 << ctx.world_size) - 1, engine.put_mask
+        want = (1 << ctx.world_size) - 1 if puts == "all" else sum(1 << int(r) for r in puts.split(","))
+        assert engine.put_mask == want, (engine.put_mask, want)
         assert engine.ext.__name__ == "moe_ep._nvshmem", engine.ext.__name__
         runs = 0
         for i, case in enumerate(CASES):
@@ -149,14 +154,16 @@ def test_put_path_matches_the_oracle_on_one_rank(nccl_pool, seed):
     """Every low-latency case through the put path with one rank: each row, index entry, weight,
     count and flag goes out as an NVSHMEM put (to this PE) and comes back through the receive."""
     _require_put_build()
-    runs = nccl_pool(1).run(_w_put_path, seed, timeout=900)
+    runs = nccl_pool(1).run(_w_put_path, seed, "all", timeout=900)
     assert runs and all(r > 0 for r in runs), runs
 
 
 @pytest.mark.gpu
-def test_put_path_matches_the_oracle_on_two_ranks(nccl_pool, gpu_gloo_pool, seed):
+@pytest.mark.parametrize("puts", ["all", "1"], ids=["puts-to-all", "puts-to-rank-1-stores-to-rank-0"])
+def test_put_path_matches_the_oracle_on_two_ranks(nccl_pool, gpu_gloo_pool, seed, puts):
+    """``1``: the mix of a multi-node job (rank 1 by puts, rank 0 by stores, from either rank)."""
     _require_put_build()
-    runs = _two_rank_pool(nccl_pool, gpu_gloo_pool).run(_w_put_path, seed, timeout=900)
+    runs = _two_rank_pool(nccl_pool, gpu_gloo_pool).run(_w_put_path, seed, puts, timeout=900)
     assert len(runs) == 2 and all(r > 0 for r in runs), runs
 
 
