@@ -91,7 +91,9 @@ def test_every_cu_file_compiles_with_nvcc(tmp_path, name, flags):
 SPILL_FREE = {"intranode.cu": ("transfer_kernel<8>", "combine_kernel<__nv_bfloat16, 8, 8, 4>",
                                "combine_kernel<__nv_bfloat16, 8, 8, 6>"),
               "low_latency.cu": ("dispatch_send_kernel", "dispatch_recv_kernel", "dispatch_kernel<", "combine_send_kernel",
-                                 "combine_recv_kernel", "combine_kernel(")}
+                                 "combine_recv_kernel", "combine_kernel<false>(")}
+# (moe_ep._C's build: stores only. The put build of moe_ep._nvshmem, with relocatable device code,
+# is allowed spills: it serves peers behind RDMA, whose latency dwarfs them.)
 
 
 def _spills(nvcc: str, source: str, out_dir: str) -> dict[str, tuple[int, int]]:
