@@ -5,13 +5,16 @@
 #   B  STAGES=build,intranode_tests,ll_tests       (every kernel change since the last 2-GPU run: spill fix,
 #                                                  --isolate, the staged combine; the fifth session's LL
 #                                                  fused kernels, weight counters, send rounds, warp routing;
-#                                                  so far run on one GPU only)
+#                                                  the sixth session's NVSHMEM put path (tests/test_nvshmem.py,
+#                                                  puts to all and mixed) and bit-equal FP8 cast; so far run
+#                                                  on one GPU only)
 #   C  STAGES=build,nccl_experimental
 # (scripts/device_loopback.sh is the one-GPU counterpart: tests with ranks sharing the GPU, the loopback.)
 #   intranode_tests    every intranode GPU test (ranks on both GPUs) but the sanitizer runs
 #   bench_normal       the push-based intranode kernels over the SM sweep, every knob's variants and --isolate
 #   ll_new             the low-latency tests written after their last GPU run (out-of-range ids, staged send)
-#   bench_ll           the ll benchmark (with the kernels' phase trace), direct and staged FP8 send
+#   bench_ll           the ll benchmark (with the kernels' phase trace), direct and staged FP8 send, and on
+#                      NVSHMEM memory with stores and with puts
 #   profile_ll         per-kernel device time of the low-latency calls (scripts/profile_ll.py)
 #   ll_tests           every low-latency GPU test (the condition to promote the family)
 #   nccl_experimental  the suite over NCCL with the low-latency kernels on (the other condition)
@@ -48,6 +51,11 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     stage "bench ll, staged FP8 send"
     MOE_EP_LL_SEND=staged timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 \
       --out "$OUT/staged" 2>&1 | grep -v "^moe_ep: using"
+    stage "bench ll, NVSHMEM memory: stores through nvshmem_ptr, then puts to every rank (the RDMA path over NVLink)"
+    MOE_EP_LL_TRANSPORT=nvshmem timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll --sweep 1,128 --iters 30 \
+      --out "$OUT/nvshmem" 2>&1 | grep -v "^moe_ep: using" | tail -8
+    MOE_EP_LL_TRANSPORT=nvshmem MOE_EP_NVSHMEM_PUTS=all timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll \
+      --sweep 1,128 --iters 30 --out "$OUT/puts" 2>&1 | grep -v "^moe_ep: using" | tail -8
   fi
   if has profile_ll; then
     stage "profile ll"
