@@ -188,3 +188,16 @@ def test_stores_only_build_refuses_a_put_mask(nccl_pool):
     require_ll_kernels()
     messages = nccl_pool(1).run(_w_puts_refused_by_the_stores_only_build, timeout=120)
     assert "put_mask" in messages[0], messages
+
+
+def test_transport_choice():
+    """auto: CUDA IPC on one host, NVSHMEM across hosts (IPC cannot reach them); explicit choices stand."""
+    from moe_ep.comm.backends.low_latency import choose_transport
+
+    assert choose_transport("auto", ["node0", "node0"]) == "ipc"
+    assert choose_transport("auto", ["node0"]) == "ipc"
+    assert choose_transport("auto", ["node0", "node1"]) == "nvshmem"
+    assert choose_transport("ipc", ["node0", "node1"]) == "ipc"
+    assert choose_transport("nvshmem", ["node0"]) == "nvshmem"
+    with pytest.raises(ValueError, match="MOE_EP_LL_TRANSPORT"):
+        choose_transport("rdma", ["node0"])

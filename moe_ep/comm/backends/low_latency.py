@@ -6,9 +6,10 @@ either the same way. Policy lives here: the two result buffers (double buffering
 may be in flight, e.g. with receive hooks), which buffer a call uses, and the hook split.
 
 Transport: the kernels store straight into peers' memory through a table of peer pointers, from a
-CUDA-IPC buffer of ``num_rdma_bytes`` per rank (``moe_ep.comm.ipc``, the default) or, with
-``MOE_EP_LL_TRANSPORT=nvshmem``, from NVSHMEM symmetric memory (``moe_ep.comm.nvshmem``: unique-id
-bootstrap over torch.distributed, peer addresses from ``nvshmem_ptr``). With NVSHMEM, the ranks
+CUDA-IPC buffer of ``num_rdma_bytes`` per rank (``moe_ep.comm.ipc``; the default when every rank runs
+on one host) or from NVSHMEM symmetric memory (``moe_ep.comm.nvshmem``: unique-id bootstrap over
+torch.distributed, peer addresses from ``nvshmem_ptr``; the default across hosts, or
+``MOE_EP_LL_TRANSPORT=nvshmem``). With NVSHMEM, the ranks
 ``nvshmem_ptr`` cannot map (RDMA, across nodes; or every rank with ``MOE_EP_NVSHMEM_PUTS=all``) are
 reached by NVSHMEM puts: the same kernels built into ``moe_ep._nvshmem`` with a put mask, which then
 runs every call of this engine; the buffer then also holds an outbox (``ll_size_hint(..., puts=True)``).
@@ -41,8 +42,28 @@ from ..ipc import adopt_in_process, open_intranode_buffer
 
 
 # Where the buffers live: "ipc" (CUDA-IPC buffers, any torch.distributed backend, ranks may share a
-# GPU) or "nvshmem" (NVSHMEM symmetric memory, one GPU per rank; moe_ep.comm.nvshmem).
+# GPU), "nvshmem" (NVSHMEM symmetric memory, one GPU per rank; moe_ep.comm.nvshmem), or "auto" (the
+# default): CUDA IPC when every rank runs on this host, else NVSHMEM (IPC cannot reach other hosts;
+# NVSHMEM's puts can).
 TRANSPORT_ENV = "MOE_EP_LL_TRANSPORT"
+TRANSPORTS = ("auto", "ipc", "nvshmem")
+
+
+def choose_transport(requested: str, hosts: Sequence[str]) -> str:
+    """The transport for ``requested`` (a TRANSPORTS entry) given every rank's host name."""
+    if requested not in TRANSPORTS:
+        raise ValueError(f"{TRANSPORT_ENV} must be one of {', '.join(TRANSPORTS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "ipc" if len(set(hosts)) <= 1 else "nvshmem"
+
+
+def _group_hosts(group) -> list:
+    import socket
+
+    hosts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    return hosts
 # A call without a hook runs its send and receive halves in one kernel ("1", the default) or in two
 # ("0": as with a hook; for comparison). Read when the engine is built.
 FUSED_ENV = "MOE_EP_LL_FUSED"
@@ -117,16 +138,16 @@ class LowLatencyEngine:
 
     def __init__(self, group, device: torch.device, num_bytes: int, num_sms: Optional[int] = None) -> None:
         _check_engine_args(device, num_bytes)
-        transport = os.environ.get(TRANSPORT_ENV, "ipc")
+        requested = os.environ.get(TRANSPORT_ENV, "auto")
+        choose_transport(requested, [])  # a bad setting raises here, before anything collective
+        transport = choose_transport(requested, _group_hosts(group) if requested == "auto" else [])
         put_ranks: list = []
         with torch.cuda.device(device):
             if transport == "ipc":
                 ipc = open_intranode_buffer(group, num_bytes)
-            elif transport == "nvshmem":
+            else:
                 from ..nvshmem import open_nvshmem_buffer, puts_from_env
                 ipc, put_ranks = open_nvshmem_buffer(group, num_bytes, puts_from_env())
-            else:
-                raise ValueError(f"{TRANSPORT_ENV} must be 'ipc' or 'nvshmem', got {transport!r}")
         self._setup(group, dist.get_rank(group), dist.get_world_size(group), device, num_bytes, num_sms, ipc,
                     transport, lambda: dist.barrier(group=group), put_ranks)
 
