@@ -74,19 +74,8 @@ def _extension_kwargs():
 
 def _build_ext_class(base):
     """torch's BuildExtension, except that an optional module (moe_ep._nvshmem) that fails to build
-    only warns: ninja's RuntimeError is not among the errors setuptools' `optional` forgives."""
-
-    class BuildExtensionKeepGoing(base):
-        def build_extension(self, ext):
-            try:
-                super().build_extension(ext)
-            except Exception as exc:  # noqa: BLE001 - any compiler or ninja failure
-                if not getattr(ext, "optional", False):
-                    raise
-                print(f"moe_ep: the optional module {ext.name} failed to build ({exc}); "
-                      "building without it", file=sys.stderr)
-
-    return BuildExtensionKeepGoing
+    only warns (moe_ep/_build_paths.py keep_going_build_ext)."""
+    return _load_build_paths().keep_going_build_ext(base)
 
 
 def _load_build_paths():

@@ -191,3 +191,21 @@ def test_low_latency_put_path_compiles_and_device_links_with_nvshmem(tmp_path):
     for kernel in ("dispatch_kernel<0, true>", "dispatch_send_kernel<1, true>", "combine_kernel<true>",
                    "combine_send_kernel<true>"):
         assert kernel in symbols, f"{kernel} missing from the put build of low_latency.cu"
+
+
+def test_an_optional_module_that_fails_to_build_only_warns(capsys):
+    """setup.py's build_ext: moe_ep._nvshmem failing (a ninja RuntimeError) must not stop moe_ep._C;
+    a required module's failure still raises."""
+    from types import SimpleNamespace
+
+    from moe_ep._build_paths import keep_going_build_ext
+
+    class FailingBase:
+        def build_extension(self, ext):
+            raise RuntimeError(f"Error compiling objects for extension {ext.name}")
+
+    command = keep_going_build_ext(FailingBase)()
+    command.build_extension(SimpleNamespace(name="moe_ep._nvshmem", optional=True))
+    assert "moe_ep._nvshmem failed to build" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="moe_ep._C"):
+        command.build_extension(SimpleNamespace(name="moe_ep._C", optional=False))
