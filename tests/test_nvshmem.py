@@ -201,3 +201,27 @@ def test_transport_choice():
     assert choose_transport("nvshmem", ["node0"]) == "nvshmem"
     with pytest.raises(ValueError, match="MOE_EP_LL_TRANSPORT"):
         choose_transport("rdma", ["node0"])
+
+
+@pytest.mark.parametrize("transport", ["auto", "nvshmem"])
+def test_missing_nvshmem_across_hosts(monkeypatch, transport):
+    """Across hosts the low-latency kernels need NVSHMEM: with the transport chosen automatically a
+    missing moe_ep._nvshmem falls back to the reference, saying why and how to enable it; asked for
+    explicitly (MOE_EP_LL_TRANSPORT=nvshmem), it raises."""
+    from types import SimpleNamespace
+
+    from moe_ep.comm.backends import cuda, low_latency
+
+    def missing(*args, **kwargs):
+        raise nvshmem.NvshmemUnavailable(f"moe_ep._nvshmem is not built: {nvshmem.HOW_TO_ENABLE}")
+
+    monkeypatch.setattr(low_latency, "LowLatencyEngine", missing)
+    monkeypatch.setenv(low_latency.TRANSPORT_ENV, transport)
+    backend = SimpleNamespace(group=None, device=torch.device("cpu"))
+    buffer = SimpleNamespace(low_latency_mode=True, num_rdma_bytes=1 << 20)
+    if transport == "nvshmem":
+        with pytest.raises(nvshmem.NvshmemUnavailable, match="nvidia-nvshmem-cu13"):
+            cuda.CudaBackend._open_low_latency(backend, buffer)
+        return
+    engine, note = cuda.CudaBackend._open_low_latency(backend, buffer)
+    assert engine is None and "need NVSHMEM across hosts" in note and "nvidia-nvshmem-cu13" in note, note

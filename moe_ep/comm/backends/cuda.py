@@ -95,15 +95,22 @@ class CudaBackend(ReferenceBackend):
 
     def _open_low_latency(self, buffer):
         """The low-latency kernels need low_latency_mode=True and num_rdma_bytes > 0 (the same on
-        every rank, as in DeepEP), and every rank on one node (CUDA IPC: the NVLink path)."""
+        every rank, as in DeepEP); across hosts they need NVSHMEM (moe_ep._nvshmem). Where the
+        transport was chosen automatically and NVSHMEM is missing, the calls fall back to the
+        reference and describe() says why and how to enable it; MOE_EP_LL_TRANSPORT=nvshmem raises."""
         if not buffer.low_latency_mode or buffer.num_rdma_bytes <= 0:
             return None, "low-latency kernels need low_latency_mode=True and num_rdma_bytes > 0"
-        from .low_latency import LowLatencyEngine
+        from ..nvshmem import NvshmemUnavailable
+        from .low_latency import TRANSPORT_ENV, LowLatencyEngine
         try:
             with translate_device_errors("Buffer (opening the low-latency buffer)"):
                 return LowLatencyEngine(self.group, self.device, buffer.num_rdma_bytes), ""
         except IntranodeBufferError as exc:
             return None, f"the low-latency buffer could not be opened ({exc})"
+        except NvshmemUnavailable as exc:
+            if os.environ.get(TRANSPORT_ENV, "auto") == "nvshmem":
+                raise
+            return None, f"the low-latency kernels need NVSHMEM across hosts ({exc})"
 
     def uses_kernel(self, call: str) -> bool:
         """Whether ``call`` (a name in ``CALL_FAMILIES``) runs a CUDA kernel on this backend."""
