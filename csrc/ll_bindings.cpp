@@ -83,6 +83,17 @@ unsigned long long* ll_trace_of(const std::optional<at::Tensor>& trace, const Bu
   return reinterpret_cast<unsigned long long*>(trace->data_ptr<int64_t>());
 }
 
+// What every low-latency launch carries besides its tensors (DispatchArgs and CombineArgs alike):
+// the bounded waits' timeout, the put mask and outbox, the diagnostic trace.
+template <typename Args>
+void set_launch_fields(Args& a, const ll::LLLayout& layout, uint64_t put_mask, const std::optional<at::Tensor>& trace,
+                       const BufferView& buffer) {
+  a.timeout_ns = ll::timeout_ns_from_env();
+  a.put_mask = put_mask;
+  a.outbox_offset = ll::outbox_offset(layout);
+  a.trace = ll_trace_of(trace, buffer);
+}
+
 void ll_dispatch(const ViewTuple& view, bool send, bool recv, int64_t num_experts, int64_t m, int64_t buffer_index,
                  const at::Tensor& x, const at::Tensor& topk_idx, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& mask_snapshot, bool use_fp8,
@@ -128,10 +139,7 @@ void ll_dispatch(const ViewTuple& view, bool send, bool recv, int64_t num_expert
   a.cumulative_stats = ptr_or_null<int>(stats, buffer, "cumulative_local_expert_recv_stats");
   check_routing(routing, layout, buffer);
   a.routing = routing.data_ptr<int>();
-  a.timeout_ns = ll::timeout_ns_from_env();
-  a.put_mask = put_mask;
-  a.outbox_offset = ll::outbox_offset(layout);
-  a.trace = ll_trace_of(trace, buffer);
+  set_launch_fields(a, layout, put_mask, trace, buffer);
   const c10::cuda::CUDAGuard guard(x.device());
   const int sms = static_cast<int>(num_sms);
   if (send && recv && fused) {
@@ -177,10 +185,7 @@ void ll_combine(const ViewTuple& view, bool send, bool recv, int64_t num_experts
   check_routing(routing, layout, buffer);
   a.routing = routing.data_ptr<int>();
   a.out = out.data_ptr();
-  a.timeout_ns = ll::timeout_ns_from_env();
-  a.put_mask = put_mask;
-  a.outbox_offset = ll::outbox_offset(layout);
-  a.trace = ll_trace_of(trace, buffer);
+  set_launch_fields(a, layout, put_mask, trace, buffer);
   const c10::cuda::CUDAGuard guard(x.device());
   const int sms = static_cast<int>(num_sms);
   if (send && recv && fused) {
