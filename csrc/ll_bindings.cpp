@@ -84,10 +84,15 @@ unsigned long long* ll_trace_of(const std::optional<at::Tensor>& trace, const Bu
 }
 
 // What every low-latency launch carries besides its tensors (DispatchArgs and CombineArgs alike):
-// the bounded waits' timeout, the put mask and outbox, the diagnostic trace.
+// the peers, the layout and the areas of the buffer in use, the bounded waits' timeout, the put
+// mask and outbox, the diagnostic trace.
 template <typename Args>
-void set_launch_fields(Args& a, const ll::LLLayout& layout, uint64_t put_mask, const std::optional<at::Tensor>& trace,
-                       const BufferView& buffer) {
+void set_launch_fields(Args& a, const ll::LLLayout& layout, int64_t buffer_index, uint64_t put_mask,
+                       const std::optional<at::Tensor>& trace, const BufferView& buffer) {
+  a.peers = peers_of(buffer);
+  a.layout = layout;
+  a.flags_offset = ll::flags_offset(buffer_index);
+  a.data_offset = ll::data_offset(layout, buffer_index);
   a.timeout_ns = ll::timeout_ns_from_env();
   a.put_mask = put_mask;
   a.outbox_offset = ll::outbox_offset(layout);
@@ -110,10 +115,6 @@ void ll_dispatch(const ViewTuple& view, bool send, bool recv, int64_t num_expert
   const auto layout =
       ll_layout_for(buffer, num_experts, m, x.size(1), topk_idx.size(1), use_fp8, buffer_index, put_mask != 0);
   ll::DispatchArgs a;
-  a.peers = peers_of(buffer);
-  a.layout = layout;
-  a.flags_offset = ll::flags_offset(buffer_index);
-  a.data_offset = ll::data_offset(layout, buffer_index);
   a.x = x.data_ptr();
   a.topk_idx = topk_idx.data_ptr<int64_t>();
   a.num_tokens = static_cast<int>(x.size(0));
@@ -139,7 +140,7 @@ void ll_dispatch(const ViewTuple& view, bool send, bool recv, int64_t num_expert
   a.cumulative_stats = ptr_or_null<int>(stats, buffer, "cumulative_local_expert_recv_stats");
   check_routing(routing, layout, buffer);
   a.routing = routing.data_ptr<int>();
-  set_launch_fields(a, layout, put_mask, trace, buffer);
+  set_launch_fields(a, layout, buffer_index, put_mask, trace, buffer);
   const c10::cuda::CUDAGuard guard(x.device());
   const int sms = static_cast<int>(num_sms);
   if (send && recv && fused) {
@@ -169,10 +170,6 @@ void ll_combine(const ViewTuple& view, bool send, bool recv, int64_t num_experts
   const auto layout =
       ll_layout_for(buffer, num_experts, m, x.size(2), topk_idx.size(1), dispatch_used_fp8, buffer_index, put_mask != 0);
   ll::CombineArgs a;
-  a.peers = peers_of(buffer);
-  a.layout = layout;
-  a.flags_offset = ll::flags_offset(buffer_index);
-  a.data_offset = ll::data_offset(layout, buffer_index);
   a.x = x.data_ptr();
   a.layout_range = static_cast<const int64_t*>(layout_range.data_ptr());
   a.topk_idx = topk_idx.data_ptr<int64_t>();
@@ -185,7 +182,7 @@ void ll_combine(const ViewTuple& view, bool send, bool recv, int64_t num_experts
   check_routing(routing, layout, buffer);
   a.routing = routing.data_ptr<int>();
   a.out = out.data_ptr();
-  set_launch_fields(a, layout, put_mask, trace, buffer);
+  set_launch_fields(a, layout, buffer_index, put_mask, trace, buffer);
   const c10::cuda::CUDAGuard guard(x.device());
   const int sms = static_cast<int>(num_sms);
   if (send && recv && fused) {
