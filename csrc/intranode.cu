@@ -290,7 +290,99 @@ __device__ __forceinline__ void store_extras(const RowExtras& e, uint8_t* scale_
   }
 }
 
+// Where a run of rows goes: part p of row r at base_p + r * stride_p bytes. A buffer row packs the
+// parts (the layout's offsets, one stride); outputs are separate arrays (this rank's own, or a
+// peer's in its receive pool). src == nullptr: the source index is not written (a cached dispatch
+// already has it).
+struct RowTargets {
+  uint8_t* x;
+  uint8_t* scales;
+  uint8_t* idx;
+  uint8_t* weights;
+  uint8_t* src;
+  // Bytes from one row to the next: layout.stride for every part of a packed row; else x_bytes,
+  // scale_bytes, 8 K, 4 K and 4.
+  int64_t x_stride;
+  int64_t scale_stride;
+  int64_t idx_stride;
+  int64_t weights_stride;
+  int64_t src_stride;
+  int64_t first_expert;  // the receiving rank's first expert: top-k ids become local to it
+};
+
+__device__ __forceinline__ RowTargets buffer_targets(uint8_t* rows, const RowLayout& layout, int64_t first_expert) {
+  const int64_t st = layout.stride;
+  return {rows, rows + layout.off_scales, rows + layout.off_idx, rows + layout.off_weights, rows + layout.off_src,
+          st, st, st, st, st, first_expert};
+}
+
+__device__ __forceinline__ RowTargets output_targets(uint8_t* recv_x, uint8_t* recv_scales, void* recv_topk_idx,
+                                                     void* recv_topk_weights, void* recv_src_idx, int64_t row0,
+                                                     const RowLayout& layout, int64_t first_expert) {
+  auto at = [&](void* base, int64_t bytes) -> uint8_t* {
+    return base == nullptr ? nullptr : static_cast<uint8_t*>(base) + row0 * bytes;
+  };
+  const int K = layout.num_topk;
+  return {at(recv_x, layout.x_bytes), at(recv_scales, layout.scale_bytes), at(recv_topk_idx, 8 * K),
+          at(recv_topk_weights, 4 * K), at(recv_src_idx, 4), layout.x_bytes, layout.scale_bytes, 8 * K, 4 * K, 4,
+          first_expert};
+}
+
+// A shared-memory field read where it is used: a warp's targets live in shared memory so that the
+// row loop holds no more than a pointer's worth of them across its copy (the copy keeps U vectors per
+// lane in flight: registers are what that loop is short of).
+template <typename T>
+__device__ __forceinline__ T read_shared(const T& field) {
+  return *const_cast<const volatile T*>(&field);
+}
+
+// Copies n rows, the tokens listed at `tokens`, from this rank's inputs to rows row0.. of `*to` (a
+// destination's entry of the block's table in shared memory), top-k ids localized to its experts:
+// a sender's rows into a peer's buffer or (receive pool) straight into its outputs, and a
+// receiver's own rows into its outputs.
 template <int U>
+__device__ __forceinline__ void copy_rows(const RowTargets* to, int64_t row0, const RowLayout& layout,
+                                          const uint8_t* x, const uint8_t* scales, const int64_t* topk_idx,
+                                          const float* topk_weights, const int* tokens, int n, bool scale_vectors,
+                                          int num_local, int lane) {
+  const int K = layout.num_topk;
+  const int64_t x_bytes = layout.x_bytes;
+  const int64_t scale_bytes = layout.scale_bytes;
+  for (int sub = 0; sub < n; sub += 32) {
+    const int m = min(32, n - sub);
+    const int token = lane < m ? __ldg(tokens + sub + lane) : 0;
+    for (int i = 0; i < m; ++i) {
+      const int t = __shfl_sync(kFullWarp, token, i);
+      const int64_t r = row0 + sub + i;
+      const int64_t* idx = topk_idx + static_cast<int64_t>(t) * K;
+      const float* weights = topk_weights + static_cast<int64_t>(t) * K;
+      const RowExtras extras = load_extras(scales + t * scale_bytes, scale_bytes, scale_vectors, idx, weights, K,
+                                           lane, false);
+      warp_copy<U>(read_shared(to->x) + r * read_shared(to->x_stride), x + t * x_bytes, x_bytes, lane);
+      uint8_t* dst_scales = read_shared(to->scales) + r * read_shared(to->scale_stride);
+      auto* dst_idx = reinterpret_cast<int64_t*>(read_shared(to->idx) + r * read_shared(to->idx_stride));
+      auto* dst_weights = reinterpret_cast<float*>(read_shared(to->weights) + r * read_shared(to->weights_stride));
+      const int64_t first_expert = read_shared(to->first_expert);
+      store_extras(extras, dst_scales, scale_bytes, scale_vectors, dst_idx, dst_weights, K, true, first_expert,
+                   num_local, lane);
+      if (!scale_vectors && scale_bytes > 0) warp_copy<U>(dst_scales, scales + t * scale_bytes, scale_bytes, lane);
+      if (K > 32) {
+        localize_topk(idx + 32, weights + 32, K - 32, first_expert, num_local, dst_idx + 32, dst_weights + 32, lane);
+      }
+      uint8_t* dst_src = read_shared(to->src);
+      if (dst_src != nullptr && lane == 0) *reinterpret_cast<int*>(dst_src + r * read_shared(to->src_stride)) = t;
+    }
+  }
+}
+
+// A named barrier of the block's first `threads` threads (the sender warps come first).
+__device__ __forceinline__ void sync_first_threads(int threads) {
+  asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
+}
+
+// kDirect: the group runs the direct-receive protocol (a receive pool); its code is compiled only
+// into that instantiation, so the plain kernel keeps its registers.
+template <int U, bool kDirect>
 __global__ void __launch_bounds__(kThreads)
 transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t* __restrict__ x,
                 const uint8_t* __restrict__ scales, const int64_t* __restrict__ topk_idx,
@@ -298,10 +390,9 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
                 const int* __restrict__ rank_prefix_matrix, int G, bool cached, int* recv_src_idx,
                 uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales, int64_t* __restrict__ recv_topk_idx,
                 float* __restrict__ recv_topk_weights, int64_t num_rows, int num_local, int send_warps,
-                bool skip_peer_copy, uint64_t timeout_ns) {
+                DirectReceive direct, bool skip_peer_copy, uint64_t timeout_ns) {
   const int R = peers.num_ranks;
   const int me = peers.rank;
-  const int F = kFlagSlots / R;
   const int K = layout.num_topk;
   __shared__ int recv_rows[kMaxRanks];   // rows source s sends here
   __shared__ int recv_start[kMaxRanks];  // output row of s's first row here
@@ -309,6 +400,9 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
   __shared__ int send_start[kMaxRanks];  // buffer row at d of this rank's first row there
   __shared__ ChunkPlan recv_plan, send_plan;
   __shared__ long long seq;
+  // Where each rank's rows go from this rank, by copy_rows: a peer's buffer (or, with the direct
+  // protocol, its outputs) and this rank's own outputs; rows of d go to rows 0.. of entry d.
+  __shared__ RowTargets targets[kMaxRanks];
   for (int r = threadIdx.x; r < R; r += kThreads) {
     recv_rows[r] = prefix_at(rank_prefix_matrix, r, me, R) - prefix_at(rank_prefix_matrix, r - 1, me, R);
     recv_start[r] = prefix_at(rank_prefix_matrix, r - 1, me, R);
@@ -322,9 +416,27 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
     plan_chunks(recv_plan, recv_rows, me, R, R, G);
     plan_chunks(send_plan, send_rows, (me + 1) % R, R - 1, R, G);
   }
+  for (int r = threadIdx.x; r < R; r += kThreads) {
+    const int64_t first_expert = static_cast<int64_t>(r) * num_local;
+    targets[r] = r == me ? output_targets(recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
+                                          cached ? nullptr : recv_src_idx, recv_start[me], layout, first_expert)
+                         : buffer_targets(region_of(peers, r) + kRowsOffset + send_start[r] * layout.stride, layout,
+                                          first_expert);
+  }
   __syncthreads();
   const int lane = threadIdx.x % 32;
   const WarpRole role = warp_role(R > 1 ? send_warps : 0);
+  // Each kind's loop stride (role.count) and the flags per source, read from shared memory where
+  // they are used: held in registers through the copies, they spilled.
+  __shared__ int stride_of_kind[2];  // senders, receivers
+  __shared__ int F;                  // flags per source (kFlagSlots / R), likewise
+  if (threadIdx.x == 0) {
+    F = kFlagSlots / R;
+    const int senders = R > 1 ? send_warps : 0;
+    stride_of_kind[0] = static_cast<int>(gridDim.x) * senders;
+    stride_of_kind[1] = static_cast<int>(gridDim.x) * (kWarps - senders);
+  }
+  __syncthreads();
   const int64_t x_bytes = layout.x_bytes;
   const int64_t scale_bytes = layout.scale_bytes;
   // Scales go as 16-byte vectors, one per lane, with the row's other small parts, when every scale
@@ -333,38 +445,49 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
                              reinterpret_cast<uintptr_t>(scales) % 16 == 0 &&
                              reinterpret_cast<uintptr_t>(recv_scales) % 16 == 0;
 
+  const int parity = static_cast<int>(seq & 1);
+  if (kDirect && !role.sender && role.id == 0) {
+    // Publish where this rank's outputs are to every peer (its senders wait for it, below).
+    for (int p = lane; p < R; p += 32) {
+      if (p != me) control_of(peers, p, parity)->outputs[me] = direct.own;
+    }
+    __threadfence_system();
+    __syncwarp();
+    for (int p = lane; p < R; p += 32) {
+      if (p != me) store_release_sys(&control_of(peers, p, parity)->outputs_seq[me], seq);
+    }
+  }
+
   if (role.sender) {
-    for (int c = role.id; c < send_plan.total; c += role.count) {
-      const Chunk chunk = chunk_at(send_plan, send_rows, c, R, G);
-      const int d = chunk.rank, k = chunk.index, j0 = chunk.first_row, n = chunk.rows;
-      uint8_t* dst_region = region_of(peers, d);
-      uint8_t* dst_rows = dst_region + kRowsOffset + static_cast<int64_t>(send_start[d] + j0) * layout.stride;
-      const int64_t first_expert = static_cast<int64_t>(d) * num_local;
-      for (int sub = 0; sub < n; sub += 32) {
-        const int m = min(32, n - sub);
-        const int token = lane < m ? __ldg(send_lists + static_cast<int64_t>(d) * num_tokens + j0 + sub + lane) : 0;
-        for (int i = 0; i < m; ++i) {
-          const int t = __shfl_sync(kFullWarp, token, i);
-          uint8_t* dst = dst_rows + static_cast<int64_t>(sub + i) * layout.stride;
-          const int64_t* idx = topk_idx + static_cast<int64_t>(t) * K;
-          const float* weights = topk_weights + static_cast<int64_t>(t) * K;
-          auto* dst_idx = reinterpret_cast<int64_t*>(dst + layout.off_idx);
-          auto* dst_weights = reinterpret_cast<float*>(dst + layout.off_weights);
-          const RowExtras extras = load_extras(scales + t * scale_bytes, scale_bytes, scale_vectors, idx, weights, K,
-                                               lane, false);
-          warp_copy<U>(dst, x + t * x_bytes, x_bytes, lane);
-          store_extras(extras, dst + layout.off_scales, scale_bytes, scale_vectors, dst_idx, dst_weights, K, true,
-                       first_expert, num_local, lane);
-          if (!scale_vectors && scale_bytes > 0) {
-            warp_copy<U>(dst + layout.off_scales, scales + t * scale_bytes, scale_bytes, lane);
-          }
-          if (K > 32) {
-            localize_topk(idx + 32, weights + 32, K - 32, first_expert, num_local, dst_idx + 32, dst_weights + 32, lane);
-          }
-          if (lane == 0) *reinterpret_cast<int*>(dst + layout.off_src) = t;
+    if (kDirect && send_plan.total > 0) {
+      // The block's first warp waits until every rank it sends to has published where its outputs
+      // are, and points those in a receive pool at them; the other sender warps wait for it.
+      if (threadIdx.x < 32) {
+        const Control* own_control = control_of(peers, me, parity);
+        for (int d = lane; d < R; d += 32) {
+          if (d == me || send_rows[d] == 0) continue;
+          const wait::WaitSite site{"intranode_dispatch", "outputs_seq[dst]", me, d, timeout_ns};
+          wait::wait_value<wait::Scope::kSys>(&own_control->outputs_seq[d], seq, wait::Cmp::kGe, site);
+          const DirectOutputs* where = &own_control->outputs[d];
+          if (__ldcg(&where->x) < 0) continue;  // d's outputs are not in its pool: its buffer, as set
+          auto* peer_base = static_cast<uint8_t*>(peers.bases[d]);
+          auto at = [&](const long long* field) -> uint8_t* {
+            const long long offset = __ldcg(field);
+            return offset < 0 ? nullptr : peer_base + offset;
+          };
+          targets[d] = output_targets(at(&where->x), at(&where->scales), at(&where->idx), at(&where->weights),
+                                      at(&where->src), prefix_at(rank_prefix_matrix, me - 1, d, R), layout,
+                                      static_cast<int64_t>(d) * num_local);
         }
       }
-      warp_raise_flag(flags_of(dst_region, false) + static_cast<int64_t>(me) * F + k, seq, lane);
+      sync_first_threads(send_warps * 32);
+    }
+    for (int c = role.id; c < send_plan.total; c += read_shared(stride_of_kind[0])) {
+      const Chunk chunk = chunk_at(send_plan, send_rows, c, R, G);
+      const int d = chunk.rank, k = chunk.index, j0 = chunk.first_row, n = chunk.rows;
+      copy_rows<U>(&targets[d], j0, layout, x, scales, topk_idx, topk_weights,
+                   send_lists + static_cast<int64_t>(d) * num_tokens + j0, n, scale_vectors, num_local, lane);
+      warp_raise_flag(flags_of(region_of(peers, d), false) + static_cast<int64_t>(me) * read_shared(F) + k, seq, lane);
     }
     return;
   }
@@ -372,40 +495,20 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
   uint8_t* own_region = region_of(peers, me);
   const uint8_t* own_rows = own_region + kRowsOffset;
   const long long* own_flags = flags_of(own_region, false);
-  const int64_t first_expert = static_cast<int64_t>(me) * num_local;
-  for (int c = role.id; c < recv_plan.total; c += role.count) {
+  for (int c = role.id; c < recv_plan.total; c += read_shared(stride_of_kind[1])) {
     const Chunk chunk = chunk_at(recv_plan, recv_rows, c, R, G);
     const int s = chunk.rank, k = chunk.index, j0 = chunk.first_row, n = chunk.rows;
     const int64_t row0 = recv_start[s] + j0;
     if (s == me) {  // this rank's own rows: straight from x
-      for (int sub = 0; sub < n; sub += 32) {
-        const int m = min(32, n - sub);
-        const int token = lane < m ? __ldg(send_lists + static_cast<int64_t>(me) * num_tokens + j0 + sub + lane) : 0;
-        for (int i = 0; i < m; ++i) {
-          const int t = __shfl_sync(kFullWarp, token, i);
-          const int64_t row = row0 + sub + i;
-          const int64_t* idx = topk_idx + static_cast<int64_t>(t) * K;
-          const float* weights = topk_weights + static_cast<int64_t>(t) * K;
-          const RowExtras extras = load_extras(scales + t * scale_bytes, scale_bytes, scale_vectors, idx, weights, K,
-                                               lane, false);
-          warp_copy<U>(recv_x + row * x_bytes, x + t * x_bytes, x_bytes, lane);
-          store_extras(extras, recv_scales + row * scale_bytes, scale_bytes, scale_vectors, recv_topk_idx + row * K,
-                       recv_topk_weights + row * K, K, true, first_expert, num_local, lane);
-          if (!scale_vectors && scale_bytes > 0) {
-            warp_copy<U>(recv_scales + row * scale_bytes, scales + t * scale_bytes, scale_bytes, lane);
-          }
-          if (K > 32) {
-            localize_topk(idx + 32, weights + 32, K - 32, first_expert, num_local, recv_topk_idx + row * K + 32,
-                          recv_topk_weights + row * K + 32, lane);
-          }
-          if (!cached && lane == 0) recv_src_idx[row] = t;
-        }
-      }
+      copy_rows<U>(&targets[me], j0, layout, x, scales, topk_idx, topk_weights,
+                   send_lists + static_cast<int64_t>(me) * num_tokens + j0, n, scale_vectors, num_local, lane);
       continue;
     }
     const wait::WaitSite site{"intranode_dispatch", "chunk_flag[src]", me, s, timeout_ns};
-    warp_wait_flag(own_flags + static_cast<int64_t>(s) * F + k, seq, site, lane);
-    if (skip_peer_copy) continue;  // diagnostic (see launch_transfer): the peer's rows stay unwritten
+    warp_wait_flag(own_flags + static_cast<int64_t>(s) * read_shared(F) + k, seq, site, lane);
+    // Direct receive: the peer stored its rows into the outputs. skip_peer_copy: a diagnostic (see
+    // launch_transfer), the peer's rows stay unwritten.
+    if ((kDirect && direct.own.x >= 0) || skip_peer_copy) continue;
     const int64_t buffer_row0 = row0 - (s > me ? recv_rows[me] : 0);
     for (int i = 0; i < n; ++i) {
       const int64_t row = row0 + i;
@@ -430,7 +533,8 @@ transfer_kernel(Peers peers, RowLayout layout, int64_t num_tokens, const uint8_t
     }
   }
   // num_worst_tokens mode: rows past the received ones are padding (zeros, ids -1, source 0).
-  for (int64_t row = prefix_at(rank_prefix_matrix, R - 1, me, R) + role.id; row < num_rows; row += role.count) {
+  for (int64_t row = prefix_at(rank_prefix_matrix, R - 1, me, R) + role.id; row < num_rows;
+       row += read_shared(stride_of_kind[1])) {
     warp_zero(recv_x + row * x_bytes, x_bytes, lane);
     if (scale_bytes > 0) warp_zero(recv_scales + row * scale_bytes, scale_bytes, lane);
     for (int kk = lane; kk < K; kk += 32) {
@@ -931,8 +1035,8 @@ void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_to
                      const void* scales, const int64_t* topk_idx, const float* topk_weights, const int* send_lists,
                      const int* rank_prefix_matrix, int64_t max_pair_rows, bool cached, int* recv_src_idx,
                      void* recv_x, void* recv_scales, int64_t* recv_topk_idx, float* recv_topk_weights,
-                     int64_t num_rows, int num_local_experts, const Knobs& knobs, int num_blocks,
-                     cudaStream_t stream, bool skip_peer_copy) {
+                     int64_t num_rows, int num_local_experts, const Knobs& knobs, const DirectReceive& direct,
+                     int num_blocks, cudaStream_t stream, bool skip_peer_copy) {
   check_peers(peers);
   check_knobs(knobs);
   if (num_rows > INT32_MAX) throw std::invalid_argument("moe_ep intranode: too many received rows");
@@ -949,9 +1053,16 @@ void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_to
         peers, layout, num_tokens, static_cast<const uint8_t*>(x), static_cast<const uint8_t*>(scales), topk_idx,
         topk_weights, send_lists, rank_prefix_matrix, G, cached, recv_src_idx, static_cast<uint8_t*>(recv_x),
         static_cast<uint8_t*>(recv_scales), recv_topk_idx, recv_topk_weights, num_rows, num_local_experts, send_warps,
-        skip_peer_copy, timeout_ns);
+        direct, skip_peer_copy, timeout_ns);
   };
-  with_constant<8, 4, 16>(knobs.unroll, [&](auto unroll) { run(transfer_kernel<decltype(unroll)::value>); });
+  with_constant<8, 4, 16>(knobs.unroll, [&](auto unroll) {
+    constexpr int U = decltype(unroll)::value;
+    if (direct.enabled) {
+      run(transfer_kernel<U, true>);
+    } else {
+      run(transfer_kernel<U, false>);
+    }
+  });
   cuda_check(cudaGetLastError(), "intranode transfer_kernel launch");
 }
 

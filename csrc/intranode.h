@@ -16,7 +16,10 @@
 //               straight from x into that rank's buffer (x, scales, top-k ids already local to the
 //               receiver, weights, source index), a chunk of rows at a time, then raise the
 //               chunk's flag there. Receivers copy their own rank's rows from x into the outputs,
-//               then each peer's chunks from their buffer as the flags arrive.
+//               then each peer's chunks from their buffer as the flags arrive. With a receive
+//               pool (direct receive) a receiver's outputs are in memory its peers have mapped:
+//               senders store rows straight into them and the receiver only waits for the flags,
+//               so a peer row crosses an SM twice (sender load and store) instead of four times.
 //   combine = barrier | combine
 //     combine   one kernel: senders store each received row (and its top-k weights) back into
 //               its source rank's buffer, chunk by chunk, raising flags; reducers sum, per token,
@@ -35,6 +38,8 @@
 //   [kRowsOffset, ...)               dispatch: the rows from peers, in output order without this
 //                                    rank's own rows; combine: [R - 1][stride_rows] rows, one block
 //                                    per other rank (in rank order, this rank skipped)
+//   after the region's num_nvl_bytes     the receive pool's arena, when the engine has one
+//                                        (moe_ep/comm/recv_pool.py; torch allocates outputs there)
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -49,11 +54,33 @@ struct State {
   long long notify_seq;
 };
 
+// Where a receiver's dispatch outputs are, as byte offsets from its allocation base (the peer
+// table's entry), when they live in its receive pool (moe_ep/comm/recv_pool.py): peers then store
+// rows straight into them. x < 0: not in a pool, peers store into the buffer's rows area. A part
+// the call has no (scales, top-k, or the source index of a cached dispatch) is -1.
+struct DirectOutputs {
+  long long x = -1;
+  long long scales = -1;
+  long long idx = -1;
+  long long weights = -1;
+  long long src = -1;
+};
+
+// The direct-receive protocol of a transfer (every rank of a group agrees on `enabled`, the engine
+// checks): each receiver publishes its DirectOutputs to every peer at the start of the kernel and
+// senders wait for them. `own` are this rank's outputs (x < 0 when they are not in its pool).
+struct DirectReceive {
+  bool enabled = false;
+  DirectOutputs own;
+};
+
 struct Control {
   long long arrived[kMaxRanks];           // arrived[src] = src's notify sequence number
   int tokens[kMaxRanks];                  // tokens[src]: src's num_tokens
   int matrix[kMaxRanks * kMaxRanks];      // [src][dst]: tokens src sends dst
   int expert_counts[kMaxExperts];         // [src][local expert of this rank]: src's tokens per expert
+  DirectOutputs outputs[kMaxRanks];       // outputs[dst]: where dst's outputs are (direct receive)
+  long long outputs_seq[kMaxRanks];       // outputs_seq[dst] = dst's notify sequence number once published
 };
 
 constexpr int64_t kStateBytes = 4096;
@@ -156,6 +183,9 @@ void launch_notify(const Peers& peers, bool with_counts, int64_t num_tokens, con
 // padding after them: zeros, ids -1, source 0). x, scales ([T] rows), topk_idx / topk_weights
 // ([T, K], null when the layout has K = 0) are this rank's inputs; send_lists [R, T] from notify
 // (or the cached handle). recv_src_idx is read (cached: given, only padding untouched) or written.
+// With direct.enabled every rank publishes where its outputs are; a peer whose outputs live in its
+// receive pool (direct.own.x >= 0 there) gets its rows stored straight into them, the others into
+// their buffer, from which they copy them out.
 // skip_peer_copy is a diagnostic, never set by a Buffer: receivers wait for every peer chunk but do
 // not copy it out, so the outputs' peer rows are left unwritten; the loopback benchmark's
 // --isolate rows use it to measure what the copy-out pass costs.
@@ -163,8 +193,8 @@ void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_to
                      const void* scales, const int64_t* topk_idx, const float* topk_weights, const int* send_lists,
                      const int* rank_prefix_matrix, int64_t max_pair_rows, bool cached, int* recv_src_idx,
                      void* recv_x, void* recv_scales, int64_t* recv_topk_idx, float* recv_topk_weights,
-                     int64_t num_rows, int num_local_experts, const Knobs& knobs, int num_blocks,
-                     cudaStream_t stream, bool skip_peer_copy = false);
+                     int64_t num_rows, int num_local_experts, const Knobs& knobs, const DirectReceive& direct,
+                     int num_blocks, cudaStream_t stream, bool skip_peer_copy = false);
 
 // combine: out[t] = cast(sum over ranks r in order with is_token_in_rank[t, r] of the row rank r
 // received as (this rank, send_slot[t, r]) + bias0[t] + bias1[t]); out_weights[t] likewise

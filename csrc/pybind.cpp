@@ -168,6 +168,36 @@ pybind11::object host_record_wait(const in::HostRecord& record, int64_t epoch, d
   return pybind11::make_tuple(view.num_recv, view.max_tokens, counts, view.max_buffer_rows, view.max_buffer_rank);
 }
 
+// The direct-receive part of a transfer: with pool_offset >= 0 the outputs live in the receive
+// pool, the buffer's region from byte pool_offset on, and their offsets from the allocation base
+// (what peers add to their peer-table entry) are published; every output must lie there whole.
+in::DirectReceive direct_receive_of(const IpcBuffer& buffer, bool enabled, int64_t pool_offset, bool cached,
+                                    const at::Tensor& recv_x, const std::optional<at::Tensor>& recv_scales,
+                                    const std::optional<at::Tensor>& recv_topk_idx,
+                                    const std::optional<at::Tensor>& recv_topk_weights,
+                                    const at::Tensor& recv_src_idx) {
+  in::DirectReceive direct;
+  direct.enabled = enabled;
+  if (!enabled || pool_offset < 0 || recv_x.size(0) == 0) return direct;
+  TORCH_CHECK_VALUE(pool_offset < buffer.num_bytes(), "pool_offset must be inside the buffer's region");
+  const auto* base = static_cast<const char*>(buffer.local_data()) - moe_ep::ipc::kHeaderBytes;
+  const auto* begin = static_cast<const char*>(buffer.local_data()) + pool_offset;
+  const auto* end = static_cast<const char*>(buffer.local_data()) + buffer.num_bytes();
+  auto offset_of = [&](const at::Tensor& t, const char* name) -> long long {
+    const auto* p = static_cast<const char*>(t.data_ptr());
+    const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+    TORCH_CHECK_VALUE(p >= begin && p + bytes <= end && reinterpret_cast<uintptr_t>(p) % 16 == 0, name,
+                      " is not a 16-byte aligned tensor inside the receive pool (allocate it from the engine's pool)");
+    return static_cast<long long>(p - base);
+  };
+  direct.own.x = offset_of(recv_x, "recv_x");
+  if (recv_scales.has_value()) direct.own.scales = offset_of(*recv_scales, "recv_scales");
+  if (recv_topk_idx.has_value()) direct.own.idx = offset_of(*recv_topk_idx, "recv_topk_idx");
+  if (recv_topk_weights.has_value()) direct.own.weights = offset_of(*recv_topk_weights, "recv_topk_weights");
+  if (!cached) direct.own.src = offset_of(recv_src_idx, "recv_src_idx");
+  return direct;
+}
+
 void intranode_transfer(IpcBuffer& buffer, const at::Tensor& x, const std::optional<at::Tensor>& scales,
                         const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
                         const at::Tensor& send_lists, const at::Tensor& rank_prefix_matrix, int64_t max_pair_rows,
@@ -175,7 +205,7 @@ void intranode_transfer(IpcBuffer& buffer, const at::Tensor& x, const std::optio
                         const std::optional<at::Tensor>& recv_scales, const std::optional<at::Tensor>& recv_topk_idx,
                         const std::optional<at::Tensor>& recv_topk_weights, int64_t num_local_experts,
                         const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>& knobs, int64_t num_sms,
-                        bool skip_peer_copy) {
+                        bool skip_peer_copy, bool direct_receive, int64_t pool_offset) {
   check_on_buffer(x, buffer, "x");
   check_on_buffer(recv_x, buffer, "recv_x");
   check_on_buffer(recv_src_idx, buffer, "recv_src_idx");
@@ -188,6 +218,8 @@ void intranode_transfer(IpcBuffer& buffer, const at::Tensor& x, const std::optio
   const int num_topk = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
   const auto layout = in::make_row_layout(x.size(1) * x.element_size(),
                                           scales.has_value() ? row_bytes_of(*scales) : 0, num_topk);
+  const in::DirectReceive direct = direct_receive_of(buffer, direct_receive, pool_offset, cached, recv_x, recv_scales,
+                                                    recv_topk_idx, recv_topk_weights, recv_src_idx);
   const c10::cuda::CUDAGuard guard(x.device());
   in::launch_transfer(peers_of(buffer), layout, x.size(0), x.data_ptr(), ptr_or_null<const void>(scales, buffer, "scales"),
                       ptr_or_null<const int64_t>(topk_idx, buffer, "topk_idx"),
@@ -196,7 +228,7 @@ void intranode_transfer(IpcBuffer& buffer, const at::Tensor& x, const std::optio
                       recv_x.data_ptr(), ptr_or_null<void>(recv_scales, buffer, "recv_scales"),
                       ptr_or_null<int64_t>(recv_topk_idx, buffer, "recv_topk_idx"),
                       ptr_or_null<float>(recv_topk_weights, buffer, "recv_topk_weights"), recv_x.size(0),
-                      static_cast<int>(num_local_experts), knobs_of(knobs), static_cast<int>(num_sms),
+                      static_cast<int>(num_local_experts), knobs_of(knobs), direct, static_cast<int>(num_sms),
                       stream_of(buffer), skip_peer_copy);
 }
 
@@ -309,7 +341,10 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("recv_src_idx"), pybind11::arg("recv_x"), pybind11::arg("recv_scales"),
         pybind11::arg("recv_topk_idx"), pybind11::arg("recv_topk_weights"), pybind11::arg("num_local_experts"),
         pybind11::arg("knobs"), pybind11::arg("num_sms"), pybind11::arg("skip_peer_copy") = false,
-        "skip_peer_copy: a diagnostic (the loopback benchmark's --isolate): peer rows are waited for, not copied");
+        pybind11::arg("direct_receive") = false, pybind11::arg("pool_offset") = -1,
+        "skip_peer_copy: a diagnostic (the loopback benchmark's --isolate): peer rows are waited for, not copied. "
+        "direct_receive: the group's direct-receive protocol (every rank alike); pool_offset >= 0: this rank's "
+        "outputs are in its receive pool, which starts that many bytes into the region");
   m.def("intranode_combine", &intranode_combine, pybind11::arg("buffer"), pybind11::arg("x"),
         pybind11::arg("topk_weights"), pybind11::arg("is_token_in_rank"), pybind11::arg("send_slot"),
         pybind11::arg("rank_prefix_matrix"), pybind11::arg("stride_rows"), pybind11::arg("num_topk"),

@@ -14,6 +14,11 @@ one GPU would time-slice instead). A store to a "peer" lands in this GPU's HBM, 
   an R-th of the SMs per rank (a receive kernel on every SM could leave no room for a peer's send
   kernel on the one GPU), fewer than a rank has alone.
 
+``--recv-pool BYTES`` adds dispatch rows (``*_direct``) on engines with a receive pool of that many
+bytes per rank (peers store rows straight into the outputs; moe_ep/comm/recv_pool.py), after a
+bit-for-bit check of their outputs against the plain engine's, at every ``--sms`` with 6 and 8
+sender warps.
+
 ``--isolate`` adds cached FP8/BF16 dispatch rows (``*_no_copy_out``) at every ``--sms`` with the
 receivers' copy-out of the peers' rows left out (``IntranodeEngine.diagnostic_skip_peer_copy``;
 their outputs are not valid): beside the full rows, what that pass costs at each SM count.
@@ -195,17 +200,63 @@ def _normal(ranks: ThreadRanks, opts: dict) -> dict:
                         rows.append({"op": f"{op}_no_copy_out", "sms": sms, **KNOB_DEFAULTS, "ms": ms, "bytes": nbytes})
             finally:
                 engine.diagnostic_skip_peer_copy = False
+        direct = {}
+        if direct_engines is not None:
+            direct = _direct_rows(ranks, rank, direct_engines[rank], opts, (x, topk_idx, topk_weights, in_rank,
+                                  per_expert, x_fp8), (recv_x, handle))
+            rows += direct.pop("rows")
         return {"rows": rows, "max_abs_err": err, "pass": bool(torch.allclose(combined.float(), expected, rtol=1e-2,
-                                                                                atol=1e-2))}
+                                                                                atol=1e-2)), "direct": direct}
 
+    direct_engines = (IntranodeEngine.in_process(R, device, hint, recv_pool_bytes=opts["recv_pool"])
+                      if opts["recv_pool"] else None)
     per_rank = ranks.run(body)
     rows = merge_rows([r["rows"] for r in per_rank])
-    del engines
+    del engines, direct_engines
     torch.cuda.empty_cache()
-    return {"settings": {k: opts[k] for k in ("tokens", "hidden", "experts", "top_k", "iters")} | {"nvl_bytes": hint},
-            "check": {"pass": all(r["pass"] for r in per_rank), "max_abs_err": max(r["max_abs_err"] for r in per_rank),
-                      "what": "combine(dispatch(x)) == x * ranks the token went to (bf16 tolerance)"},
-            "rows": rows}
+    report = {"settings": {k: opts[k] for k in ("tokens", "hidden", "experts", "top_k", "iters")} | {"nvl_bytes": hint},
+              "check": {"pass": all(r["pass"] for r in per_rank),
+                        "max_abs_err": max(r["max_abs_err"] for r in per_rank),
+                        "what": "combine(dispatch(x)) == x * ranks the token went to (bf16 tolerance)"},
+              "rows": rows}
+    if opts["recv_pool"]:
+        report["direct"] = {"equal": all(r["direct"]["equal"] for r in per_rank),
+                            "direct_calls": [r["direct"]["direct_calls"] for r in per_rank],
+                            "overflows": [r["direct"]["overflows"] for r in per_rank],
+                            "what": "routed and cached dispatches with the receive pool equal the plain engine's "
+                                    "outputs bit for bit; direct_calls: calls whose outputs were all in the pool"}
+    return report
+
+
+def _direct_rows(ranks: "ThreadRanks", rank: int, engine, opts: dict, inputs: tuple, plain: tuple) -> dict:
+    """The dispatches on an engine with a receive pool (peers store into the outputs): first a
+    bit-for-bit comparison with the plain engine's outputs, then the timed rows ``*_direct``."""
+    x, topk_idx, topk_weights, in_rank, per_expert, x_fp8 = inputs
+    plain_recv_x, plain_handle = plain
+    experts = opts["experts"]
+    recv_x, recv_idx, recv_w, _, handle = engine.dispatch(x, None, in_rank, per_expert, topk_idx, topk_weights, 1, 0,
+                                                          experts)
+    cached_x = engine.dispatch(x, handle, None, None, None, None, 1, 0, experts)[0]
+    equal = (torch.equal(recv_x, plain_recv_x) and torch.equal(cached_x, plain_recv_x)
+             and torch.equal(handle[2], plain_handle[2]))
+    ops = {
+        "dispatch_fp8_direct": lambda: engine.dispatch(x_fp8, handle, None, None, None, None, 1, 0, experts),
+        "dispatch_bf16_direct": lambda: engine.dispatch(x, handle, None, None, None, None, 1, 0, experts),
+        "dispatch_bf16_routed_direct": lambda: engine.dispatch(x, None, in_rank, per_expert, topk_idx, topk_weights, 1,
+                                                               0, experts),
+    }
+    nbytes = recv_x.shape[0] * opts["hidden"] * 2
+    rows = []
+    for sms in opts["sms"]:
+        for send_warps in (6, 8):
+            knobs = {**KNOB_DEFAULTS, "send_warps": send_warps}
+            engine.num_sms, engine.knobs = sms, IntranodeKnobs(**knobs)
+            for op, fn in ops.items():
+                ms = ranks.time_steps(rank, engine.ipc, [fn], opts["iters"], WARMUP)[0]
+                scale = FP8_BYTES_FACTOR if "fp8" in op else 1.0
+                rows.append({"op": op, "sms": sms, **knobs, "ms": ms, "bytes": nbytes * scale})
+    return {"rows": rows, "equal": bool(equal), "direct_calls": engine.direct_calls,
+            "overflows": engine.recv_pool.overflows}
 
 
 # ------------------------------------------------------------------------------ low latency
@@ -330,7 +381,9 @@ def _resolve(args: argparse.Namespace) -> dict:
     experts = args.experts or LL_DEFAULTS["experts"]
     if opts["experts"] % args.ranks or experts % args.ranks:
         raise SystemExit(f"--experts must be divisible by --ranks {args.ranks}")
-    opts.update(profile=args.profile, trace=args.trace, isolate=args.isolate, ranks=args.ranks, sms=list(args.sms), seed=args.seed, out=args.out, skip=args.skip,
+    if args.recv_pool < 0:
+        raise SystemExit(f"--recv-pool must be >= 0 bytes, got {args.recv_pool}")
+    opts.update(recv_pool=args.recv_pool, profile=args.profile, trace=args.trace, isolate=args.isolate, ranks=args.ranks, sms=list(args.sms), seed=args.seed, out=args.out, skip=args.skip,
                 variants=knob_variants(args),
                 sweep=sorted(set(args.sweep or LL_DEFAULTS["sweep"])), ll_experts=experts,
                 ll_iters=args.iters or LL_DEFAULTS["iters"])
@@ -348,9 +401,13 @@ def _print(report: dict) -> None:
         verdict = "PASS" if normal["check"]["pass"] else "FAIL"
         print(f"normal: {s['tokens']} tokens/rank, hidden {s['hidden']}, top-{s['top_k']} of {s['experts']}; "
               f"check {verdict} (max abs err {normal['check']['max_abs_err']:.3g})")
-        print(f"{'op':<24}{'SMs':>5}{KNOB_HEADER}{'µs (max)':>12}{'GB/s (min)':>12}")
+        if normal.get("direct"):
+            d = normal["direct"]
+            print(f"receive pool: outputs equal the plain engine's: {'PASS' if d['equal'] else 'FAIL'}; calls with "
+                  f"every output in the pool per rank {d['direct_calls']}, arena overflows {d['overflows']}")
+        print(f"{'op':<28}{'SMs':>5}{KNOB_HEADER}{'µs (max)':>12}{'GB/s (min)':>12}")
         for r in normal["rows"]:
-            print(f"{r['op']:<24}{r['sms']:>5}{knob_cells(r)}{r['us']:>12.1f}{r['gbps']:>12.1f}")
+            print(f"{r['op']:<28}{r['sms']:>5}{knob_cells(r)}{r['us']:>12.1f}{r['gbps']:>12.1f}")
     ll = report.get("ll")
     if ll:
         s = ll["settings"]

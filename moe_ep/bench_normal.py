@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="normal and loopback: also time the cached dispatches with the receivers' copy-out of "
                             "peer rows left out (a diagnostic of the intranode kernels: outputs not valid) at every "
                             "--sms, to show what that pass costs")
+    group.add_argument("--recv-pool", type=int, default=0, metavar="BYTES",
+                       help="normal and loopback: also time the dispatches with a receive pool of BYTES per rank "
+                            "(MOE_EP_RECV_POOL_BYTES: peers store rows straight into the outputs), rows *_direct, "
+                            "at every --sms with send warps 6 and 8 (default 0: not timed)")
     for key, values, what in KNOB_VARIANTS:
         allowed = ", ".join(map(str, IntranodeKnobs.ALLOWED[key]))
         group.add_argument(f"--{key.replace('_', '-')}", type=int_list, default=list(values),
@@ -117,7 +121,9 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
     if opts["top_k"] > opts["experts"]:
         raise SystemExit(f"--top-k {opts['top_k']} exceeds --experts {opts['experts']}")
     variants = knob_variants(args)
-    opts.update(isolate=args.isolate, sms=list(args.sms), chunks=list(args.chunks) if args.chunks else [None],
+    if args.recv_pool < 0:
+        raise SystemExit(f"--recv-pool must be >= 0 bytes, got {args.recv_pool}")
+    opts.update(recv_pool=args.recv_pool, isolate=args.isolate, sms=list(args.sms), chunks=list(args.chunks) if args.chunks else [None],
                 nvl_bytes=args.nvl_bytes,
                 seed=args.seed, out=args.out, variants=variants)
     return opts
@@ -294,17 +300,69 @@ def _bench_rank(rank: int, world_size: int, opts: dict) -> None:
                                                  num_tokens_per_expert=per_expert, topk_idx=topk_idx,
                                                  topk_weights=topk_weights)
     rows = _sweep(buffer, opts, x, topk_idx, topk_weights, layout, handle, recv_x, timer)
+    direct = {}
+    if opts["recv_pool"] and on_gpu:
+        direct = _direct_rows(opts, group, nvl_bytes, x, topk_idx, topk_weights, recv_x, handle, timer)
+        rows += direct.pop("rows")
     references = [_all_to_all_row(buffer, opts, per_rank, timer), _copy_row(world_size, device, opts, timer)]
     check = _check_combine(buffer, x, recv_x, handle, in_rank)
     breakdown = _breakdown(buffer, opts, x, topk_idx, topk_weights, layout, handle, recv_x) if on_gpu else {}
     mine = {"rows": rows, "references": references, "check": check, "recv_rows": recv_x.shape[0],
-            "breakdown": breakdown}
+            "breakdown": breakdown, "direct": direct}
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, mine, group=group)
     if rank == 0:
         report = _report(gathered, opts, world_size, dist.get_backend(group), device, nvl_bytes, backend_info(buffer))
         _print(report)
         _write(report, opts["out"])
+
+
+DIRECT_OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed")
+
+
+def _direct_rows(opts: dict, group, nvl_bytes: int, x, topk_idx, topk_weights, recv_x, handle, timer) -> dict:
+    """--recv-pool: a second Buffer whose intranode engine has a receive pool (peers store rows
+    straight into the outputs); its routed and cached dispatch outputs must equal the first
+    Buffer's bit for bit, then the dispatches are timed at every --sms with 6 and 8 sender warps
+    (rows ``*_direct``). Empty where the Buffer runs no intranode kernels."""
+    from .comm.recv_pool import RECV_POOL_ENV
+
+    previous = os.environ.get(RECV_POOL_ENV)
+    os.environ[RECV_POOL_ENV] = str(opts["recv_pool"])
+    try:
+        buffer = Buffer(group, num_nvl_bytes=nvl_bytes)
+    finally:
+        if previous is None:
+            os.environ.pop(RECV_POOL_ENV, None)
+        else:
+            os.environ[RECV_POOL_ENV] = previous
+    engine = getattr(buffer.backend, "intranode", None)
+    if engine is None or engine.recv_pool is None:
+        return {"rows": []}
+    layout = buffer.get_dispatch_layout(topk_idx, opts["experts"])
+    per_rank, _, per_expert, in_rank, _ = layout
+    recv_d, _, _, _, handle_d, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                   num_tokens_per_expert=per_expert, topk_idx=topk_idx,
+                                                   topk_weights=topk_weights)
+    cached_d = buffer.dispatch(x, handle=handle_d)[0]
+    equal = torch.equal(recv_d, recv_x) and torch.equal(cached_d, recv_x) and torch.equal(handle_d[2], handle[2])
+    rows = []
+    try:
+        for num_sms in opts["sms"]:
+            for send_warps in (6, 8):
+                knobs = {**KNOB_DEFAULTS, "send_warps": send_warps}
+                Buffer.set_num_sms(num_sms)
+                engine.knobs = IntranodeKnobs(**knobs)
+                calls = _calls(buffer, opts, x, topk_idx, topk_weights, layout, handle_d, recv_d, num_sms, None)
+                for op in DIRECT_OPS:
+                    fn, nbytes, cfg = calls[op]
+                    ms = timer(fn, opts["iters"], WARMUP, group)
+                    rows.append({"op": f"{op}_direct", "sms": num_sms, "chunk": cfg.num_max_nvl_chunked_send_tokens,
+                                 **knobs, "ms": ms, "bytes": nbytes})
+    finally:
+        engine.knobs = IntranodeKnobs(**KNOB_DEFAULTS)
+    return {"rows": rows, "equal": bool(equal), "direct_calls": engine.direct_calls,
+            "overflows": engine.recv_pool.overflows}
 
 
 # ------------------------------------------------------------------------------ report
@@ -325,6 +383,8 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
                 "dispatch_bf16": "cached dispatch (handle=) of bf16 x, as DeepEP's test times it",
                 "dispatch_bf16_routed": "dispatch from the layout, top-k carried along (what each layer pays)",
                 "combine_bf16": "combine of the dispatched bf16 rows with their handle",
+                "*_direct": "(--recv-pool) the dispatch on a Buffer with a receive pool: peers store rows straight "
+                            "into the outputs",
                 "*_no_copy_out": "(--isolate) the cached dispatch with the receivers' copy-out of peer rows left out: "
                                  "a diagnostic of what that pass costs, outputs not valid"},
         "recv_rows_per_rank": [g["recv_rows"] for g in gathered],
@@ -332,6 +392,12 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
                         "what": "combine(dispatch(x)) == x * ranks the token went to (bf16 tolerance)"},
         "rows": merge_rows([g["rows"] for g in gathered]),
         "reference_rows": merge_rows([g["references"] for g in gathered]),
+        "direct": ({"equal": all(g["direct"].get("equal", False) for g in gathered),
+                    "direct_calls": [g["direct"].get("direct_calls") for g in gathered],
+                    "overflows": [g["direct"].get("overflows") for g in gathered],
+                    "what": "--recv-pool: outputs of a Buffer with a receive pool equal the plain Buffer's bit for "
+                            "bit; direct_calls: its dispatches whose outputs were all in the pool"}
+                   if any(g["direct"] for g in gathered) else None),
         "breakdown_per_rank": [g["breakdown"] for g in gathered],
         "breakdown_what": "GPU µs of each engine step (notify + host wait, transfer; barrier, combine) in one "
                           "call of each op, per rank (empty without the intranode kernels)",
@@ -349,7 +415,7 @@ def knob_cells(row: dict) -> str:
 
 def _line(op: str, sms, chunk, us: float, gbps: float, row: Optional[dict] = None) -> str:
     dash = lambda v: "-" if v is None else v  # noqa: E731
-    return f"{op:<26}{dash(sms):>5}{dash(chunk):>7}{knob_cells(row or {})}{us:>12.1f}{gbps:>12.1f}"
+    return f"{op:<28}{dash(sms):>5}{dash(chunk):>7}{knob_cells(row or {})}{us:>12.1f}{gbps:>12.1f}"
 
 
 def _print(report: dict) -> None:
@@ -362,7 +428,11 @@ def _print(report: dict) -> None:
         print(report["buffer_backend_describe"])
     print(f"correctness (combine of dispatched x == x * ranks reached): {verdict} "
           f"(max abs err {report['correctness']['max_abs_err']:.3g})")
-    print(f"{'op':<26}{'SMs':>5}{'chunk':>7}{KNOB_HEADER}{'µs (max)':>12}{'GB/s (min)':>12}")
+    if report.get("direct"):
+        d = report["direct"]
+        print(f"receive pool: outputs equal the plain Buffer's: {'PASS' if d['equal'] else 'FAIL'}; dispatches with "
+              f"every output in the pool per rank {d['direct_calls']}, arena overflows {d['overflows']}")
+    print(f"{'op':<28}{'SMs':>5}{'chunk':>7}{KNOB_HEADER}{'µs (max)':>12}{'GB/s (min)':>12}")
     for row in report["rows"]:
         print(_line(row["op"], row["sms"], row["chunk"], row["us"], row["gbps"], row))
     for rank, steps in enumerate(report["breakdown_per_rank"]):

@@ -49,20 +49,21 @@ POISON = float("nan")          # combine-input padding rows (worst-token mode) t
 
 Rows = Any  # [N, H] tensor, or (x_fp8 [N, H], scales [N, H / 128])
 
-_ENGINES: dict[tuple[int, int], Any] = {}
+_ENGINES: dict[tuple[int, int, int], Any] = {}
 
 
-def engine_for(ctx, num_nvl_bytes: int = NUM_NVL_BYTES):
-    """This rank's engine for the pool's world size, built on first use (collectively).
+def engine_for(ctx, num_nvl_bytes: int = NUM_NVL_BYTES, recv_pool_bytes: int = 0):
+    """This rank's engine for the pool's world size (and receive pool size), built on first use
+    (collectively).
 
     Reused across tests on purpose: a model reuses one buffer for every layer, so whatever a call
     leaves in the shared buffer must never reach a later call's results."""
-    key = (ctx.world_size, num_nvl_bytes)
+    key = (ctx.world_size, num_nvl_bytes, recv_pool_bytes)
     engine = _ENGINES.get(key)
     if engine is None:
         from moe_ep.comm.backends.intranode import IntranodeEngine
 
-        engine = _ENGINES[key] = IntranodeEngine(ctx.group, ctx.device, num_nvl_bytes)
+        engine = _ENGINES[key] = IntranodeEngine(ctx.group, ctx.device, num_nvl_bytes, recv_pool_bytes=recv_pool_bytes)
     return engine
 
 
@@ -364,9 +365,9 @@ def run_case(ctx, engine, case: Case, seed: int, what: str) -> int:
     return expected.num_recv_tokens
 
 
-def _w_case(ctx, case: Case, seed: int) -> list:
+def _w_case(ctx, case: Case, seed: int, recv_pool_bytes: int = 0) -> list:
     """The case twice on this rank's engine, with different data each time."""
-    engine = engine_for(ctx)
+    engine = engine_for(ctx, recv_pool_bytes=recv_pool_bytes)
     return [run_case(ctx, engine, case, seed + 1_000_003 * rep, f"{case.name} (run {rep + 1} of 2)")
             for rep in range(2)]
 
@@ -614,8 +615,8 @@ def stress_step(ctx, engine, gen: torch.Generator, it: int, stats: Counter) -> N
     stats["weights"] += int(with_weights)
 
 
-def _w_stress(ctx, seed: int, iterations: int) -> dict:
-    engine = engine_for(ctx)
+def _w_stress(ctx, seed: int, iterations: int, recv_pool_bytes: int = 0) -> dict:
+    engine = engine_for(ctx, recv_pool_bytes=recv_pool_bytes)
     stats: Counter = Counter()
     for it in range(iterations):
         stress_step(ctx, engine, torch.Generator().manual_seed(seed * 10_007 + it), it, stats)
@@ -652,11 +653,11 @@ def _graph_inputs(ctx, seed: int, tokens: int, hidden: int, num_topk: int, num_e
     return (x, idx, weights, in_rank, per_expert.to(torch.int32)), expected_x, expected_w
 
 
-def _w_graph_replays(ctx, seed: int) -> None:
+def _w_graph_replays(ctx, seed: int, recv_pool_bytes: int = 0) -> None:
     """Worst-token dispatch + combine captured in a CUDA graph and replayed with fresh inputs (new
     tokens AND new routing each time): every replay must equal its exact expectation. The
     barriers' epochs live on the device, so replays synchronize as eager calls do."""
-    engine = engine_for(ctx)
+    engine = engine_for(ctx, recv_pool_bytes=recv_pool_bytes)
     tokens, hidden, num_topk, num_experts = 40, 512, 4, 8 * ctx.world_size
     worst = tokens * ctx.world_size  # a bound on any rank's receive, whatever the routing
     inputs, _, _ = _graph_inputs(ctx, seed, tokens, hidden, num_topk, num_experts)
@@ -690,6 +691,108 @@ def _w_graph_replays(ctx, seed: int) -> None:
 
 def test_cuda_graph_replays_with_fresh_routing(gpu_gloo_pool, seed):
     gpu_gloo_pool(2).run(_w_graph_replays, seed, timeout=600)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2b. Receive pool (direct receive: peers store rows straight into the outputs)
+# ---------------------------------------------------------------------------------------------
+
+RECV_POOL_BYTES = 512 << 20   # every case's outputs, several alive at once (4 x 2048 rows of 7168 bf16: 117 MB)
+TINY_RECV_POOL_BYTES = 4 << 20  # a 1-10 MB output makes torch ask for a 20 MB segment: it overflows
+
+
+def _w_case_in_pool(ctx, case: Case, seed: int) -> dict:
+    """The case twice on an engine with a receive pool; every dispatch must have gone direct (all
+    outputs in the arena, so peers stored into them), or the test would not test the path."""
+    engine = engine_for(ctx, recv_pool_bytes=RECV_POOL_BYTES)
+    before = engine.direct_calls
+    _w_case(ctx, case, seed, RECV_POOL_BYTES)
+    return {"direct": engine.direct_calls - before, "overflows": engine.recv_pool.overflows}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_recv_pool_engine_matches_oracle(gpu_gloo_pool, case, world_size, seed):
+    stats = gpu_gloo_pool(world_size).run(_w_case_in_pool, case, seed, timeout=case.timeout)
+    calls = 2 * (1 + (((2 if case.worst else 1)) if case.cached else 0))  # dispatches per rank, both runs
+    for rank_stats in stats:
+        assert rank_stats == {"direct": calls, "overflows": 0}, f"not every dispatch went direct: {stats}"
+
+
+def _w_tiny_pool(ctx, seed: int) -> dict:
+    """An arena too small for the outputs: torch's segment comes from cudaMalloc instead, the call
+    takes the buffer path, and the results are still the oracle's."""
+    engine = engine_for(ctx, recv_pool_bytes=TINY_RECV_POOL_BYTES)
+    case = dataclasses.replace(next(c for c in CASES if c.name == "random-bf16-h7168-bias2"),
+                               tokens=(120, 90, 0, 0))  # up to 210 rows of 14 KB: a 3 MB recv_x
+    before = engine.direct_calls
+    _w_case(ctx, case, seed, TINY_RECV_POOL_BYTES)
+    return {"direct": engine.direct_calls - before, "overflows": engine.recv_pool.overflows}
+
+
+def test_recv_pool_too_small_falls_back_to_the_buffer(gpu_gloo_pool, seed):
+    stats = gpu_gloo_pool(2).run(_w_tiny_pool, seed, timeout=300)
+    for rank_stats in stats:
+        assert rank_stats["direct"] == 0 and rank_stats["overflows"] > 0, stats
+
+
+def test_recv_pool_stress(gpu_gloo_pool, seed):
+    """300 random back-to-back iterations (every mode) with a receive pool."""
+    stats = gpu_gloo_pool(STRESS_RANKS).run(_w_stress, seed, 300, RECV_POOL_BYTES, timeout=900)
+    assert stats[0]["cached"] > 0 and stats[0]["worst"] > 0 and stats[0]["fp8"] > 0, stats[0]
+
+
+def test_recv_pool_cuda_graph_replays(gpu_gloo_pool, seed):
+    """Under capture the outputs come from the graph's own pool (the receiver takes the buffer
+    path) while its peers keep the protocol: replays stay exact."""
+    gpu_gloo_pool(2).run(_w_graph_replays, seed, RECV_POOL_BYTES, timeout=600)
+
+
+def _w_outputs_outlive_engine(ctx, seed: int) -> None:
+    """A user may keep recv_x after the engine is gone: the arena's memory stays until torch gives
+    its segments back."""
+    import gc
+
+    import torch.distributed as dist
+
+    from moe_ep.comm import recv_pool
+    from moe_ep.comm.backends.intranode import IntranodeEngine
+
+    engine = IntranodeEngine(ctx.group, ctx.device, SMALL_NVL_BYTES, recv_pool_bytes=64 << 20)
+    tokens, hidden, num_topk, num_experts = 40, 512, 4, 8 * ctx.world_size
+    (x, idx, weights, in_rank, per_expert), _, _ = _graph_inputs(ctx, seed, tokens, hidden, num_topk, num_experts)
+    x, idx, weights, in_rank, per_expert = on(ctx, (x, idx, weights, in_rank, per_expert))
+    recv_x = engine.dispatch(x, None, in_rank, per_expert, idx, weights, 1, 0, num_experts)[0]
+    assert engine.direct_calls == 1 and engine.recv_pool.contains(recv_x)
+    kept = recv_x.clone()
+    base = engine.recv_pool.base
+    torch.cuda.synchronize(ctx.device)
+    dist.barrier(group=ctx.group)
+    del engine
+    gc.collect()
+    assert any(p.base == base for p in recv_pool._RETAINED), "the pool must be kept while torch holds its segments"
+    recv_x.mul_(2)  # the memory is still this process's to write
+    torch.cuda.synchronize(ctx.device)
+    assert torch.equal(recv_x, kept * 2)
+    dist.barrier(group=ctx.group)
+
+
+def test_recv_pool_outputs_outlive_the_engine(gpu_gloo_pool, seed):
+    gpu_gloo_pool(2).run(_w_outputs_outlive_engine, seed, timeout=300)
+
+
+def _w_pool_disagrees(ctx) -> None:
+    from moe_ep.comm.backends.intranode import IntranodeEngine
+
+    with environ(MOE_EP_RECV_POOL_BYTES=str(8 << 20) if ctx.rank == 1 else "0"):
+        with pytest.raises(ValueError, match="receive pool"):
+            IntranodeEngine(ctx.group, ctx.device, SMALL_NVL_BYTES)
+    torch.cuda.synchronize(ctx.device)
+
+
+def test_ranks_with_and_without_a_recv_pool_raise(gpu_gloo_pool):
+    """The senders' protocol changes with the pool, so ranks must agree on having one."""
+    gpu_gloo_pool(2).run(_w_pool_disagrees, timeout=120)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..errors import MoeEpTimeoutError, timeout_seconds
 from ..ipc import adopt_in_process, open_intranode_buffer
+from ..recv_pool import RECV_POOL_ENV, ReceivePool, arena_offset, recv_pool_bytes_from_env
 from .reference import Payload, check_worst_tokens_agree
 
 
@@ -55,6 +56,19 @@ def _check_engine_args(device: torch.device, num_nvl_bytes) -> None:
         raise ValueError(f"IntranodeEngine needs a CUDA device, got {device}")
     if isinstance(num_nvl_bytes, bool) or not isinstance(num_nvl_bytes, int) or num_nvl_bytes < 0:
         raise ValueError(f"num_nvl_bytes must be a non-negative int, got {num_nvl_bytes!r}")
+
+
+def _check_pool_bytes(recv_pool_bytes: Optional[int]) -> int:
+    if recv_pool_bytes is None:
+        return recv_pool_bytes_from_env()
+    if isinstance(recv_pool_bytes, bool) or not isinstance(recv_pool_bytes, int) or recv_pool_bytes < 0:
+        raise ValueError(f"recv_pool_bytes must be a non-negative int, got {recv_pool_bytes!r}")
+    return recv_pool_bytes
+
+
+def _region_bytes(num_nvl_bytes: int, pool_bytes: int) -> int:
+    """A rank's region: the buffer's num_nvl_bytes, then (with a receive pool) the pool's arena."""
+    return arena_offset(num_nvl_bytes) + pool_bytes if pool_bytes > 0 else num_nvl_bytes
 
 
 def _check_num_ranks(num_ranks: int) -> None:
@@ -134,52 +148,65 @@ class IntranodeEngine:
     the tests run several ranks on one device).
     """
 
-    def __init__(self, group, device: torch.device, num_nvl_bytes: int) -> None:
+    def __init__(self, group, device: torch.device, num_nvl_bytes: int, recv_pool_bytes: Optional[int] = None) -> None:
         _check_engine_args(device, num_nvl_bytes)
+        pool_bytes = _check_pool_bytes(recv_pool_bytes)
         rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
         _check_num_ranks(num_ranks)
         with torch.cuda.device(device):
-            ipc = open_intranode_buffer(group, int(num_nvl_bytes))
+            ipc = open_intranode_buffer(group, _region_bytes(int(num_nvl_bytes), pool_bytes))
         # Peers store into this rank's buffer, so sizes are checked against the smallest buffer of
         # the group, which every rank knows alike (open_intranode_buffer succeeded on every rank);
-        # the knobs (one of them is part of the protocol) must agree.
+        # the knobs (one of them is part of the protocol) must agree, and so must the receive pool's
+        # being on (it changes the senders' protocol), not its size.
         knobs = IntranodeKnobs.from_env()
         gathered: list = [None] * num_ranks
-        dist.all_gather_object(gathered, (int(num_nvl_bytes), knobs.astuple()), group=group)
-        if len({tuple(k) for _, k in gathered}) > 1:
+        dist.all_gather_object(gathered, (int(num_nvl_bytes), knobs.astuple(), pool_bytes > 0), group=group)
+        if len({tuple(k) for _, k, _ in gathered}) > 1:
             raise ValueError("the ranks of the group set different intranode knobs (unroll, chunk_rows, send_warps, "
-                             f"combine_send_warps, combine_staged_vectors): {[tuple(k) for _, k in gathered]}; set "
+                             f"combine_send_warps, combine_staged_vectors): {[tuple(k) for _, k, _ in gathered]}; set "
                              f"{', '.join(IntranodeKnobs.ENV.values())} alike on every rank")
+        if len({on for _, _, on in gathered}) > 1:
+            raise ValueError(f"some ranks of the group have a receive pool and some not ({RECV_POOL_ENV} per rank: "
+                             f"{['>0' if on else '0' for _, _, on in gathered]}); enable it on every rank or none")
         # Small host-side agreements (num_worst_tokens) go over the group's own backend.
         nccl = "nccl" in str(dist.get_backend(group)).lower()
-        self._setup(group, rank, num_ranks, device, int(num_nvl_bytes), ipc, min(int(n) for n, _ in gathered), knobs,
-                    device if nccl else torch.device("cpu"))
+        self._setup(group, rank, num_ranks, device, int(num_nvl_bytes), ipc, min(int(n) for n, _, _ in gathered), knobs,
+                    device if nccl else torch.device("cpu"), pool_bytes, ipc)
 
     @classmethod
     def in_process(cls, num_ranks: int, device: torch.device, num_nvl_bytes: int,
-                   knobs: Optional[IntranodeKnobs] = None) -> list["IntranodeEngine"]:
+                   knobs: Optional[IntranodeKnobs] = None, recv_pool_bytes: int = 0) -> list["IntranodeEngine"]:
         """``num_ranks`` engines over buffers on ONE device, for ranks that are threads of this process
         (the loopback benchmark): unlike ranks in separate processes, which time-slice a shared GPU,
         their kernels run at once on their own streams. Each thread must drive its own engine on its
         own stream. No torch.distributed group: ``num_worst_tokens`` is not checked across ranks."""
         _check_engine_args(device, num_nvl_bytes)
         _check_num_ranks(num_ranks)
+        pool_bytes = _check_pool_bytes(recv_pool_bytes)
         if knobs is not None and not isinstance(knobs, IntranodeKnobs):
             raise TypeError(f"knobs must be an IntranodeKnobs or None, got {type(knobs).__name__}")
-        ipcs, regions = adopt_in_process(num_ranks, device, int(num_nvl_bytes))
+        ipcs, regions = adopt_in_process(num_ranks, device, _region_bytes(int(num_nvl_bytes), pool_bytes))
         engines = []
         for rank, ipc in enumerate(ipcs):
             engine = cls.__new__(cls)
             engine._setup(None, rank, num_ranks, device, int(num_nvl_bytes), ipc, int(num_nvl_bytes),
-                          knobs or IntranodeKnobs(), torch.device("cpu"))
+                          knobs or IntranodeKnobs(), torch.device("cpu"), pool_bytes, (ipc, regions))
             engine._regions = regions  # the memory the adopted buffers point into
             engines.append(engine)
         return engines
 
     def _setup(self, group, rank: int, num_ranks: int, device: torch.device, num_nvl_bytes: int, ipc,
-               min_nvl_bytes: int, knobs: IntranodeKnobs, collective_device: torch.device) -> None:
+               min_nvl_bytes: int, knobs: IntranodeKnobs, collective_device: torch.device, pool_bytes: int,
+               memory_owner) -> None:
         self.group, self.rank, self.num_ranks, self.device = group, rank, num_ranks, device
         self.num_nvl_bytes, self.min_nvl_bytes, self.knobs, self.ipc = num_nvl_bytes, min_nvl_bytes, knobs, ipc
+        # Direct receive (moe_ep/comm/recv_pool.py): outputs in the region's tail, peers store into them.
+        self.pool_offset = arena_offset(num_nvl_bytes)
+        self.recv_pool: Optional[ReceivePool] = None
+        self.direct_calls = 0  # dispatches whose outputs were all in the pool (peers stored into them)
+        if pool_bytes > 0:
+            self.recv_pool = ReceivePool(int(ipc.data_ptr()) + self.pool_offset, pool_bytes, device, memory_owner)
         self.num_sms = 20
         self.ext = _extension()
         with torch.cuda.device(device):
@@ -219,6 +246,15 @@ class IntranodeEngine:
             raise MoeEpTimeoutError(f"rank {self.rank}: dispatch waited {timeout_seconds():.0f} s for the receive sizes "
                                     "(another rank did not reach the dispatch, or failed; MOE_EP_TIMEOUT_S sets the bound)")
         return got
+
+    def _allocate_outputs(self, specs: list) -> tuple[list[Optional[torch.Tensor]], bool]:
+        """The dispatch outputs, from the receive pool where there is one (not while a CUDA graph is
+        being captured: the capture allocates from its own pool); whether they all lie in its arena."""
+        pool = self.recv_pool
+        if pool is not None and not torch.cuda.is_current_stream_capturing():
+            outputs = pool.empty(specs)
+            return outputs, all(pool.contains(t) for t in outputs)
+        return [None if s is None else torch.empty(s[0], dtype=s[1], device=self.device) for s in specs], False
 
     # ---------------------------------------------------------------- dispatch
     def dispatch(self, x: Payload, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
@@ -279,21 +315,24 @@ class IntranodeEngine:
                     num_rows, stride_rows, counts_list, max_buffer_rows, max_rank = self._wait_sizes(num_local)
                     counts_list = list(counts_list)
                     self._check_fits(needed(max_buffer_rows), "dispatch", max_rank)
-            recv_src_idx = torch.empty(num_rows, dtype=torch.int32, device=self.device)
 
-        recv_x = torch.empty((num_rows, hidden), dtype=x_data.dtype, device=self.device)
-        recv_scales = None if scales is None else torch.empty((num_rows, scales.shape[1]), dtype=scales.dtype,
-                                                              device=self.device)
-        recv_topk_idx = recv_topk_weights = None
-        if num_topk:
-            recv_topk_idx = torch.empty((num_rows, num_topk), dtype=torch.int64, device=self.device)
-            recv_topk_weights = torch.empty((num_rows, num_topk), dtype=torch.float32, device=self.device)
+        specs = [((num_rows, hidden), x_data.dtype),
+                 None if scales is None else ((num_rows, scales.shape[1]), scales.dtype),
+                 ((num_rows, num_topk), torch.int64) if num_topk else None,
+                 ((num_rows, num_topk), torch.float32) if num_topk else None,
+                 None if cached else ((num_rows,), torch.int32)]
+        outputs, in_pool = self._allocate_outputs(specs)
+        self.direct_calls += int(in_pool)
+        recv_x, recv_scales, recv_topk_idx, recv_topk_weights = outputs[:4]
+        if not cached:
+            recv_src_idx = outputs[4]
         num_local = (num_experts // R) if num_experts else 0
         with self._step("transfer"):
             self.ext.intranode_transfer(self.ipc, x_data, scales, topk_idx, topk_weights, send_lists,
                                         rank_prefix_matrix, max(int(stride_rows), 1), cached, recv_src_idx, recv_x,
                                         recv_scales, recv_topk_idx, recv_topk_weights, num_local,
-                                        self.knobs.astuple(), sms, self.diagnostic_skip_peer_copy)
+                                        self.knobs.astuple(), sms, self.diagnostic_skip_peer_copy,
+                                        self.recv_pool is not None, self.pool_offset if in_pool else -1)
         out_x = (recv_x, recv_scales) if is_fp8 else recv_x
         if cached:
             return out_x, None, None, None, None

@@ -1,0 +1,158 @@
+"""Receive pool: dispatch outputs that the peers store rows straight into.
+
+Why: without it a peer's row crosses an SM four times on its way into ``recv_x`` (the sender loads
+it from ``x`` and stores it into this rank's IPC buffer; the receiver loads it from there and
+stores it into ``recv_x``). When ``recv_x`` itself lives in memory the peers have mapped, the
+senders store into it and the receiver only waits for their flags: two crossings, and the
+receiver's warps are free for its own rows. (The loopback benchmark put the copy-out at 16-25% of
+the dispatch's time; benchmarks/RESULTS.md.)
+
+How: the pool's arena is the tail of the rank's CUDA-IPC allocation, past ``num_nvl_bytes``.
+torch's caching allocator takes segments from it through a ``torch.cuda.MemPool`` whose
+``CUDAPluggableAllocator`` is the pair of C functions in ``csrc/recv_pool.cpp``, so the outputs are
+ordinary tensors: freed when their last reference goes, reused in stream order, ``record_stream``
+honoured. An arena that is full hands out plain device memory instead; a call whose outputs are
+not all inside the arena takes the buffer path (peers store into the IPC buffer, the receiver
+copies out), so a small pool costs speed, never correctness. ``overflows`` counts those segments.
+
+Lifetime: outputs may outlive the engine (a user keeps ``recv_x``). Closing the pool therefore
+frees its arena only once torch has given every segment back; until then the memory that holds
+the arena stays allocated (kept in ``_RETAINED`` for the life of the process).
+
+Policy (``MOE_EP_RECV_POOL_BYTES``, default 0 = off): the arena's bytes per rank. Every rank of a
+group must enable it alike (the engine checks), since the senders' protocol changes with it.
+Outputs need ``rows * (hidden * elem + scales + 12 * top-k + 4)`` bytes each dispatch, rounded up
+by torch to 2 MiB per tensor; give room for the outputs that are alive at once.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+
+RECV_POOL_ENV = "MOE_EP_RECV_POOL_BYTES"
+# The arena starts this aligned past num_nvl_bytes (torch's large segments are 2 MiB multiples).
+ARENA_ALIGN = 2 << 20
+ALLOC_FN, FREE_FN = "moe_ep_recv_pool_alloc", "moe_ep_recv_pool_free"
+
+_RETAINED: list["ReceivePool"] = []   # closed pools whose arena torch still holds segments of
+_ALLOCATOR: Optional[Any] = None     # one CUDAPluggableAllocator per process
+
+
+def recv_pool_bytes_from_env() -> int:
+    """``MOE_EP_RECV_POOL_BYTES`` as an int (0 when unset); a ValueError names the variable."""
+    raw = os.environ.get(RECV_POOL_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{RECV_POOL_ENV} must be a non-negative number of bytes, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{RECV_POOL_ENV} must be a non-negative number of bytes, got {value}")
+    return value
+
+
+def arena_offset(num_nvl_bytes: int) -> int:
+    """Where the arena starts in a rank's region: past the buffer's num_nvl_bytes, 2 MiB aligned."""
+    return (int(num_nvl_bytes) + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
+
+
+def load_arena_library(path: str) -> ctypes.CDLL:
+    """The arena functions of a library that has csrc/recv_pool.cpp (moe_ep._C, or a test build)."""
+    lib = ctypes.CDLL(path)
+    lib.moe_ep_recv_pool_register.argtypes = [ctypes.c_size_t, ctypes.c_int64]
+    lib.moe_ep_recv_pool_register.restype = ctypes.c_int
+    for name in ("unregister", "held_bytes", "largest_free", "overflows"):
+        fn = getattr(lib, f"moe_ep_recv_pool_{name}")
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int64
+    lib.moe_ep_recv_pool_select.argtypes, lib.moe_ep_recv_pool_select.restype = [ctypes.c_int], ctypes.c_int
+    lib.moe_ep_recv_pool_alloc.argtypes = [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+    lib.moe_ep_recv_pool_alloc.restype = ctypes.c_void_p
+    lib.moe_ep_recv_pool_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    lib.moe_ep_recv_pool_free.restype = None
+    return lib
+
+
+def _extension_path() -> str:
+    from moe_ep import _C
+    return _C.__file__
+
+
+def _allocator():
+    global _ALLOCATOR
+    if _ALLOCATOR is None:
+        _ALLOCATOR = torch.cuda.memory.CUDAPluggableAllocator(_extension_path(), ALLOC_FN, FREE_FN)
+    return _ALLOCATOR
+
+
+class ReceivePool:
+    """The arena ``[base, base + num_bytes)`` on ``device`` and the MemPool that allocates from it.
+
+    ``owner`` is what keeps the arena's memory alive (the IpcBuffer, or the in-process regions);
+    the pool holds it until torch has given back every segment (see :meth:`close`)."""
+
+    def __init__(self, base: int, num_bytes: int, device: torch.device, owner: Any) -> None:
+        if num_bytes <= 0:
+            raise ValueError(f"a receive pool needs a positive size, got {num_bytes}")
+        self.base, self.num_bytes, self.device, self._owner = int(base), int(num_bytes), device, owner
+        self._lib = load_arena_library(_extension_path())
+        self._id = self._lib.moe_ep_recv_pool_register(self.base, self.num_bytes)
+        if self._id <= 0:
+            raise RuntimeError(f"could not register a receive pool arena at {self.base:#x} ({self.num_bytes} bytes): "
+                               "it overlaps another")
+        self._pool: Optional[torch.cuda.MemPool] = torch.cuda.MemPool(_allocator().allocator())
+
+    def contains(self, t: Optional[torch.Tensor]) -> bool:
+        """Whether ``t`` lies whole inside the arena (None and empty tensors count as inside)."""
+        if t is None or t.numel() == 0:
+            return True
+        begin = t.data_ptr()
+        return self.base <= begin and begin + t.numel() * t.element_size() <= self.base + self.num_bytes
+
+    def empty(self, specs: Sequence[Optional[tuple[tuple[int, ...], torch.dtype]]]) -> list[Optional[torch.Tensor]]:
+        """``torch.empty`` of each (shape, dtype) from the pool (None stays None). Some may lie
+        outside the arena when it is full: check with :meth:`contains`."""
+        if self._pool is None:
+            raise RuntimeError("this receive pool is closed")
+        previous = self._lib.moe_ep_recv_pool_select(self._id)
+        try:
+            with torch.cuda.use_mem_pool(self._pool, self.device):
+                return [None if spec is None else torch.empty(spec[0], dtype=spec[1], device=self.device)
+                        for spec in specs]
+        finally:
+            self._lib.moe_ep_recv_pool_select(previous)
+
+    @property
+    def overflows(self) -> int:
+        """Segments the arena could not hold (calls that then took the buffer path)."""
+        return int(self._lib.moe_ep_recv_pool_overflows(self._id))
+
+    @property
+    def held_bytes(self) -> int:
+        """Arena bytes torch holds as segments (live tensors and its own cache)."""
+        return int(self._lib.moe_ep_recv_pool_held_bytes(self._id))
+
+    def close(self) -> None:
+        """Drop the MemPool; the arena is forgotten once torch has given back every segment, else the
+        pool (and the memory under it) is retained until then."""
+        if self._pool is None:
+            return
+        self._pool = None
+        if self._lib.moe_ep_recv_pool_unregister(self._id) > 0 and self not in _RETAINED:
+            _RETAINED.append(self)
+        _sweep_retained()
+
+    def __del__(self) -> None:  # an engine dropped without close(): the same rule
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to free into
+            pass
+
+
+def _sweep_retained() -> None:
+    for pool in list(_RETAINED):
+        if pool._lib.moe_ep_recv_pool_unregister(pool._id) <= 0:
+            _RETAINED.remove(pool)
