@@ -16,8 +16,8 @@ one GPU would time-slice instead). A store to a "peer" lands in this GPU's HBM, 
 
 ``--recv-pool BYTES`` adds dispatch rows (``*_direct``) on engines with a receive pool of that many
 bytes per rank (peers store rows straight into the outputs; moe_ep/comm/recv_pool.py), after a
-bit-for-bit check of their outputs against the plain engine's, at every ``--sms`` with 6 and 8
-sender warps.
+bit-for-bit check of their outputs against the plain engine's, at every ``--sms`` with 6, 8 and 12
+sender warps, and the host cost of allocating the outputs from the pool and from torch's default.
 
 ``--isolate`` adds cached FP8/BF16 dispatch rows (``*_no_copy_out``) at every ``--sms`` with the
 receivers' copy-out of the peers' rows left out (``IntranodeEngine.diagnostic_skip_peer_copy``;
@@ -60,7 +60,7 @@ from .bench import (HEAD_US, StepTimer, import_pyplot, merge_rows, random_routin
                     write_report)
 from .bench_ll import ll_routing
 from .bench_trace import print_trace, trace_summary, traced_iterations
-from .bench_normal import FP8_BYTES_FACTOR, KNOB_DEFAULTS, KNOB_HEADER, WARMUP, check_sms, knob_cells, knob_variants
+from .bench_normal import DIRECT_SEND_WARPS, FP8_BYTES_FACTOR, KNOB_DEFAULTS, KNOB_HEADER, WARMUP, check_sms, knob_cells, knob_variants
 from .comm import per_token_group_quant_fp8
 from .comm.backends.intranode import IntranodeKnobs, intranode_size_hint
 
@@ -222,6 +222,7 @@ def _normal(ranks: ThreadRanks, opts: dict) -> dict:
     if opts["recv_pool"]:
         report["direct"] = {"equal": all(r["direct"]["equal"] for r in per_rank),
                             "direct_calls": [r["direct"]["direct_calls"] for r in per_rank],
+                            "alloc_us": [r["direct"]["alloc_us"] for r in per_rank],
                             "overflows": [r["direct"]["overflows"] for r in per_rank],
                             "what": "routed and cached dispatches with the receive pool equal the plain engine's "
                                     "outputs bit for bit; direct_calls: calls whose outputs were all in the pool"}
@@ -246,9 +247,10 @@ def _direct_rows(ranks: "ThreadRanks", rank: int, engine, opts: dict, inputs: tu
                                                                0, experts),
     }
     nbytes = recv_x.shape[0] * opts["hidden"] * 2
+    alloc_us = _allocation_cost(engine, recv_x, recv_idx)
     rows = []
     for sms in opts["sms"]:
-        for send_warps in (6, 8):
+        for send_warps in DIRECT_SEND_WARPS:
             knobs = {**KNOB_DEFAULTS, "send_warps": send_warps}
             engine.num_sms, engine.knobs = sms, IntranodeKnobs(**knobs)
             for op, fn in ops.items():
@@ -256,7 +258,28 @@ def _direct_rows(ranks: "ThreadRanks", rank: int, engine, opts: dict, inputs: tu
                 scale = FP8_BYTES_FACTOR if "fp8" in op else 1.0
                 rows.append({"op": op, "sms": sms, **knobs, "ms": ms, "bytes": nbytes * scale})
     return {"rows": rows, "equal": bool(equal), "direct_calls": engine.direct_calls,
-            "overflows": engine.recv_pool.overflows}
+            "overflows": engine.recv_pool.overflows, "alloc_us": alloc_us}
+
+
+def _allocation_cost(engine, recv_x: torch.Tensor, recv_idx: torch.Tensor, reps: int = 200) -> dict:
+    """Host µs to allocate one dispatch's outputs (recv_x, top-k ids and weights, source index),
+    from the receive pool and from torch's default pool: the pool's part of a routed dispatch's
+    critical path (the GPU waits for it after the host wait)."""
+    import time
+
+    rows, hidden, k = recv_x.shape[0], recv_x.shape[1], recv_idx.shape[1]
+    specs = [((rows, hidden), recv_x.dtype), None, ((rows, k), torch.int64), ((rows, k), torch.float32),
+             ((rows,), torch.int32)]
+    result = {}
+    for name, allocate in (("pool", lambda: engine.recv_pool.empty(specs)),
+                           ("default", lambda: [None if s is None else torch.empty(s[0], dtype=s[1], device=recv_x.device)
+                                                for s in specs])):
+        allocate()
+        start = time.perf_counter()
+        for _ in range(reps):
+            allocate()
+        result[name] = (time.perf_counter() - start) / reps * 1e6
+    return result
 
 
 # ------------------------------------------------------------------------------ low latency
@@ -405,6 +428,8 @@ def _print(report: dict) -> None:
             d = normal["direct"]
             print(f"receive pool: outputs equal the plain engine's: {'PASS' if d['equal'] else 'FAIL'}; calls with "
                   f"every output in the pool per rank {d['direct_calls']}, arena overflows {d['overflows']}")
+            print("host µs to allocate a dispatch's outputs (pool / default), per rank: " + ", ".join(
+                f"{a['pool']:.1f} / {a['default']:.1f}" for a in d["alloc_us"]))
         print(f"{'op':<28}{'SMs':>5}{KNOB_HEADER}{'µs (max)':>12}{'GB/s (min)':>12}")
         for r in normal["rows"]:
             print(f"{r['op']:<28}{r['sms']:>5}{knob_cells(r)}{r['us']:>12.1f}{r['gbps']:>12.1f}")

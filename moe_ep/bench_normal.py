@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recv-pool", type=int, default=0, metavar="BYTES",
                        help="normal and loopback: also time the dispatches with a receive pool of BYTES per rank "
                             "(MOE_EP_RECV_POOL_BYTES: peers store rows straight into the outputs), rows *_direct, "
-                            "at every --sms with send warps 6 and 8 (default 0: not timed)")
+                            "at every --sms with send warps 6, 8 and 12 (default 0: not timed)")
     for key, values, what in KNOB_VARIANTS:
         allowed = ", ".join(map(str, IntranodeKnobs.ALLOWED[key]))
         group.add_argument(f"--{key.replace('_', '-')}", type=int_list, default=list(values),
@@ -318,12 +318,13 @@ def _bench_rank(rank: int, world_size: int, opts: dict) -> None:
 
 
 DIRECT_OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed")
+DIRECT_SEND_WARPS = (6, 8, 12)  # with the pool the receivers copy only their own rows: more senders
 
 
 def _direct_rows(opts: dict, group, nvl_bytes: int, x, topk_idx, topk_weights, recv_x, handle, timer) -> dict:
     """--recv-pool: a second Buffer whose intranode engine has a receive pool (peers store rows
     straight into the outputs); its routed and cached dispatch outputs must equal the first
-    Buffer's bit for bit, then the dispatches are timed at every --sms with 6 and 8 sender warps
+    Buffer's bit for bit, then the dispatches are timed at every --sms with 6, 8 and 12 sender warps
     (rows ``*_direct``). Empty where the Buffer runs no intranode kernels."""
     from .comm.recv_pool import RECV_POOL_ENV
 
@@ -349,7 +350,7 @@ def _direct_rows(opts: dict, group, nvl_bytes: int, x, topk_idx, topk_weights, r
     rows = []
     try:
         for num_sms in opts["sms"]:
-            for send_warps in (6, 8):
+            for send_warps in DIRECT_SEND_WARPS:
                 knobs = {**KNOB_DEFAULTS, "send_warps": send_warps}
                 Buffer.set_num_sms(num_sms)
                 engine.knobs = IntranodeKnobs(**knobs)
