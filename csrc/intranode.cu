@@ -898,6 +898,7 @@ void check_knobs(const Knobs& knobs) {
   check_knob("send_warps", knobs.send_warps, {2, 4, 6, 8, 12});
   check_knob("combine_send_warps", knobs.combine_send_warps, {2, 4, 6, 8, 12});
   check_knob("combine_staged_vectors", knobs.combine_staged_vectors, {0, 16, 24});
+  check_knob("direct_send_warps", knobs.direct_send_warps, {2, 4, 6, 8, 12});
 }
 
 void check_peers(const Peers& peers) {
@@ -1045,7 +1046,7 @@ void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_to
     throw std::invalid_argument("moe_ep intranode: top-k inputs or outputs missing");
   }
   const int G = flag_rows_for(max_pair_rows, knobs.chunk_rows, peers.num_ranks);
-  const int send_warps = knobs.send_warps;
+  const int send_warps = direct.enabled ? knobs.direct_send_warps : knobs.send_warps;
   const uint64_t timeout_ns = wait::timeout_ns_from_env();
   const int blocks = check_blocks(num_blocks);
   auto run = [&](auto kernel) {

@@ -159,14 +159,16 @@ struct Peers {
 // the copies: 4, 8, 16), send_warps (transfer) and combine_send_warps (combine; of each block's 16
 // warps: 2, 4, 6, 8, 12) are local; so is combine_staged_vectors (0: the combine's copies and reduce
 // hold their loads in registers; 16, 24: with 16-byte packs they load with cp.async into a per-warp
-// shared-memory ring of that many vectors per lane, 128 or 192 KB per block). The Python side
-// (IntranodeKnobs) owns the defaults.
+// shared-memory ring of that many vectors per lane, 128 or 192 KB per block); direct_send_warps
+// replaces send_warps in a transfer with the direct-receive protocol (receivers then copy only
+// their own rows, so more warps send). The Python side (IntranodeKnobs) owns the defaults.
 struct Knobs {
   int unroll = 8;
   int chunk_rows = 4;
   int send_warps = 6;
   int combine_send_warps = 4;
   int combine_staged_vectors = 16;
+  int direct_send_warps = 8;
 };
 
 // notify. With counts (every non-cached dispatch, even of 0 tokens): send_slot [T, R] int32 (the

@@ -127,12 +127,12 @@ int64_t row_bytes_of(const at::Tensor& t) {
   return elements * t.element_size();
 }
 
-// (unroll, chunk_rows, send_warps, combine_send_warps, combine_staged_vectors), as
-// moe_ep.comm.backends.intranode.IntranodeKnobs.astuple().
-in::Knobs knobs_of(const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>& knobs) {
+// (unroll, chunk_rows, send_warps, combine_send_warps, combine_staged_vectors, direct_send_warps), as
+// moe_ep.comm.backends.intranode.IntranodeKnobs.launch_tuple().
+in::Knobs knobs_of(const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>& knobs) {
   return in::Knobs{static_cast<int>(std::get<0>(knobs)), static_cast<int>(std::get<1>(knobs)),
                    static_cast<int>(std::get<2>(knobs)), static_cast<int>(std::get<3>(knobs)),
-                   static_cast<int>(std::get<4>(knobs))};
+                   static_cast<int>(std::get<4>(knobs)), static_cast<int>(std::get<5>(knobs))};
 }
 
 void intranode_notify(IpcBuffer& buffer, in::HostRecord& record, const std::optional<at::Tensor>& send_slot,
@@ -204,7 +204,7 @@ void intranode_transfer(IpcBuffer& buffer, const at::Tensor& x, const std::optio
                         bool cached, const at::Tensor& recv_src_idx, const at::Tensor& recv_x,
                         const std::optional<at::Tensor>& recv_scales, const std::optional<at::Tensor>& recv_topk_idx,
                         const std::optional<at::Tensor>& recv_topk_weights, int64_t num_local_experts,
-                        const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>& knobs, int64_t num_sms,
+                        const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>& knobs, int64_t num_sms,
                         bool skip_peer_copy, bool direct_receive, int64_t pool_offset) {
   check_on_buffer(x, buffer, "x");
   check_on_buffer(recv_x, buffer, "recv_x");
@@ -237,7 +237,7 @@ void intranode_combine(IpcBuffer& buffer, const at::Tensor& x, const std::option
                        const at::Tensor& rank_prefix_matrix, int64_t stride_rows, int64_t num_topk,
                        const std::optional<at::Tensor>& bias0, const std::optional<at::Tensor>& bias1,
                        const at::Tensor& out, const std::optional<at::Tensor>& out_weights,
-                       const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>& knobs, int64_t num_sms) {
+                       const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>& knobs, int64_t num_sms) {
   check_on_buffer(x, buffer, "x");
   check_on_buffer(out, buffer, "out");
   check_on_buffer(is_token_in_rank, buffer, "is_token_in_rank");

@@ -16,8 +16,8 @@ one GPU would time-slice instead). A store to a "peer" lands in this GPU's HBM, 
 
 ``--recv-pool BYTES`` adds dispatch rows (``*_direct``) on engines with a receive pool of that many
 bytes per rank (peers store rows straight into the outputs; moe_ep/comm/recv_pool.py), after a
-bit-for-bit check of their outputs against the plain engine's, at every ``--sms`` with 6, 8 and 12
-sender warps, and the host cost of allocating the outputs from the pool and from torch's default.
+bit-for-bit check of their outputs against the plain engine's, at every ``--sms`` with each
+``--direct-send-warps`` (default 6, 8, 12), and the host cost of allocating the outputs from the pool and from torch's default.
 
 ``--isolate`` adds cached FP8/BF16 dispatch rows (``*_no_copy_out``) at every ``--sms`` with the
 receivers' copy-out of the peers' rows left out (``IntranodeEngine.diagnostic_skip_peer_copy``;
@@ -60,7 +60,7 @@ from .bench import (HEAD_US, StepTimer, import_pyplot, merge_rows, random_routin
                     write_report)
 from .bench_ll import ll_routing
 from .bench_trace import print_trace, trace_summary, traced_iterations
-from .bench_normal import DIRECT_SEND_WARPS, FP8_BYTES_FACTOR, KNOB_DEFAULTS, KNOB_HEADER, WARMUP, check_sms, knob_cells, knob_variants
+from .bench_normal import DIRECT_KNOB, FP8_BYTES_FACTOR, KNOB_DEFAULTS, KNOB_HEADER, WARMUP, check_sms, knob_cells, knob_variants
 from .comm import per_token_group_quant_fp8
 from .comm.backends.intranode import IntranodeKnobs, intranode_size_hint
 
@@ -250,8 +250,8 @@ def _direct_rows(ranks: "ThreadRanks", rank: int, engine, opts: dict, inputs: tu
     alloc_us = _allocation_cost(engine, recv_x, recv_idx)
     rows = []
     for sms in opts["sms"]:
-        for send_warps in DIRECT_SEND_WARPS:
-            knobs = {**KNOB_DEFAULTS, "send_warps": send_warps}
+        for send_warps in opts[DIRECT_KNOB]:
+            knobs = {**KNOB_DEFAULTS, DIRECT_KNOB: send_warps}
             engine.num_sms, engine.knobs = sms, IntranodeKnobs(**knobs)
             for op, fn in ops.items():
                 ms = ranks.time_steps(rank, engine.ipc, [fn], opts["iters"], WARMUP)[0]
@@ -406,8 +406,9 @@ def _resolve(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--experts must be divisible by --ranks {args.ranks}")
     if args.recv_pool < 0:
         raise SystemExit(f"--recv-pool must be >= 0 bytes, got {args.recv_pool}")
+    variants = knob_variants(args)
     opts.update(recv_pool=args.recv_pool, profile=args.profile, trace=args.trace, isolate=args.isolate, ranks=args.ranks, sms=list(args.sms), seed=args.seed, out=args.out, skip=args.skip,
-                variants=knob_variants(args),
+                variants=variants, **{DIRECT_KNOB: variants.pop(DIRECT_KNOB)},
                 sweep=sorted(set(args.sweep or LL_DEFAULTS["sweep"])), ll_experts=experts,
                 ll_iters=args.iters or LL_DEFAULTS["iters"])
     return opts

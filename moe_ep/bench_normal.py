@@ -59,7 +59,10 @@ KNOB_VARIANTS = (("unroll", (4, 8, 16), "16-byte vectors in flight per lane in t
                  ("chunk_rows", (4, 8, 16), "rows per flag"),
                  ("send_warps", (4, 6, 8), "dispatch sender warps per 16-warp block"),
                  ("combine_send_warps", (2, 4, 6), "combine sender warps per 16-warp block"),
-                 ("combine_staged_vectors", (0, 16, 24), "vectors per lane in the combine's cp.async ring (0: registers)"))
+                 ("combine_staged_vectors", (0, 16, 24), "vectors per lane in the combine's cp.async ring (0: registers)"),
+                 ("direct_send_warps", (6, 8, 12), "dispatch sender warps with a receive pool: the --recv-pool rows' "
+                                                   "sweep (0: 8 for 2 ranks, 12 for more)"))
+DIRECT_KNOB = "direct_send_warps"  # swept by the --recv-pool rows, not beside the plain engine's defaults
 assert {key for key, _, _ in KNOB_VARIANTS} == set(IntranodeKnobs.ALLOWED), "every knob needs its option"
 OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed", "combine_bf16")
 
@@ -83,13 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recv-pool", type=int, default=0, metavar="BYTES",
                        help="normal and loopback: also time the dispatches with a receive pool of BYTES per rank "
                             "(MOE_EP_RECV_POOL_BYTES: peers store rows straight into the outputs), rows *_direct, "
-                            "at every --sms with send warps 6, 8 and 12 (default 0: not timed)")
+                            "at every --sms with each --direct-send-warps (default 0: not timed)")
     for key, values, what in KNOB_VARIANTS:
         allowed = ", ".join(map(str, IntranodeKnobs.ALLOWED[key]))
+        where = ("each timed in the --recv-pool rows" if key == DIRECT_KNOB else
+                 f"variants timed at 12 and 24 SMs beside the default {KNOB_DEFAULTS[key]}, the default itself skipped")
         group.add_argument(f"--{key.replace('_', '-')}", type=int_list, default=list(values),
-                           help=f"{what} (IntranodeKnobs.{key}) variants timed at 12 and 24 SMs beside the default "
-                                f"{KNOB_DEFAULTS[key]} (default {','.join(map(str, values))}, the default itself "
-                                f"skipped; the kernels accept {allowed})")
+                           help=f"{what} (IntranodeKnobs.{key}), {where} (default {','.join(map(str, values))}; the "
+                                f"kernels accept {allowed})")
 
 
 def check_sms(sms: list[int]) -> None:
@@ -100,14 +104,15 @@ def check_sms(sms: list[int]) -> None:
 
 
 def knob_variants(args: argparse.Namespace) -> dict[str, list[int]]:
-    """Each knob's variants from its option, checked, the default value left out."""
+    """Each knob's variants from its option, checked, the default value left out; the direct-receive
+    knob's values whole (they sweep the --recv-pool rows instead)."""
     variants = {}
     for key, allowed in IntranodeKnobs.ALLOWED.items():
         values = getattr(args, key)
         bad = [v for v in values if v not in allowed]
         if bad:
             raise SystemExit(f"--{key.replace('_', '-')}: each value must be one of {allowed}, got {bad}")
-        variants[key] = [v for v in values if v != KNOB_DEFAULTS[key]]
+        variants[key] = list(values) if key == DIRECT_KNOB else [v for v in values if v != KNOB_DEFAULTS[key]]
     return variants
 
 
@@ -123,9 +128,9 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict:
     variants = knob_variants(args)
     if args.recv_pool < 0:
         raise SystemExit(f"--recv-pool must be >= 0 bytes, got {args.recv_pool}")
-    opts.update(recv_pool=args.recv_pool, isolate=args.isolate, sms=list(args.sms), chunks=list(args.chunks) if args.chunks else [None],
-                nvl_bytes=args.nvl_bytes,
-                seed=args.seed, out=args.out, variants=variants)
+    opts.update(recv_pool=args.recv_pool, isolate=args.isolate, sms=list(args.sms),
+                chunks=list(args.chunks) if args.chunks else [None], nvl_bytes=args.nvl_bytes, seed=args.seed,
+                out=args.out, **{DIRECT_KNOB: variants.pop(DIRECT_KNOB)}, variants=variants)
     return opts
 
 
@@ -318,13 +323,12 @@ def _bench_rank(rank: int, world_size: int, opts: dict) -> None:
 
 
 DIRECT_OPS = ("dispatch_fp8", "dispatch_bf16", "dispatch_bf16_routed")
-DIRECT_SEND_WARPS = (6, 8, 12)  # with the pool the receivers copy only their own rows: more senders
 
 
 def _direct_rows(opts: dict, group, nvl_bytes: int, x, topk_idx, topk_weights, recv_x, handle, timer) -> dict:
     """--recv-pool: a second Buffer whose intranode engine has a receive pool (peers store rows
     straight into the outputs); its routed and cached dispatch outputs must equal the first
-    Buffer's bit for bit, then the dispatches are timed at every --sms with 6, 8 and 12 sender warps
+    Buffer's bit for bit, then the dispatches are timed at every --sms with each --direct-send-warps
     (rows ``*_direct``). Empty where the Buffer runs no intranode kernels."""
     from .comm.recv_pool import RECV_POOL_ENV
 
@@ -350,8 +354,8 @@ def _direct_rows(opts: dict, group, nvl_bytes: int, x, topk_idx, topk_weights, r
     rows = []
     try:
         for num_sms in opts["sms"]:
-            for send_warps in DIRECT_SEND_WARPS:
-                knobs = {**KNOB_DEFAULTS, "send_warps": send_warps}
+            for send_warps in opts[DIRECT_KNOB]:
+                knobs = {**KNOB_DEFAULTS, DIRECT_KNOB: send_warps}
                 Buffer.set_num_sms(num_sms)
                 engine.knobs = IntranodeKnobs(**knobs)
                 calls = _calls(buffer, opts, x, topk_idx, topk_weights, layout, handle_d, recv_d, num_sms, None)
@@ -405,12 +409,13 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
     }
 
 
-KNOB_HEADER = f"{'unroll':>7}{'rows':>6}{'send':>6}{'csend':>7}{'cstage':>7}"
+KNOB_HEADER = f"{'unroll':>7}{'rows':>6}{'send':>6}{'csend':>7}{'cstage':>7}{'dsend':>7}"
 
 
 def knob_cells(row: dict) -> str:
     """A row's knobs under KNOB_HEADER ('-' where it has none: the reference rows)."""
-    widths = {"unroll": 7, "chunk_rows": 6, "send_warps": 6, "combine_send_warps": 7, "combine_staged_vectors": 7}
+    widths = {"unroll": 7, "chunk_rows": 6, "send_warps": 6, "combine_send_warps": 7, "combine_staged_vectors": 7,
+              "direct_send_warps": 7}
     return "".join(f"{'-' if row.get(key) is None else row[key]:>{width}}" for key, width in widths.items())
 
 

@@ -6,9 +6,10 @@
 Two ranks, spawned with torch.multiprocessing, form a gloo group and share cuda:0 (rank r uses
 cuda:(r % device_count)). Each runs the SANITIZER_CASES of tests/test_cuda_intranode.py (17 tokens,
 hidden 256, 8 experts, top-2: bf16 with a cached dispatch, FP8 in worst-token mode, a rank with
-no tokens; each case twice, each dispatch followed by a combine) on one IntranodeEngine, with the
-same oracle checks as the pytest file, so a kernel that is quiet under the sanitizer but wrong
-still fails.
+no tokens; each case twice, each dispatch followed by a combine) on one IntranodeEngine, then
+each once more on an engine with a receive pool (peers store into the outputs: the direct
+protocol's kernel), with the same oracle checks as the pytest file, so a kernel that is quiet
+under the sanitizer but wrong still fails.
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ def _rank_main(rank: int, world_size: int, port: int) -> None:
     for i, case in enumerate(SANITIZER_CASES):
         for rep in range(2):
             run_case(ctx, engine, case, SEED + 101 * i + 7 * rep, f"{case.name} (run {rep + 1} of 2)")
-    finish_rank(f"rank {rank}: {len(SANITIZER_CASES) * 2} runs checked")
+    pooled = engine_for(ctx, SANITIZER_NVL_BYTES, recv_pool_bytes=SANITIZER_NVL_BYTES)
+    for i, case in enumerate(SANITIZER_CASES):
+        run_case(ctx, pooled, case, SEED + 101 * i + 3, f"{case.name} (receive pool)")
+    assert pooled.direct_calls > 0, "the receive-pool runs never went direct"
+    finish_rank(f"rank {rank}: {len(SANITIZER_CASES) * 3} runs checked")
 
 
 def main() -> int:

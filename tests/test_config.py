@@ -386,18 +386,22 @@ def test_intranode_knobs_defaults_and_env(monkeypatch):
     for var in IntranodeKnobs.ENV.values():
         monkeypatch.delenv(var, raising=False)
     assert IntranodeKnobs.from_env() == IntranodeKnobs(unroll=8, chunk_rows=4, send_warps=6, combine_send_warps=4,
-                                                       combine_staged_vectors=16)
+                                                       combine_staged_vectors=16, direct_send_warps=0)
+    assert IntranodeKnobs().launch_tuple(2)[5] == 8 and IntranodeKnobs().launch_tuple(4)[5] == 12
     monkeypatch.setenv("MOE_EP_INTRANODE_CHUNK_ROWS", "32")
     monkeypatch.setenv("MOE_EP_INTRANODE_SEND_WARPS", " 12 ")
     monkeypatch.setenv("MOE_EP_INTRANODE_COMBINE_SEND_WARPS", "2")
     monkeypatch.setenv("MOE_EP_INTRANODE_COMBINE_STAGED_VECTORS", "0")
-    assert IntranodeKnobs.from_env().astuple() == (8, 32, 12, 2, 0)
+    monkeypatch.setenv("MOE_EP_INTRANODE_DIRECT_SEND_WARPS", "6")
+    assert IntranodeKnobs.from_env().astuple() == (8, 32, 12, 2, 0, 6)
+    assert IntranodeKnobs.from_env().launch_tuple(2) == (8, 32, 12, 2, 0, 6)
 
 
 @pytest.mark.parametrize("var,value", [("MOE_EP_INTRANODE_CHUNK_ROWS", "7"), ("MOE_EP_INTRANODE_UNROLL", "eight"),
                                        ("MOE_EP_INTRANODE_SEND_WARPS", "16"),
                                        ("MOE_EP_INTRANODE_COMBINE_SEND_WARPS", "3"),
-                                       ("MOE_EP_INTRANODE_COMBINE_STAGED_VECTORS", "8")])
+                                       ("MOE_EP_INTRANODE_COMBINE_STAGED_VECTORS", "8"),
+                                       ("MOE_EP_INTRANODE_DIRECT_SEND_WARPS", "16")])
 def test_intranode_knobs_reject_bad_values_naming_the_variable(monkeypatch, var, value):
     from moe_ep.comm.backends.intranode import IntranodeKnobs
 

@@ -95,12 +95,18 @@ class IntranodeKnobs:
     # 16 fits every sm_80+ GPU). Loopback on one H200: +6% at 24 SMs, +12% at 32, even at 8-16. The
     # dispatch stays on registers: staged (cp.async or TMA bulk loads) it measured 25-40% slower.
     combine_staged_vectors: int = 16
+    # Dispatch sender warps with a receive pool (direct receive): receivers then copy only their own
+    # rows, so the senders carry (R - 1) / R of the work. 0 = by ranks: 8 for 2 (loopback, one H200:
+    # at 12 SMs 8 senders gave 486 GB/s BF16 against 391 with 6 and 335 with 12), 12 for more.
+    direct_send_warps: int = 0
 
     ALLOWED = {"unroll": (4, 8, 16), "chunk_rows": (4, 8, 16, 32, 64), "send_warps": (2, 4, 6, 8, 12),
-               "combine_send_warps": (2, 4, 6, 8, 12), "combine_staged_vectors": (0, 16, 24)}
+               "combine_send_warps": (2, 4, 6, 8, 12), "combine_staged_vectors": (0, 16, 24),
+               "direct_send_warps": (0, 2, 4, 6, 8, 12)}
     ENV = {"unroll": "MOE_EP_INTRANODE_UNROLL", "chunk_rows": "MOE_EP_INTRANODE_CHUNK_ROWS",
            "send_warps": "MOE_EP_INTRANODE_SEND_WARPS", "combine_send_warps": "MOE_EP_INTRANODE_COMBINE_SEND_WARPS",
-           "combine_staged_vectors": "MOE_EP_INTRANODE_COMBINE_STAGED_VECTORS"}
+           "combine_staged_vectors": "MOE_EP_INTRANODE_COMBINE_STAGED_VECTORS",
+           "direct_send_warps": "MOE_EP_INTRANODE_DIRECT_SEND_WARPS"}
 
     def __post_init__(self) -> None:
         for name, allowed in self.ALLOWED.items():
@@ -121,9 +127,16 @@ class IntranodeKnobs:
                     raise ValueError(f"{var} must be one of {cls.ALLOWED[name]}, got {raw!r}") from None
         return cls(**values)
 
-    def astuple(self) -> tuple[int, int, int, int, int]:
-        """(unroll, chunk_rows, send_warps, combine_send_warps, combine_staged_vectors): the launchers' tuple."""
-        return (self.unroll, self.chunk_rows, self.send_warps, self.combine_send_warps, self.combine_staged_vectors)
+    def astuple(self) -> tuple[int, int, int, int, int, int]:
+        """(unroll, chunk_rows, send_warps, combine_send_warps, combine_staged_vectors, direct_send_warps)
+        as set (0: by ranks), what the ranks compare."""
+        return (self.unroll, self.chunk_rows, self.send_warps, self.combine_send_warps, self.combine_staged_vectors,
+                self.direct_send_warps)
+
+    def launch_tuple(self, num_ranks: int) -> tuple[int, int, int, int, int, int]:
+        """astuple() with direct_send_warps resolved for ``num_ranks``: the launchers' tuple."""
+        direct = self.direct_send_warps or (8 if num_ranks <= 2 else 12)
+        return self.astuple()[:5] + (direct,)
 
 
 @dataclass
@@ -164,7 +177,8 @@ class IntranodeEngine:
         dist.all_gather_object(gathered, (int(num_nvl_bytes), knobs.astuple(), pool_bytes > 0), group=group)
         if len({tuple(k) for _, k, _ in gathered}) > 1:
             raise ValueError("the ranks of the group set different intranode knobs (unroll, chunk_rows, send_warps, "
-                             f"combine_send_warps, combine_staged_vectors): {[tuple(k) for _, k, _ in gathered]}; set "
+                             "combine_send_warps, combine_staged_vectors, direct_send_warps): "
+                             f"{[tuple(k) for _, k, _ in gathered]}; set "
                              f"{', '.join(IntranodeKnobs.ENV.values())} alike on every rank")
         if len({on for _, _, on in gathered}) > 1:
             raise ValueError(f"some ranks of the group have a receive pool and some not ({RECV_POOL_ENV} per rank: "
@@ -331,7 +345,7 @@ class IntranodeEngine:
             self.ext.intranode_transfer(self.ipc, x_data, scales, topk_idx, topk_weights, send_lists,
                                         rank_prefix_matrix, max(int(stride_rows), 1), cached, recv_src_idx, recv_x,
                                         recv_scales, recv_topk_idx, recv_topk_weights, num_local,
-                                        self.knobs.astuple(), sms, self.diagnostic_skip_peer_copy,
+                                        self.knobs.launch_tuple(R), sms, self.diagnostic_skip_peer_copy,
                                         self.recv_pool is not None, self.pool_offset if in_pool else -1)
         out_x = (recv_x, recv_scales) if is_fp8 else recv_x
         if cached:
@@ -365,5 +379,5 @@ class IntranodeEngine:
             self.ext.intranode_combine(self.ipc, x, topk_weights, routing.is_token_in_rank.contiguous(),
                                        routing.send_slot, routing.rank_prefix_matrix, routing.stride_rows, num_topk,
                                        biases[0] if biases else None, biases[1] if len(biases) > 1 else None, out,
-                                       out_weights, self.knobs.astuple(), sms)
+                                       out_weights, self.knobs.launch_tuple(self.num_ranks), sms)
         return out, out_weights
