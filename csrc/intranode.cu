@@ -769,12 +769,7 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
   }
   __syncthreads();
   const int lane = threadIdx.x % 32;
-  // send_warps == kWarps: every warp sends its share of the chunks first, then reduces (no warp
-  // idles waiting for rows while the senders are few); else the two kinds run side by side.
-  const bool send_first = send_warps >= kWarps;
-  const WarpRole role = send_first ? WarpRole{true, static_cast<int>(blockIdx.x * kWarps + threadIdx.x / 32),
-                                              static_cast<int>(gridDim.x) * kWarps}
-                                   : warp_role(R > 1 ? send_warps : 0);
+  const WarpRole role = warp_role(R > 1 ? send_warps : 0);
   extern __shared__ uint4 stage_smem[];
   uint4* ring = stage_smem + (threadIdx.x / 32) * (copy::kStageRing * 32 * (S > 0 ? S : 1));
 
@@ -820,7 +815,7 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
       }
       warp_raise_flag(flags_of(dst_region, true) + static_cast<int64_t>(me) * F + k, epoch, lane);
     }
-    if (!send_first) return;
+    return;
   }
 
   uint8_t* own_region = region_of(peers, me);
@@ -901,7 +896,7 @@ void check_knobs(const Knobs& knobs) {
   check_knob("unroll", knobs.unroll, {4, 8, 16});
   check_knob("chunk_rows", knobs.chunk_rows, {4, 8, 16, 32, 64});
   check_knob("send_warps", knobs.send_warps, {2, 4, 6, 8, 12});
-  check_knob("combine_send_warps", knobs.combine_send_warps, {2, 4, 6, 8, 12, kWarps});
+  check_knob("combine_send_warps", knobs.combine_send_warps, {2, 4, 6, 8, 12});
   check_knob("combine_staged_vectors", knobs.combine_staged_vectors, {0, 16, 24});
   check_knob("direct_send_warps", knobs.direct_send_warps, {2, 4, 6, 8, 12});
 }

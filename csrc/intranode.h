@@ -157,7 +157,7 @@ struct Peers {
 // Tuning knobs of transfer and combine. chunk_rows (rows per flag: 4, 8, 16, 32, 64) is part of
 // the protocol and must be the same on every rank; unroll (16-byte vectors in flight per lane in
 // the copies: 4, 8, 16), send_warps (transfer) and combine_send_warps (combine; of each block's 16
-// warps: 2, 4, 6, 8, 12, or 16: every warp sends its share of the chunks, then reduces) are local; so is combine_staged_vectors (0: the combine's copies and reduce
+// warps: 2, 4, 6, 8, 12) are local; so is combine_staged_vectors (0: the combine's copies and reduce
 // hold their loads in registers; 16, 24: with 16-byte packs they load with cp.async into a per-warp
 // shared-memory ring of that many vectors per lane, 128 or 192 KB per block); direct_send_warps
 // replaces send_warps in a transfer with the direct-receive protocol (receivers then copy only

@@ -58,8 +58,7 @@ KNOB_DEFAULTS = {name: getattr(IntranodeKnobs.from_env(), name) for name in Intr
 KNOB_VARIANTS = (("unroll", (4, 8, 16), "16-byte vectors in flight per lane in the copies"),
                  ("chunk_rows", (4, 8, 16), "rows per flag"),
                  ("send_warps", (4, 6, 8), "dispatch sender warps per 16-warp block"),
-                 ("combine_send_warps", (2, 6, 16), "combine sender warps per 16-warp block (16: every warp sends its "
-                                                    "share, then reduces)"),
+                 ("combine_send_warps", (2, 4, 6), "combine sender warps per 16-warp block"),
                  ("combine_staged_vectors", (0, 16, 24), "vectors per lane in the combine's cp.async ring (0: registers)"),
                  ("direct_send_warps", (6, 8, 12), "dispatch sender warps with a receive pool: the --recv-pool rows' "
                                                    "sweep (0: 8 for 2 ranks, 12 for more)"))

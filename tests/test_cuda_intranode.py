@@ -392,7 +392,7 @@ VARIANT_CASES = [case for case in CASES if case.name in VARIANT_CASE_NAMES]
 assert len(VARIANT_CASES) == len(VARIANT_CASE_NAMES), "a variant case was renamed"
 VARIANTS = [("4", "4", "2", "12", "0"), ("16", "16", "12", "2", "0"), ("8", "32", "6", "6", "24"),
             ("8", "64", "8", "8", "16"), ("8", "8", "4", "4", "24"), ("8", "4", "6", "4", "0"),
-            ("8", "4", "8", "2", "16"), ("8", "4", "6", "16", "16"), ("4", "8", "4", "16", "0")]
+            ("8", "4", "8", "2", "16")]
 
 
 def _w_case_with_knobs(ctx, case: Case, seed: int, unroll: str, chunk_rows: str, send_warps: str,

@@ -89,7 +89,7 @@ class IntranodeKnobs:
     unroll: int = 8              # 16-byte vectors in flight per lane in the copies
     chunk_rows: int = 4          # rows per flag: smaller chunks start receivers sooner, each costs a fence
     send_warps: int = 6          # dispatch: of each block's 16 warps; the others receive
-    combine_send_warps: int = 4  # combine: of each block's 16 warps; the others reduce (16: all send, then reduce)
+    combine_send_warps: int = 4  # combine: of each block's 16 warps; the others reduce
     # Combine: 0 holds its loads in registers (unroll per lane); 16/24 (16-byte packs) load with
     # cp.async into a per-warp shared-memory ring of that many vectors per lane (128/192 KB per block;
     # 16 fits every sm_80+ GPU). Loopback on one H200: +6% at 24 SMs, +12% at 32, even at 8-16. The
@@ -101,7 +101,7 @@ class IntranodeKnobs:
     direct_send_warps: int = 0
 
     ALLOWED = {"unroll": (4, 8, 16), "chunk_rows": (4, 8, 16, 32, 64), "send_warps": (2, 4, 6, 8, 12),
-               "combine_send_warps": (2, 4, 6, 8, 12, 16), "combine_staged_vectors": (0, 16, 24),
+               "combine_send_warps": (2, 4, 6, 8, 12), "combine_staged_vectors": (0, 16, 24),
                "direct_send_warps": (0, 2, 4, 6, 8, 12)}
     ENV = {"unroll": "MOE_EP_INTRANODE_UNROLL", "chunk_rows": "MOE_EP_INTRANODE_CHUNK_ROWS",
            "send_warps": "MOE_EP_INTRANODE_SEND_WARPS", "combine_send_warps": "MOE_EP_INTRANODE_COMBINE_SEND_WARPS",
