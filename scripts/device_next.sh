@@ -11,7 +11,8 @@
 #   C  STAGES=build,nccl_experimental
 # (scripts/device_loopback.sh is the one-GPU counterpart: tests with ranks sharing the GPU, the loopback.)
 #   intranode_tests    every intranode GPU test (ranks on both GPUs) but the sanitizer runs
-#   bench_normal       the push-based intranode kernels over the SM sweep, every knob's variants and --isolate
+#   bench_normal       the push-based intranode kernels over the SM sweep, every knob's variants, --isolate and
+#                      the receive pool's direct rows (--recv-pool)
 #   ll_new             the low-latency tests written after their last GPU run (out-of-range ids, staged send)
 #   bench_ll           the ll benchmark (with the kernels' phase trace), direct and staged FP8 send, and on
 #                      NVSHMEM memory with stores and with puts
@@ -37,7 +38,9 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
   fi
   if has bench_normal; then
     stage "bench normal (push-based intranode kernels)"
-    timeout -k 10 ${NORMAL_S:-150} python3 -m moe_ep.bench normal --isolate --out "$OUT" 2>&1 | grep -v "^moe_ep: using"
+    # --recv-pool: the receive pool's direct rows (2 GiB per rank) beside the plain ones.
+    timeout -k 10 ${NORMAL_S:-180} python3 -m moe_ep.bench normal --isolate --recv-pool 2147483648 --out "$OUT" 2>&1 \
+      | grep -v "^moe_ep: using"
   fi
   if has ll_new; then
     stage "LL tests written after the last GPU run: out-of-range ids, staged send"
