@@ -132,6 +132,12 @@ def _w_buffer_management(ctx):
     local = buffer.get_local_buffer_tensor(torch.bfloat16, size=torch.Size([4, 8]))
     assert isinstance(local, torch.Tensor) and local.dtype == torch.bfloat16 and tuple(local.shape) == (4, 8)
     buffer.destroy()
+    # The receive pool (a moe_ep keyword): recorded, and a bad size names the argument.
+    pooled = Buffer(ctx.group, num_nvl_bytes=NUM_NVL_BYTES, recv_pool_bytes=1 << 20)
+    assert pooled.recv_pool_bytes == 1 << 20
+    for bad in (-1, 1.5, True):
+        with pytest.raises((ValueError, TypeError), match="recv_pool_bytes"):
+            Buffer(ctx.group, num_nvl_bytes=NUM_NVL_BYTES, recv_pool_bytes=bad)
 
 
 def test_buffer_management(dist_pool):

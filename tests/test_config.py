@@ -254,6 +254,7 @@ def test_wrong_types(tmp_path, section, key, value, expected):
         ("model", "num_layers", 0, "must be >= 1"),
         ("parallel", "ep_size", 0, "must be >= 1"),
         ("parallel", "low_latency_max_tokens", 0, "must be >= 1"),
+        ("parallel", "recv_pool_bytes", -1, "must be >= 0"),
         ("gating", "routed_scaling_factor", 0.0, "must be > 0"),
         ("gating", "n_group", 0, "must be >= 1"),
         ("run", "prefill_tokens", 0, "must be >= 1"),

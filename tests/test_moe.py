@@ -142,3 +142,22 @@ def test_from_demo_config(dist_pool):
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.yaml")
     errs = dist_pool(2).run(_from_config, path)
     assert max(errs) < 1e-2, errs
+
+
+def _w_recv_pool_reaches_buffer(ctx):
+    """parallel.recv_pool_bytes (here the keyword) reaches the shared Buffer; a later layer asking for
+    a larger pool rebuilds it, a smaller one keeps it."""
+    from moe_ep.layers.moe import _shared_buffers
+
+    _shared_buffers.pop(id(ctx.group), None)
+    first = ExpertParallelMoE(**BLOCK, dtype=torch.float32, group=ctx.group, recv_pool_bytes=4 << 20)
+    assert first.buffer.recv_pool_bytes == 4 << 20
+    larger = ExpertParallelMoE(**BLOCK, dtype=torch.float32, group=ctx.group, recv_pool_bytes=8 << 20)
+    assert larger.buffer.recv_pool_bytes == 8 << 20 and larger.buffer is not first.buffer
+    smaller = ExpertParallelMoE(**BLOCK, dtype=torch.float32, group=ctx.group, recv_pool_bytes=1 << 20)
+    assert smaller.buffer is larger.buffer
+    _shared_buffers.pop(id(ctx.group), None)
+
+
+def test_recv_pool_bytes_reaches_the_buffer(dist_pool):
+    dist_pool(2).run(_w_recv_pool_reaches_buffer)

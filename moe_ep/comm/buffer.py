@@ -80,6 +80,10 @@ class Buffer:
         enable_shrink: enable the mask-buffer calls (ranks marked failed are skipped).
         comm: DeepEP's mpi4py communicator; moe_ep groups ranks with torch.distributed only, so
             passing one raises ``ValueError``.
+        recv_pool_bytes: (moe_ep only, keyword) bytes per rank of the intranode kernels' receive
+            pool, where dispatch outputs live so that peers store rows straight into them
+            (``moe_ep/comm/recv_pool.py``); ``None`` reads ``MOE_EP_RECV_POOL_BYTES`` (default 0:
+            off). Every rank must enable it alike.
     """
 
     num_sms: int = 20
@@ -87,7 +91,7 @@ class Buffer:
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
                  num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode: bool = True,
                  allow_mnnvl: bool = False, use_fabric: bool = False, explicitly_destroy: bool = False,
-                 enable_shrink: bool = False, comm=None) -> None:
+                 enable_shrink: bool = False, comm=None, *, recv_pool_bytes: Optional[int] = None) -> None:
         if comm is not None:
             raise ValueError("comm: moe_ep groups ranks with torch.distributed; pass group= (a ProcessGroup) "
                              "instead of an mpi4py communicator")
@@ -97,6 +101,9 @@ class Buffer:
         check.check_positive_int(num_nvl_bytes, "num_nvl_bytes", minimum=0)
         check.check_positive_int(num_rdma_bytes, "num_rdma_bytes", minimum=0)
         check.check_positive_int(num_qps_per_rank, "num_qps_per_rank", minimum=1)
+        if recv_pool_bytes is not None:
+            check.check_positive_int(recv_pool_bytes, "recv_pool_bytes", minimum=0)
+        self.recv_pool_bytes = recv_pool_bytes
         self.rank = dist.get_rank(self.group)
         self.group_size = dist.get_world_size(self.group)
         self.num_nvl_bytes = num_nvl_bytes

@@ -33,15 +33,20 @@ BufferBytes = Union[int, str]
 _shared_buffers: dict[int, Buffer] = {}
 
 
-def get_shared_buffer(group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool) -> Buffer:
-    """A Buffer for ``group`` at least as large as asked, reused across layers; rebuilt if too small."""
+def get_shared_buffer(group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool,
+                      recv_pool_bytes: Optional[int] = None) -> Buffer:
+    """A Buffer for ``group`` at least as large as asked, reused across layers; rebuilt if too small
+    (a receive pool of ``recv_pool_bytes``, if given, counts as part of the size)."""
     key = id(group)
     buffer = _shared_buffers.get(key)
+    have_pool = (buffer.recv_pool_bytes or 0) if buffer else 0
     if (buffer is None or buffer.num_nvl_bytes < num_nvl_bytes or buffer.num_rdma_bytes < num_rdma_bytes
-            or (low_latency_mode and not buffer.low_latency_mode)):
+            or (low_latency_mode and not buffer.low_latency_mode) or (recv_pool_bytes or 0) > have_pool):
+        pool = max(recv_pool_bytes or 0, have_pool) or None  # None: MOE_EP_RECV_POOL_BYTES decides
         buffer = Buffer(group, num_nvl_bytes=max(num_nvl_bytes, buffer.num_nvl_bytes if buffer else 0),
                         num_rdma_bytes=max(num_rdma_bytes, buffer.num_rdma_bytes if buffer else 0),
-                        low_latency_mode=low_latency_mode or bool(buffer and buffer.low_latency_mode))
+                        low_latency_mode=low_latency_mode or bool(buffer and buffer.low_latency_mode),
+                        recv_pool_bytes=pool)
         _shared_buffers[key] = buffer
     return buffer
 
@@ -69,6 +74,8 @@ class ExpertParallelMoE(nn.Module):
             ``low_latency_max_tokens``; it agrees across ranks with one small all-reduce, so set the
             phase explicitly when capturing CUDA graphs).
         return_router_logits: return ``(out, router_logits)`` like Mixtral/Qwen3-MoE blocks.
+        recv_pool_bytes: the Buffer's receive pool per rank (prefill dispatch outputs that peers
+            store into; see ``moe_ep.comm.recv_pool``); ``None`` reads ``MOE_EP_RECV_POOL_BYTES``.
     """
 
     def __init__(self, hidden_size: int, moe_intermediate_size: int, num_experts: int, top_k: int, *,
@@ -77,7 +84,8 @@ class ExpertParallelMoE(nn.Module):
                  fp8_round_scale: bool = False, dtype: torch.dtype = torch.bfloat16,
                  device: Optional[torch.device] = None, low_latency_max_tokens: int = 128,
                  num_nvl_bytes: BufferBytes = "auto", num_rdma_bytes: BufferBytes = "auto",
-                 num_sms: Optional[int] = None, phase: str = "auto", return_router_logits: bool = False) -> None:
+                 num_sms: Optional[int] = None, phase: str = "auto", return_router_logits: bool = False,
+                 recv_pool_bytes: Optional[int] = None) -> None:
         super().__init__()
         self.group = group
         self.ep_size = dist.get_world_size(group) if group is not None else 1
@@ -100,6 +108,7 @@ class ExpertParallelMoE(nn.Module):
         self.return_router_logits = return_router_logits
         self.num_sms = num_sms
         self._num_nvl_bytes, self._num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.recv_pool_bytes = recv_pool_bytes
         self.phase = phase
         self.router = Router(hidden_size, num_experts, top_k, rule, n_group=n_group, topk_group=topk_group,
                              norm_topk_prob=norm_topk_prob, routed_scaling_factor=routed_scaling_factor,
@@ -141,7 +150,7 @@ class ExpertParallelMoE(nn.Module):
                    group=group, fp8=prec.fp8, fp8_round_scale=prec.fp8_round_scale, dtype=prec.torch_dtype,
                    device=device, low_latency_max_tokens=p.low_latency_max_tokens, num_nvl_bytes=p.num_nvl_bytes,
                    num_rdma_bytes=p.num_rdma_bytes, num_sms=p.num_sms, phase=p.default_phase,
-                   return_router_logits=return_router_logits)
+                   return_router_logits=return_router_logits, recv_pool_bytes=p.recv_pool_bytes or None)
 
     @classmethod
     def from_hf(cls, block, config=None, group=None, **kwargs) -> "ExpertParallelMoE":
@@ -229,7 +238,8 @@ class ExpertParallelMoE(nn.Module):
             raise RuntimeError("an EP-size-1 block has no communication Buffer")
         if self._buffer is None:
             nvl, rdma = self._resolve_bytes()
-            self._buffer = get_shared_buffer(self.group, nvl, rdma, low_latency_mode=True)
+            self._buffer = get_shared_buffer(self.group, nvl, rdma, low_latency_mode=True,
+                                             recv_pool_bytes=self.recv_pool_bytes)
             if self.num_sms is not None:
                 Buffer.set_num_sms(self.num_sms)
         return self._buffer

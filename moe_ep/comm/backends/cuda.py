@@ -89,7 +89,8 @@ class CudaBackend(ReferenceBackend):
         from .intranode import IntranodeEngine
         try:
             with translate_device_errors("Buffer (opening the intranode buffer)"):
-                return IntranodeEngine(self.group, self.device, buffer.num_nvl_bytes), ""
+                return IntranodeEngine(self.group, self.device, buffer.num_nvl_bytes,
+                                       recv_pool_bytes=getattr(buffer, "recv_pool_bytes", None)), ""
         except IntranodeBufferError as exc:
             return None, f"the intranode buffer could not be opened ({exc})"
 
