@@ -22,7 +22,8 @@ the arena stays allocated (kept in ``_RETAINED`` for the life of the process).
 Policy (``MOE_EP_RECV_POOL_BYTES``, default 0 = off): the arena's bytes per rank. Every rank of a
 group must enable it alike (the engine checks), since the senders' protocol changes with it.
 Outputs need ``rows * (hidden * elem + scales + 12 * top-k + 4)`` bytes each dispatch, rounded up
-by torch to 2 MiB per tensor; give room for the outputs that are alive at once.
+by torch to 2 MiB per tensor; give room for the outputs that are alive at once
+(:func:`recv_pool_size_hint`).
 """
 from __future__ import annotations
 
@@ -53,6 +54,25 @@ def recv_pool_bytes_from_env() -> int:
     if value < 0:
         raise ValueError(f"{RECV_POOL_ENV} must be a non-negative number of bytes, got {value}")
     return value
+
+
+def recv_pool_size_hint(num_max_tokens: int, hidden: int, num_ranks: int, num_topk: int = 8,
+                        fp8_dispatch: bool = False, outputs_alive: int = 2) -> int:
+    """Bytes of a receive pool that holds ``outputs_alive`` dispatches' outputs at once, each of up to
+    ``num_max_tokens`` tokens from every one of ``num_ranks`` ranks (any routing): recv_x (BF16, or
+    FP8 with 1x128 float32 scales), top-k ids and weights, the source index; every tensor rounded
+    up to torch's 2 MiB segments. Two alive covers a layer's outputs plus the next layer's."""
+    for name, value, minimum in (("num_max_tokens", num_max_tokens, 1), ("hidden", hidden, 1),
+                                 ("num_ranks", num_ranks, 1), ("num_topk", num_topk, 0),
+                                 ("outputs_alive", outputs_alive, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    rows = num_max_tokens * num_ranks
+    parts = [rows * hidden * (1 if fp8_dispatch else 2), rows * num_topk * 8, rows * num_topk * 4, rows * 4]
+    if fp8_dispatch:
+        parts.append(rows * ((hidden + 127) // 128) * 4)
+    per_dispatch = sum((p + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN for p in parts if p > 0)
+    return per_dispatch * outputs_alive
 
 
 def arena_offset(num_nvl_bytes: int) -> int:
