@@ -932,11 +932,11 @@ def compare_buffer_with_reference(ctx, buffer, reference, case: Case, seed: int,
     oracle.assert_same(combined_w, ref_w.cpu(), f"{what}: combined_topk_weights")
 
 
-def _w_buffer_vs_reference(ctx, seed: int) -> None:
+def _w_buffer_vs_reference(ctx, seed: int, recv_pool_bytes: int = 0) -> None:
     from moe_ep.comm import Buffer
     from moe_ep.comm.backends.reference import ReferenceBackend
 
-    buffer = Buffer(ctx.group, num_nvl_bytes=int(1e9))
+    buffer = Buffer(ctx.group, num_nvl_bytes=int(1e9), recv_pool_bytes=recv_pool_bytes)
     uses_kernel = getattr(buffer.backend, "uses_kernel", None)
     if uses_kernel is None or not uses_kernel("dispatch"):
         pytest.skip(f"Buffer's {buffer.backend.name} backend does not run dispatch through the intranode kernels "
@@ -949,12 +949,21 @@ def _w_buffer_vs_reference(ctx, seed: int) -> None:
             compare_buffer_with_reference(ctx, buffer, reference, case, seed + 17 * i + 1_000_003 * rep,
                                           f"{case.name} (run {rep + 1} of 2)")
     torch.cuda.synchronize()
+    if recv_pool_bytes:
+        engine = buffer.backend.intranode
+        assert engine.recv_pool is not None and engine.direct_calls > 0, "the Buffer's dispatches never went direct"
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_buffer_over_nccl_equals_reference(nccl_pool, world_size, seed):
     """One rank per GPU: 1 (the Buffer -> CudaBackend -> engine path on any GPU machine) and 2."""
     nccl_pool(world_size).run(_w_buffer_vs_reference, seed, timeout=300)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_buffer_with_recv_pool_equals_reference(nccl_pool, world_size, seed):
+    """The same through a Buffer built with recv_pool_bytes (its dispatches must go direct)."""
+    nccl_pool(world_size).run(_w_buffer_vs_reference, seed, RECV_POOL_BYTES, timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------
