@@ -328,9 +328,10 @@ __device__ __forceinline__ RowTargets output_targets(uint8_t* recv_x, uint8_t* r
           first_expert};
 }
 
-// A shared-memory field read where it is used: a warp's targets live in shared memory so that the
-// row loop holds no more than a pointer's worth of them across its copy (the copy keeps U vectors per
-// lane in flight: registers are what that loop is short of).
+// A shared-memory field read where it is used (volatile: never hoisted into a register). The row
+// loop reads its targets, and the kernel its loop strides, this way so that none of them is held
+// across a copy, which keeps U vectors per lane in flight: registers are what that loop is short of
+// (held, they spilled; a CPU test asserts the transfer kernel has no spills).
 template <typename T>
 __device__ __forceinline__ T read_shared(const T& field) {
   return *const_cast<const volatile T*>(&field);
