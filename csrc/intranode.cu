@@ -949,10 +949,6 @@ int stage_smem_for(Kernel kernel, int S) {
 
 }  // namespace
 
-// Buffer rows start on a 128-byte line (the rows area does): a warp's 512-byte load or store of a
-// row then touches 4 lines, not 5, for the whole row.
-int64_t align_row(int64_t bytes) { return (bytes + 127) / 128 * 128; }
-
 RowLayout make_row_layout(int64_t x_bytes, int64_t scale_bytes, int num_topk) {
   if (x_bytes <= 0) throw std::invalid_argument("moe_ep intranode: x must have a positive row size, got " + std::to_string(x_bytes));
   if (scale_bytes < 0 || num_topk < 0) throw std::invalid_argument("moe_ep intranode: negative scale or top-k size");
@@ -964,7 +960,7 @@ RowLayout make_row_layout(int64_t x_bytes, int64_t scale_bytes, int num_topk) {
   layout.off_idx = layout.off_scales + align16(scale_bytes);
   layout.off_weights = layout.off_idx + align16(static_cast<int64_t>(num_topk) * 8);
   layout.off_src = layout.off_weights + align16(static_cast<int64_t>(num_topk) * 4);
-  layout.stride = align_row(layout.off_src + 16);
+  layout.stride = layout.off_src + 16;
   return layout;
 }
 
@@ -973,7 +969,7 @@ int64_t dispatch_bytes_needed(int64_t buffer_rows, const RowLayout& layout) {
 }
 
 int64_t combine_row_bytes(int64_t x_bytes, int num_topk_weights) {
-  return align_row(align16(x_bytes) + align16(static_cast<int64_t>(num_topk_weights) * 4));
+  return align16(x_bytes) + align16(static_cast<int64_t>(num_topk_weights) * 4);
 }
 
 int64_t combine_bytes_needed(int64_t stride_rows, int64_t row_bytes, int num_ranks) {

@@ -92,11 +92,10 @@ constexpr int kFlagSlots = 32768;
 constexpr int64_t kFlagsOffset = kControlOffset + 2 * kControlStride;
 constexpr int64_t kFlagsBytes = 2 * static_cast<int64_t>(kFlagSlots) * 8;
 constexpr int64_t kRowsOffset = kFlagsOffset + kFlagsBytes;
-static_assert(kRowsOffset % 128 == 0, "buffer rows start on 128-byte lines");
 
 // One dispatch row in a receiver's buffer: [x bytes | scale bytes | top-k ids int64 (already
 // local to the receiver, -1 elsewhere) | top-k weights float32 (0 where the id is -1) | source
-// token index int32], each part starting 16-byte aligned, the row padded to 128 bytes (a line).
+// token index int32], each part starting 16-byte aligned, the row padded to 16 bytes.
 struct RowLayout {
   int64_t x_bytes = 0;
   int64_t scale_bytes = 0;
@@ -112,7 +111,7 @@ RowLayout make_row_layout(int64_t x_bytes, int64_t scale_bytes, int num_topk);
 // Bytes of the buffer region a dispatch needs on a rank whose buffer receives `buffer_rows` rows
 // (its received rows minus its own).
 int64_t dispatch_bytes_needed(int64_t buffer_rows, const RowLayout& layout);
-// A combine row: x bytes padded to 16, then num_topk float32 weights (if any), the row padded to 128.
+// A combine row: x bytes padded to 16, then num_topk float32 weights (if any), padded to 16.
 int64_t combine_row_bytes(int64_t x_bytes, int num_topk_weights);
 int64_t combine_bytes_needed(int64_t stride_rows, int64_t row_bytes, int num_ranks);
 // Rows per flag: chunk_rows, or more when a pair of up to max_pair_rows rows would need more than
