@@ -37,6 +37,8 @@ def test_loopback_without_gpu_says_why():
 @pytest.mark.parametrize("args,message", [(["--ranks", "1"], "--ranks must be in [2, 8], got 1"),
                                           (["--sms", "7"], "--sms: every SM count must be even"),
                                           (["--send-warps", "5"], "--send-warps: each value must be one of"),
+                                          (["--direct-send-warps", "16"], "--direct-send-warps: each value must be one of"),
+                                          (["--recv-pool", "-1"], "--recv-pool must be >= 0 bytes"),
                                           (["--experts", "255"], "--experts must be divisible by --ranks 2")])
 def test_loopback_names_a_bad_option(args, message):
     proc = _bench(["loopback", "--out", "/nonexistent-never-written", *args])
@@ -45,13 +47,14 @@ def test_loopback_names_a_bad_option(args, message):
 
 
 def test_normal_cpu_smoke(tmp_path):
+    # --recv-pool is for the intranode kernels: on CPU ranks (reference backend) it adds nothing.
     proc = _bench(["normal", "--out", str(tmp_path), "--tokens", "64", "--hidden", "256", "--experts", "16",
-                   "--top-k", "4", "--sms", "4,8", "--chunks", "6", "--iters", "2"])
+                   "--top-k", "4", "--sms", "4,8", "--chunks", "6", "--iters", "2", "--recv-pool", str(1 << 20)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PASS" in proc.stdout, proc.stdout
     report = json.loads((tmp_path / "normal.json").read_text())
     assert report["world_size"] == 2 and report["dist_backend"] == "gloo"
-    assert report["buffer_backend"] == "reference"
+    assert report["buffer_backend"] == "reference" and report["direct"] is None
     assert report["correctness"]["pass"] is True
     assert report["settings"]["tokens"] == 64 and report["settings"]["chunks"] == [6]
     rows = report["rows"]
