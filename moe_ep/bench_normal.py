@@ -463,7 +463,8 @@ def _plot(report: dict, path: str) -> str:
     if plt is None:
         return "matplotlib is not installed (pip install '.[plot]'): normal.png skipped"
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for op in OPS:
+    direct_ops = sorted({row["op"] for row in report["rows"] if row["op"].endswith("_direct")})
+    for op in (*OPS, *direct_ops):  # a direct op's best at each SM count is over its sender counts
         best: dict[int, float] = {}
         for row in report["rows"]:
             if row["op"] == op:
