@@ -489,10 +489,17 @@ def _plot(report: dict, path: str) -> str:
     if not report.get("normal"):
         return "no normal rows: loopback.png skipped"
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    defaults = [r for r in report["normal"]["rows"] if all(r[k] == v for k, v in KNOB_DEFAULTS.items())]
+    rows = report["normal"]["rows"]
+    defaults = [r for r in rows if all(r.get(k) == v for k, v in KNOB_DEFAULTS.items())]
     for op in dict.fromkeys(r["op"] for r in defaults):
         mine = sorted((r["sms"], r["gbps"]) for r in defaults if r["op"] == op)
         ax.plot([a for a, _ in mine], [b for _, b in mine], marker="o", label=op)
+    for op in dict.fromkeys(r["op"] for r in rows if r["op"].endswith("_direct")):  # best over sender counts
+        best: dict[int, float] = {}
+        for r in rows:
+            if r["op"] == op:
+                best[r["sms"]] = max(best.get(r["sms"], 0.0), r["gbps"])
+        ax.plot(sorted(best), [best[n] for n in sorted(best)], marker="s", linestyle="--", label=f"{op} (best)")
     ax.axhline(report["copy"]["gbps"], linestyle="--", color="gray", label=f"local copy ({report['copy']['gbps']:.0f})")
     ax.set(xlabel="SMs per rank", ylabel="GB/s (min over ranks)",
            title=f"loopback: {report['ranks']} ranks as threads on one GPU (no link)")
