@@ -247,10 +247,10 @@ class ParallelConfig:
     default_phase: Phase = "auto"
     """Which kernels the MoE layer uses when the caller does not say: prefill (normal), decode
     (low-latency), or auto (decode when a rank's batch fits ``low_latency_max_tokens``)."""
-    recv_pool_bytes: int = 0
+    recv_pool_bytes: BufferBytes = 0
     """Bytes per rank of the intranode receive pool (prefill dispatch outputs that peers store rows
     straight into: fewer passes over the data, more memory); 0: off unless MOE_EP_RECV_POOL_BYTES
-    sets it. Room for the outputs alive at once: ~120 MB per DeepSeek-V3 layer at 4096 tokens x 2 ranks."""
+    sets it; "auto": two dispatches of 4096 tokens per rank (~240 MB for DeepSeek-V3 on 2 ranks)."""
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -262,7 +262,7 @@ class ParallelConfig:
         _check_buffer_bytes(f"{s}.num_rdma_bytes", self.num_rdma_bytes)
         _check_int(f"{s}.low_latency_max_tokens", self.low_latency_max_tokens, minimum=1)
         _check_choice(f"{s}.default_phase", self.default_phase, PHASES)
-        _check_int(f"{s}.recv_pool_bytes", self.recv_pool_bytes, minimum=0)
+        _check_buffer_bytes(f"{s}.recv_pool_bytes", self.recv_pool_bytes)
 
 
 @dataclass(frozen=True)

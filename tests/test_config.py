@@ -239,6 +239,8 @@ def test_yaml_yes_is_a_bool_not_an_int(tmp_path):
         ("parallel", "num_nvl_bytes", "big", r"expected an integer >= 0 \(bytes\) or 'auto'"),
         ("parallel", "num_rdma_bytes", True, r"expected an integer >= 0 \(bytes\) or 'auto'"),
         ("parallel", "num_nvl_bytes", -1, r"expected an integer >= 0 \(bytes\) or 'auto'"),
+        ("parallel", "recv_pool_bytes", -1, r"expected an integer >= 0 \(bytes\) or 'auto'"),
+        ("parallel", "recv_pool_bytes", "lots", r"expected an integer >= 0 \(bytes\) or 'auto'"),
     ],
 )
 def test_wrong_types(tmp_path, section, key, value, expected):
@@ -254,7 +256,6 @@ def test_wrong_types(tmp_path, section, key, value, expected):
         ("model", "num_layers", 0, "must be >= 1"),
         ("parallel", "ep_size", 0, "must be >= 1"),
         ("parallel", "low_latency_max_tokens", 0, "must be >= 1"),
-        ("parallel", "recv_pool_bytes", -1, "must be >= 0"),
         ("gating", "routed_scaling_factor", 0.0, "must be > 0"),
         ("gating", "n_group", 0, "must be >= 1"),
         ("run", "prefill_tokens", 0, "must be >= 1"),

@@ -145,6 +145,8 @@ def test_from_demo_config(dist_pool):
 
 
 def _w_recv_pool_reaches_buffer(ctx):
+    from moe_ep.comm import recv_pool_size_hint
+
     """parallel.recv_pool_bytes (here the keyword) reaches the shared Buffer; a later layer asking for
     a larger pool rebuilds it, a smaller one keeps it."""
     from moe_ep.layers.moe import _shared_buffers
@@ -157,6 +159,13 @@ def _w_recv_pool_reaches_buffer(ctx):
     smaller = ExpertParallelMoE(**BLOCK, dtype=torch.float32, group=ctx.group, recv_pool_bytes=1 << 20)
     assert smaller.buffer is larger.buffer
     _shared_buffers.pop(id(ctx.group), None)
+    auto = ExpertParallelMoE(**BLOCK, dtype=torch.float32, group=ctx.group, recv_pool_bytes="auto")
+    assert auto.buffer.recv_pool_bytes == recv_pool_size_hint(4096, BLOCK["hidden_size"], ctx.world_size,
+                                                              BLOCK["top_k"])
+    _shared_buffers.pop(id(ctx.group), None)
+    for bad in (-1, "big", True):
+        with pytest.raises(ValueError, match="recv_pool_bytes"):
+            ExpertParallelMoE(**BLOCK, dtype=torch.float32, group=ctx.group, recv_pool_bytes=bad)
 
 
 def test_recv_pool_bytes_reaches_the_buffer(dist_pool):

@@ -111,3 +111,14 @@ AUTO_NVL_BYTES = 1 << 30
 def auto_num_nvl_bytes(hidden_bytes: int, num_ranks: int) -> int:
     """``num_nvl_bytes`` for a GPU Buffer when the user leaves it to us ("auto")."""
     return max(Config().get_nvl_buffer_size_hint(hidden_bytes, num_ranks), AUTO_NVL_BYTES)
+
+
+# A receive pool left to us ("auto") holds two dispatches' outputs of this many tokens per rank,
+# the batch AUTO_NVL_BYTES is sized for.
+AUTO_RECV_POOL_TOKENS = 4096
+
+
+def auto_recv_pool_bytes(hidden: int, num_ranks: int, num_topk: int, fp8_dispatch: bool) -> int:
+    """``recv_pool_bytes`` when the user leaves it to us ("auto"): see recv_pool_size_hint."""
+    from .recv_pool import recv_pool_size_hint
+    return recv_pool_size_hint(AUTO_RECV_POOL_TOKENS, hidden, num_ranks, num_topk, fp8_dispatch)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..comm import Buffer, per_token_group_quant_fp8
-from ..comm.config import auto_num_nvl_bytes
+from ..comm.config import auto_num_nvl_bytes, auto_recv_pool_bytes
 from .experts import SharedExperts, SwiGLUExperts
 from .gating import Router
 
@@ -75,7 +75,8 @@ class ExpertParallelMoE(nn.Module):
             phase explicitly when capturing CUDA graphs).
         return_router_logits: return ``(out, router_logits)`` like Mixtral/Qwen3-MoE blocks.
         recv_pool_bytes: the Buffer's receive pool per rank (prefill dispatch outputs that peers
-            store into; see ``moe_ep.comm.recv_pool``); ``None`` reads ``MOE_EP_RECV_POOL_BYTES``.
+            store into; see ``moe_ep.comm.recv_pool``); ``"auto"`` sizes it for two dispatches of
+            4096 tokens per rank; ``None`` reads ``MOE_EP_RECV_POOL_BYTES``.
     """
 
     def __init__(self, hidden_size: int, moe_intermediate_size: int, num_experts: int, top_k: int, *,
@@ -85,7 +86,7 @@ class ExpertParallelMoE(nn.Module):
                  device: Optional[torch.device] = None, low_latency_max_tokens: int = 128,
                  num_nvl_bytes: BufferBytes = "auto", num_rdma_bytes: BufferBytes = "auto",
                  num_sms: Optional[int] = None, phase: str = "auto", return_router_logits: bool = False,
-                 recv_pool_bytes: Optional[int] = None) -> None:
+                 recv_pool_bytes: Optional[BufferBytes] = None) -> None:
         super().__init__()
         self.group = group
         self.ep_size = dist.get_world_size(group) if group is not None else 1
@@ -96,6 +97,9 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"hidden_size={hidden_size} must be a multiple of 128 with fp8=True")
         if low_latency_max_tokens < 1:
             raise ValueError(f"low_latency_max_tokens must be >= 1, got {low_latency_max_tokens}")
+        if recv_pool_bytes not in (None, "auto") and (isinstance(recv_pool_bytes, bool) or
+                                                      not isinstance(recv_pool_bytes, int) or recv_pool_bytes < 0):
+            raise ValueError(f"recv_pool_bytes must be None, 'auto' or an int >= 0, got {recv_pool_bytes!r}")
         self.hidden_size = hidden_size
         self.moe_intermediate_size = moe_intermediate_size
         self.num_experts = num_experts
@@ -151,6 +155,7 @@ class ExpertParallelMoE(nn.Module):
                    device=device, low_latency_max_tokens=p.low_latency_max_tokens, num_nvl_bytes=p.num_nvl_bytes,
                    num_rdma_bytes=p.num_rdma_bytes, num_sms=p.num_sms, phase=p.default_phase,
                    return_router_logits=return_router_logits, recv_pool_bytes=p.recv_pool_bytes or None)
+        # (0 in a config: off unless MOE_EP_RECV_POOL_BYTES sets it, hence None.)
 
     @classmethod
     def from_hf(cls, block, config=None, group=None, **kwargs) -> "ExpertParallelMoE":
@@ -238,8 +243,10 @@ class ExpertParallelMoE(nn.Module):
             raise RuntimeError("an EP-size-1 block has no communication Buffer")
         if self._buffer is None:
             nvl, rdma = self._resolve_bytes()
-            self._buffer = get_shared_buffer(self.group, nvl, rdma, low_latency_mode=True,
-                                             recv_pool_bytes=self.recv_pool_bytes)
+            pool = self.recv_pool_bytes
+            if pool == "auto":
+                pool = auto_recv_pool_bytes(self.hidden_size, self.ep_size, self.top_k, self.fp8)
+            self._buffer = get_shared_buffer(self.group, nvl, rdma, low_latency_mode=True, recv_pool_bytes=pool)
             if self.num_sms is not None:
                 Buffer.set_num_sms(self.num_sms)
         return self._buffer
