@@ -171,3 +171,42 @@ def test_size_hint_covers_the_outputs():
     assert rows * (7168 + 56 * 4) <= fp8 < one
     with pytest.raises(ValueError, match="num_ranks"):
         recv_pool.recv_pool_size_hint(16, 128, 0)
+
+
+def _pool_without_cuda(lib, arena_id: int, base: int, num_bytes: int) -> recv_pool.ReceivePool:
+    """A ReceivePool over the test library's arena, without the torch MemPool (which needs CUDA):
+    enough for contains() and the close/retain rule."""
+    pool = recv_pool.ReceivePool.__new__(recv_pool.ReceivePool)
+    pool.base, pool.num_bytes, pool.device, pool._owner = base, num_bytes, None, object()
+    pool._lib, pool._id, pool._pool = lib, arena_id, object()
+    return pool
+
+
+def test_contains_means_whole_tensor_inside():
+    import torch
+
+    t = torch.empty(64, dtype=torch.float32)
+    start = t.data_ptr()
+    pool = _pool_without_cuda(None, 0, start, 256)
+    assert pool.contains(None) and pool.contains(t[:0])
+    assert pool.contains(t) and pool.contains(t[10:20])
+    assert not _pool_without_cuda(None, 0, start + 4, 256).contains(t)       # starts before the arena
+    assert not _pool_without_cuda(None, 0, start, 255).contains(t)           # ends after it
+    pool._pool = None  # nothing to close
+
+
+def test_close_keeps_a_pool_torch_still_holds_until_it_gives_everything_back(lib):
+    arena_id = lib.moe_ep_recv_pool_register(BASE, BYTES)
+    previous = lib.moe_ep_recv_pool_select(arena_id)
+    try:
+        ptr = lib.moe_ep_recv_pool_alloc(ALIGN, 0, None)
+    finally:
+        lib.moe_ep_recv_pool_select(previous)
+    pool = _pool_without_cuda(lib, arena_id, usable_start(), usable_bytes())
+    pool.close()
+    assert pool in recv_pool._RETAINED, "a segment is still held: the arena's memory must be kept"
+    lib.moe_ep_recv_pool_free(ptr, ALIGN, 0, None)
+    recv_pool._sweep_retained()
+    assert pool not in recv_pool._RETAINED
+    assert lib.moe_ep_recv_pool_held_bytes(arena_id) == -1, "the arena is forgotten once everything is back"
+    pool.close()  # twice is harmless
