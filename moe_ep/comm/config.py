@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .fp8 import FP8_GROUP_SIZE
+from .recv_pool import recv_pool_size_hint
 
 # Bytes of per-row metadata the low-latency path carries beside each token: its index, the count
 # and the (local expert, slot) pairs of up to 32 top-k entries (csrc/low_latency.h), as int32,
@@ -120,5 +121,4 @@ AUTO_RECV_POOL_TOKENS = 4096
 
 def auto_recv_pool_bytes(hidden: int, num_ranks: int, num_topk: int, fp8_dispatch: bool) -> int:
     """``recv_pool_bytes`` when the user leaves it to us ("auto"): see recv_pool_size_hint."""
-    from .recv_pool import recv_pool_size_hint
     return recv_pool_size_hint(AUTO_RECV_POOL_TOKENS, hidden, num_ranks, num_topk, fp8_dispatch)

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..comm import Buffer, per_token_group_quant_fp8
 from ..comm.config import auto_num_nvl_bytes, auto_recv_pool_bytes
+from ..comm.validation import check_positive_int
 from .experts import SharedExperts, SwiGLUExperts
 from .gating import Router
 
@@ -97,9 +98,8 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"hidden_size={hidden_size} must be a multiple of 128 with fp8=True")
         if low_latency_max_tokens < 1:
             raise ValueError(f"low_latency_max_tokens must be >= 1, got {low_latency_max_tokens}")
-        if recv_pool_bytes not in (None, "auto") and (isinstance(recv_pool_bytes, bool) or
-                                                      not isinstance(recv_pool_bytes, int) or recv_pool_bytes < 0):
-            raise ValueError(f"recv_pool_bytes must be None, 'auto' or an int >= 0, got {recv_pool_bytes!r}")
+        if recv_pool_bytes is not None and recv_pool_bytes != "auto":
+            check_positive_int(recv_pool_bytes, "recv_pool_bytes (or None, 'auto')", minimum=0)
         self.hidden_size = hidden_size
         self.moe_intermediate_size = moe_intermediate_size
         self.num_experts = num_experts

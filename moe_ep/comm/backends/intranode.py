@@ -30,6 +30,7 @@ import torch.distributed as dist
 from ..errors import MoeEpTimeoutError, timeout_seconds
 from ..ipc import adopt_in_process, open_intranode_buffer
 from ..recv_pool import RECV_POOL_ENV, ReceivePool, arena_offset, recv_pool_bytes_from_env
+from ..validation import check_positive_int
 from .reference import Payload, check_worst_tokens_agree
 
 
@@ -61,9 +62,7 @@ def _check_engine_args(device: torch.device, num_nvl_bytes) -> None:
 def _check_pool_bytes(recv_pool_bytes: Optional[int]) -> int:
     if recv_pool_bytes is None:
         return recv_pool_bytes_from_env()
-    if isinstance(recv_pool_bytes, bool) or not isinstance(recv_pool_bytes, int) or recv_pool_bytes < 0:
-        raise ValueError(f"recv_pool_bytes must be a non-negative int, got {recv_pool_bytes!r}")
-    return recv_pool_bytes
+    return check_positive_int(recv_pool_bytes, "recv_pool_bytes", minimum=0)
 
 
 def _region_bytes(num_nvl_bytes: int, pool_bytes: int) -> int:
