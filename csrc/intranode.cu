@@ -38,6 +38,9 @@ using copy::warp_zero;
 __device__ __forceinline__ uint8_t* region_of(const Peers& peers, int rank) {
   return static_cast<uint8_t*>(peers.bases[rank]) + peers.region_offset;
 }
+__device__ __forceinline__ State* state_of(const Peers& peers, int rank) {
+  return reinterpret_cast<State*>(region_of(peers, rank));
+}
 __device__ __forceinline__ Control* control_of(const Peers& peers, int rank, int parity) {
   return reinterpret_cast<Control*>(region_of(peers, rank) + kControlOffset + parity * kControlStride);
 }
@@ -740,6 +743,67 @@ constexpr int kAheadWeights = 4;
 // The block of rank r's rows in rank s's combine area (s's own rank has none).
 __device__ __forceinline__ int combine_block(int r, int s) { return r < s ? r : r - 1; }
 
+// Pull protocol, at the start of a combine: block 0 publishes where this rank's input is to every
+// peer; every block waits until each peer has published and notes, per peer, where its rows for
+// this rank start (x_rows[r], w_rows[r]), or null where the peer pushes them.
+__device__ __forceinline__ void open_pull_sources(const Peers& peers, const CombinePull& pull, long long epoch,
+                                                  const int* rank_prefix_matrix, int64_t x_bytes, int K,
+                                                  const uint8_t** x_rows, const float** w_rows,
+                                                  uint64_t timeout_ns) {
+  const int R = peers.num_ranks, me = peers.rank;
+  if (blockIdx.x == 0) {
+    for (int p = threadIdx.x; p < R; p += blockDim.x) {
+      if (p == me) continue;
+      PullSource* slot = &state_of(peers, p)->pull_sources[me];
+      slot->x = pull.x;
+      slot->weights = pull.weights;
+      store_release_sys(&slot->seq, epoch);  // orders this thread's two stores before it
+    }
+  }
+  const State* own = state_of(peers, me);
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    x_rows[r] = nullptr;
+    w_rows[r] = nullptr;
+    if (r == me) continue;
+    const PullSource* source = &own->pull_sources[r];
+    const wait::WaitSite site{"intranode_combine", "pull_source[src]", me, r, timeout_ns};
+    wait::wait_value<wait::Scope::kSys>(&source->seq, epoch, wait::Cmp::kGe, site);
+    const long long x_offset = __ldcg(&source->x);
+    if (x_offset < 0) continue;
+    const auto* base = static_cast<const uint8_t*>(peers.bases[r]);
+    const int64_t row0 = prefix_at(rank_prefix_matrix, me - 1, r, R);  // r's first row from this rank
+    x_rows[r] = base + x_offset + row0 * x_bytes;
+    const long long w_offset = __ldcg(&source->weights);
+    if (w_offset >= 0) w_rows[r] = reinterpret_cast<const float*>(base + w_offset) + row0 * K;
+  }
+}
+
+// Pull protocol, at the end of a combine (one thread of each block, once the block's reducers are
+// done): the grid's last block tells every peer it read from that it is done, then, if peers read
+// this rank's x, waits until each of them has said so, so x outlives their reads.
+__device__ __forceinline__ void close_pull_sources(const Peers& peers, const CombinePull& pull, long long epoch,
+                                                   const uint8_t* const* x_rows, uint64_t timeout_ns) {
+  const int R = peers.num_ranks, me = peers.rank;
+  State* own = state_of(peers, me);
+  __threadfence();  // the block's reads are complete (their values are summed and stored)
+  if (atomicAdd(&own->pull_blocks_done, 1ull) + 1 != gridDim.x) return;
+  own->pull_blocks_done = 0;  // the next combine is stream-ordered after this kernel
+  for (int r = 0; r < R; ++r) {
+    if (r != me && read_shared(x_rows[r]) != nullptr) store_release_sys(&state_of(peers, r)->pull_done[me], epoch);
+  }
+  if (pull.x < 0) return;
+  for (int s = 0; s < R; ++s) {
+    if (s == me) continue;
+    const wait::WaitSite site{"intranode_combine", "pull_done[reader]", me, s, timeout_ns};
+    wait::wait_value<wait::Scope::kSys>(&own->pull_done[s], epoch, wait::Cmp::kGe, site);
+  }
+}
+
+// A named barrier of the block's last `threads` threads (the reducer warps come last).
+__device__ __forceinline__ void sync_reducers(int threads) {
+  asm volatile("bar.sync 2, %0;" ::"r"(threads) : "memory");
+}
+
 // U: vectors per lane of the register copies; S > 0 (16-byte packs only): the senders' copies and the
 // reduce are staged (cp.async into the warp's ring), S vectors per lane per piece. Staging measured
 // faster for the combine only (its reduce reads two ranks' rows per token); the dispatch's copies
@@ -751,7 +815,7 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
                const bool* __restrict__ is_token_in_rank, const int* __restrict__ send_slot,
                const int* __restrict__ rank_prefix_matrix, int64_t stride_rows, int64_t row_bytes, int G,
                const void* bias0, bool bias0_bf16, const void* bias1, bool bias1_bf16, T* __restrict__ out,
-               float* __restrict__ out_weights, int send_warps, uint64_t timeout_ns) {
+               float* __restrict__ out_weights, int send_warps, CombinePull pull, uint64_t timeout_ns) {
   const int R = peers.num_ranks;
   const int me = peers.rank;
   const int F = kFlagSlots / R;
@@ -769,6 +833,13 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
     plan_chunks(plan, back_rows, (me + 1) % R, R - 1, R, G);
   }
   __syncthreads();
+  // Pull protocol: where each peer's rows for this rank are, when the peer lets them be read in place.
+  __shared__ const uint8_t* pull_x[kMaxRanks];
+  __shared__ const float* pull_w[kMaxRanks];
+  if (pull.enabled) {
+    open_pull_sources(peers, pull, epoch, rank_prefix_matrix, x_bytes, K, pull_x, pull_w, timeout_ns);
+    __syncthreads();
+  }
   const int lane = threadIdx.x % 32;
   const WarpRole role = warp_role(R > 1 ? send_warps : 0);
   extern __shared__ uint4 stage_smem[];
@@ -836,6 +907,14 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
       row = x + (own_row0 + slot) * x_bytes;
       weights = topk_weights + (own_row0 + slot) * K;
     } else {
+      if (pull.enabled) {  // the peer's x, read in place
+        const uint8_t* rows = read_shared(pull_x[r]);
+        if (rows != nullptr) {
+          row = rows + slot * x_bytes;
+          weights = read_shared(pull_w[r]) + static_cast<int64_t>(slot) * K;
+          return true;
+        }
+      }
       const wait::WaitSite site{"intranode_combine", "chunk_flag[src]", me, r, timeout_ns};
       wait::wait_value<wait::Scope::kSys>(own_flags + static_cast<int64_t>(r) * F + slot / G, epoch, wait::Cmp::kGe,
                                           site);
@@ -877,6 +956,10 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
         if (k < K) out_weights[t * K + k] = acc;
       }
     }
+  }
+  if (pull.enabled) {
+    sync_reducers(kThreads - (R > 1 ? send_warps : 0) * 32);
+    if (threadIdx.x == kThreads - 32) close_pull_sources(peers, pull, epoch, pull_x, timeout_ns);
   }
 }
 
@@ -1072,16 +1155,21 @@ void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t 
                     bool x_is_bf16, const void* x, const float* topk_weights, int num_topk,
                     const bool* is_token_in_rank, const int* send_slot, const int* rank_prefix_matrix,
                     int64_t stride_rows, const void* bias0, bool bias0_is_bf16, const void* bias1,
-                    bool bias1_is_bf16, void* out, float* out_weights, const Knobs& knobs, int num_blocks,
-                    cudaStream_t stream) {
+                    bool bias1_is_bf16, void* out, float* out_weights, const Knobs& knobs, const CombinePull& pull,
+                    int num_blocks, cudaStream_t stream) {
   check_peers(peers);
   check_knobs(knobs);
   const int64_t elem = x_is_bf16 ? 2 : 4;
+  if (pull.x >= 0 && (!pull.enabled || reinterpret_cast<uintptr_t>(x) % 16 != 0 || (num_topk > 0) != (pull.weights >= 0))) {
+    throw std::invalid_argument("moe_ep intranode: a combine input read in place needs the pull protocol, x 16-byte "
+                                "aligned and its weights with it");
+  }
   // num_topk (0: no weights), not the pointer, sizes the rows: a rank that received no rows has
   // an empty (null) weights tensor, and every rank must agree on the row size.
   const int64_t row_bytes = combine_row_bytes(hidden * elem, num_topk);
   const int G = flag_rows_for(stride_rows, knobs.chunk_rows, peers.num_ranks);
-  const int send_warps = knobs.combine_send_warps;
+  // A rank whose x is read in place sends nothing: every warp reduces.
+  const int send_warps = pull.x >= 0 ? 0 : knobs.combine_send_warps;
   const uint64_t timeout_ns = wait::timeout_ns_from_env();
   const int blocks = check_blocks(num_blocks);
   // 16-byte packs need every row start (x, out, biases: multiples of hidden elements) 16-byte aligned.
@@ -1094,7 +1182,7 @@ void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t 
     kernel<<<blocks, kThreads, smem, stream>>>(peers, barrier_epoch, num_tokens, hidden, static_cast<const uint8_t*>(x),
                                                topk_weights, num_topk, is_token_in_rank, send_slot, rank_prefix_matrix,
                                                stride_rows, row_bytes, G, bias0, bias0_is_bf16, bias1, bias1_is_bf16,
-                                               typed_out, out_weights, send_warps, timeout_ns);
+                                               typed_out, out_weights, send_warps, pull, timeout_ns);
   };
   // Staged: 16-byte packs only, and rows of under 2^30 columns (its piece arithmetic is 32-bit).
   if (aligned && knobs.combine_staged_vectors > 0 && hidden < (int64_t{1} << 30)) {

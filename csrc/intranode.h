@@ -25,6 +25,12 @@
 //               its source rank's buffer, chunk by chunk, raising flags; reducers sum, per token,
 //               the rows of every rank in rank order in float32 (their own rank's rows straight
 //               from x), each as soon as its chunks' flags are up, then add the biases.
+//               Pull (a receive pool on every rank): a rank whose input x (and weights) lie in its
+//               pool publishes where they are and sends nothing; the reducers of every other rank
+//               load its rows in place over NVLink (1.5 crossings of an SM per byte, not 2.5). It
+//               keeps its kernel running until every reader has said it is done, so x outlives
+//               the reads (torch may reuse it as soon as the kernel ends). Ranks whose x is not
+//               in their pool push as above; both kinds mix in one call.
 // Flags hold sequence numbers that only grow (notify's own count for dispatch, the barrier epoch
 // for combine), so nothing is ever reset. notify acts as the dispatch's barrier: a rank stores into
 // a peer's buffer only after that peer raised its flag, i.e. finished every earlier step. The
@@ -32,7 +38,8 @@
 // never overwrites counts a slow rank is still reading.
 //
 // Layout of a rank's buffer region (IpcBuffer::local_data(), offsets in bytes):
-//   [0, kStateBytes)                 State: this rank's notify sequence number (only it writes it)
+//   [0, kStateBytes)                 State: this rank's notify sequence number (only it writes it),
+//                                    the combine's pull sources and done flags (written by peers)
 //   [kControlOffset, +2 * kControlStride)   Control[2], written by every rank (parity of the seq)
 //   [kFlagsOffset, +kFlagsBytes)     dispatch chunk flags [R][F], then combine chunk flags [R][F]
 //   [kRowsOffset, ...)               dispatch: the rows from peers, in output order without this
@@ -50,8 +57,22 @@ namespace intranode {
 constexpr int kMaxRanks = 64;
 constexpr int kMaxExperts = 8192;
 
+// Where a rank's combine input is, for the pull protocol: offsets from its allocation base (the
+// peer table's entry) of x and topk_weights, x < 0 when it pushes its rows instead; seq = the
+// combine's barrier epoch once published. The barrier before every combine means a slot is never
+// republished while a reader may still look at it.
+struct PullSource {
+  long long x;
+  long long weights;
+  long long seq;
+  long long reserved;
+};
+
 struct State {
-  long long notify_seq;
+  long long notify_seq;                 // written by this rank only
+  unsigned long long pull_blocks_done;  // this rank's combine blocks done reading (the last resets it)
+  PullSource pull_sources[kMaxRanks];   // [src]: written by src
+  long long pull_done[kMaxRanks];       // [reader] = epoch once reader stopped reading this rank's x
 };
 
 // Where a receiver's dispatch outputs are, as byte offsets from its allocation base (the peer
@@ -87,6 +108,7 @@ constexpr int64_t kStateBytes = 4096;
 constexpr int64_t kControlStride = 64 * 1024;
 constexpr int64_t kControlOffset = kStateBytes;
 static_assert(sizeof(Control) <= kControlStride, "the control block must fit its region");
+static_assert(sizeof(State) <= kStateBytes, "the state block must fit its region");
 // Chunk flags per (kind, source): kFlagSlots / R each, so a pair's rows fit in F chunks.
 constexpr int kFlagSlots = 32768;
 constexpr int64_t kFlagsOffset = kControlOffset + 2 * kControlStride;
@@ -198,17 +220,28 @@ void launch_transfer(const Peers& peers, const RowLayout& layout, int64_t num_to
                      int64_t num_rows, int num_local_experts, const Knobs& knobs, const DirectReceive& direct,
                      int num_blocks, cudaStream_t stream, bool skip_peer_copy = false);
 
+// The pull protocol of a combine (see the design above). enabled: the group runs it (every rank
+// has a receive pool; the engine checks they agree); x / weights: this rank's input and its top-k
+// weights as offsets from its allocation base when they lie in its pool (weights -1 without
+// weights), x = -1 when this rank pushes its rows.
+struct CombinePull {
+  bool enabled = false;
+  long long x = -1;
+  long long weights = -1;
+};
+
 // combine: out[t] = cast(sum over ranks r in order with is_token_in_rank[t, r] of the row rank r
 // received as (this rank, send_slot[t, r]) + bias0[t] + bias1[t]); out_weights[t] likewise
 // without biases (num_topk > 0; 0: no weights). x ([N, H], bf16 or float32) and topk_weights
 // ([N, K] float32) are this rank's received rows (dispatch order). barrier_epoch: this rank's
-// barrier epoch in device memory (the barrier just before this call raised it).
+// barrier epoch in device memory (the barrier just before this call raised it). With pull.x >= 0
+// this rank's x is read by its peers in place (it sends nothing; x must be 16-byte aligned).
 void launch_combine(const Peers& peers, const long long* barrier_epoch, int64_t num_tokens, int64_t hidden,
                     bool x_is_bf16, const void* x, const float* topk_weights, int num_topk,
                     const bool* is_token_in_rank, const int* send_slot, const int* rank_prefix_matrix,
                     int64_t stride_rows, const void* bias0, bool bias0_is_bf16, const void* bias1,
-                    bool bias1_is_bf16, void* out, float* out_weights, const Knobs& knobs, int num_blocks,
-                    cudaStream_t stream);
+                    bool bias1_is_bf16, void* out, float* out_weights, const Knobs& knobs, const CombinePull& pull,
+                    int num_blocks, cudaStream_t stream);
 
 }  // namespace intranode
 }  // namespace moe_ep

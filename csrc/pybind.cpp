@@ -168,9 +168,24 @@ pybind11::object host_record_wait(const in::HostRecord& record, int64_t epoch, d
   return pybind11::make_tuple(view.num_recv, view.max_tokens, counts, view.max_buffer_rows, view.max_buffer_rank);
 }
 
+// Where a tensor in the receive pool (the buffer's region from byte pool_offset on) is, as the
+// offset from the allocation base that peers add to their peer-table entry; it must lie there
+// whole, 16-byte aligned.
+long long pool_offset_of(const IpcBuffer& buffer, int64_t pool_offset, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(pool_offset >= 0 && pool_offset < buffer.num_bytes(), "pool_offset must be inside the buffer's region");
+  const auto* base = static_cast<const char*>(buffer.local_data()) - moe_ep::ipc::kHeaderBytes;
+  const auto* begin = static_cast<const char*>(buffer.local_data()) + pool_offset;
+  const auto* end = static_cast<const char*>(buffer.local_data()) + buffer.num_bytes();
+  const auto* p = static_cast<const char*>(t.data_ptr());
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  TORCH_CHECK_VALUE(t.is_contiguous() && p >= begin && p + bytes <= end && reinterpret_cast<uintptr_t>(p) % 16 == 0,
+                    name, " is not a contiguous, 16-byte aligned tensor inside the receive pool (allocate it from "
+                    "the engine's pool)");
+  return static_cast<long long>(p - base);
+}
+
 // The direct-receive part of a transfer: with pool_offset >= 0 the outputs live in the receive
-// pool, the buffer's region from byte pool_offset on, and their offsets from the allocation base
-// (what peers add to their peer-table entry) are published; every output must lie there whole.
+// pool and their offsets are published; every output must lie there whole.
 in::DirectReceive direct_receive_of(const IpcBuffer& buffer, bool enabled, int64_t pool_offset, bool cached,
                                     const at::Tensor& recv_x, const std::optional<at::Tensor>& recv_scales,
                                     const std::optional<at::Tensor>& recv_topk_idx,
@@ -179,17 +194,7 @@ in::DirectReceive direct_receive_of(const IpcBuffer& buffer, bool enabled, int64
   in::DirectReceive direct;
   direct.enabled = enabled;
   if (!enabled || pool_offset < 0 || recv_x.size(0) == 0) return direct;
-  TORCH_CHECK_VALUE(pool_offset < buffer.num_bytes(), "pool_offset must be inside the buffer's region");
-  const auto* base = static_cast<const char*>(buffer.local_data()) - moe_ep::ipc::kHeaderBytes;
-  const auto* begin = static_cast<const char*>(buffer.local_data()) + pool_offset;
-  const auto* end = static_cast<const char*>(buffer.local_data()) + buffer.num_bytes();
-  auto offset_of = [&](const at::Tensor& t, const char* name) -> long long {
-    const auto* p = static_cast<const char*>(t.data_ptr());
-    const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
-    TORCH_CHECK_VALUE(p >= begin && p + bytes <= end && reinterpret_cast<uintptr_t>(p) % 16 == 0, name,
-                      " is not a 16-byte aligned tensor inside the receive pool (allocate it from the engine's pool)");
-    return static_cast<long long>(p - base);
-  };
+  auto offset_of = [&](const at::Tensor& t, const char* name) { return pool_offset_of(buffer, pool_offset, t, name); };
   direct.own.x = offset_of(recv_x, "recv_x");
   if (recv_scales.has_value()) direct.own.scales = offset_of(*recv_scales, "recv_scales");
   if (recv_topk_idx.has_value()) direct.own.idx = offset_of(*recv_topk_idx, "recv_topk_idx");
@@ -237,7 +242,8 @@ void intranode_combine(IpcBuffer& buffer, const at::Tensor& x, const std::option
                        const at::Tensor& rank_prefix_matrix, int64_t stride_rows, int64_t num_topk,
                        const std::optional<at::Tensor>& bias0, const std::optional<at::Tensor>& bias1,
                        const at::Tensor& out, const std::optional<at::Tensor>& out_weights,
-                       const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>& knobs, int64_t num_sms) {
+                       const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>& knobs, int64_t num_sms,
+                       bool pull, int64_t pool_offset) {
   check_on_buffer(x, buffer, "x");
   check_on_buffer(out, buffer, "out");
   check_on_buffer(is_token_in_rank, buffer, "is_token_in_rank");
@@ -251,13 +257,23 @@ void intranode_combine(IpcBuffer& buffer, const at::Tensor& x, const std::option
   auto is_bf16 = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->scalar_type() == at::kBFloat16; };
   const auto* epoch = reinterpret_cast<const long long*>(static_cast<const char*>(buffer.local_data()) -
                                                          moe_ep::ipc::kHeaderBytes) + moe_ep::ipc::kEpochSlot;
+  // Pull protocol: with pool_offset >= 0 this rank's x (and weights) are read by its peers in place.
+  in::CombinePull combine_pull;
+  combine_pull.enabled = pull;
+  if (pull && pool_offset >= 0 && x.numel() > 0) {
+    combine_pull.x = pool_offset_of(buffer, pool_offset, x, "x");
+    if (num_topk > 0) {
+      TORCH_CHECK_VALUE(topk_weights.has_value(), "topk_weights are needed with num_topk > 0");
+      combine_pull.weights = pool_offset_of(buffer, pool_offset, *topk_weights, "topk_weights");
+    }
+  }
   const c10::cuda::CUDAGuard guard(out.device());
   in::launch_combine(peers_of(buffer), epoch, out.size(0), out.size(1), out.scalar_type() == at::kBFloat16,
                      x.data_ptr(), ptr_or_null<const float>(topk_weights, buffer, "topk_weights"),
                      static_cast<int>(num_topk), is_token_in_rank.data_ptr<bool>(), send_slot.data_ptr<int>(),
                      rank_prefix_matrix.data_ptr<int>(), stride_rows, ptr_or_null<const void>(bias0, buffer, "bias0"),
                      is_bf16(bias0), ptr_or_null<const void>(bias1, buffer, "bias1"), is_bf16(bias1), out.data_ptr(),
-                     ptr_or_null<float>(out_weights, buffer, "out_weights"), knobs_of(knobs),
+                     ptr_or_null<float>(out_weights, buffer, "out_weights"), knobs_of(knobs), combine_pull,
                      static_cast<int>(num_sms), stream_of(buffer));
 }
 
@@ -349,7 +365,10 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("topk_weights"), pybind11::arg("is_token_in_rank"), pybind11::arg("send_slot"),
         pybind11::arg("rank_prefix_matrix"), pybind11::arg("stride_rows"), pybind11::arg("num_topk"),
         pybind11::arg("bias0"), pybind11::arg("bias1"), pybind11::arg("out"), pybind11::arg("out_weights"),
-        pybind11::arg("knobs"), pybind11::arg("num_sms"));
+        pybind11::arg("knobs"), pybind11::arg("num_sms"), pybind11::arg("pull") = false,
+        pybind11::arg("pool_offset") = -1,
+        "pull: the group's pull protocol (every rank alike); pool_offset >= 0: this rank's x and topk_weights are in "
+        "its receive pool (which starts that many bytes into the region) and its peers read them in place");
   m.def("intranode_dispatch_bytes", [](int64_t buffer_rows, int64_t x_bytes, int64_t scale_bytes, int64_t num_topk) {
     return in::dispatch_bytes_needed(buffer_rows, in::make_row_layout(x_bytes, scale_bytes, static_cast<int>(num_topk)));
   }, pybind11::arg("buffer_rows"), pybind11::arg("x_bytes"), pybind11::arg("scale_bytes"), pybind11::arg("num_topk"),

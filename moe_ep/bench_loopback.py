@@ -15,7 +15,8 @@ one GPU would time-slice instead). A store to a "peer" lands in this GPU's HBM, 
   kernel on the one GPU), fewer than a rank has alone.
 
 ``--recv-pool BYTES`` adds dispatch rows (``*_direct``) on engines with a receive pool of that many
-bytes per rank (peers store rows straight into the outputs; moe_ep/comm/recv_pool.py), after a
+bytes per rank (peers store rows straight into the outputs; moe_ep/comm/recv_pool.py) and combine
+rows ``combine_bf16_pull`` (its input in the pool: peers read it in place), after a
 bit-for-bit check of their outputs against the plain engine's, at every ``--sms`` with each
 ``--direct-send-warps`` (default 6, 8, 12), and the host cost of allocating the outputs from the pool and from torch's default.
 
@@ -203,7 +204,7 @@ def _normal(ranks: ThreadRanks, opts: dict) -> dict:
         direct = {}
         if direct_engines is not None:
             direct = _direct_rows(ranks, rank, direct_engines[rank], opts, (x, topk_idx, topk_weights, in_rank,
-                                  per_expert, x_fp8), (recv_x, handle))
+                                  per_expert, x_fp8), (recv_x, handle, combined))
             rows += direct.pop("rows")
         return {"rows": rows, "max_abs_err": err, "pass": bool(torch.allclose(combined.float(), expected, rtol=1e-2,
                                                                                 atol=1e-2)), "direct": direct}
@@ -222,24 +223,32 @@ def _normal(ranks: ThreadRanks, opts: dict) -> dict:
     if opts["recv_pool"]:
         report["direct"] = {"equal": all(r["direct"]["equal"] for r in per_rank),
                             "direct_calls": [r["direct"]["direct_calls"] for r in per_rank],
+                            "pull_calls": [r["direct"]["pull_calls"] for r in per_rank],
                             "alloc_us": [r["direct"]["alloc_us"] for r in per_rank],
                             "overflows": [r["direct"]["overflows"] for r in per_rank],
-                            "what": "routed and cached dispatches with the receive pool equal the plain engine's "
-                                    "outputs bit for bit; direct_calls: calls whose outputs were all in the pool"}
+                            "what": "routed and cached dispatches with the receive pool, and a combine with its "
+                                    "input there, equal the plain engine's outputs bit for bit; direct_calls: "
+                                    "dispatches whose outputs were all in the pool; pull_calls: combines read in place"}
     return report
 
 
 def _direct_rows(ranks: "ThreadRanks", rank: int, engine, opts: dict, inputs: tuple, plain: tuple) -> dict:
-    """The dispatches on an engine with a receive pool (peers store into the outputs): first a
-    bit-for-bit comparison with the plain engine's outputs, then the timed rows ``*_direct``."""
+    """The dispatches on an engine with a receive pool (peers store into the outputs) and its
+    combine with the input in the pool (peers read it in place): first a bit-for-bit comparison
+    with the plain engine's outputs, then the timed rows ``*_direct`` and ``combine_bf16_pull``."""
     x, topk_idx, topk_weights, in_rank, per_expert, x_fp8 = inputs
-    plain_recv_x, plain_handle = plain
+    plain_recv_x, plain_handle, plain_combined = plain
     experts = opts["experts"]
     recv_x, recv_idx, recv_w, _, handle = engine.dispatch(x, None, in_rank, per_expert, topk_idx, topk_weights, 1, 0,
                                                           experts)
     cached_x = engine.dispatch(x, handle, None, None, None, None, 1, 0, experts)[0]
+    # Combine's input as a layer makes it (moe_ep.layers: the expert outputs written into it).
+    pull_x = engine.empty_combine_input(recv_x.shape[0], recv_x.shape[1], recv_x.dtype).copy_(recv_x)
+    pulls = engine.pull_calls
+    pulled = engine.combine(pull_x, handle, None, [])[0]
     equal = (torch.equal(recv_x, plain_recv_x) and torch.equal(cached_x, plain_recv_x)
-             and torch.equal(handle[2], plain_handle[2]))
+             and torch.equal(handle[2], plain_handle[2]) and torch.equal(pulled, plain_combined)
+             and engine.pull_calls > pulls)
     ops = {
         "dispatch_fp8_direct": lambda: engine.dispatch(x_fp8, handle, None, None, None, None, 1, 0, experts),
         "dispatch_bf16_direct": lambda: engine.dispatch(x, handle, None, None, None, None, 1, 0, experts),
@@ -257,7 +266,11 @@ def _direct_rows(ranks: "ThreadRanks", rank: int, engine, opts: dict, inputs: tu
                 ms = ranks.time_steps(rank, engine.ipc, [fn], opts["iters"], WARMUP)[0]
                 scale = FP8_BYTES_FACTOR if "fp8" in op else 1.0
                 rows.append({"op": op, "sms": sms, **knobs, "ms": ms, "bytes": nbytes * scale})
-    return {"rows": rows, "equal": bool(equal), "direct_calls": engine.direct_calls,
+        engine.knobs = IntranodeKnobs(**KNOB_DEFAULTS)  # a pulled combine has no senders: one row per SM count
+        ms = ranks.time_steps(rank, engine.ipc, [lambda: engine.combine(pull_x, handle, None, [])], opts["iters"],
+                              WARMUP)[0]
+        rows.append({"op": "combine_bf16_pull", "sms": sms, **KNOB_DEFAULTS, "ms": ms, "bytes": nbytes})
+    return {"rows": rows, "equal": bool(equal), "direct_calls": engine.direct_calls, "pull_calls": engine.pull_calls,
             "overflows": engine.recv_pool.overflows, "alloc_us": alloc_us}
 
 
@@ -428,7 +441,8 @@ def _print(report: dict) -> None:
         if normal.get("direct"):
             d = normal["direct"]
             print(f"receive pool: outputs equal the plain engine's: {'PASS' if d['equal'] else 'FAIL'}; calls with "
-                  f"every output in the pool per rank {d['direct_calls']}, arena overflows {d['overflows']}")
+                  f"every output in the pool per rank {d['direct_calls']}, combines read in place "
+                  f"{d['pull_calls']}, arena overflows {d['overflows']}")
             print("host µs to allocate a dispatch's outputs (pool / default), per rank: " + ", ".join(
                 f"{a['pool']:.1f} / {a['default']:.1f}" for a in d["alloc_us"]))
         print(f"{'op':<28}{'SMs':>5}{KNOB_HEADER}{'µs (max)':>12}{'GB/s (min)':>12}")

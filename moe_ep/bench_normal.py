@@ -350,7 +350,14 @@ def _direct_rows(opts: dict, group, nvl_bytes: int, x, topk_idx, topk_weights, r
                                                    num_tokens_per_expert=per_expert, topk_idx=topk_idx,
                                                    topk_weights=topk_weights)
     cached_d = buffer.dispatch(x, handle=handle_d)[0]
-    equal = torch.equal(recv_d, recv_x) and torch.equal(cached_d, recv_x) and torch.equal(handle_d[2], handle[2])
+    # Combine with its input in the pool (as the layer makes it): peers read it in place; it must
+    # equal the same Buffer's combine of a copy outside the pool (pushed) bit for bit.
+    pull_x = buffer.empty_combine_input(recv_d.shape[0], recv_d.shape[1], recv_d.dtype).copy_(recv_d)
+    pulls = engine.pull_calls
+    pulled = buffer.combine(pull_x, handle_d)[0]
+    pushed = buffer.combine(recv_x.clone(), handle_d)[0]
+    equal = (torch.equal(recv_d, recv_x) and torch.equal(cached_d, recv_x) and torch.equal(handle_d[2], handle[2])
+             and torch.equal(pulled, pushed) and engine.pull_calls == pulls + 1)
     rows = []
     try:
         for num_sms in opts["sms"]:
@@ -364,9 +371,15 @@ def _direct_rows(opts: dict, group, nvl_bytes: int, x, topk_idx, topk_weights, r
                     ms = timer(fn, opts["iters"], WARMUP, group)
                     rows.append({"op": f"{op}_direct", "sms": num_sms, "chunk": cfg.num_max_nvl_chunked_send_tokens,
                                  **knobs, "ms": ms, "bytes": nbytes})
+            engine.knobs = IntranodeKnobs(**KNOB_DEFAULTS)  # a pulled combine has no senders: one row per SM count
+            fn, nbytes, cfg = _calls(buffer, opts, x, topk_idx, topk_weights, layout, handle_d, pull_x, num_sms,
+                                     None)["combine_bf16"]
+            ms = timer(fn, opts["iters"], WARMUP, group)
+            rows.append({"op": "combine_bf16_pull", "sms": num_sms, "chunk": cfg.num_max_nvl_chunked_send_tokens,
+                         **KNOB_DEFAULTS, "ms": ms, "bytes": nbytes})
     finally:
         engine.knobs = IntranodeKnobs(**KNOB_DEFAULTS)
-    return {"rows": rows, "equal": bool(equal), "direct_calls": engine.direct_calls,
+    return {"rows": rows, "equal": bool(equal), "direct_calls": engine.direct_calls, "pull_calls": engine.pull_calls,
             "overflows": engine.recv_pool.overflows}
 
 
@@ -390,6 +403,8 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
                 "combine_bf16": "combine of the dispatched bf16 rows with their handle",
                 "*_direct": "(--recv-pool) the dispatch on a Buffer with a receive pool: peers store rows straight "
                             "into the outputs",
+                "combine_bf16_pull": "(--recv-pool) combine on that Buffer with its input from empty_combine_input "
+                                     "(in the pool): peers read the rows in place, nothing is sent",
                 "*_no_copy_out": "(--isolate) the cached dispatch with the receivers' copy-out of peer rows left out: "
                                  "a diagnostic of what that pass costs, outputs not valid"},
         "recv_rows_per_rank": [g["recv_rows"] for g in gathered],
@@ -399,9 +414,11 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
         "reference_rows": merge_rows([g["references"] for g in gathered]),
         "direct": ({"equal": all(g["direct"].get("equal", False) for g in gathered),
                     "direct_calls": [g["direct"].get("direct_calls") for g in gathered],
+                    "pull_calls": [g["direct"].get("pull_calls") for g in gathered],
                     "overflows": [g["direct"].get("overflows") for g in gathered],
                     "what": "--recv-pool: outputs of a Buffer with a receive pool equal the plain Buffer's bit for "
-                            "bit; direct_calls: its dispatches whose outputs were all in the pool"}
+                            "bit, and its combine read in place equals its pushed one; direct_calls: its dispatches "
+                            "whose outputs were all in the pool; pull_calls: its combines read in place"}
                    if any(g["direct"] for g in gathered) else None),
         "breakdown_per_rank": [g["breakdown"] for g in gathered],
         "breakdown_what": "GPU µs of each engine step (notify + host wait, transfer; barrier, combine) in one "
@@ -437,7 +454,8 @@ def _print(report: dict) -> None:
     if report.get("direct"):
         d = report["direct"]
         print(f"receive pool: outputs equal the plain Buffer's: {'PASS' if d['equal'] else 'FAIL'}; dispatches with "
-              f"every output in the pool per rank {d['direct_calls']}, arena overflows {d['overflows']}")
+              f"every output in the pool per rank {d['direct_calls']}, combines read in place {d['pull_calls']}, "
+              f"arena overflows {d['overflows']}")
     print(f"{'op':<28}{'SMs':>5}{'chunk':>7}{KNOB_HEADER}{'µs (max)':>12}{'GB/s (min)':>12}")
     for row in report["rows"]:
         print(_line(row["op"], row["sms"], row["chunk"], row["us"], row["gbps"], row))

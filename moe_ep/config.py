@@ -249,8 +249,9 @@ class ParallelConfig:
     (low-latency), or auto (decode when a rank's batch fits ``low_latency_max_tokens``)."""
     recv_pool_bytes: BufferBytes = 0
     """Bytes per rank of the intranode receive pool (prefill dispatch outputs that peers store rows
-    straight into: fewer passes over the data, more memory); 0: off unless MOE_EP_RECV_POOL_BYTES
-    sets it; "auto": two dispatches of 4096 tokens per rank (~240 MB for DeepSeek-V3 on 2 ranks)."""
+    straight into, and combine inputs that peers read in place: fewer passes over the data, more
+    memory); 0: off unless MOE_EP_RECV_POOL_BYTES sets it; "auto": two dispatches' outputs and one
+    combine input of 4096 tokens per rank (240 MiB for DeepSeek-V3's FP8 dispatch on 2 ranks)."""
 
     def __post_init__(self) -> None:
         s = self.SECTION

@@ -8,7 +8,7 @@ cuda:(r % device_count)). Each runs the SANITIZER_CASES of tests/test_cuda_intra
 hidden 256, 8 experts, top-2: bf16 with a cached dispatch, FP8 in worst-token mode, a rank with
 no tokens; each case twice, each dispatch followed by a combine) on one IntranodeEngine, then
 each once more on an engine with a receive pool (peers store into the outputs: the direct
-protocol's kernel), with the same oracle checks as the pytest file, so a kernel that is quiet
+protocol's kernel) and once with combine's inputs in that pool (peers read them in place), with the same oracle checks as the pytest file, so a kernel that is quiet
 under the sanitizer but wrong still fails.
 """
 from __future__ import annotations
@@ -36,8 +36,10 @@ def _rank_main(rank: int, world_size: int, port: int) -> None:
     pooled = engine_for(ctx, SANITIZER_NVL_BYTES, recv_pool_bytes=SANITIZER_NVL_BYTES)
     for i, case in enumerate(SANITIZER_CASES):
         run_case(ctx, pooled, case, SEED + 101 * i + 3, f"{case.name} (receive pool)")
+        run_case(ctx, pooled, case, SEED + 101 * i + 5, f"{case.name} (receive pool, combine read in place)", "pool")
     assert pooled.direct_calls > 0, "the receive-pool runs never went direct"
-    finish_rank(f"rank {rank}: {len(SANITIZER_CASES) * 3} runs checked")
+    assert pooled.pull_calls > 0, "no combine was read in place"
+    finish_rank(f"rank {rank}: {len(SANITIZER_CASES) * 4} runs checked")
 
 
 def main() -> int:

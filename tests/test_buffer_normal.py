@@ -393,3 +393,31 @@ def test_hidden_sizes(dist_pool, seed):
 def test_async_finish_previous_event_and_config(dist_pool, seed):
     """async_finish / previous_event / config are accepted; waiting on the events gives the data."""
     dist_pool(2).run(_w_async_previous_event, seed)
+
+
+def _w_combine_through_empty_input(ctx, seed):
+    """Expert outputs written into Buffer.empty_combine_input (what the layer does) combine like any
+    tensor; bad arguments name themselves."""
+    world = _world(ctx, seed, [14, 0, 9][:ctx.world_size], **SPARSE)
+    buffer = _buffer(ctx)
+    recv_x, handle = _check_dispatch(ctx, _dispatch(ctx, buffer, world), _expect(ctx, world))
+    expectations = [oracle.dispatch(r, world.xs, world.topk_idx, world.topk_weights, world.num_experts)
+                    for r in range(ctx.world_size)]
+    xs_back = [(e.recv_x.float() * (r + 2)).to(torch.bfloat16) for r, e in enumerate(expectations)]
+    rows = recv_x.shape[0]
+    x_in = buffer.empty_combine_input(rows, world.hidden)
+    assert x_in.shape == (rows, world.hidden) and x_in.dtype == torch.bfloat16 and x_in.device == recv_x.device
+    x_in.copy_(_on(ctx, xs_back[ctx.rank]))
+    combined, _, _ = buffer.combine(x_in, handle)
+    num_tokens = world.xs[ctx.rank].shape[0]
+    expected, _ = oracle.combine(ctx.rank, xs_back, [e.recv_src for e in expectations], num_tokens, world.hidden)
+    oracle.assert_close(combined, expected, "combined_x (input from empty_combine_input)")
+    assert buffer.empty_combine_input(3, 5, torch.float32).dtype == torch.float32
+    for args, name in (((-1, 8), "num_rows"), ((4, 0), "hidden"), ((4, 8, torch.float16), "dtype")):
+        with pytest.raises(ValueError, match=name):
+            buffer.empty_combine_input(*args)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_combine_through_empty_combine_input(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_combine_through_empty_input, seed)

@@ -300,9 +300,26 @@ def check_cached(ctx, got, expected_x: Rows, what: str) -> None:
 # One case on one rank
 # ---------------------------------------------------------------------------------------------
 
-def run_case(ctx, engine, case: Case, seed: int, what: str) -> int:
+def pulls_here(ctx, combine_input: str) -> bool:
+    """Whether this rank's combine input goes into its receive pool (read in place by its peers):
+    "pool" on every rank, "mixed" on even ranks only (the others push), "plain" on none."""
+    return combine_input == "pool" or (combine_input == "mixed" and ctx.rank % 2 == 0)
+
+
+def into_pool(engine, t: torch.Tensor, is_x: bool) -> torch.Tensor:
+    """A copy of ``t`` in the engine's receive pool (combine's x through empty_combine_input)."""
+    if is_x:
+        copy = engine.empty_combine_input(t.shape[0], t.shape[1], t.dtype)
+    else:
+        copy = engine.recv_pool.empty([(tuple(t.shape), t.dtype)])[0]
+    assert engine.recv_pool.contains(copy), "the combine input did not land in the receive pool"
+    return copy.copy_(t)
+
+
+def run_case(ctx, engine, case: Case, seed: int, what: str, combine_input: str = "plain") -> int:
     """Dispatch, cached dispatch (if the case says so) and combine of one seeded world, every
-    result compared with the oracle. Returns the rows this rank received."""
+    result compared with the oracle. ``combine_input`` (see pulls_here) puts combine's x and
+    weights into the receive pool. Returns the rows this rank received."""
     num_ranks, me = ctx.world_size, ctx.rank
     world = case_world(case, num_ranks, seed)
     num_experts = world.num_experts
@@ -348,11 +365,19 @@ def run_case(ctx, engine, case: Case, seed: int, what: str) -> int:
         cpu_combine.append(pad_rows(weights_back[me], rows, POISON))
     cpu_combine += biases
     combine_inputs = on(ctx, cpu_combine)
+    pull = pulls_here(ctx, combine_input)
+    if pull:  # x (and the weights) where the peers read them in place
+        inputs_in_pool = 2 if weights_back is not None else 1
+        combine_inputs = ([into_pool(engine, t, i == 0) for i, t in enumerate(combine_inputs[:inputs_in_pool])]
+                          + combine_inputs[inputs_in_pool:])
     x_in = combine_inputs[0]
     w_in = combine_inputs[1] if weights_back is not None else None
     biases_in = combine_inputs[2:] if weights_back is not None else combine_inputs[1:]
+    pulls_before = engine.pull_calls
     got = engine.combine(x_in, handle, w_in, biases_in)
     torch.cuda.synchronize(ctx.device)
+    assert engine.pull_calls - pulls_before == int(pull and x_in.numel() > 0), (
+        f"{what}: combine input in the pool: {pull}, rows {x_in.shape[0]}, pulled calls {engine.pull_calls - pulls_before}")
     oracle.assert_same(tuple(combine_inputs), tuple(cpu_combine),
                        f"{what}: combine inputs after the call (must be left unchanged)")
     assert isinstance(got, tuple) and len(got) == 2, f"{what}: combine must return (combined_x, combined_topk_weights)"
@@ -365,10 +390,10 @@ def run_case(ctx, engine, case: Case, seed: int, what: str) -> int:
     return expected.num_recv_tokens
 
 
-def _w_case(ctx, case: Case, seed: int, recv_pool_bytes: int = 0) -> list:
+def _w_case(ctx, case: Case, seed: int, recv_pool_bytes: int = 0, combine_input: str = "plain") -> list:
     """The case twice on this rank's engine, with different data each time."""
     engine = engine_for(ctx, recv_pool_bytes=recv_pool_bytes)
-    return [run_case(ctx, engine, case, seed + 1_000_003 * rep, f"{case.name} (run {rep + 1} of 2)")
+    return [run_case(ctx, engine, case, seed + 1_000_003 * rep, f"{case.name} (run {rep + 1} of 2)", combine_input)
             for rep in range(2)]
 
 
@@ -597,7 +622,16 @@ def stress_step(ctx, engine, gen: torch.Generator, it: int, stats: Counter) -> N
         acc += torch.where(in_ranks[me][:, r:r + 1], expert_outputs(r, dev_xs[me].to(dtype)).float(), 0.0)
     for bias in biases:
         acc += bias.float()
+    # With a receive pool, two of three (rank, iteration) pairs put x into it (read in place by the
+    # peers; the others push, so calls mix both), and overwrite it right after the call: the
+    # peers' reads must be over before this rank's combine kernel ends.
+    pull = engine.recv_pool is not None and (it + me) % 3 != 0
+    if pull:
+        x_back = into_pool(engine, x_back, True)
+    pulls_before = engine.pull_calls
     got = engine.combine(x_back, handle, recv_w if with_weights else None, biases)
+    if engine.pull_calls > pulls_before:
+        x_back.fill_(float("nan"))
     assert isinstance(got, tuple) and len(got) == 2, f"{what}: combine must return a 2-tuple"
     same(got[0], acc.to(dtype), f"{what}: combined_x ({dtype})")
     if with_weights:  # each (t, k) weight comes back from its expert's rank; the others add +0.0
@@ -613,6 +647,7 @@ def stress_step(ctx, engine, gen: torch.Generator, it: int, stats: Counter) -> N
     stats["nothing_received"] += int(expected.num_recv_tokens == 0)
     stats[f"biases{num_biases}"] += 1
     stats["weights"] += int(with_weights)
+    stats["pulled"] += engine.pull_calls - pulls_before
 
 
 def _w_stress(ctx, seed: int, iterations: int, recv_pool_bytes: int = 0) -> dict:
@@ -653,20 +688,28 @@ def _graph_inputs(ctx, seed: int, tokens: int, hidden: int, num_topk: int, num_e
     return (x, idx, weights, in_rank, per_expert.to(torch.int32)), expected_x, expected_w
 
 
-def _w_graph_replays(ctx, seed: int, recv_pool_bytes: int = 0) -> None:
+def _w_graph_replays(ctx, seed: int, recv_pool_bytes: int = 0, pull: bool = False) -> None:
     """Worst-token dispatch + combine captured in a CUDA graph and replayed with fresh inputs (new
     tokens AND new routing each time): every replay must equal its exact expectation. The
-    barriers' epochs live on the device, so replays synchronize as eager calls do."""
+    barriers' epochs live on the device, so replays synchronize as eager calls do. ``pull``: the
+    combine's inputs are copied into tensors of the receive pool made before the capture, so the
+    captured combine is read in place by the peers (every replay republishes them)."""
     engine = engine_for(ctx, recv_pool_bytes=recv_pool_bytes)
     tokens, hidden, num_topk, num_experts = 40, 512, 4, 8 * ctx.world_size
     worst = tokens * ctx.world_size  # a bound on any rank's receive, whatever the routing
     inputs, _, _ = _graph_inputs(ctx, seed, tokens, hidden, num_topk, num_experts)
     static = on(ctx, inputs)
+    if pull:
+        pooled_x = engine.empty_combine_input(worst, hidden, torch.bfloat16)
+        pooled_w = engine.recv_pool.empty([((worst, num_topk), torch.float32)])[0]
+        assert engine.recv_pool.contains(pooled_x) and engine.recv_pool.contains(pooled_w)
 
     def step():
         x, idx, weights, in_rank, per_expert = static
         recv_x, _, recv_w, _, handle = engine.dispatch(x, None, in_rank, per_expert, idx, weights, 1, worst,
                                                        num_experts)
+        if pull:
+            recv_x, recv_w = pooled_x.copy_(recv_x), pooled_w.copy_(recv_w)
         return engine.combine(recv_x, handle, recv_w, [])
 
     side = torch.cuda.Stream(ctx.device)
@@ -677,8 +720,10 @@ def _w_graph_replays(ctx, seed: int, recv_pool_bytes: int = 0) -> None:
     torch.cuda.current_stream(ctx.device).wait_stream(side)
     torch.cuda.synchronize(ctx.device)
     graph = torch.cuda.CUDAGraph()
+    pulls_before = engine.pull_calls
     with torch.cuda.graph(graph):
         out_x, out_w = step()
+    assert engine.pull_calls - pulls_before == int(pull), "the captured combine did not take the expected path"
     for replay in range(GRAPH_REPLAYS):
         fresh, expected_x, expected_w = _graph_inputs(ctx, seed + 1 + replay, tokens, hidden, num_topk, num_experts)
         for dst, src in zip(static, fresh):
@@ -701,19 +746,23 @@ RECV_POOL_BYTES = 512 << 20   # every case's outputs, several alive at once (4 x
 TINY_RECV_POOL_BYTES = 4 << 20  # a 1-10 MB output makes torch ask for a 20 MB segment: it overflows
 
 
-def _w_case_in_pool(ctx, case: Case, seed: int) -> dict:
+def _w_case_in_pool(ctx, case: Case, seed: int, combine_input: str = "plain") -> dict:
     """The case twice on an engine with a receive pool; every dispatch must have gone direct (all
-    outputs in the arena, so peers stored into them), or the test would not test the path."""
+    outputs in the arena, so peers stored into them), or the test would not test the path; with
+    ``combine_input`` (pulls_here) the combine reads the inputs of those ranks in place."""
     engine = engine_for(ctx, recv_pool_bytes=RECV_POOL_BYTES)
     before = engine.direct_calls
-    _w_case(ctx, case, seed, RECV_POOL_BYTES)
+    _w_case(ctx, case, seed, RECV_POOL_BYTES, combine_input)
     return {"direct": engine.direct_calls - before, "overflows": engine.recv_pool.overflows}
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+# Combine inputs: pushed by every rank (plain), read in place on every rank (pool, the pull
+# protocol), and both in one call (mixed: even ranks are read in place, odd ones push).
+@pytest.mark.parametrize("world_size,combine_input", [(2, "plain"), (3, "plain"), (2, "pool"), (3, "pool"),
+                                                       (3, "mixed")])
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_recv_pool_engine_matches_oracle(gpu_gloo_pool, case, world_size, seed):
-    stats = gpu_gloo_pool(world_size).run(_w_case_in_pool, case, seed, timeout=case.timeout)
+def test_recv_pool_engine_matches_oracle(gpu_gloo_pool, case, world_size, combine_input, seed):
+    stats = gpu_gloo_pool(world_size).run(_w_case_in_pool, case, seed, combine_input, timeout=case.timeout)
     calls = 2 * (1 + (((2 if case.worst else 1)) if case.cached else 0))  # dispatches per rank, both runs
     for rank_stats in stats:
         assert rank_stats == {"direct": calls, "overflows": 0}, f"not every dispatch went direct: {stats}"
@@ -740,12 +789,19 @@ def test_recv_pool_stress(gpu_gloo_pool, seed):
     """300 random back-to-back iterations (every mode) with a receive pool."""
     stats = gpu_gloo_pool(STRESS_RANKS).run(_w_stress, seed, 300, RECV_POOL_BYTES, timeout=900)
     assert stats[0]["cached"] > 0 and stats[0]["worst"] > 0 and stats[0]["fp8"] > 0, stats[0]
+    assert all(rank_stats["pulled"] > 0 for rank_stats in stats), f"no combine was read in place: {stats}"
 
 
 def test_recv_pool_cuda_graph_replays(gpu_gloo_pool, seed):
     """Under capture the outputs come from the graph's own pool (the receiver takes the buffer
     path) while its peers keep the protocol: replays stay exact."""
     gpu_gloo_pool(2).run(_w_graph_replays, seed, RECV_POOL_BYTES, timeout=600)
+
+
+def test_pulled_combine_cuda_graph_replays(gpu_gloo_pool, seed):
+    """A captured combine whose inputs are in the receive pool: its peers read them in place on
+    every replay (publication and the closing handshake run on device epochs)."""
+    gpu_gloo_pool(2).run(_w_graph_replays, seed, RECV_POOL_BYTES, True, timeout=600)
 
 
 def _w_outputs_outlive_engine(ctx, seed: int) -> None:
@@ -924,7 +980,8 @@ def compare_buffer_with_reference(ctx, buffer, reference, case: Case, seed: int,
     rows = handle[3].num_recv_rows
     x_back = oracle.make_tokens(torch.Generator().manual_seed(seed * 13 + me), rows, case.hidden)
     x_back[received_rows(layouts, me):] = POISON
-    x_back = on(ctx, x_back)
+    # Through empty_combine_input: with a receive pool the peers read it in place.
+    x_back = buffer.empty_combine_input(rows, case.hidden, torch.bfloat16).copy_(on(ctx, x_back))
     biases = on(ctx, make_biases(seed, me, world.xs[me].shape[0], case.hidden, case.num_biases, torch.bfloat16))
     combined, combined_w, _event = buffer.combine(x_back, handle, topk_weights=got[2], bias=tuple(biases))
     ref_combined, ref_w = reference.combine(x_back, ref_handle, want[2], biases)
@@ -952,6 +1009,7 @@ def _w_buffer_vs_reference(ctx, seed: int, recv_pool_bytes: int = 0) -> None:
     if recv_pool_bytes:
         engine = buffer.backend.intranode
         assert engine.recv_pool is not None and engine.direct_calls > 0, "the Buffer's dispatches never went direct"
+        assert engine.pull_calls > 0, "no combine of the Buffer was read in place"
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -162,13 +162,17 @@ def test_the_arena_starts_aligned_after_the_buffer():
 
 def test_size_hint_covers_the_outputs():
     # 4096 tokens x 2 ranks, hidden 7168, top-8: recv_x 117.4 MB, ids 0.5 MB, weights 0.26 MB, source 32 KB.
-    one = recv_pool.recv_pool_size_hint(4096, 7168, 2, 8, outputs_alive=1)
+    one = recv_pool.recv_pool_size_hint(4096, 7168, 2, 8, outputs_alive=1, combine_inputs_alive=0)
     rows = 4096 * 2
+    recv_x = (rows * 7168 * 2 + recv_pool.ARENA_ALIGN - 1) // recv_pool.ARENA_ALIGN * recv_pool.ARENA_ALIGN
     assert one >= rows * (7168 * 2 + 8 * 12 + 4) and one % recv_pool.ARENA_ALIGN == 0
-    assert one == ((rows * 7168 * 2 + recv_pool.ARENA_ALIGN - 1) // recv_pool.ARENA_ALIGN + 3) * recv_pool.ARENA_ALIGN
-    assert recv_pool.recv_pool_size_hint(4096, 7168, 2, 8) == 2 * one
-    fp8 = recv_pool.recv_pool_size_hint(4096, 7168, 2, 8, fp8_dispatch=True, outputs_alive=1)
+    assert one == recv_x + 3 * recv_pool.ARENA_ALIGN
+    # The default: two dispatches' outputs and one BF16 combine input of as many rows.
+    assert recv_pool.recv_pool_size_hint(4096, 7168, 2, 8) == 2 * one + recv_x
+    fp8 = recv_pool.recv_pool_size_hint(4096, 7168, 2, 8, fp8_dispatch=True, outputs_alive=1, combine_inputs_alive=0)
     assert rows * (7168 + 56 * 4) <= fp8 < one
+    with pytest.raises(ValueError, match="combine_inputs_alive"):
+        recv_pool.recv_pool_size_hint(16, 128, 2, combine_inputs_alive=-1)
     with pytest.raises(ValueError, match="num_ranks"):
         recv_pool.recv_pool_size_hint(16, 128, 0)
 

@@ -354,6 +354,19 @@ class Buffer:
         result, event = self._run(run, previous_event, async_finish, allocate_on_comm_stream, inputs, "dispatch")
         return (*result, event)
 
+    def empty_combine_input(self, num_rows: int, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """(moe_ep only) An uninitialised ``[num_rows, hidden]`` tensor to write the expert outputs into
+        and pass to :meth:`combine` as ``x``. With a receive pool (``recv_pool_bytes``) it lives there
+        and combine's peers read its rows in place, so this rank sends nothing (fewer passes over
+        the data; ``moe_ep/comm/recv_pool.py``); otherwise it is a plain ``torch.empty``. combine
+        takes any other tensor as well."""
+        backend = self._live_backend()
+        check.check_positive_int(num_rows, "num_rows", minimum=0)
+        check.check_positive_int(hidden, "hidden", minimum=1)
+        if dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"dtype must be torch.bfloat16 or torch.float32 (what combine takes), got {dtype}")
+        return backend.empty_combine_input(num_rows, hidden, dtype)
+
     def combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
                 bias: Union[torch.Tensor, tuple, None] = None, config: Optional[Config] = None,
                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,

@@ -114,8 +114,8 @@ def auto_num_nvl_bytes(hidden_bytes: int, num_ranks: int) -> int:
     return max(Config().get_nvl_buffer_size_hint(hidden_bytes, num_ranks), AUTO_NVL_BYTES)
 
 
-# A receive pool left to us ("auto") holds two dispatches' outputs of this many tokens per rank,
-# the batch AUTO_NVL_BYTES is sized for.
+# A receive pool left to us ("auto") holds two dispatches' outputs and one combine input of this
+# many tokens per rank, the batch AUTO_NVL_BYTES is sized for.
 AUTO_RECV_POOL_TOKENS = 4096
 
 

@@ -76,8 +76,9 @@ class ExpertParallelMoE(nn.Module):
             phase explicitly when capturing CUDA graphs).
         return_router_logits: return ``(out, router_logits)`` like Mixtral/Qwen3-MoE blocks.
         recv_pool_bytes: the Buffer's receive pool per rank (prefill dispatch outputs that peers
-            store into; see ``moe_ep.comm.recv_pool``); ``"auto"`` sizes it for two dispatches of
-            4096 tokens per rank; ``None`` reads ``MOE_EP_RECV_POOL_BYTES``.
+            store into, combine inputs that peers read in place; see ``moe_ep.comm.recv_pool``);
+            ``"auto"`` sizes it for two dispatches and one combine input of 4096 tokens per rank;
+            ``None`` reads ``MOE_EP_RECV_POOL_BYTES``.
     """
 
     def __init__(self, hidden_size: int, moe_intermediate_size: int, num_experts: int, top_k: int, *,
@@ -293,14 +294,18 @@ class ExpertParallelMoE(nn.Module):
             self._activations(x), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
             num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
         num_recv = recv_idx.shape[0]
-        rows = self._local_experts_on_rows(recv_x, recv_idx, recv_w, num_recv)
-        # Cast once to the wire dtype: combine sums whole rows from each rank.
-        combined, _, _ = buffer.combine(rows.to(x.dtype if x.dtype == torch.float32 else torch.bfloat16), handle)
+        # The rows go out in the wire dtype (combine sums whole rows from each rank), written straight
+        # into combine's input: with a receive pool its peers read them there in place.
+        rows = buffer.empty_combine_input(num_recv, self.hidden_size,
+                                          x.dtype if x.dtype == torch.float32 else torch.bfloat16)
+        self._local_experts_on_rows(recv_x, recv_idx, recv_w, num_recv, out=rows)
+        combined, _, _ = buffer.combine(rows, handle)
         return combined
 
     def _local_experts_on_rows(self, rows_x, local_idx: torch.Tensor, weights: torch.Tensor,
-                               num_rows: int) -> torch.Tensor:
-        """Rows -> sum over their local experts of weight * expert(row).
+                               num_rows: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows -> sum over their local experts of weight * expert(row), into ``out`` when given
+        (cast to its dtype).
 
         The (row, k) pairs are grouped by expert for one grouped GEMM ("contiguous" layout); the
         outputs are put back in (row, k) order and reduced with the weights by one batched
@@ -321,8 +326,14 @@ class ExpertParallelMoE(nn.Module):
         by_slot = torch.zeros((num_rows * num_k, self.hidden_size), dtype=y.dtype, device=y.device)
         by_slot.index_copy_(0, pair, y)
         slot_weights = torch.where(local_idx >= 0, weights, 0.0).to(y.dtype)
-        out = torch.bmm(slot_weights.view(num_rows, 1, num_k), by_slot.view(num_rows, num_k, self.hidden_size))
-        return out.view(num_rows, self.hidden_size)
+        lhs, rhs = slot_weights.view(num_rows, 1, num_k), by_slot.view(num_rows, num_k, self.hidden_size)
+        if out is None:
+            return torch.bmm(lhs, rhs).view(num_rows, self.hidden_size)
+        if out.dtype == y.dtype:
+            torch.bmm(lhs, rhs, out=out.view(num_rows, 1, self.hidden_size))
+        else:
+            out.copy_(torch.bmm(lhs, rhs).view(num_rows, self.hidden_size))
+        return out
 
     def _decode(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if self.group is None:

@@ -146,6 +146,11 @@ class CudaBackend(ReferenceBackend):
         return self.intranode.dispatch(x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                                        expert_alignment, num_worst_tokens, num_experts)
 
+    def empty_combine_input(self, num_rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.intranode is None:
+            return super().empty_combine_input(num_rows, hidden, dtype)
+        return self.intranode.empty_combine_input(num_rows, hidden, dtype)
+
     def combine(self, x, handle, topk_weights, biases):
         if self.intranode is None or not self._is_kernel_handle(handle):
             return super().combine(x, handle, topk_weights, biases)

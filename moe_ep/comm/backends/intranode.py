@@ -218,6 +218,7 @@ class IntranodeEngine:
         self.pool_offset = arena_offset(num_nvl_bytes)
         self.recv_pool: Optional[ReceivePool] = None
         self.direct_calls = 0  # dispatches whose outputs were all in the pool (peers stored into them)
+        self.pull_calls = 0    # combines whose input was in the pool (peers read it in place)
         if pool_bytes > 0:
             self.recv_pool = ReceivePool(int(ipc.data_ptr()) + self.pool_offset, pool_bytes, device, memory_owner)
         self.num_sms = 20
@@ -268,6 +269,20 @@ class IntranodeEngine:
             outputs = pool.empty(specs)
             return outputs, all(pool.contains(t) for t in outputs)
         return [None if s is None else torch.empty(s[0], dtype=s[1], device=self.device) for s in specs], False
+
+    def empty_combine_input(self, num_rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised ``[num_rows, hidden]`` tensor for combine's ``x``: from the receive pool
+        where there is one (peers then read its rows in place), else from torch's default pool."""
+        spec = ((num_rows, hidden), dtype)
+        if self.recv_pool is not None and not torch.cuda.is_current_stream_capturing():
+            return self.recv_pool.empty([spec])[0]
+        return torch.empty(spec[0], dtype=dtype, device=self.device)
+
+    def _pullable(self, x: torch.Tensor, topk_weights: Optional[torch.Tensor]) -> bool:
+        """Whether peers may read this combine input in place: x (and weights) whole in the pool."""
+        pool = self.recv_pool
+        return (pool is not None and x.numel() > 0 and x.data_ptr() % 16 == 0 and pool.contains(x)
+                and (topk_weights is None or pool.contains(topk_weights)))
 
     # ---------------------------------------------------------------- dispatch
     def dispatch(self, x: Payload, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
@@ -372,11 +387,14 @@ class IntranodeEngine:
         if num_topk:
             out_weights = torch.empty((num_tokens, num_topk), dtype=torch.float32, device=self.device)
         sms = int(self.num_sms)
+        pullable = self._pullable(x, topk_weights)
+        self.pull_calls += int(pullable)
         with self._step("barrier"):
             self.ipc.barrier()  # every rank is done with its buffer (previous step)
         with self._step("combine"):
             self.ext.intranode_combine(self.ipc, x, topk_weights, routing.is_token_in_rank.contiguous(),
                                        routing.send_slot, routing.rank_prefix_matrix, routing.stride_rows, num_topk,
                                        biases[0] if biases else None, biases[1] if len(biases) > 1 else None, out,
-                                       out_weights, self.knobs.launch_tuple(self.num_ranks), sms)
+                                       out_weights, self.knobs.launch_tuple(self.num_ranks), sms,
+                                       self.recv_pool is not None, self.pool_offset if pullable else -1)
         return out, out_weights

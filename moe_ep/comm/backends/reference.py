@@ -266,6 +266,10 @@ class ReferenceBackend:
         return _round_up(mine, expert_alignment).tolist()
 
     # ---------------------------------------------------------------- combine
+    def empty_combine_input(self, num_rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor for combine's x; this backend shares no memory, so a plain one."""
+        return torch.empty((num_rows, hidden), dtype=dtype, device=self.device)
+
     def combine(self, x: torch.Tensor, handle, topk_weights: Optional[torch.Tensor], biases: list[torch.Tensor]):
         routing: NormalRouting = handle[3]
         num_tokens = routing.is_token_in_rank.shape[0]
