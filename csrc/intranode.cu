@@ -743,13 +743,50 @@ constexpr int kAheadWeights = 4;
 // The block of rank r's rows in rank s's combine area (s's own rank has none).
 __device__ __forceinline__ int combine_block(int r, int s) { return r < s ? r : r - 1; }
 
-// Pull protocol, at the start of a combine: block 0 publishes where this rank's input is to every
-// peer; every block waits until each peer has published and notes, per peer, where its rows for
-// this rank start (x_rows[r], w_rows[r]), or null where the peer pushes them.
+// Where a reducer finds rank r's row for token slot `slot` and its top-k weights: rows +
+// slot * row_stride and weights + slot * weight_stride (bytes). pushed: the rows arrive in this
+// rank's buffer during the kernel (wait for the chunk's flag first); otherwise they are there
+// already (this rank's own x, or a peer's x read in place). A per-block table in shared memory,
+// read where it is used, so the reduce loop holds none of it in registers.
+struct RowSource {
+  const uint8_t* rows;
+  const uint8_t* weights;
+  long long row_stride;
+  long long weight_stride;
+  int pushed;
+};
+
+// The table for a combine without reads in place: own rows from x, the peers' from the buffer.
+__device__ __forceinline__ void plan_row_sources(const Peers& peers, const uint8_t* x, const float* topk_weights,
+                                                 int K, const int* rank_prefix_matrix, int64_t x_bytes,
+                                                 int64_t stride_rows, int64_t row_bytes, RowSource* sources) {
+  const int R = peers.num_ranks, me = peers.rank;
+  const uint8_t* area = region_of(peers, me) + kRowsOffset;
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    RowSource& source = sources[r];
+    if (r == me) {
+      const int64_t row0 = prefix_at(rank_prefix_matrix, me - 1, me, R);
+      source.rows = x + row0 * x_bytes;
+      source.weights = reinterpret_cast<const uint8_t*>(topk_weights + row0 * K);
+      source.row_stride = x_bytes;
+      source.weight_stride = static_cast<long long>(K) * 4;
+      source.pushed = 0;
+    } else {
+      source.rows = area + combine_block(r, me) * stride_rows * row_bytes;
+      source.weights = source.rows + align16(x_bytes);
+      source.row_stride = row_bytes;
+      source.weight_stride = row_bytes;
+      source.pushed = 1;
+    }
+  }
+}
+
+// Pull protocol, at the start of a combine (after plan_row_sources, same threads): block 0
+// publishes where this rank's input is to every peer; every block waits until each peer has
+// published, and points the table at the inputs of those read in place.
 __device__ __forceinline__ void open_pull_sources(const Peers& peers, const CombinePull& pull, long long epoch,
                                                   const int* rank_prefix_matrix, int64_t x_bytes, int K,
-                                                  const uint8_t** x_rows, const float** w_rows,
-                                                  uint64_t timeout_ns) {
+                                                  RowSource* sources, uint64_t timeout_ns) {
   const int R = peers.num_ranks, me = peers.rank;
   if (blockIdx.x == 0) {
     for (int p = threadIdx.x; p < R; p += blockDim.x) {
@@ -762,19 +799,21 @@ __device__ __forceinline__ void open_pull_sources(const Peers& peers, const Comb
   }
   const State* own = state_of(peers, me);
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    x_rows[r] = nullptr;
-    w_rows[r] = nullptr;
     if (r == me) continue;
-    const PullSource* source = &own->pull_sources[r];
+    const PullSource* published = &own->pull_sources[r];
     const wait::WaitSite site{"intranode_combine", "pull_source[src]", me, r, timeout_ns};
-    wait::wait_value<wait::Scope::kSys>(&source->seq, epoch, wait::Cmp::kGe, site);
-    const long long x_offset = __ldcg(&source->x);
-    if (x_offset < 0) continue;
+    wait::wait_value<wait::Scope::kSys>(&published->seq, epoch, wait::Cmp::kGe, site);
+    const long long x_offset = __ldcg(&published->x);
+    if (x_offset < 0) continue;  // r pushes its rows
     const auto* base = static_cast<const uint8_t*>(peers.bases[r]);
     const int64_t row0 = prefix_at(rank_prefix_matrix, me - 1, r, R);  // r's first row from this rank
-    x_rows[r] = base + x_offset + row0 * x_bytes;
-    const long long w_offset = __ldcg(&source->weights);
-    if (w_offset >= 0) w_rows[r] = reinterpret_cast<const float*>(base + w_offset) + row0 * K;
+    const long long w_offset = __ldcg(&published->weights);
+    RowSource& source = sources[r];
+    source.rows = base + x_offset + row0 * x_bytes;
+    source.weights = w_offset < 0 ? nullptr : base + w_offset + row0 * K * 4;
+    source.row_stride = x_bytes;
+    source.weight_stride = static_cast<long long>(K) * 4;
+    source.pushed = 0;
   }
 }
 
@@ -782,14 +821,14 @@ __device__ __forceinline__ void open_pull_sources(const Peers& peers, const Comb
 // done): the grid's last block tells every peer it read from that it is done, then, if peers read
 // this rank's x, waits until each of them has said so, so x outlives their reads.
 __device__ __forceinline__ void close_pull_sources(const Peers& peers, const CombinePull& pull, long long epoch,
-                                                   const uint8_t* const* x_rows, uint64_t timeout_ns) {
+                                                   const RowSource* sources, uint64_t timeout_ns) {
   const int R = peers.num_ranks, me = peers.rank;
   State* own = state_of(peers, me);
   __threadfence();  // the block's reads are complete (their values are summed and stored)
   if (atomicAdd(&own->pull_blocks_done, 1ull) + 1 != gridDim.x) return;
   own->pull_blocks_done = 0;  // the next combine is stream-ordered after this kernel
   for (int r = 0; r < R; ++r) {
-    if (r != me && read_shared(x_rows[r]) != nullptr) store_release_sys(&state_of(peers, r)->pull_done[me], epoch);
+    if (r != me && read_shared(sources[r].pushed) == 0) store_release_sys(&state_of(peers, r)->pull_done[me], epoch);
   }
   if (pull.x < 0) return;
   for (int s = 0; s < R; ++s) {
@@ -833,13 +872,11 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
     plan_chunks(plan, back_rows, (me + 1) % R, R - 1, R, G);
   }
   __syncthreads();
-  // Pull protocol: where each peer's rows for this rank are, when the peer lets them be read in place.
-  __shared__ const uint8_t* pull_x[kMaxRanks];
-  __shared__ const float* pull_w[kMaxRanks];
-  if (pull.enabled) {
-    open_pull_sources(peers, pull, epoch, rank_prefix_matrix, x_bytes, K, pull_x, pull_w, timeout_ns);
-    __syncthreads();
-  }
+  // Where each rank's rows for this rank's tokens are (pull protocol: peers' inputs read in place).
+  __shared__ RowSource sources[kMaxRanks];
+  plan_row_sources(peers, x, topk_weights, K, rank_prefix_matrix, x_bytes, stride_rows, row_bytes, sources);
+  if (pull.enabled) open_pull_sources(peers, pull, epoch, rank_prefix_matrix, x_bytes, K, sources, timeout_ns);
+  __syncthreads();
   const int lane = threadIdx.x % 32;
   const WarpRole role = warp_role(R > 1 ? send_warps : 0);
   extern __shared__ uint4 stage_smem[];
@@ -890,10 +927,7 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
     return;
   }
 
-  uint8_t* own_region = region_of(peers, me);
-  const uint8_t* area = own_region + kRowsOffset;
-  const long long* own_flags = flags_of(own_region, true);
-  const int64_t own_row0 = prefix_at(rank_prefix_matrix, me - 1, me, R);
+  const long long* own_flags = flags_of(region_of(peers, me), true);
   // Lane l looks after rank l (and l + 32): whether the token went there (slot >= 0: the token's
   // index among those sent there), and where its row is. The next token's routing is loaded before
   // this token's rows are summed, so its latency hides behind them.
@@ -903,24 +937,14 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
   };
   auto locate = [&](int r, int slot, const uint8_t*& row, const float*& weights) -> bool {
     if (slot < 0) return false;
-    if (r == me) {
-      row = x + (own_row0 + slot) * x_bytes;
-      weights = topk_weights + (own_row0 + slot) * K;
-    } else {
-      if (pull.enabled) {  // the peer's x, read in place
-        const uint8_t* rows = read_shared(pull_x[r]);
-        if (rows != nullptr) {
-          row = rows + slot * x_bytes;
-          weights = read_shared(pull_w[r]) + static_cast<int64_t>(slot) * K;
-          return true;
-        }
-      }
+    const RowSource& source = sources[r];
+    if (read_shared(source.pushed)) {
       const wait::WaitSite site{"intranode_combine", "chunk_flag[src]", me, r, timeout_ns};
       wait::wait_value<wait::Scope::kSys>(own_flags + static_cast<int64_t>(r) * F + slot / G, epoch, wait::Cmp::kGe,
                                           site);
-      row = area + (combine_block(r, me) * stride_rows + slot) * row_bytes;
-      weights = reinterpret_cast<const float*>(row + weights_offset);
     }
+    row = read_shared(source.rows) + slot * read_shared(source.row_stride);
+    weights = reinterpret_cast<const float*>(read_shared(source.weights) + slot * read_shared(source.weight_stride));
     return true;
   };
   int slot_lo = routing(role.id, lane);
@@ -959,7 +983,7 @@ combine_kernel(Peers peers, const long long* barrier_epoch, int64_t num_tokens, 
   }
   if (pull.enabled) {
     sync_reducers(kThreads - (R > 1 ? send_warps : 0) * 32);
-    if (threadIdx.x == kThreads - 32) close_pull_sources(peers, pull, epoch, pull_x, timeout_ns);
+    if (threadIdx.x == kThreads - 32) close_pull_sources(peers, pull, epoch, sources, timeout_ns);
   }
 }
 

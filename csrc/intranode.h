@@ -3,8 +3,8 @@
 // through the CUDA-IPC buffers of csrc/ipc_buffer.h. Torch-free: raw pointers + cudaStream_t;
 // moe_ep/comm/backends/intranode.py owns the policy (allocation, the order of the steps).
 //
-// Design: NVLink carries stores, never loads, and every byte crosses it once; the receiver's copy
-// out of its buffer overlaps the peers' stores into it.
+// Design: NVLink carries stores (loads only in the combine's pull protocol, below), and every
+// byte crosses it once; the receiver's copy out of its buffer overlaps the peers' stores into it.
 //   dispatch = notify | (host wait) | transfer
 //     notify    each rank stores its counts (tokens, per-destination and per-local-expert counts)
 //               into every rank's control block, raises its "arrived" flag there, and waits for

@@ -232,6 +232,9 @@ def _normal(ranks: ThreadRanks, opts: dict) -> dict:
     return report
 
 
+STAGED_KNOB = "combine_staged_vectors"  # the pulled combine's rows sweep it (--combine-staged-vectors)
+
+
 def _direct_rows(ranks: "ThreadRanks", rank: int, engine, opts: dict, inputs: tuple, plain: tuple) -> dict:
     """The dispatches on an engine with a receive pool (peers store into the outputs) and its
     combine with the input in the pool (peers read it in place): first a bit-for-bit comparison
@@ -266,10 +269,13 @@ def _direct_rows(ranks: "ThreadRanks", rank: int, engine, opts: dict, inputs: tu
                 ms = ranks.time_steps(rank, engine.ipc, [fn], opts["iters"], WARMUP)[0]
                 scale = FP8_BYTES_FACTOR if "fp8" in op else 1.0
                 rows.append({"op": op, "sms": sms, **knobs, "ms": ms, "bytes": nbytes * scale})
-        engine.knobs = IntranodeKnobs(**KNOB_DEFAULTS)  # a pulled combine has no senders: one row per SM count
-        ms = ranks.time_steps(rank, engine.ipc, [lambda: engine.combine(pull_x, handle, None, [])], opts["iters"],
-                              WARMUP)[0]
-        rows.append({"op": "combine_bf16_pull", "sms": sms, **KNOB_DEFAULTS, "ms": ms, "bytes": nbytes})
+        # A pulled combine has no senders: one row per SM count and combine ring size.
+        for staged in (KNOB_DEFAULTS[STAGED_KNOB], *opts["variants"].get(STAGED_KNOB, ())):
+            knobs = {**KNOB_DEFAULTS, STAGED_KNOB: staged}
+            engine.knobs = IntranodeKnobs(**knobs)
+            ms = ranks.time_steps(rank, engine.ipc, [lambda: engine.combine(pull_x, handle, None, [])], opts["iters"],
+                                  WARMUP)[0]
+            rows.append({"op": "combine_bf16_pull", "sms": sms, **knobs, "ms": ms, "bytes": nbytes})
     return {"rows": rows, "equal": bool(equal), "direct_calls": engine.direct_calls, "pull_calls": engine.pull_calls,
             "overflows": engine.recv_pool.overflows, "alloc_us": alloc_us}
 

@@ -376,7 +376,7 @@ def run_case(ctx, engine, case: Case, seed: int, what: str, combine_input: str =
     pulls_before = engine.pull_calls
     got = engine.combine(x_in, handle, w_in, biases_in)
     torch.cuda.synchronize(ctx.device)
-    assert engine.pull_calls - pulls_before == int(pull and x_in.numel() > 0), (
+    assert engine.pull_calls - pulls_before == int(pull and x_in.numel() > 0 and engine.combine_pull), (
         f"{what}: combine input in the pool: {pull}, rows {x_in.shape[0]}, pulled calls {engine.pull_calls - pulls_before}")
     oracle.assert_same(tuple(combine_inputs), tuple(cpu_combine),
                        f"{what}: combine inputs after the call (must be left unchanged)")
@@ -835,6 +835,34 @@ def _w_outputs_outlive_engine(ctx, seed: int) -> None:
 
 def test_recv_pool_outputs_outlive_the_engine(gpu_gloo_pool, seed):
     gpu_gloo_pool(2).run(_w_outputs_outlive_engine, seed, timeout=300)
+
+
+def _w_pull_switched_off(ctx, seed: int) -> dict:
+    """MOE_EP_COMBINE_PULL=0 on rank 0 only: its combine inputs, in the pool like rank 1's, are
+    pushed all the same (rank 1's are read in place), and the results are the oracle's."""
+    from moe_ep.comm.backends.intranode import IntranodeEngine
+    from moe_ep.comm.recv_pool import COMBINE_PULL_ENV
+
+    previous = os.environ.get(COMBINE_PULL_ENV)
+    os.environ[COMBINE_PULL_ENV] = "0" if ctx.rank == 0 else "1"
+    try:
+        engine = IntranodeEngine(ctx.group, ctx.device, SMALL_NVL_BYTES, recv_pool_bytes=64 << 20)
+    finally:
+        if previous is None:
+            os.environ.pop(COMBINE_PULL_ENV, None)
+        else:
+            os.environ[COMBINE_PULL_ENV] = previous
+    case = next(c for c in CASES if c.name == "random-bf16-h2560-bias1")
+    for rep in range(2):  # run_case checks pull_calls against what pulls_here says: rank 0 must not pull
+        run_case(ctx, engine, case, seed + rep, f"{case.name} (MOE_EP_COMBINE_PULL per rank)", "pool")
+        engine_input = engine.empty_combine_input(4, case.hidden, torch.bfloat16)
+        assert engine.recv_pool.contains(engine_input)
+    return {"pulled": engine.pull_calls, "direct": engine.direct_calls}
+
+
+def test_combine_pull_switched_off_on_one_rank(gpu_gloo_pool, seed):
+    stats = gpu_gloo_pool(2).run(_w_pull_switched_off, seed, timeout=300)
+    assert stats[0]["pulled"] == 0 and stats[1]["pulled"] == 2 and all(s["direct"] == 2 for s in stats), stats
 
 
 def _w_pool_disagrees(ctx) -> None:

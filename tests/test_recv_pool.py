@@ -214,3 +214,13 @@ def test_close_keeps_a_pool_torch_still_holds_until_it_gives_everything_back(lib
     assert pool not in recv_pool._RETAINED
     assert lib.moe_ep_recv_pool_held_bytes(arena_id) == -1, "the arena is forgotten once everything is back"
     pool.close()  # twice is harmless
+
+
+def test_combine_pull_switch(monkeypatch):
+    monkeypatch.delenv(recv_pool.COMBINE_PULL_ENV, raising=False)
+    assert recv_pool.combine_pull_from_env() is True
+    monkeypatch.setenv(recv_pool.COMBINE_PULL_ENV, "0")
+    assert recv_pool.combine_pull_from_env() is False
+    monkeypatch.setenv(recv_pool.COMBINE_PULL_ENV, "yes")
+    with pytest.raises(ValueError, match=recv_pool.COMBINE_PULL_ENV):
+        recv_pool.combine_pull_from_env()

@@ -24,6 +24,7 @@ Combine, backwards (the pull protocol): a combine input that lies in the pool (f
 peers' reducers in place, and its rank sends nothing: 1.5 crossings of an SM per byte instead of
 2.5. Its combine kernel ends only once every peer has said it is done reading, so torch may reuse
 the memory as soon as the kernel ends. Inputs elsewhere are pushed as before; both mix in a call.
+``MOE_EP_COMBINE_PULL=0`` pushes a rank's inputs even from the pool.
 
 Policy (``MOE_EP_RECV_POOL_BYTES``, default 0 = off): the arena's bytes per rank. Every rank of a
 group must enable it alike (the engine checks), since the senders' protocol changes with it.
@@ -40,6 +41,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 RECV_POOL_ENV = "MOE_EP_RECV_POOL_BYTES"
+# 0 turns the pull protocol off on a rank: its combine inputs are pushed even when they lie in the
+# pool (a rank-local choice: both kinds mix in one call). Measured on loopback only so far.
+COMBINE_PULL_ENV = "MOE_EP_COMBINE_PULL"
 # The arena starts this aligned past num_nvl_bytes (torch's large segments are 2 MiB multiples).
 ARENA_ALIGN = 2 << 20
 ALLOC_FN, FREE_FN = "moe_ep_recv_pool_alloc", "moe_ep_recv_pool_free"
@@ -60,6 +64,15 @@ def recv_pool_bytes_from_env() -> int:
     if value < 0:
         raise ValueError(f"{RECV_POOL_ENV} must be a non-negative number of bytes, got {value}")
     return value
+
+
+def combine_pull_from_env() -> bool:
+    """``MOE_EP_COMBINE_PULL``: 1 (default) lets peers read a combine input in the pool in place,
+    0 pushes it; anything else is a ValueError naming the variable."""
+    raw = os.environ.get(COMBINE_PULL_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{COMBINE_PULL_ENV} must be 0 or 1, got {raw!r}")
+    return raw != "0"
 
 
 def recv_pool_size_hint(num_max_tokens: int, hidden: int, num_ranks: int, num_topk: int = 8,

@@ -2,8 +2,10 @@
 
 Policy lives here (allocation, the order of the steps, size checks); the kernels only move bytes.
 A dispatch is ``notify | host wait | transfer`` and a combine ``barrier | combine`` (see
-``csrc/intranode.h`` for why: NVLink carries only stores, every payload byte crosses it once,
-and the receivers' copies overlap the senders' stores, chunk by chunk).
+``csrc/intranode.h`` for why: every payload byte crosses NVLink once, and the receivers' copies
+overlap the senders' stores, chunk by chunk). With a receive pool (``moe_ep/comm/recv_pool.py``)
+dispatch outputs are stored into by the peers directly, and a combine input in the pool is read
+by the peers in place (the one place NVLink carries loads).
 
 Results equal :class:`~moe_ep.comm.backends.reference.ReferenceBackend` bit for bit: the same row
 order (source rank, then source token) and, in combine, the same float32 summation order (ranks
@@ -29,7 +31,7 @@ import torch.distributed as dist
 
 from ..errors import MoeEpTimeoutError, timeout_seconds
 from ..ipc import adopt_in_process, open_intranode_buffer
-from ..recv_pool import RECV_POOL_ENV, ReceivePool, arena_offset, recv_pool_bytes_from_env
+from ..recv_pool import RECV_POOL_ENV, ReceivePool, arena_offset, combine_pull_from_env, recv_pool_bytes_from_env
 from ..validation import check_positive_int
 from .reference import Payload, check_worst_tokens_agree
 
@@ -219,6 +221,7 @@ class IntranodeEngine:
         self.recv_pool: Optional[ReceivePool] = None
         self.direct_calls = 0  # dispatches whose outputs were all in the pool (peers stored into them)
         self.pull_calls = 0    # combines whose input was in the pool (peers read it in place)
+        self.combine_pull = combine_pull_from_env()  # MOE_EP_COMBINE_PULL=0: push even from the pool
         if pool_bytes > 0:
             self.recv_pool = ReceivePool(int(ipc.data_ptr()) + self.pool_offset, pool_bytes, device, memory_owner)
         self.num_sms = 20
@@ -281,7 +284,7 @@ class IntranodeEngine:
     def _pullable(self, x: torch.Tensor, topk_weights: Optional[torch.Tensor]) -> bool:
         """Whether peers may read this combine input in place: x (and weights) whole in the pool."""
         pool = self.recv_pool
-        return (pool is not None and x.numel() > 0 and x.data_ptr() % 16 == 0 and pool.contains(x)
+        return (pool is not None and self.combine_pull and x.numel() > 0 and x.data_ptr() % 16 == 0 and pool.contains(x)
                 and (topk_weights is None or pool.contains(topk_weights)))
 
     # ---------------------------------------------------------------- dispatch
