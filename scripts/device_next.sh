@@ -2,10 +2,13 @@
 # The 2-GPU checks left open (see the closing notes), in bounded stages; each call fits the device's
 # 10-minute limit (each starts with build, ~110 s: a machine released between calls keeps nothing).
 # In order of value (30 device minutes hold three):
-#   A  STAGES=build,bench_normal,bench_ll      (issue 4's table with the NCCL, P2P and --recv-pool rows;
-#                                               issue 5's table; ~450 s)
+#   A  STAGES=build,bench_normal,bench_ll      (issue 4's table with the NCCL, P2P and --recv-pool rows:
+#                                               *_direct dispatch and combine_bf16_pull, whose NVLink loads
+#                                               decide the pool's default; issue 5's table; ~450 s)
 #   B  STAGES=build,intranode_tests            (every intranode change since the last 2-GPU run: spill fix,
-#                                               --isolate, the staged combine, the receive pool; ~530 s)
+#                                               --isolate, the staged combine, the receive pool, the pulled
+#                                               combine, the prefill layer with a pool; ~530 s: on one GPU
+#                                               the suite took 250 s, INTRANODE_K can split it)
 #   C  STAGES=build,ll_tests,profile_ll        (the fifth session's LL fused kernels, weight counters, send
 #                                               rounds, warp routing; the sixth session's NVSHMEM put path
 #                                               and bit-equal FP8 cast; so far run on one GPU only)
@@ -36,11 +39,12 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
   if has intranode_tests; then
     stage "intranode GPU tests"
     MOE_EP_TIMEOUT_S=30 timeout -k 10 ${INTRANODE_S:-420} python3 -m pytest -q -m "gpu and not slow" \
-      tests/test_cuda_intranode.py tests/test_gpu_buffer_streams.py tests/test_gpu_loopback.py 2>&1 | tail -12
+      tests/test_cuda_intranode.py tests/test_gpu_buffer_streams.py tests/test_gpu_loopback.py \
+      tests/test_gpu_layer_prefill.py ${INTRANODE_K:+-k "$INTRANODE_K"} 2>&1 | tail -12
   fi
   if has bench_normal; then
     stage "bench normal (push-based intranode kernels)"
-    # --recv-pool: the receive pool's direct rows (2 GiB per rank) beside the plain ones.
+    # --recv-pool: the receive pool's direct dispatch and pulled combine rows (2 GiB per rank) beside the plain ones.
     timeout -k 10 ${NORMAL_S:-240} python3 -m moe_ep.bench normal --isolate --recv-pool 2147483648 --out "$OUT" 2>&1 \
       | grep -v "^moe_ep: using"
   fi
