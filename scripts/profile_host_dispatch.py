@@ -1,0 +1,86 @@
+"""Host time of a routed (non-cached) normal dispatch and a combine through ``Buffer``, one rank on
+one GPU: where the Python and launch time goes (cProfile), since the GPU idles for whatever the
+host does after the dispatch's host wait.
+
+    python scripts/profile_host_dispatch.py [--tokens 4096] [--hidden 7168] [--recv-pool BYTES]
+
+Prints the host µs per call (with a synchronize after each, so the host is never ahead) next to the
+GPU µs of the same call, then cProfile's top functions by their own time.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--recv-pool", type=int, default=0)
+    parser.add_argument("--calls", type=int, default=50)
+    args = parser.parse_args()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    torch.cuda.set_device(0)
+    from moe_ep.bench import random_routing
+    from moe_ep.comm import Buffer
+    from moe_ep.comm.backends.intranode import intranode_size_hint
+
+    opts = {"tokens": args.tokens, "hidden": args.hidden, "experts": args.experts, "top_k": args.top_k, "seed": 1}
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=intranode_size_hint(args.tokens, args.hidden, 1, args.top_k),
+                    recv_pool_bytes=args.recv_pool)
+    x, topk_idx, topk_weights = random_routing(opts, 0, torch.device("cuda", 0))
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, args.experts)
+
+    def dispatch():
+        return buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                               num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+
+    def combine(recv_x, handle):
+        return buffer.combine(recv_x, handle)
+
+    for _ in range(5):
+        recv_x, _, _, _, handle, _ = dispatch()
+        combine(recv_x, handle)
+    torch.cuda.synchronize()
+    for name, call in (("dispatch (routed)", dispatch), ("combine", lambda: combine(recv_x, handle))):
+        host, gpu = [], []
+        for _ in range(args.calls):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            start.record()
+            call()
+            end.record()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            host.append((t1 - t0) * 1e6)
+            gpu.append(start.elapsed_time(end) * 1e3)
+        host.sort(), gpu.sort()
+        print(f"{name:<20} host µs per call (median) {host[len(host) // 2]:8.1f}   "
+              f"GPU µs start->end (median) {gpu[len(gpu) // 2]:8.1f}", flush=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.calls):
+        recv_x, _, _, _, handle, _ = dispatch()
+        combine(recv_x, handle)
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(30)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
