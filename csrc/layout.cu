@@ -11,7 +11,9 @@
 //   * the tile's rows of is_token_in_rank are written from the masks staged in shared memory,
 //     cooperatively and 4 bytes at a time, so the stores are coalesced whatever num_ranks is;
 //   * at the end each block adds its non-zero histogram bins to the global counts with one
-//     atomicAdd per bin. Integer atomics: the result does not depend on scheduling.
+//     atomicAdd per bin. Integer atomics: the result does not depend on scheduling;
+//   * an id outside [-1, num_experts) prints the entry and traps (csrc/bad_input.cuh): the host
+//     never reads topk_idx, so checking it costs no synchronisation.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -19,6 +21,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bad_input.cuh"
 #include "layout.h"
 #include "runtime.h"
 
@@ -55,7 +58,11 @@ dispatch_layout_kernel(const int64_t* __restrict__ topk_idx, int64_t num_tokens,
       int expert = -1;
       if (active) {
         const int64_t id = __ldg(row + k);
-        if (id >= 0 && id < num_experts) expert = static_cast<int>(id);
+        if (id >= 0 && id < num_experts) {
+          expert = static_cast<int>(id);
+        } else if (id != -1) {  // checked here, so the Buffer does not read topk_idx on the host
+          bad_topk_entry("get_dispatch_layout", -1, token * num_topk + k, num_topk, id, num_experts);
+        }
       }
       const unsigned same = __match_any_sync(kFullWarp, expert);
       if (expert >= 0) {

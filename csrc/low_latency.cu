@@ -36,6 +36,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bad_input.cuh"
 #include "bounded_wait.cuh"
 #include "device_copy.cuh"
 #include "low_latency.h"
@@ -113,21 +114,6 @@ __device__ __forceinline__ void store_int_to(uint64_t put_mask, int d, int* mapp
 __device__ __forceinline__ void block_fence_system() {
   __threadfence_system();
   __syncthreads();
-}
-
-// Bad input found on the device (the host does not read topk_idx: no synchronisation): print one
-// line naming the call, the entry and the bound, then trap (the host raises MoeEpTimeoutError, whose
-// text points at this line). Only the first thread to find one prints.
-__device__ int bad_input_reported = 0;
-__device__ __noinline__ void bad_topk_entry(const char* call, int rank, int64_t pair, int num_topk, long long value,
-                                            int num_experts) {
-  if (atomicCAS(&bad_input_reported, 0, 1) == 0) {
-    printf("moe_ep: %s on rank %d: topk_idx[%lld][%d] = %lld is outside [-1, %d] (num_experts = %d)\n", call, rank,
-           static_cast<long long>(pair / num_topk), static_cast<int>(pair % num_topk), value, num_experts - 1,
-           num_experts);
-  }
-  __threadfence_system();
-  asm volatile("trap;");
 }
 
 __device__ __forceinline__ bool is_masked(const int* mask, int rank) { return mask != nullptr && mask[rank] != 0; }

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from moe_ep.comm.buffer import _kernel_checks_topk
 from tests import oracle
 from tests.dist_pool import RankFailure
 
@@ -209,12 +210,19 @@ def _w_normal_validation(ctx, seed, case):
         kwargs.update(topk_idx=topk_idx, topk_weights=topk_weights)
         with pytest.raises(bad, match=X_NAME + "|" + TOPK_NAME):
             buffer.dispatch(x[:-1], **kwargs)
-    elif case == "expert_id_too_large":
+    elif case in ("expert_id_too_large", "expert_id_below_minus_one"):
+        wrong = _with_entry(topk_idx, num_experts if case == "expert_id_too_large" else -2)
+        # Where the layout kernel runs, it checks the ids itself and traps with a line naming the
+        # entry (tests/test_cuda_layout.py runs that in a child process): the host raises there.
+        if not _kernel_checks_topk(buffer.backend, "get_dispatch_layout", wrong, num_experts):
+            with pytest.raises(bad, match=EXPERT_ID):
+                buffer.get_dispatch_layout(wrong, num_experts)
+        # dispatch raises on every backend: the Buffer reads the ids, or the kernels' engine does
+        # after its host wait.
+        kwargs = _layout_kwargs(buffer, topk_idx, topk_weights, num_experts)
+        kwargs["topk_idx"] = wrong
         with pytest.raises(bad, match=EXPERT_ID):
-            buffer.get_dispatch_layout(_with_entry(topk_idx, num_experts), num_experts)
-    elif case == "expert_id_below_minus_one":
-        with pytest.raises(bad, match=EXPERT_ID):
-            buffer.get_dispatch_layout(_with_entry(topk_idx, -2), num_experts)
+            buffer.dispatch(x, **kwargs)
     elif case == "num_experts_not_divisible":
         with pytest.raises(bad, match="num_experts"):
             buffer.get_dispatch_layout(topk_idx, num_experts + 1)

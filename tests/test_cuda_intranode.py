@@ -1040,6 +1040,40 @@ def _w_buffer_vs_reference(ctx, seed: int, recv_pool_bytes: int = 0) -> None:
         assert engine.pull_calls > 0, "no combine of the Buffer was read in place"
 
 
+def _w_dispatch_bad_expert_id(ctx, seed: int) -> None:
+    """A routed dispatch whose topk_idx holds an id outside [-1, E) raises ValueError naming
+    topk_idx on every rank (each has the bad entry): the range is read after the host wait, with no
+    synchronisation of its own. The Buffer stays usable: the next dispatch equals the reference."""
+    from moe_ep.comm import Buffer
+    from moe_ep.comm.backends.reference import ReferenceBackend
+
+    buffer = Buffer(ctx.group, num_nvl_bytes=64 << 20)
+    if not buffer.backend.uses_kernel("dispatch"):
+        pytest.skip("the Buffer does not run dispatch through the intranode kernels")
+    case = next(c for c in CASES if c.name == "random-bf16-h2048")
+    case = dataclasses.replace(case, local_experts=max(case.local_experts, -(-case.num_topk // ctx.world_size)))
+    world = case_world(case, ctx.world_size, seed)
+    x, idx, weights = on(ctx, (world.xs[ctx.rank], world.topk_idx[ctx.rank], world.topk_weights[ctx.rank]))
+    num_experts = world.num_experts
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    for bad in (num_experts, -3):
+        wrong = idx.clone()
+        wrong[wrong.shape[0] // 2, 0] = bad
+        with pytest.raises(ValueError, match=f"topk_idx holds expert id {bad}"):
+            buffer.dispatch(x, topk_idx=wrong, topk_weights=weights, **layout)
+    got = buffer.dispatch(x, topk_idx=idx, topk_weights=weights, **layout)
+    want = ReferenceBackend(ctx.group, ctx.device).dispatch(x, None, in_rank, per_expert, idx, weights, 1, 0,
+                                                            num_experts)
+    for i, name in enumerate(("recv_x", "recv_topk_idx", "recv_topk_weights")):
+        oracle.assert_same(got[i], on_cpu(want[i]), f"after the bad calls: {name}")
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_dispatch_with_a_bad_expert_id_raises_after_the_host_wait(nccl_pool, world_size, seed):
+    nccl_pool(world_size).run(_w_dispatch_bad_expert_id, seed, timeout=300)
+
+
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_buffer_over_nccl_equals_reference(nccl_pool, world_size, seed):
     """One rank per GPU: 1 (the Buffer -> CudaBackend -> engine path on any GPU machine) and 2."""

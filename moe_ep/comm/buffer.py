@@ -55,12 +55,12 @@ def _group_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _kernel_checks_topk(backend, call: str) -> bool:
-    """Whether ``call`` runs a kernel that checks topk_idx's values itself (the low-latency kernels
-    trap with a message naming the entry and the bound), so the Buffer need not launch the five
-    small kernels of a device assert (~7 µs per call at decode sizes)."""
-    uses_kernel = getattr(backend, "uses_kernel", None)
-    return uses_kernel is not None and call.startswith("low_latency") and bool(uses_kernel(call))
+def _kernel_checks_topk(backend, call: str, topk_idx: torch.Tensor, num_experts: int) -> bool:
+    """Whether ``call``'s kernel path checks topk_idx's values itself (CudaBackend.checks_expert_ids),
+    so the Buffer need not: reading them on the host synchronises (the GPU then idles while the host
+    launches what follows), and a device assert costs five small kernels (~7 µs at decode sizes)."""
+    checks = getattr(backend, "checks_expert_ids", None)
+    return checks is not None and isinstance(topk_idx, torch.Tensor) and bool(checks(call, topk_idx, num_experts))
 
 
 class Buffer:
@@ -269,7 +269,8 @@ class Buffer:
         backend = self._live_backend()
         check.check_num_experts(num_experts, self.group_size)
         check.check_topk_idx(topk_idx, topk_idx.shape[0] if isinstance(topk_idx, torch.Tensor) else 0,
-                             num_experts, self.device)
+                             num_experts, self.device,
+                             values=not _kernel_checks_topk(backend, "get_dispatch_layout", topk_idx, num_experts))
 
         def run():
             per_rank, _, per_expert, in_rank = backend.get_dispatch_layout(topk_idx, num_experts)
@@ -341,7 +342,8 @@ class Buffer:
             if (topk_idx is None) != (topk_weights is None):
                 raise ValueError("topk_idx and topk_weights must be given together")
             if topk_idx is not None:
-                check.check_topk_idx(topk_idx, num_tokens, num_experts, self.device)
+                check.check_topk_idx(topk_idx, num_tokens, num_experts, self.device,
+                                     values=not _kernel_checks_topk(backend, "dispatch", topk_idx, num_experts))
                 check.check_topk_weights(topk_weights, topk_idx, self.device)
 
         backend.num_sms = self._call_num_sms(config)
@@ -488,7 +490,7 @@ class Buffer:
             raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={m}")
         check.check_num_experts(num_experts, self.group_size)
         check.check_topk_idx(topk_idx, num_tokens, num_experts, self.device, sync_free=True,
-                             values=not _kernel_checks_topk(backend, "low_latency_dispatch"))
+                             values=not _kernel_checks_topk(backend, "low_latency_dispatch", topk_idx, num_experts))
         if use_fp8 and hidden % FP8_GROUP_SIZE:
             raise ValueError(f"hidden={hidden} must be a multiple of {FP8_GROUP_SIZE} for use_fp8=True")
         if use_ue8m0:
@@ -545,7 +547,7 @@ class Buffer:
         if num_tokens > m:
             raise ValueError(f"topk_idx has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={m}")
         check.check_topk_idx(topk_idx, num_tokens, num_experts, self.device, sync_free=True,
-                             values=not _kernel_checks_topk(backend, "low_latency_combine"))
+                             values=not _kernel_checks_topk(backend, "low_latency_combine", topk_idx, num_experts))
         check.check_topk_weights(topk_weights, topk_idx, self.device)
         state = backend.low_latency
         if zero_copy and x.data_ptr() != state.next_combine_buffer(handle).data_ptr():

@@ -75,12 +75,20 @@ def check_topk_idx(topk_idx, num_tokens: int, num_experts: int, device: torch.de
         in_range = ((topk_idx >= -1) & (topk_idx < num_experts)).all()
         torch._assert_async(in_range, f"moe_ep: {name} holds an expert id outside [-1, {num_experts - 1}]")
     elif topk_idx.numel():
-        low, high = int(topk_idx.min()), int(topk_idx.max())
-        if low < -1 or high >= num_experts:
-            bad = low if low < -1 else high
-            raise ValueError(f"{name} holds expert id {bad}; ids must be in [-1, {num_experts - 1}] "
-                             f"(-1 = no expert, num_experts={num_experts})")
+        error = expert_id_error(name, int(topk_idx.min()), int(topk_idx.max()), num_experts)
+        if error is not None:
+            raise error
     return topk_idx.shape[1]
+
+
+def expert_id_error(name: str, low: int, high: int, num_experts: int) -> Optional[ValueError]:
+    """The error for expert ids whose smallest is ``low`` and largest ``high``, or None when both
+    lie in [-1, num_experts)."""
+    if low >= -1 and high < num_experts:
+        return None
+    bad = low if low < -1 else high
+    return ValueError(f"{name} holds expert id {bad}; ids must be in [-1, {num_experts - 1}] "
+                      f"(-1 = no expert, num_experts={num_experts})")
 
 
 def check_topk_weights(topk_weights, topk_idx: torch.Tensor, device: torch.device,

@@ -127,10 +127,23 @@ class CudaBackend(ReferenceBackend):
         return (f"moe_ep: using the cuda backend (kernel families: {', '.join(self.kernel_families) or 'none'}): "
                 f"CUDA kernels for {kernels}; reference (torch.distributed) for {reference}{note}")
 
+    def checks_expert_ids(self, call: str, topk_idx: torch.Tensor, num_experts: int) -> bool:
+        """Whether ``call`` checks topk_idx's values on its kernel path, so the Buffer need not read
+        them on the host (a synchronisation): the layout and low-latency kernels trap with a line
+        naming the entry; the intranode dispatch reads the ids' range after its host wait."""
+        if call == "get_dispatch_layout":
+            return self._layout_runs_kernel(topk_idx, num_experts)
+        if call == "dispatch":
+            return self.intranode is not None and topk_idx.is_cuda
+        return call.startswith("low_latency") and call in self.kernel_calls
+
     # ---------------------------------------------------------------- layout
+    def _layout_runs_kernel(self, topk_idx: torch.Tensor, num_experts: int) -> bool:
+        return ("get_dispatch_layout" in self.kernel_calls and topk_idx.is_cuda
+                and not (self._layout_max_experts and num_experts > self._layout_max_experts))
+
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
-        if ("get_dispatch_layout" not in self.kernel_calls or not topk_idx.is_cuda
-                or (self._layout_max_experts and num_experts > self._layout_max_experts)):
+        if not self._layout_runs_kernel(topk_idx, num_experts):
             return super().get_dispatch_layout(topk_idx, num_experts)
         per_rank, per_expert, in_rank = self.ext.get_dispatch_layout(topk_idx.contiguous(), num_experts,
                                                                      self.num_ranks)
