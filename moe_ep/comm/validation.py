@@ -2,7 +2,9 @@
 
 Every message names the argument, what it got, and the bound, so a wrong call fails in Python with
 a readable error instead of a hang or a device assert. Checks that would read device memory (and
-so synchronize) run only where the call synchronizes anyway, or on CPU tensors.
+so synchronize) run only on CPU tensors and on the reference backend's calls; on the kernel paths
+the kernels check expert ids themselves (layout, low latency) or the engine reads their range
+after the host wait it has anyway (intranode dispatch, :func:`expert_id_error`).
 """
 from __future__ import annotations
 
