@@ -346,3 +346,13 @@ def _w_num_experts_divisibility_3_ranks(ctx, seed):
 
 def test_num_experts_not_divisible_by_3_ranks(dist_pool, seed):
     dist_pool(3).run(_w_num_experts_divisibility_3_ranks, seed)
+
+
+def test_flatten_finds_every_tensor_and_skips_int_lists():
+    from moe_ep.comm.buffer import _flatten
+
+    a, b, c = torch.zeros(1), torch.ones(2), torch.full((3,), 2.0)
+    nested = (a, None, [b, (c, 7)], [1, 2, 3], "x", ())
+    found = _flatten(nested)
+    assert len(found) == 3 and {id(t) for t in found} == {id(a), id(b), id(c)}
+    assert _flatten(a) == [a] and _flatten(None) == [] and _flatten([4, 5]) == []

@@ -628,8 +628,15 @@ class Buffer:
 
 
 def _flatten(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _flatten(item)]
-    return []
+    """The tensors in a call's (nested) inputs or results, for record_stream. Lists of ints (a
+    dispatch's per-expert counts: one per local expert) are skipped whole, not walked item by item:
+    this runs on the host after every call, while the GPU may wait for the host's next launch."""
+    found: list[torch.Tensor] = []
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (tuple, list)) and not (item and type(item[0]) is int):
+            pending.extend(item)
+    return found
