@@ -275,7 +275,7 @@ class IntranodeEngine:
         return got
 
     def _allocate_outputs(self, specs: list) -> tuple[list[Optional[torch.Tensor]], bool]:
-        """The dispatch outputs, from the receive pool where there is one (not while a CUDA graph is
+        """Tensors of these specs (dispatch outputs, a combine input), from the receive pool where there is one (not while a CUDA graph is
         being captured: the capture allocates from its own pool); whether they all lie in its arena."""
         pool = self.recv_pool
         if pool is not None and not torch.cuda.is_current_stream_capturing():
@@ -286,10 +286,7 @@ class IntranodeEngine:
     def empty_combine_input(self, num_rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised ``[num_rows, hidden]`` tensor for combine's ``x``: from the receive pool
         where there is one (peers then read its rows in place), else from torch's default pool."""
-        spec = ((num_rows, hidden), dtype)
-        if self.recv_pool is not None and not torch.cuda.is_current_stream_capturing():
-            return self.recv_pool.empty([spec])[0]
-        return torch.empty(spec[0], dtype=dtype, device=self.device)
+        return self._allocate_outputs([((num_rows, hidden), dtype)])[0][0]
 
     def _pullable(self, x: torch.Tensor, topk_weights: Optional[torch.Tensor]) -> bool:
         """Whether peers may read this combine input in place: x (and weights) whole in the pool."""
