@@ -275,8 +275,9 @@ class IntranodeEngine:
         return got
 
     def _allocate_outputs(self, specs: list) -> tuple[list[Optional[torch.Tensor]], bool]:
-        """Tensors of these specs (dispatch outputs, a combine input), from the receive pool where there is one (not while a CUDA graph is
-        being captured: the capture allocates from its own pool); whether they all lie in its arena."""
+        """Tensors of these specs (dispatch outputs, a combine input), from the receive pool where
+        there is one (not while a CUDA graph is being captured: the capture allocates from its own
+        pool); whether they all lie in its arena."""
         pool = self.recv_pool
         if pool is not None and not torch.cuda.is_current_stream_capturing():
             outputs = pool.empty(specs)
