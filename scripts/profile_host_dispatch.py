@@ -49,11 +49,16 @@ def main() -> None:
     def combine(recv_x, handle):
         return buffer.combine(recv_x, handle)
 
+    def cached_dispatch():
+        return buffer.dispatch(x, handle=handle)
+
     for _ in range(5):
         recv_x, _, _, _, handle, _ = dispatch()
         combine(recv_x, handle)
     torch.cuda.synchronize()
-    for name, call in (("dispatch (routed)", dispatch), ("combine", lambda: combine(recv_x, handle))):
+    calls = (("dispatch (routed)", dispatch), ("dispatch (cached)", cached_dispatch),
+             ("combine", lambda: combine(recv_x, handle)))
+    for name, call in calls:
         host, gpu = [], []
         for _ in range(args.calls):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -77,8 +82,16 @@ def main() -> None:
     profiler.disable()
     torch.cuda.synchronize()
     stats = pstats.Stats(profiler)
-    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("tottime").print_stats(40)
     stats.sort_stats("cumulative").print_stats(30)
+    # torch.profiler: each torch op's host time and each kernel's GPU time in one routed call + combine.
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            recv_x, _, _, _, handle, _ = dispatch()
+            combine(recv_x, handle)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), flush=True)
     dist.destroy_process_group()
 
 
