@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -17,6 +18,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "bad_input.cuh"
 #include "bounded_wait.cuh"
 #include "device_copy.cuh"
 #include "intranode.h"
@@ -141,22 +143,127 @@ __device__ __forceinline__ int prefix_at(const int* rank_prefix_matrix, int src,
 }
 
 // ------------------------------------------------------------------------------------ notify
+constexpr int kNotifyWarps = kNotifyThreads / 32;
+constexpr int kRouteTokensPerThread = 4;  // tokens a thread counts per tile of the routing pass
+
+// Inclusive sum of `value` over the lanes up to this one.
+__device__ __forceinline__ int warp_inclusive_sum(int value, int lane) {
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int other = __shfl_up_sync(kFullWarp, value, d);
+    if (lane >= d) value += other;
+  }
+  return value;
+}
+
+// The routing pass of a dispatch, by the notify's one block, in the kernel that needs its result
+// (so a dispatch launches no torch ops for it): each token's place among this rank's tokens bound
+// for rank r, send_slot[t][r] (-1: not sent there), the send lists, lists[r][slot] = t, and the
+// counts, sent[r]. Places follow token order, as the reference's. Tiles of kNotifyThreads *
+// kRouteTokensPerThread tokens: a thread counts its tokens' flags, the warps scan the counts, one
+// thread per destination scans the warps' totals on top of the running count, then every thread
+// writes its tokens' places. warp_base is shared scratch, [kNotifyWarps][kMaxRanks].
+__device__ void route_tokens(const bool* __restrict__ in_rank, int64_t num_tokens, int R, int* __restrict__ send_slot,
+                             int* __restrict__ send_lists, int* sent, int (*warp_base)[kMaxRanks]) {
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  for (int r = threadIdx.x; r < R; r += kNotifyThreads) sent[r] = 0;
+  constexpr int64_t kTile = static_cast<int64_t>(kNotifyThreads) * kRouteTokensPerThread;
+  for (int64_t tile = 0; tile < num_tokens; tile += kTile) {
+    const int64_t first = tile + static_cast<int64_t>(threadIdx.x) * kRouteTokensPerThread;
+    for (int r = 0; r < R; ++r) {
+      int count = 0;
+#pragma unroll
+      for (int p = 0; p < kRouteTokensPerThread; ++p) count += first + p < num_tokens && in_rank[(first + p) * R + r];
+      const int inclusive = warp_inclusive_sum(count, lane);
+      if (lane == 31) warp_base[warp][r] = inclusive;  // the warp's total, until the scan below
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < R; r += kNotifyThreads) {
+      int running = sent[r];
+      for (int w = 0; w < kNotifyWarps; ++w) {
+        const int total = warp_base[w][r];
+        warp_base[w][r] = running;
+        running += total;
+      }
+      sent[r] = running;
+    }
+    __syncthreads();
+    for (int r = 0; r < R; ++r) {
+      bool flags[kRouteTokensPerThread];
+      int count = 0;
+#pragma unroll
+      for (int p = 0; p < kRouteTokensPerThread; ++p) {
+        flags[p] = first + p < num_tokens && in_rank[(first + p) * R + r];
+        count += flags[p];
+      }
+      int slot = warp_base[warp][r] + warp_inclusive_sum(count, lane) - count;
+#pragma unroll
+      for (int p = 0; p < kRouteTokensPerThread; ++p) {
+        if (first + p >= num_tokens) break;
+        send_slot[(first + p) * R + r] = flags[p] ? slot : -1;
+        if (flags[p]) send_lists[static_cast<int64_t>(r) * num_tokens + slot++] = static_cast<int>(first + p);
+      }
+    }
+    __syncthreads();  // warp_base is rewritten by the next tile
+  }
+}
+
+// The smallest and largest id in topk_idx (n = T * K entries) into bounds[0], bounds[1] (shared),
+// for the host to check after its wait. With trap_bad_ids (num_worst_tokens: no host wait to raise
+// from) an id outside [-1, num_experts) traps with a line naming the entry.
+__device__ void expert_id_bounds(const int64_t* __restrict__ ids, int64_t n, int num_topk, int num_experts,
+                                 bool trap_bad_ids, int rank, long long* bounds) {
+  __shared__ long long warp_low[kNotifyWarps], warp_high[kNotifyWarps];
+  long long low = LLONG_MAX, high = LLONG_MIN;
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < n; i += kNotifyThreads) {
+    const long long id = __ldg(reinterpret_cast<const long long*>(ids) + i);
+    low = min(low, id);
+    high = max(high, id);
+    if (trap_bad_ids && (id < -1 || id >= num_experts)) bad_topk_entry("dispatch", rank, i, num_topk, id, num_experts);
+  }
+  for (int d = 16; d > 0; d >>= 1) {
+    low = min(low, __shfl_xor_sync(kFullWarp, low, d));
+    high = max(high, __shfl_xor_sync(kFullWarp, high, d));
+  }
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  if (lane == 0) {
+    warp_low[warp] = low;
+    warp_high[warp] = high;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kNotifyWarps; ++w) {
+      low = min(low, warp_low[w]);
+      high = max(high, warp_high[w]);
+    }
+    bounds[0] = low;
+    bounds[1] = high;
+  }
+  __syncthreads();
+}
+
+// One block. With counts: the routing pass (route_tokens), the ids' range, then the barrier that
+// hands every rank the count matrix. Without (a cached dispatch): the barrier only.
 __global__ void __launch_bounds__(kNotifyThreads)
-notify_kernel(Peers peers, bool with_counts, int64_t num_tokens, const int* __restrict__ send_slot,
-              const int* __restrict__ send_counts, const int* __restrict__ expert_counts, int num_experts,
-              int expert_alignment, int num_worst_tokens, int* __restrict__ send_lists, int* rank_prefix_matrix,
-              HostRecordView* record, long long epoch, uint64_t timeout_ns) {
+notify_kernel(Peers peers, bool with_counts, int64_t num_tokens, const bool* __restrict__ in_rank,
+              const int64_t* __restrict__ topk_idx, int num_topk, const int* __restrict__ expert_counts,
+              int num_experts, int expert_alignment, int num_worst_tokens, int* __restrict__ send_slot,
+              int* __restrict__ send_lists, int* rank_prefix_matrix, HostRecordView* record, long long epoch,
+              uint64_t timeout_ns) {
   const int R = peers.num_ranks;
   const int me = peers.rank;
-  if (with_counts) {  // every block: the send lists, lists[d][send_slot[t, d]] = t
-    const int64_t total = num_tokens * R;
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-      const int slot = send_slot[i];
-      if (slot >= 0) send_lists[(i % R) * num_tokens + slot] = static_cast<int>(i / R);
+  __shared__ int sent[kMaxRanks];
+  __shared__ long long id_bounds[2];
+  if (with_counts) {
+    __shared__ int warp_base[kNotifyWarps][kMaxRanks];
+    route_tokens(in_rank, num_tokens, R, send_slot, send_lists, sent, warp_base);
+    if (topk_idx != nullptr && num_tokens > 0 && num_topk > 0) {
+      expert_id_bounds(topk_idx, num_tokens * num_topk, num_topk, num_experts, num_worst_tokens > 0, me, id_bounds);
+    } else if (threadIdx.x == 0) {
+      id_bounds[0] = id_bounds[1] = -1;
     }
   }
-  if (blockIdx.x != 0) return;
 
   __shared__ long long seq;
   if (threadIdx.x == 0) {
@@ -170,7 +277,7 @@ notify_kernel(Peers peers, bool with_counts, int64_t num_tokens, const int* __re
   if (with_counts) {
     for (int d = 0; d < R; ++d) {
       Control* c = control_of(peers, d, parity);
-      for (int i = threadIdx.x; i < R; i += kNotifyThreads) c->matrix[me * R + i] = send_counts[i];
+      for (int i = threadIdx.x; i < R; i += kNotifyThreads) c->matrix[me * R + i] = sent[i];
       for (int e = threadIdx.x; e < L; e += kNotifyThreads) c->expert_counts[me * L + e] = expert_counts[d * L + e];
       if (threadIdx.x == 0) c->tokens[me] = static_cast<int>(num_tokens);
     }
@@ -229,6 +336,8 @@ notify_kernel(Peers peers, bool with_counts, int64_t num_tokens, const int* __re
       }
     }
     record->num_recv = recv[me];
+    record->id_min = id_bounds[0];
+    record->id_max = id_bounds[1];
     record->max_tokens = max_tokens;
     record->max_buffer_rows = max_rows;
     record->max_buffer_rank = max_rank;
@@ -1114,17 +1223,19 @@ bool HostRecord::wait(long long epoch, double timeout_s) const {
   return true;
 }
 
-void launch_notify(const Peers& peers, bool with_counts, int64_t num_tokens, const int* send_slot,
-                   const int* send_counts, const int* expert_counts, int num_experts, int expert_alignment,
-                   int num_worst_tokens, int* send_lists, int* rank_prefix_matrix, HostRecordView* record,
-                   long long epoch, int num_blocks, cudaStream_t stream) {
+void launch_notify(const Peers& peers, bool with_counts, int64_t num_tokens, const bool* is_token_in_rank,
+                   const int64_t* topk_idx, int num_topk, const int* expert_counts, int num_experts,
+                   int expert_alignment, int num_worst_tokens, int* send_slot, int* send_lists,
+                   int* rank_prefix_matrix, HostRecordView* record, long long epoch, cudaStream_t stream) {
   check_peers(peers);
   if (with_counts) {
-    if (send_counts == nullptr || (num_experts > 0 && expert_counts == nullptr) ||
-        (num_tokens > 0 && (send_slot == nullptr || send_lists == nullptr)) || rank_prefix_matrix == nullptr) {
-      throw std::invalid_argument("moe_ep intranode: notify with counts needs send_slot, send_counts, expert_counts, "
-                                  "send_lists and rank_prefix_matrix");
+    if ((num_experts > 0 && expert_counts == nullptr) ||
+        (num_tokens > 0 && (is_token_in_rank == nullptr || send_slot == nullptr || send_lists == nullptr)) ||
+        rank_prefix_matrix == nullptr) {
+      throw std::invalid_argument("moe_ep intranode: notify with counts needs is_token_in_rank, expert_counts, "
+                                  "send_slot, send_lists and rank_prefix_matrix");
     }
+    if (topk_idx != nullptr && num_topk < 1) throw std::invalid_argument("moe_ep intranode: topk_idx needs num_topk >= 1");
     if (expert_alignment < 1) throw std::invalid_argument("moe_ep intranode: expert_alignment must be >= 1");
     if (num_experts % peers.num_ranks != 0 || num_experts > kMaxExperts) {
       throw std::invalid_argument("moe_ep intranode: num_experts must be a multiple of num_ranks, at most " +
@@ -1132,11 +1243,10 @@ void launch_notify(const Peers& peers, bool with_counts, int64_t num_tokens, con
     }
     if (num_tokens > INT32_MAX / kMaxRanks) throw std::invalid_argument("moe_ep intranode: too many tokens");
   }
-  const int blocks = with_counts ? check_blocks(num_blocks) : 1;
-  notify_kernel<<<blocks, kNotifyThreads, 0, stream>>>(peers, with_counts, num_tokens, send_slot, send_counts,
-                                                       expert_counts, num_experts, expert_alignment, num_worst_tokens,
-                                                       send_lists, rank_prefix_matrix, record, epoch,
-                                                       wait::timeout_ns_from_env());
+  notify_kernel<<<1, kNotifyThreads, 0, stream>>>(peers, with_counts, num_tokens, is_token_in_rank, topk_idx, num_topk,
+                                                  expert_counts, num_experts, expert_alignment, num_worst_tokens,
+                                                  send_slot, send_lists, rank_prefix_matrix, record, epoch,
+                                                  wait::timeout_ns_from_env());
   cuda_check(cudaGetLastError(), "intranode notify_kernel launch");
 }
 

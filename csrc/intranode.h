@@ -10,8 +10,10 @@
 //               into every rank's control block, raises its "arrived" flag there, and waits for
 //               every rank's flag: a barrier that also hands every rank the whole count matrix.
 //               It writes rank_prefix_matrix and, unless num_worst_tokens is set, the receive
-//               sizes to mapped pinned host memory (one host wait, no device-wide sync). Its other
-//               blocks turn send_slot into the send lists (for each destination, its tokens in order).
+//               sizes to mapped pinned host memory (one host wait, no device-wide sync). Before
+//               the barrier it routes the rank's tokens (is_token_in_rank -> each token's slot per
+//               destination and the send lists) and finds the expert ids' range, so the host
+//               launches nothing else before it.
 //     transfer  one kernel, two kinds of warps. Senders store each row bound to another rank
 //               straight from x into that rank's buffer (x, scales, top-k ids already local to the
 //               receiver, weights, source index), a chunk of rows at a time, then raise the
@@ -147,6 +149,8 @@ struct HostRecordView {
   int max_tokens;
   int max_buffer_rows;   // the most rows any rank's buffer receives (received rows minus own)
   int max_buffer_rank;   // a rank with that many
+  long long id_min;      // the smallest and largest expert id of the rank's topk_idx (-1: none)
+  long long id_max;
   int counts[kMaxExperts];  // per local expert, rounded up to expert_alignment
 };
 
@@ -193,15 +197,19 @@ struct Knobs {
   int direct_send_warps = 8;
 };
 
-// notify. With counts (every non-cached dispatch, even of 0 tokens): send_slot [T, R] int32 (the
-// token's index among those sent to rank r, or -1), send_counts [R], expert_counts [E] int32 are
-// published to every rank; writes send_lists [R, T] int32, rank_prefix_matrix [R, R] int32
-// (cumulative over sources); with num_worst_tokens == 0 publishes the record
-// (epoch last), else traps, with a message, on every rank if any rank receives more than
+// notify: one block. With counts (every non-cached dispatch, even of 0 tokens) it first routes
+// this rank's tokens from is_token_in_rank [T, R] bool: writes send_slot [T, R] int32 (the token's
+// index among those sent to rank r, or -1) and send_lists [R, T] int32 (for each destination, its
+// tokens in order), and with topk_idx [T, K] int64 finds the ids' range for the record (or, with
+// num_worst_tokens, traps with a message at an id outside [-1, num_experts)). Then it publishes
+// the per-destination counts and expert_counts [E] int32 to every rank (the barrier), writes
+// rank_prefix_matrix [R, R] int32 (cumulative over sources) and with num_worst_tokens == 0 the
+// record (epoch last), else traps, with a message, on every rank if any rank receives more than
 // num_worst_tokens rows. Without counts (cached dispatch) it is only the barrier.
-void launch_notify(const Peers& peers, bool with_counts, int64_t num_tokens, const int* send_slot,
-                   const int* send_counts, const int* expert_counts, int num_experts, int expert_alignment,
-                   int num_worst_tokens, int* send_lists, int* rank_prefix_matrix, HostRecordView* record, long long epoch, int num_blocks, cudaStream_t stream);
+void launch_notify(const Peers& peers, bool with_counts, int64_t num_tokens, const bool* is_token_in_rank,
+                   const int64_t* topk_idx, int num_topk, const int* expert_counts, int num_experts,
+                   int expert_alignment, int num_worst_tokens, int* send_slot, int* send_lists,
+                   int* rank_prefix_matrix, HostRecordView* record, long long epoch, cudaStream_t stream);
 
 // transfer: fills num_rows output rows (num_rows = received rows, or num_worst_tokens with
 // padding after them: zeros, ids -1, source 0). x, scales ([T] rows), topk_idx / topk_weights

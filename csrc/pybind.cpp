@@ -135,24 +135,44 @@ in::Knobs knobs_of(const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t,
                    static_cast<int>(std::get<4>(knobs)), static_cast<int>(std::get<5>(knobs))};
 }
 
-void intranode_notify(IpcBuffer& buffer, in::HostRecord& record, const std::optional<at::Tensor>& send_slot,
-                      const std::optional<at::Tensor>& send_counts, const std::optional<at::Tensor>& expert_counts,
+// A dispatch's notify. With is_token_in_rank (a routed dispatch) the kernel also routes the tokens
+// into send_slot / send_lists and finds topk_idx's range; without, it is the cached dispatch's barrier.
+void intranode_notify(IpcBuffer& buffer, in::HostRecord& record, const std::optional<at::Tensor>& is_token_in_rank,
+                      const std::optional<at::Tensor>& expert_counts, const std::optional<at::Tensor>& topk_idx,
                       int64_t num_tokens, int64_t expert_alignment, int64_t num_worst_tokens,
-                      const std::optional<at::Tensor>& send_lists, const std::optional<at::Tensor>& rank_prefix_matrix,
-                      int64_t epoch, int64_t num_sms) {
-  const bool with_counts = send_counts.has_value();
-  for (const auto* t : {&send_slot, &send_counts, &expert_counts, &send_lists, &rank_prefix_matrix}) {
+                      const std::optional<at::Tensor>& send_slot, const std::optional<at::Tensor>& send_lists,
+                      const std::optional<at::Tensor>& rank_prefix_matrix, int64_t epoch) {
+  const bool with_counts = is_token_in_rank.has_value();
+  const int64_t R = buffer.num_ranks();
+  for (const auto* t : {&expert_counts, &send_slot, &send_lists, &rank_prefix_matrix}) {
     if (t->has_value()) TORCH_CHECK_TYPE((*t)->scalar_type() == at::kInt, "notify's index tensors must be int32");
+  }
+  if (with_counts) {
+    TORCH_CHECK_TYPE(is_token_in_rank->scalar_type() == at::kBool, "is_token_in_rank must be bool");
+    TORCH_CHECK_VALUE(is_token_in_rank->dim() == 2 && is_token_in_rank->size(0) == num_tokens &&
+                      is_token_in_rank->size(1) == R, "is_token_in_rank must be [num_tokens, num_ranks]");
+    TORCH_CHECK_VALUE(send_slot.has_value() && send_slot->numel() == num_tokens * R, "send_slot must have T * R entries");
+    TORCH_CHECK_VALUE(send_lists.has_value() && send_lists->numel() == num_tokens * R,
+                      "send_lists must have R * T entries");
+    TORCH_CHECK_VALUE(rank_prefix_matrix.has_value() && rank_prefix_matrix->numel() == R * R,
+                      "rank_prefix_matrix must have R * R entries");
+  }
+  int num_topk = 0;
+  if (topk_idx.has_value()) {
+    TORCH_CHECK_TYPE(topk_idx->scalar_type() == at::kLong, "topk_idx must be int64");
+    TORCH_CHECK_VALUE(topk_idx->dim() == 2 && topk_idx->size(0) == num_tokens, "topk_idx must be [num_tokens, K]");
+    num_topk = static_cast<int>(topk_idx->size(1));
   }
   const int num_experts = expert_counts.has_value() ? static_cast<int>(expert_counts->numel()) : 0;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(buffer.device()));
-  in::launch_notify(peers_of(buffer), with_counts, num_tokens, ptr_or_null<const int>(send_slot, buffer, "send_slot"),
-                    ptr_or_null<const int>(send_counts, buffer, "send_counts"),
+  in::launch_notify(peers_of(buffer), with_counts, num_tokens,
+                    ptr_or_null<const bool>(is_token_in_rank, buffer, "is_token_in_rank"),
+                    ptr_or_null<const int64_t>(topk_idx, buffer, "topk_idx"), num_topk,
                     ptr_or_null<const int>(expert_counts, buffer, "expert_counts"), num_experts,
                     static_cast<int>(expert_alignment), static_cast<int>(num_worst_tokens),
-                    ptr_or_null<int>(send_lists, buffer, "send_lists"),
+                    ptr_or_null<int>(send_slot, buffer, "send_slot"), ptr_or_null<int>(send_lists, buffer, "send_lists"),
                     ptr_or_null<int>(rank_prefix_matrix, buffer, "rank_prefix_matrix"), record.device_view(), epoch,
-                    static_cast<int>(num_sms), stream_of(buffer));
+                    stream_of(buffer));
 }
 
 pybind11::object host_record_wait(const in::HostRecord& record, int64_t epoch, double timeout_s, int64_t num_local) {
@@ -165,7 +185,8 @@ pybind11::object host_record_wait(const in::HostRecord& record, int64_t epoch, d
   const auto& view = record.host_view();
   pybind11::list counts;
   for (int64_t e = 0; e < num_local; ++e) counts.append(view.counts[e]);
-  return pybind11::make_tuple(view.num_recv, view.max_tokens, counts, view.max_buffer_rows, view.max_buffer_rank);
+  return pybind11::make_tuple(view.num_recv, view.max_tokens, counts, view.max_buffer_rows, view.max_buffer_rank,
+                              view.id_min, view.id_max);
 }
 
 // Where a tensor in the receive pool (the buffer's region from byte pool_offset on) is, as the
@@ -345,12 +366,12 @@ PYBIND11_MODULE(_C, m) {
       .def(pybind11::init<>())
       .def("wait", &host_record_wait, pybind11::arg("epoch"), pybind11::arg("timeout_s"), pybind11::arg("num_local_experts"),
            "Wait (GIL released) until the record reaches epoch: (num_recv, max_tokens, counts, max_buffer_rows, "
-           "max_buffer_rank) or None on timeout");
+           "max_buffer_rank, id_min, id_max) or None on timeout");
   m.def("intranode_notify", &intranode_notify, pybind11::arg("buffer"), pybind11::arg("record"),
-        pybind11::arg("send_slot"), pybind11::arg("send_counts"), pybind11::arg("expert_counts"),
+        pybind11::arg("is_token_in_rank"), pybind11::arg("expert_counts"), pybind11::arg("topk_idx"),
         pybind11::arg("num_tokens"), pybind11::arg("expert_alignment"), pybind11::arg("num_worst_tokens"),
-        pybind11::arg("send_lists"), pybind11::arg("rank_prefix_matrix"), pybind11::arg("epoch"),
-        pybind11::arg("num_sms"));
+        pybind11::arg("send_slot"), pybind11::arg("send_lists"), pybind11::arg("rank_prefix_matrix"),
+        pybind11::arg("epoch"));
   m.def("intranode_transfer", &intranode_transfer, pybind11::arg("buffer"), pybind11::arg("x"), pybind11::arg("scales"),
         pybind11::arg("topk_idx"), pybind11::arg("topk_weights"), pybind11::arg("send_lists"),
         pybind11::arg("rank_prefix_matrix"), pybind11::arg("max_pair_rows"), pybind11::arg("cached"),

@@ -136,6 +136,11 @@ CASES = [
     Case("cached-worst-fp8-bias1", hidden=384, payload="fp8", cached=True, worst=True, num_biases=1),
     Case("signed-zeros-bf16-bias1", hidden=384, routing=SPARSE, signed_zeros=True, num_biases=1),
     Case("no-combine-weights-bf16-bias2", hidden=2048, combine_weights=False, num_biases=2),
+    # More tokens than the notify kernel's routing tile (2048): slots carried across tiles.
+    Case("multi-tile-routing-bf16", tokens=(4500, 2049, 2047, 3001), hidden=256, num_topk=2, routing=SPARSE,
+         num_biases=1),
+    Case("multi-tile-routing-worst-fp8", tokens=(2049, 4097, 0, 2100), hidden=256, payload="fp8", num_topk=3,
+         worst=True),
     Case("many-tokens-bf16-h7168-top8", tokens=BIG, hidden=7168, num_topk=8, local_experts=8, routing=SPARSE,
          num_biases=1, timeout=600.0),
     Case("many-tokens-fp8-h7168-top8-worst", tokens=BIG, hidden=7168, payload="fp8", num_topk=8, local_experts=8,
@@ -1072,6 +1077,58 @@ def _w_dispatch_bad_expert_id(ctx, seed: int) -> None:
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_dispatch_with_a_bad_expert_id_raises_after_the_host_wait(nccl_pool, world_size, seed):
     nccl_pool(world_size).run(_w_dispatch_bad_expert_id, seed, timeout=300)
+
+
+_BAD_ID_WORST_CHILD = r'''
+import os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from moe_ep.comm import Buffer
+from moe_ep.comm.errors import MoeEpTimeoutError
+torch.cuda.set_device(0)
+dist.init_process_group("nccl", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+buffer = Buffer(dist.group.WORLD, num_nvl_bytes=64 << 20)
+assert buffer.backend.uses_kernel("dispatch"), buffer.backend.describe()
+x = torch.randn(5, 256, device="cuda").to(torch.bfloat16)
+topk_idx = torch.randint(0, 16, (5, 2), device="cuda")
+weights = torch.rand(5, 2, device="cuda")
+per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 16)
+layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, num_worst_tokens=8, **layout)
+torch.cuda.synchronize()
+topk_idx[3, 1] = {bad}
+try:
+    buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, num_worst_tokens=8, **layout)
+    torch.cuda.synchronize()
+except MoeEpTimeoutError as exc:
+    print("RAISED MoeEpTimeoutError:", str(exc)[:200], flush=True)
+    os._exit(3)
+except RuntimeError as exc:
+    print("RAISED", type(exc).__name__, str(exc)[:200], flush=True)
+    os._exit(4)
+print("NO ERROR", flush=True)
+'''
+
+
+@pytest.mark.parametrize("bad", [16, -2])
+def test_worst_token_dispatch_with_a_bad_expert_id_traps_with_a_message(require_intranode_kernels, bad):
+    """With num_worst_tokens there is no host wait to raise from, so the notify kernel checks the
+    ids in its pass over topk_idx and stops with one line naming the entry and the bound; the host
+    gets an exception, never silent garbage. In a child process: the trap leaves the CUDA context
+    unusable."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = _BAD_ID_WORST_CHILD.format(root=REPO_ROOT, port=port, bad=bad)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    output = proc.stdout + proc.stderr
+    assert "NO ERROR" not in output, output
+    assert proc.returncode in (3, 4), f"exit code {proc.returncode} (3/4: the call raised):\n{output}"
+    assert f"moe_ep: dispatch on rank 0: topk_idx[3][1] = {bad} is outside [-1, 15] (num_experts = 16)" in output, output
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

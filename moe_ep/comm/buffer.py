@@ -243,17 +243,24 @@ class Buffer:
             comm.wait_stream(compute)
         with torch.cuda.stream(comm):
             result = fn()
-        tensors = [t for t in _flatten(inputs) if t.is_cuda]
-        for t in tensors:
-            t.record_stream(comm)
+        # Outputs were allocated on the comm stream: used on the compute stream, they are recorded
+        # there so the allocator does not hand their memory to comm-stream work too early.
         outputs = [t for t in _flatten(result) if t.is_cuda]
         if not allocate_on_comm_stream:
             for t in outputs:
                 t.record_stream(compute)
         if async_finish:
+            # The caller's inputs may be freed on the compute stream while the comm stream still
+            # reads them: recorded on comm, and kept alive by the event too.
+            tensors = [t for t in _flatten(inputs) if t.is_cuda]
+            for t in tensors:
+                t.record_stream(comm)
             event = torch.cuda.Event()
             event.record(comm)
             return result, EventOverlap(event, extra_tensors=tuple(tensors + outputs))
+        # Synchronous: the compute stream waits for the comm stream here, so whatever reuses the
+        # inputs' memory on the compute stream runs after the call (no record_stream needed, as in
+        # DeepEP).
         compute.wait_stream(comm)
         return result, EventOverlap()
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ..errors import MoeEpTimeoutError, timeout_seconds
 from ..ipc import adopt_in_process, open_intranode_buffer
 from ..recv_pool import RECV_POOL_ENV, ReceivePool, arena_offset, combine_pull_from_env, recv_pool_bytes_from_env
-from ..validation import check_positive_int, check_topk_idx, expert_id_error
+from ..validation import check_positive_int, expert_id_error
 from .reference import Payload, check_worst_tokens_agree
 
 
@@ -230,7 +230,6 @@ class IntranodeEngine:
             self.record = self.ext.IntranodeHostRecord()
         self._epoch = 0
         self._agreed_worst_tokens: set[int] = set()
-        self._id_bounds: Optional[torch.Tensor] = None  # pinned: topk_idx's smallest and largest id
         # Set to a list to record (step, start event, end event) per step: the benchmark's breakdown.
         self.profile: Optional[list] = None
         # A diagnostic for the loopback benchmark only (its --isolate rows): receivers wait for the
@@ -258,16 +257,9 @@ class IntranodeEngine:
                              f"(the group's smallest buffer has {self.min_nvl_bytes}; every rank raises this; see "
                              "moe_ep.comm.backends.intranode.intranode_size_hint)")
 
-    def _stage_id_bounds(self, topk_idx: torch.Tensor) -> torch.Tensor:
-        """Enqueues a copy of topk_idx's smallest and largest expert id into pinned memory, to be
-        read after the dispatch's host wait (which it precedes on the stream): the Buffer's range
-        check without a host synchronisation of its own."""
-        if self._id_bounds is None:
-            self._id_bounds = torch.empty(2, dtype=torch.int64, pin_memory=True)
-        self._id_bounds.copy_(torch.stack(torch.aminmax(topk_idx)), non_blocking=True)
-        return self._id_bounds
-
-    def _wait_sizes(self, num_local_experts: int) -> tuple[int, int, list[int], int, int]:
+    def _wait_sizes(self, num_local_experts: int) -> tuple[int, int, list[int], int, int, int, int]:
+        """(num_recv, max_tokens, per-local-expert counts, max_buffer_rows, max_buffer_rank, smallest
+        expert id, largest expert id) once this dispatch's notify published them."""
         got = self.record.wait(self._epoch, timeout_seconds(), num_local_experts)
         if got is None:
             raise MoeEpTimeoutError(f"rank {self.rank}: dispatch waited {timeout_seconds():.0f} s for the receive sizes "
@@ -327,44 +319,37 @@ class IntranodeEngine:
         counts_list: list[int] = []
         if cached:
             with self._step("notify"):  # the barrier only: every peer is done with its buffer
-                self.ext.intranode_notify(self.ipc, self.record, None, None, None, num_tokens, 1, 0, None, None, 0,
-                                          sms)
+                self.ext.intranode_notify(self.ipc, self.record, is_token_in_rank=None, expert_counts=None,
+                                          topk_idx=None, num_tokens=num_tokens, expert_alignment=1, num_worst_tokens=0,
+                                          send_slot=None, send_lists=None, rank_prefix_matrix=None, epoch=0)
             rank_prefix_matrix, recv_src_idx, send_lists = (routing.rank_prefix_matrix, routing.recv_src_idx,
                                                             routing.send_lists)
             num_rows, stride_rows = routing.num_recv_rows, routing.stride_rows
         else:
-            csum = is_token_in_rank.to(torch.int32).cumsum(0, dtype=torch.int32)
-            send_slot = torch.where(is_token_in_rank, csum - 1, -1).to(torch.int32).contiguous()
-            send_counts = (csum[-1] if num_tokens > 0 else torch.zeros(R, dtype=torch.int32, device=self.device))
-            send_counts = send_counts.contiguous()
+            # The routing pass (each token's slot per destination, the send lists) and the expert ids'
+            # range are the notify kernel's first step: no torch ops to launch before it.
+            is_token_in_rank = is_token_in_rank.contiguous()
             expert_counts = num_tokens_per_expert.to(torch.int32).contiguous()
             topk_idx = None if topk_idx is None else topk_idx.to(torch.int64).contiguous()
             topk_weights = None if topk_weights is None else topk_weights.to(torch.float32).contiguous()
-            # The ids' range (the Buffer leaves it to the engine): read after the host wait, or
-            # checked on the device where there is none (num_worst_tokens).
-            id_bounds = None
-            if topk_idx is not None and topk_idx.numel():
-                if num_worst_tokens > 0:
-                    check_topk_idx(topk_idx, num_tokens, num_experts, self.device, sync_free=True)
-                else:
-                    id_bounds = self._stage_id_bounds(topk_idx)
+            send_slot = torch.empty((num_tokens, R), dtype=torch.int32, device=self.device)
             send_lists = torch.empty((R, num_tokens), dtype=torch.int32, device=self.device)
             rank_prefix_matrix = torch.empty((R, R), dtype=torch.int32, device=self.device)
             num_local = num_experts // R
             self._epoch += 1
             with self._step("notify + host wait"):
-                self.ext.intranode_notify(self.ipc, self.record, send_slot, send_counts, expert_counts, num_tokens,
-                                          expert_alignment, num_worst_tokens, send_lists, rank_prefix_matrix,
-                                          self._epoch, sms)
-                if num_worst_tokens > 0:
+                self.ext.intranode_notify(self.ipc, self.record, is_token_in_rank, expert_counts, topk_idx, num_tokens,
+                                          expert_alignment, num_worst_tokens, send_slot, send_lists,
+                                          rank_prefix_matrix, self._epoch)
+                if num_worst_tokens > 0:  # no host wait: the kernel traps at an expert id out of range
                     num_rows = stride_rows = max_buffer_rows = num_worst_tokens
                 else:
-                    num_rows, stride_rows, counts_list, max_buffer_rows, max_rank = self._wait_sizes(num_local)
-                    if id_bounds is not None:
-                        error = expert_id_error("topk_idx", int(id_bounds[0]), int(id_bounds[1]), num_experts)
+                    num_rows, stride_rows, counts_list, max_buffer_rows, max_rank, id_min, id_max = \
+                        self._wait_sizes(num_local)
+                    if topk_idx is not None and topk_idx.numel():
+                        error = expert_id_error("topk_idx", id_min, id_max, num_experts)
                         if error is not None:  # this rank stops before its transfer (its peers' waits are bounded)
                             raise error
-                    counts_list = list(counts_list)
                     self._check_fits(needed(max_buffer_rows), "dispatch", max_rank)
 
         specs = [((num_rows, hidden), x_data.dtype),
