@@ -30,7 +30,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kNotifyThreads = 512;
+constexpr int kNotifyThreads = 1024;  // notify is one block: its routing pass uses them all
 constexpr unsigned kFullWarp = 0xffffffffu;
 
 using copy::align16;
@@ -160,9 +160,10 @@ __device__ __forceinline__ int warp_inclusive_sum(int value, int lane) {
 // (so a dispatch launches no torch ops for it): each token's place among this rank's tokens bound
 // for rank r, send_slot[t][r] (-1: not sent there), the send lists, lists[r][slot] = t, and the
 // counts, sent[r]. Places follow token order, as the reference's. Tiles of kNotifyThreads *
-// kRouteTokensPerThread tokens: a thread counts its tokens' flags, the warps scan the counts, one
-// thread per destination scans the warps' totals on top of the running count, then every thread
-// writes its tokens' places. warp_base is shared scratch, [kNotifyWarps][kMaxRanks].
+// kRouteTokensPerThread tokens: a thread loads its tokens' rows of is_token_in_rank once, as bit
+// masks; per destination the warps scan their threads' counts, one thread per destination scans
+// the warps' totals on top of the running count, then every thread writes its tokens' places.
+// warp_base is shared scratch, [kNotifyWarps][kMaxRanks].
 __device__ void route_tokens(const bool* __restrict__ in_rank, int64_t num_tokens, int R, int* __restrict__ send_slot,
                              int* __restrict__ send_lists, int* sent, int (*warp_base)[kMaxRanks]) {
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
@@ -170,10 +171,20 @@ __device__ void route_tokens(const bool* __restrict__ in_rank, int64_t num_token
   constexpr int64_t kTile = static_cast<int64_t>(kNotifyThreads) * kRouteTokensPerThread;
   for (int64_t tile = 0; tile < num_tokens; tile += kTile) {
     const int64_t first = tile + static_cast<int64_t>(threadIdx.x) * kRouteTokensPerThread;
+    uint64_t masks[kRouteTokensPerThread];  // bit r: the token goes to rank r (R <= kMaxRanks = 64)
+#pragma unroll
+    for (int p = 0; p < kRouteTokensPerThread; ++p) {
+      uint64_t mask = 0;
+      if (first + p < num_tokens) {
+        const bool* row = in_rank + (first + p) * R;
+        for (int r = 0; r < R; ++r) mask |= static_cast<uint64_t>(row[r]) << r;
+      }
+      masks[p] = mask;
+    }
     for (int r = 0; r < R; ++r) {
       int count = 0;
 #pragma unroll
-      for (int p = 0; p < kRouteTokensPerThread; ++p) count += first + p < num_tokens && in_rank[(first + p) * R + r];
+      for (int p = 0; p < kRouteTokensPerThread; ++p) count += static_cast<int>((masks[p] >> r) & 1);
       const int inclusive = warp_inclusive_sum(count, lane);
       if (lane == 31) warp_base[warp][r] = inclusive;  // the warp's total, until the scan below
     }
@@ -189,19 +200,16 @@ __device__ void route_tokens(const bool* __restrict__ in_rank, int64_t num_token
     }
     __syncthreads();
     for (int r = 0; r < R; ++r) {
-      bool flags[kRouteTokensPerThread];
       int count = 0;
 #pragma unroll
-      for (int p = 0; p < kRouteTokensPerThread; ++p) {
-        flags[p] = first + p < num_tokens && in_rank[(first + p) * R + r];
-        count += flags[p];
-      }
+      for (int p = 0; p < kRouteTokensPerThread; ++p) count += static_cast<int>((masks[p] >> r) & 1);
       int slot = warp_base[warp][r] + warp_inclusive_sum(count, lane) - count;
 #pragma unroll
       for (int p = 0; p < kRouteTokensPerThread; ++p) {
         if (first + p >= num_tokens) break;
-        send_slot[(first + p) * R + r] = flags[p] ? slot : -1;
-        if (flags[p]) send_lists[static_cast<int64_t>(r) * num_tokens + slot++] = static_cast<int>(first + p);
+        const bool sent_there = (masks[p] >> r) & 1;
+        send_slot[(first + p) * R + r] = sent_there ? slot : -1;
+        if (sent_there) send_lists[static_cast<int64_t>(r) * num_tokens + slot++] = static_cast<int>(first + p);
       }
     }
     __syncthreads();  // warp_base is rewritten by the next tile
@@ -209,18 +217,25 @@ __device__ void route_tokens(const bool* __restrict__ in_rank, int64_t num_token
 }
 
 // The smallest and largest id in topk_idx (n = T * K entries) into bounds[0], bounds[1] (shared),
-// for the host to check after its wait. With trap_bad_ids (num_worst_tokens: no host wait to raise
-// from) an id outside [-1, num_experts) traps with a line naming the entry.
+// for the host to check after its wait: 16-byte loads, several in flight, nothing else in the
+// loop. With trap_bad_ids (num_worst_tokens: no host wait to raise from) an id outside
+// [-1, num_experts) then traps with a line naming the entry (a second pass finds it).
 __device__ void expert_id_bounds(const int64_t* __restrict__ ids, int64_t n, int num_topk, int num_experts,
                                  bool trap_bad_ids, int rank, long long* bounds) {
   __shared__ long long warp_low[kNotifyWarps], warp_high[kNotifyWarps];
+  const auto* values = reinterpret_cast<const long long*>(ids);
   long long low = LLONG_MAX, high = LLONG_MIN;
-#pragma unroll 4
-  for (int64_t i = threadIdx.x; i < n; i += kNotifyThreads) {
-    const long long id = __ldg(reinterpret_cast<const long long*>(ids) + i);
+  const int64_t pairs = reinterpret_cast<uintptr_t>(ids) % 16 == 0 ? n / 2 : 0;
+#pragma unroll 8
+  for (int64_t i = threadIdx.x; i < pairs; i += kNotifyThreads) {
+    const longlong2 two = __ldg(reinterpret_cast<const longlong2*>(values) + i);
+    low = min(low, min(two.x, two.y));
+    high = max(high, max(two.x, two.y));
+  }
+  for (int64_t i = 2 * pairs + threadIdx.x; i < n; i += kNotifyThreads) {
+    const long long id = __ldg(values + i);
     low = min(low, id);
     high = max(high, id);
-    if (trap_bad_ids && (id < -1 || id >= num_experts)) bad_topk_entry("dispatch", rank, i, num_topk, id, num_experts);
   }
   for (int d = 16; d > 0; d >>= 1) {
     low = min(low, __shfl_xor_sync(kFullWarp, low, d));
@@ -241,6 +256,12 @@ __device__ void expert_id_bounds(const int64_t* __restrict__ ids, int64_t n, int
     bounds[1] = high;
   }
   __syncthreads();
+  if (trap_bad_ids && (bounds[0] < -1 || bounds[1] >= num_experts)) {
+    for (int64_t i = threadIdx.x; i < n; i += kNotifyThreads) {
+      const long long id = __ldg(values + i);
+      if (id < -1 || id >= num_experts) bad_topk_entry("dispatch", rank, i, num_topk, id, num_experts);
+    }
+  }
 }
 
 // One block. With counts: the routing pass (route_tokens), the ids' range, then the barrier that
