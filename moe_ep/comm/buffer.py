@@ -249,18 +249,20 @@ class Buffer:
         if not allocate_on_comm_stream:
             for t in outputs:
                 t.record_stream(compute)
-        if async_finish:
-            # The caller's inputs may be freed on the compute stream while the comm stream still
-            # reads them: recorded on comm, and kept alive by the event too.
+        if async_finish or previous_event is not None:
+            # The comm stream may still read the caller's inputs after the call returns (async), or
+            # they may come from the stream previous_event was recorded on, which nothing orders
+            # after the comm stream: recorded there, so the allocator keeps them until it is done.
             tensors = [t for t in _flatten(inputs) if t.is_cuda]
             for t in tensors:
                 t.record_stream(comm)
+        if async_finish:
             event = torch.cuda.Event()
             event.record(comm)
             return result, EventOverlap(event, extra_tensors=tuple(tensors + outputs))
-        # Synchronous: the compute stream waits for the comm stream here, so whatever reuses the
-        # inputs' memory on the compute stream runs after the call (no record_stream needed, as in
-        # DeepEP).
+        # Synchronous, ordered after the compute stream: the compute stream waits for the comm
+        # stream here, so whatever reuses the inputs' memory there runs after the call (no
+        # record_stream for them, as in DeepEP: a host cost on every call).
         compute.wait_stream(comm)
         return result, EventOverlap()
 
