@@ -290,7 +290,7 @@ class ExpertParallelMoE(nn.Module):
             return self._local_experts_on_rows(self._activations(x), topk_idx, topk_weights, x.shape[0])
         buffer = self.buffer
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, self.num_experts)
-        recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
+        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
             self._activations(x), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
             num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
         num_recv = recv_idx.shape[0]
@@ -298,25 +298,29 @@ class ExpertParallelMoE(nn.Module):
         # into combine's input: with a receive pool its peers read them there in place.
         rows = buffer.empty_combine_input(num_recv, self.hidden_size,
                                           x.dtype if x.dtype == torch.float32 else torch.bfloat16)
-        self._local_experts_on_rows(recv_x, recv_idx, recv_w, num_recv, out=rows)
+        self._local_experts_on_rows(recv_x, recv_idx, recv_w, num_recv, out=rows, counts=counts)
         combined, _, _ = buffer.combine(rows, handle)
         return combined
 
     def _local_experts_on_rows(self, rows_x, local_idx: torch.Tensor, weights: torch.Tensor,
-                               num_rows: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                               num_rows: int, out: Optional[torch.Tensor] = None,
+                               counts: Optional[list[int]] = None) -> torch.Tensor:
         """Rows -> sum over their local experts of weight * expert(row), into ``out`` when given
         (cast to its dtype).
 
         The (row, k) pairs are grouped by expert for one grouped GEMM ("contiguous" layout); the
         outputs are put back in (row, k) order and reduced with the weights by one batched
-        [1, K] x [K, H] product per row: no float32 scatter-add, one pass over the outputs."""
+        [1, K] x [K, H] product per row: no float32 scatter-add, one pass over the outputs.
+        ``counts``: the (row, k) pairs per local expert as host ints, which a dispatch returns
+        (``num_recv_tokens_per_expert_list``); then this runs without a host synchronisation (the
+        GPU need not drain while the host launches the GEMMs). Without them: one, to count."""
         num_k = local_idx.shape[1]
         flat_idx = local_idx.flatten()
-        pair = (flat_idx >= 0).nonzero().squeeze(1)          # (row, k) ids, row-major
-        expert = flat_idx.index_select(0, pair)
-        order = torch.argsort(expert, stable=True)
-        pair = pair.index_select(0, order)
-        counts = torch.bincount(expert, minlength=self.num_local_experts).tolist()
+        key = torch.where(flat_idx >= 0, flat_idx, self.num_local_experts)  # -1 (not here) sorts last
+        if counts is None:
+            counts = torch.bincount(key, minlength=self.num_local_experts + 1)[:-1].tolist()
+        # (row, k) ids grouped by expert, row-major within an expert (a stable sort), without the -1s.
+        pair = torch.argsort(key, stable=True)[:sum(counts)]
         row = pair // num_k
         if isinstance(rows_x, tuple):
             pairs_x = (rows_x[0].index_select(0, row), rows_x[1].index_select(0, row))
