@@ -136,7 +136,7 @@ CASES = [
     Case("cached-worst-fp8-bias1", hidden=384, payload="fp8", cached=True, worst=True, num_biases=1),
     Case("signed-zeros-bf16-bias1", hidden=384, routing=SPARSE, signed_zeros=True, num_biases=1),
     Case("no-combine-weights-bf16-bias2", hidden=2048, combine_weights=False, num_biases=2),
-    # More tokens than the notify kernel's routing tile (2048): slots carried across tiles.
+    # More tokens than the notify kernel's routing tile (1024 threads x 4 = 4096): slots carried across tiles.
     Case("multi-tile-routing-bf16", tokens=(4500, 2049, 2047, 3001), hidden=256, num_topk=2, routing=SPARSE,
          num_biases=1),
     Case("multi-tile-routing-worst-fp8", tokens=(2049, 4097, 0, 2100), hidden=256, payload="fp8", num_topk=3,
