@@ -1336,16 +1336,7 @@ def test_flag_area_matches_the_size_hint():
 # Out-of-range expert ids: the kernels check topk_idx themselves (no host sync, no assert kernels)
 # ---------------------------------------------------------------------------------------------
 
-_BAD_ENTRY_CHILD = r'''
-import os, sys
-import torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
-os.environ["MOE_EP_EXPERIMENTAL_KERNELS"] = "low_latency"
-from moe_ep.comm import Buffer
-from moe_ep.comm.errors import MoeEpTimeoutError
-torch.cuda.set_device(0)
-# NCCL: a Buffer picks the cuda backend only for a group whose tensors live on GPUs (gloo -> reference).
-dist.init_process_group("nccl", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+_BAD_ENTRY_SETUP = r'''
 buffer = Buffer(dist.group.WORLD, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(8, 256, 1, 16),
                 low_latency_mode=True, num_qps_per_rank=16)
 assert buffer.backend.uses_kernel("{call}"), buffer.backend.describe()
@@ -1355,20 +1346,11 @@ topk_idx = torch.randint(0, 16, (5, 2), device="cuda")
 recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, 8, 16, use_fp8=False)
 torch.cuda.synchronize()
 topk_idx[3, 1] = {bad}
-try:
-    if "{call}" == "low_latency_dispatch":
-        buffer.low_latency_dispatch(x, topk_idx, 8, 16, use_fp8=False)
-    else:
-        buffer.low_latency_combine(recv_x, topk_idx, torch.rand(5, 2, device="cuda"), handle)
-    torch.cuda.synchronize()
-except MoeEpTimeoutError as exc:
-    print("RAISED MoeEpTimeoutError:", str(exc)[:200], flush=True)
-    os._exit(3)
-except RuntimeError as exc:
-    print("RAISED", type(exc).__name__, str(exc)[:200], flush=True)
-    os._exit(4)
-print("NO ERROR", flush=True)
 '''
+_BAD_ENTRY_CALLS = {
+    "low_latency_dispatch": "buffer.low_latency_dispatch(x, topk_idx, 8, 16, use_fp8=False)",
+    "low_latency_combine": 'buffer.low_latency_combine(recv_x, topk_idx, torch.rand(5, 2, device="cuda"), handle)',
+}
 
 
 @pytest.mark.gpu
@@ -1376,20 +1358,10 @@ print("NO ERROR", flush=True)
                                       ("low_latency_combine", 99)])
 def test_out_of_range_expert_id_traps_with_a_message(call, bad):
     """An expert id outside [-1, E) stops the kernel with one line naming the call, the entry and
-    the bound, and the host gets an exception: never silent garbage. In a child process: the trap
-    leaves the CUDA context unusable."""
-    import socket
-    import subprocess
-    import sys
+    the bound, and the host gets an exception: never silent garbage."""
+    from tests.trap_child import assert_call_traps
 
     require_ll_kernels()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = _BAD_ENTRY_CHILD.format(root=root, port=port, call=call, bad=bad)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
-    output = proc.stdout + proc.stderr
-    assert "NO ERROR" not in output, output
-    assert proc.returncode in (3, 4), f"exit code {proc.returncode} (3/4: the call raised):\n{output}"
-    assert f"moe_ep: {call} on rank 0: topk_idx[3][1] = {bad} is outside [-1, 15] (num_experts = 16)" in output, output
+    assert_call_traps(_BAD_ENTRY_SETUP.format(call=call, bad=bad), _BAD_ENTRY_CALLS[call],
+                      f"moe_ep: {call} on rank 0: topk_idx[3][1] = {bad} is outside [-1, 15] (num_experts = 16)",
+                      env={"MOE_EP_EXPERIMENTAL_KERNELS": "low_latency"})
