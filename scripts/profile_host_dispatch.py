@@ -1,11 +1,11 @@
-"""Host time of a routed (non-cached) normal dispatch and a combine through ``Buffer``, one rank on
-one GPU: where the Python and launch time goes (cProfile), since the GPU idles for whatever the
-host does after the dispatch's host wait.
+"""Host time of a routed (non-cached) normal dispatch, a cached one and a combine through ``Buffer``,
+one rank on one GPU: where the Python and launch time goes (cProfile, then torch.profiler's table
+of ops and kernels), since the GPU idles for whatever the host does after the dispatch's host wait.
 
     python scripts/profile_host_dispatch.py [--tokens 4096] [--hidden 7168] [--recv-pool BYTES]
 
 Prints the host µs per call (with a synchronize after each, so the host is never ahead) next to the
-GPU µs of the same call, then cProfile's top functions by their own time.
+GPU µs of the same call, then cProfile's top functions by their own time and torch.profiler's ops.
 """
 from __future__ import annotations
 
