@@ -40,7 +40,7 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     stage "intranode GPU tests"
     MOE_EP_TIMEOUT_S=30 timeout -k 10 ${INTRANODE_S:-420} python3 -m pytest -q -m "gpu and not slow" \
       tests/test_cuda_intranode.py tests/test_gpu_buffer_streams.py tests/test_gpu_loopback.py \
-      tests/test_gpu_layer_prefill.py ${INTRANODE_K:+-k "$INTRANODE_K"} 2>&1 | tail -12
+      tests/test_gpu_layer_prefill.py tests/test_cuda_layout.py ${INTRANODE_K:+-k "$INTRANODE_K"} 2>&1 | tail -12
   fi
   if has bench_normal; then
     stage "bench normal (push-based intranode kernels)"
