@@ -8,7 +8,7 @@
 #   B  STAGES=build,intranode_tests            (every intranode change since the last 2-GPU run: spill fix,
 #                                               --isolate, the staged combine, the receive pool, the pulled
 #                                               combine, the prefill layer with a pool, routing in notify; ~530 s: on one GPU
-#                                               the suite took 250 s, INTRANODE_K can split it)
+#                                               the suite took 355 s (ninth session), INTRANODE_K can split it)
 #   C  STAGES=build,ll_tests,profile_ll        (the fifth session's LL fused kernels, weight counters, send
 #                                               rounds, warp routing; the sixth session's NVSHMEM put path
 #                                               and bit-equal FP8 cast; so far run on one GPU only)
