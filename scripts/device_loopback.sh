@@ -2,7 +2,10 @@
 # One bounded call on ONE GPU: build (unless a built moe_ep/_C*.so was carried in), the in-process
 # engine tests, optionally the low-latency GPU tests, then `python -m moe_ep.bench loopback` (ranks
 # as threads on the one GPU: the kernels' speed with the link taken out).
-#   STAGES=build,intranode_tests,sanitizer,tests,bench,ll_one_rank,ll_tests,nvshmem_puts,ll_sanitizer (in this order; default build,tests,bench)
+#   STAGES=build,trap_tests,host_profile,intranode_tests,sanitizer,tests,bench,ll_one_rank,ll_tests,nvshmem_puts,ll_sanitizer
+#   (in this order; default build,tests,bench)
+#   trap_tests: the child-process tests of kernels that trap on a bad expert id (layout, worst-token dispatch, low latency).
+#   host_profile: scripts/profile_host_dispatch.py (one rank; PROFILE_ARGS adds options, e.g. --recv-pool BYTES).
 #   nvshmem_puts: the put path's tests (one rank; then 2 ranks sharing the GPU, an experiment) and bench ll stores vs puts (PUTS_BENCH=0: no bench).
 #   ll_one_rank: `bench ll --trace` with the one GPU as one rank (all 132 SMs, every expert local): a
 #   2-GPU rank's kernel work at the same tokens/rank, without the link.
@@ -23,6 +26,16 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     else
       echo "using the carried $(ls moe_ep/_C*.so)"
     fi
+  fi
+  if has trap_tests; then
+    stage "bad expert ids trap with a message (child processes)"
+    MOE_EP_TIMEOUT_S=20 timeout -k 10 ${TRAP_S:-240} python3 -m pytest -q -m gpu tests/test_cuda_layout.py \
+      tests/test_cuda_intranode.py tests/test_cuda_low_latency.py -k "traps_with_a_message" 2>&1 | tail -12
+  fi
+  if has host_profile; then
+    stage "host time of dispatch and combine (one rank)"
+    PYTHONPATH=$PWD timeout -k 10 ${PROFILE_S:-180} python3 scripts/profile_host_dispatch.py --calls 100 \
+      ${PROFILE_ARGS:-} 2>&1 | grep -v "^moe_ep: using" | head -${PROFILE_LINES:-200}
   fi
   if has intranode_tests; then
     stage "intranode GPU tests (ranks sharing the GPU)"

@@ -5,7 +5,9 @@ of ops and kernels), since the GPU idles for whatever the host does after the di
     python scripts/profile_host_dispatch.py [--tokens 4096] [--hidden 7168] [--recv-pool BYTES]
 
 Prints the host µs per call (with a synchronize after each, so the host is never ahead) next to the
-GPU µs of the same call, then cProfile's top functions by their own time and torch.profiler's ops.
+GPU µs of the same call; a host timeline of each call (when the kernels' launchers were entered and
+left, when the dispatch's host wait returned: the time from there to the transfer's launch is GPU
+idle time); then cProfile's top functions by their own time and torch.profiler's ops.
 """
 from __future__ import annotations
 
@@ -14,9 +16,59 @@ import cProfile
 import os
 import pstats
 import time
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
+
+
+class _TimedLaunchers:
+    """Stands in for the engine's extension module: records host timestamps around the launchers'
+    calls (and the engine's host wait), everything else passes through."""
+
+    TIMED = ("intranode_notify", "intranode_transfer", "intranode_combine")
+
+    def __init__(self, ext, engine) -> None:
+        self._ext, self.marks = ext, []
+        wait = engine._wait_sizes
+
+        def timed_wait(*args, **kwargs):
+            result = wait(*args, **kwargs)
+            self.marks.append(("wait returned", time.perf_counter()))
+            return result
+        engine._wait_sizes = timed_wait
+
+    def __getattr__(self, name):
+        target = getattr(self._ext, name)
+        if name not in self.TIMED:
+            return target
+
+        def timed(*args, **kwargs):
+            self.marks.append((f"{name} entered", time.perf_counter()))
+            result = target(*args, **kwargs)
+            self.marks.append((f"{name} left", time.perf_counter()))
+            return result
+        return timed
+
+
+def print_timeline(name: str, call, timed: _TimedLaunchers, calls: int) -> None:
+    """Median µs from the call's start to each mark, and between consecutive marks."""
+    at = defaultdict(list)
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        timed.marks.clear()
+        t0 = time.perf_counter()
+        call()
+        t1 = time.perf_counter()
+        for mark, t in timed.marks + [("returned", t1)]:
+            at[mark].append((t - t0) * 1e6)
+    order = sorted(at, key=lambda m: sorted(at[m])[len(at[m]) // 2])
+    print(f"host timeline of {name} (µs from the call, median of {calls}):", flush=True)
+    previous = 0.0
+    for mark in order:
+        median = sorted(at[mark])[len(at[mark]) // 2]
+        print(f"  {mark:<28} {median:8.1f}   (+{median - previous:6.1f})", flush=True)
+        previous = median
 
 
 def main() -> None:
@@ -74,6 +126,12 @@ def main() -> None:
         host.sort(), gpu.sort()
         print(f"{name:<20} host µs per call (median) {host[len(host) // 2]:8.1f}   "
               f"GPU µs start->end (median) {gpu[len(gpu) // 2]:8.1f}", flush=True)
+    engine = buffer.backend.intranode
+    timed = _TimedLaunchers(engine.ext, engine)
+    engine.ext = timed
+    for name, call in calls:
+        print_timeline(name, call, timed, args.calls)
+    engine.ext = timed._ext
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(args.calls):
