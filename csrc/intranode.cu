@@ -16,6 +16,9 @@
 #include <string>
 #include <thread>
 #include <initializer_list>
+#include <mutex>
+#include <set>
+#include <tuple>
 #include <type_traits>
 
 #include "bad_input.cuh"
@@ -1167,6 +1170,13 @@ int stage_smem_for(Kernel kernel, int S) {
   const int bytes = static_cast<int>(kWarps * copy::stage_bytes_per_warp(S));
   int device = 0, limit = 0;
   cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+  // Checked and opted into once per (kernel, device, size): the attribute queries cost the host
+  // several µs on every combine otherwise.
+  static std::mutex opted_mutex;
+  static std::set<std::tuple<const void*, int, int>> opted;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, bytes);
+  const std::lock_guard<std::mutex> lock(opted_mutex);
+  if (opted.count(key) != 0) return bytes;
   cuda_check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute(max shared memory per block)");
   cudaFuncAttributes attrs{};
@@ -1181,6 +1191,7 @@ int stage_smem_for(Kernel kernel, int S) {
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
                "cudaFuncSetAttribute(max dynamic shared memory)");
   }
+  opted.insert(key);
   return bytes;
 }
 

@@ -9,6 +9,7 @@
 #include <memory>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "binding_checks.h"
 #include "bounded_wait_test.h"
@@ -183,10 +184,33 @@ pybind11::object host_record_wait(const in::HostRecord& record, int64_t epoch, d
   }
   if (!ok) return pybind11::none();
   const auto& view = record.host_view();
-  pybind11::list counts;
-  for (int64_t e = 0; e < num_local; ++e) counts.append(view.counts[e]);
+  // Built in place (no append per entry): this runs after the host wait, while the GPU idles.
+  pybind11::list counts(num_local);
+  for (int64_t e = 0; e < num_local; ++e) {
+    counts[static_cast<size_t>(e)] = pybind11::reinterpret_steal<pybind11::object>(PyLong_FromLong(view.counts[e]));
+  }
   return pybind11::make_tuple(view.num_recv, view.max_tokens, counts, view.max_buffer_rows, view.max_buffer_rank,
                               view.id_min, view.id_max);
+}
+
+// Uninitialised tensors on `device` (its current stream, and the caller's receive pool when one is
+// selected), one per spec (shape, dtype); None stays None. Python decides every shape and dtype;
+// this only spares the interpreter a torch.empty per tensor (a few µs each), which matters for the
+// dispatch's outputs: they are allocated after its host wait, while the GPU idles.
+pybind11::list empty_tensors(const std::vector<std::optional<std::tuple<std::vector<int64_t>, at::ScalarType>>>& specs,
+                             int64_t device) {
+  const auto options = at::TensorOptions().device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+  pybind11::list out(specs.size());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    if (!specs[i].has_value()) {
+      out[i] = pybind11::none();
+      continue;
+    }
+    const auto& [shape, dtype] = *specs[i];
+    for (const int64_t n : shape) TORCH_CHECK_VALUE(n >= 0, "empty_tensors: a negative size");
+    out[i] = pybind11::cast(at::empty(shape, options.dtype(dtype)));
+  }
+  return out;
 }
 
 // Where a tensor in the receive pool (the buffer's region from byte pool_offset on) is, as the
@@ -398,6 +422,9 @@ PYBIND11_MODULE(_C, m) {
     return in::combine_bytes_needed(stride_rows, in::combine_row_bytes(x_bytes, static_cast<int>(num_topk_weights)),
                                     static_cast<int>(num_ranks));
   }, pybind11::arg("stride_rows"), pybind11::arg("x_bytes"), pybind11::arg("num_topk_weights"), pybind11::arg("num_ranks"));
+  m.def("empty_tensors", &empty_tensors, pybind11::arg("specs"), pybind11::arg("device"),
+        "Uninitialised CUDA tensors on device (an index), one per (shape, dtype) spec, None for None: "
+        "torch.empty of each, in one call");
   m.attr("intranode_max_experts") = in::kMaxExperts;
   m.attr("intranode_max_ranks") = in::kMaxRanks;
 

@@ -1139,3 +1139,22 @@ SANITIZER_CASES = [
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_reports_no_errors(require_intranode_kernels, tool):
     assert_sanitizer_clean(tool, SANITIZER_SCRIPT, SANITIZER_OK_LINE, SANITIZER_TIMEOUT_S)
+
+
+def test_empty_tensors_makes_one_tensor_per_spec(require_intranode_kernels):
+    """The engine allocates a dispatch's outputs with one call (after its host wait, while the GPU
+    idles): each spec's shape, dtype and device, None for None, and a negative size refused."""
+    from moe_ep import _C
+    device = torch.cuda.current_device()
+    specs = [((3, 7168), torch.bfloat16), None, ((0, 8), torch.int64), ((5,), torch.int32),
+             ((2, 56), torch.float32), ((4, 4), FP8_DTYPE)]
+    out = _C.empty_tensors(specs, device)
+    assert len(out) == len(specs) and out[1] is None
+    for spec, t in zip(specs, out):
+        if spec is not None:
+            assert (tuple(t.shape), t.dtype, t.device) == (spec[0], spec[1], torch.device("cuda", device))
+            assert t.is_contiguous()
+    out[0].fill_(1.5)
+    assert out[0].float().sum().item() == 1.5 * 3 * 7168
+    with pytest.raises(ValueError, match="negative size"):
+        _C.empty_tensors([((2, -1), torch.float32)], device)

@@ -34,9 +34,10 @@ by torch to 2 MiB per tensor; give room for the outputs that are alive at once
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -160,13 +161,20 @@ class ReceivePool:
     def empty(self, specs: Sequence[Optional[tuple[tuple[int, ...], torch.dtype]]]) -> list[Optional[torch.Tensor]]:
         """``torch.empty`` of each (shape, dtype) from the pool (None stays None). Some may lie
         outside the arena when it is full: check with :meth:`contains`."""
+        with self.allocating():
+            return [None if spec is None else torch.empty(spec[0], dtype=spec[1], device=self.device)
+                    for spec in specs]
+
+    @contextlib.contextmanager
+    def allocating(self) -> Iterator[None]:
+        """Inside it, this thread's CUDA allocations on the pool's device (torch's, from Python or
+        C++) come from the pool; some may lie outside the arena when it is full."""
         if self._pool is None:
             raise RuntimeError("this receive pool is closed")
         previous = self._lib.moe_ep_recv_pool_select(self._id)
         try:
             with torch.cuda.use_mem_pool(self._pool, self.device):
-                return [None if spec is None else torch.empty(spec[0], dtype=spec[1], device=self.device)
-                        for spec in specs]
+                yield
         finally:
             self._lib.moe_ep_recv_pool_select(previous)
 

@@ -226,6 +226,7 @@ class IntranodeEngine:
             self.recv_pool = ReceivePool(int(ipc.data_ptr()) + self.pool_offset, pool_bytes, device, memory_owner)
         self.num_sms = 20
         self.ext = _extension()
+        self._device_index = device.index if device.index is not None else torch.cuda.current_device()
         with torch.cuda.device(device):
             self.record = self.ext.IntranodeHostRecord()
         self._epoch = 0
@@ -272,9 +273,12 @@ class IntranodeEngine:
         pool); whether they all lie in its arena."""
         pool = self.recv_pool
         if pool is not None and not torch.cuda.is_current_stream_capturing():
-            outputs = pool.empty(specs)
+            with pool.allocating():
+                outputs = self.ext.empty_tensors(specs, self._device_index)
             return outputs, all(pool.contains(t) for t in outputs)
-        return [None if s is None else torch.empty(s[0], dtype=s[1], device=self.device) for s in specs], False
+        # One call for all of them: after the dispatch's host wait the GPU idles until the transfer
+        # is launched, and torch.empty costs a few µs of Python per tensor.
+        return self.ext.empty_tensors(specs, self._device_index), False
 
     def empty_combine_input(self, num_rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised ``[num_rows, hidden]`` tensor for combine's ``x``: from the receive pool
@@ -332,9 +336,9 @@ class IntranodeEngine:
             expert_counts = num_tokens_per_expert.to(torch.int32).contiguous()
             topk_idx = None if topk_idx is None else topk_idx.to(torch.int64).contiguous()
             topk_weights = None if topk_weights is None else topk_weights.to(torch.float32).contiguous()
-            send_slot = torch.empty((num_tokens, R), dtype=torch.int32, device=self.device)
-            send_lists = torch.empty((R, num_tokens), dtype=torch.int32, device=self.device)
-            rank_prefix_matrix = torch.empty((R, R), dtype=torch.int32, device=self.device)
+            send_slot, send_lists, rank_prefix_matrix = self.ext.empty_tensors(
+                [((num_tokens, R), torch.int32), ((R, num_tokens), torch.int32), ((R, R), torch.int32)],
+                self._device_index)
             num_local = num_experts // R
             self._epoch += 1
             with self._step("notify + host wait"):
@@ -390,10 +394,9 @@ class IntranodeEngine:
                                                   self.num_ranks)
         self._check_fits(needed, "combine")
         biases = [b.contiguous() for b in biases]
-        out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=self.device)
-        out_weights = None
-        if num_topk:
-            out_weights = torch.empty((num_tokens, num_topk), dtype=torch.float32, device=self.device)
+        out, out_weights = self.ext.empty_tensors(
+            [((num_tokens, hidden), x.dtype), ((num_tokens, num_topk), torch.float32) if num_topk else None],
+            self._device_index)
         sms = int(self.num_sms)
         pullable = self._pullable(x, topk_weights)
         self.pull_calls += int(pullable)
