@@ -129,8 +129,18 @@ def main() -> None:
     engine = buffer.backend.intranode
     timed = _TimedLaunchers(engine.ext, engine)
     engine.ext = timed
-    for name, call in calls:
-        print_timeline(name, call, timed, args.calls)
+    # Then with the outputs allocated by a torch.empty per tensor (the path before
+    # ext.empty_tensors), and again as built: a comparison on the same host.
+    def torch_empty_per_output(specs, device):
+        return [None if s is None else torch.empty(s[0], dtype=s[1], device=torch.device("cuda", device))
+                for s in specs]
+    for variant in ("", ", torch.empty per output", ", again"):
+        if variant == ", torch.empty per output":
+            timed.empty_tensors = torch_empty_per_output
+        elif "empty_tensors" in vars(timed):
+            del timed.empty_tensors
+        for name, call in calls:
+            print_timeline(name + variant, call, timed, args.calls)
     engine.ext = timed._ext
     profiler = cProfile.Profile()
     profiler.enable()
