@@ -7,11 +7,13 @@
 //                   warp. Each token is read and cast to FP8 once (a half-warp per 128-column
 //                   group), then stored ONCE per destination rank into its token area [this rank]
 //                   [token], and the token's index into each expert's slot [l][this rank][j] (NVLink
-//                   carries a token once per rank, not once per expert). The block that completes
-//                   an expert's count publishes it with a release store. Nothing waits: the hook's
+//                   carries a token once per rank, not once per expert). Each expert's count goes
+//                   out early (after the histogram, see kLanded); the block that completes an
+//                   expert's pairs marks it landed with a release store. Nothing waits: the hook's
 //                   "send" half. Without a hook, send and receive run in one kernel (dispatch_kernel).
 //   dispatch recv   every block waits (bounded) for every (expert, source) count, so it knows
-//                   where each row goes; rows are packed in source-rank order into recv_x, in
+//                   where each row goes, and writes the layout while the rows are still in flight;
+//                   then it waits until each has landed. Rows are packed in source-rank order into recv_x, in
 //                   pieces spread over every warp of the grid; src_info, layout_range, recv_count
 //                   and the statistics are written once; the last block past the waits resets the
 //                   flags.
@@ -71,6 +73,20 @@ __device__ __forceinline__ void st_release_sys(int* ptr, int value) {
 
 __device__ __forceinline__ void st_release_gpu(int* ptr, int value) {
   asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+// A dispatch flag [expert][source] holds the source's row count + 1 (nonzero: the count is in) and,
+// once the rows and their index entries have landed, kLanded too. The count goes early (after the
+// histogram) so the receiver lays out its outputs while the rows are still in flight; the landed
+// value (count + 1 | kLanded) is written after a fence. Counts stay far below kLanded (<= M).
+constexpr int kLanded = 1 << 30;
+
+// The owner of expert e's early count: the block whose thread stores it after the histogram. It
+// also adds 1 to the expert's send_done at its publish, after its fence, so the block that
+// completes the count (and stores the landed value) comes after the early store: the late value
+// is never overwritten by the early one.
+__device__ __forceinline__ bool owns_expert_count(int e, int threads) {
+  return static_cast<int>((e / threads) % gridDim.x) == static_cast<int>(blockIdx.x);
 }
 
 // A flag that orders no data before it (a count of zero rows): no fence needed.
@@ -136,7 +152,7 @@ __device__ __forceinline__ float pow2_ceil(float s) {
 enum TraceKernel { kTraceDispatchSend = 0, kTraceDispatchRecv = 1, kTraceCombineSend = 2, kTraceCombineRecv = 3 };
 // dispatch send: 0 start, 1 histogram done, 2 first round routed (destinations, index entries and
 //                meta written; no tokens: as 1), 3 tokens stored, 4 counts published
-// dispatch recv: 0 start, 1 counts in, 2 layout written, 3 rows copied
+// dispatch recv: 0 start, 1 counts in, 2 layout written, 3 rows landed and copied
 // combine send:  0 start, 1 the block's weights stored, 2 every source's weights in (warp 0, after its
 //                first rows are in flight; when it has no item, the end of its loop), 3 partial sums
 //                stored, 4 flags published
@@ -338,15 +354,17 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
     else if (p < p1) atomicAdd(&mine[e], 1);
   }
   __syncthreads();
-  // Statistics, and the flags of experts this rank sends nothing to (nothing to wait for).
+  // Statistics, and every expert's count, early (the owner of e: see owns_expert_count); an expert
+  // this rank sends nothing to is landed at once (nothing to wait for).
   for (int e = blockIdx.x * kThreads + tid; e < E; e += gridDim.x * kThreads) {
     const int d = e / L.num_local;
     const bool masked = cut(a.mask, me, d);
     a.counts_e[e] = masked ? 0 : min(total[e], L.m);
-    if (!masked && total[e] == 0) {
+    if (!masked) {
       const int64_t at = L.off_dflags + 4 * ((e % L.num_local) * L.num_ranks + me);
-      if (puts_to(put_mask, d)) put_int(reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + at), 1, d);
-      else st_relaxed_sys(reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + at), 1);
+      const int value = total[e] == 0 ? 1 | kLanded : min(total[e], L.m) + 1;
+      if (puts_to(put_mask, d)) put_int(reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + at), value, d);
+      else st_relaxed_sys(reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + at), value);
     }
   }
   trace_mark(a.trace, kTraceDispatchSend, 1);
@@ -517,21 +535,24 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   trace_mark(a.trace, kTraceDispatchSend, 3);
 
   // Publish: after the block's barrier one fence orders every thread's stores (as a grid barrier
-  // does); then per expert one atomic adds this block's pairs, and the block that completes the
-  // expert's total releases its count (the expert's rows from every block before it). With puts,
-  // every thread first completes what it put (messages, index entries).
+  // does); then per expert one atomic adds this block's pairs (and 1 from the owner of its early
+  // count), and the block that completes the expert's total releases it as landed (the expert's
+  // rows from every block before it). With puts, every thread first completes what it put
+  // (messages, index entries, early counts).
   if (put_mask != 0) quiet_puts();
   if (tid == 0) __threadfence_system();
   __syncthreads();
   for (int e = tid; e < E; e += kThreads) {
-    if (mine[e] == 0) continue;
+    if (total[e] == 0) continue;
+    const int add = mine[e] + (owns_expert_count(e, kThreads) ? 1 : 0);
+    if (add == 0) continue;
     const int d = e / L.num_local;
     if (peer_cut[d]) continue;
-    if (atomicAdd(a.send_done + e, mine[e]) + mine[e] == total[e]) {
+    if (atomicAdd(a.send_done + e, add) + add == total[e] + 1) {
       __threadfence_system();
       a.send_done[e] = 0;  // every pair of e has counted: ready for the next dispatch
       const int64_t at = L.off_dflags + 4 * ((e % L.num_local) * L.num_ranks + me);
-      const int value = min(total[e], L.m) + 1;
+      const int value = (min(total[e], L.m) + 1) | kLanded;
       if (puts_to(put_mask, d)) put_int(reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + at), value, d);
       else st_relaxed_sys(reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + at), value);  // after the fence above: a release
     }
@@ -615,8 +636,9 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
     const int s = i % R;
     int count = 0;
     if (!cut(a.mask, me, s)) {
-      const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src]", me, s, a.timeout_ns};
-      count = wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), 0, wait::Cmp::kNe, site) - 1;
+      const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src] (count)", me, s, a.timeout_ns};
+      count = (wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), 0, wait::Cmp::kNe, site) &
+               (kLanded - 1)) - 1;
       count = min(max(count, 0), L.m);  // a sender never publishes more than M
     }
     counts[i] = count;
@@ -628,10 +650,6 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   }
   __syncthreads();
   trace_mark(a.trace, kTraceDispatchRecv, 1);
-  // This block is past its waits: its ticket says whether it is the last (read at the end, so the
-  // atomic's round trip overlaps the copies).
-  int ticket = 0;
-  if (tid == 0) ticket = atomicAdd(reinterpret_cast<int*>(own_flags + L.off_done) + 2, 1);
   const int last_count = counts[E - 1];
   block_exclusive_scan(first, E);
   const int rows = first[E - 1] + last_count;
@@ -665,6 +683,18 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
     if (q % slots >= expert_end - first[l * R]) a.src_info[q] = -1;
   }
   trace_mark(a.trace, kTraceDispatchRecv, 2);
+  // The layout above needed only the counts; the rows and index entries are read from here on.
+  for (int i = tid; i < E; i += kThreads) {
+    const int s = i % R;
+    if (cut(a.mask, me, s) || counts[i] == 0) continue;  // (a source with no rows here is landed at once)
+    const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src] (landed)", me, s, a.timeout_ns};
+    wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), kLanded, wait::Cmp::kGe, site);
+  }
+  __syncthreads();
+  // This block is past its waits: its ticket says whether it is the last (read at the end, so the
+  // atomic's round trip overlaps the copies); that block resets the flags.
+  int ticket = 0;
+  if (tid == 0) ticket = atomicAdd(reinterpret_cast<int*>(own_flags + L.off_done) + 2, 1);
   const int groups = L.hidden / kGroup;
   const int64_t pieces = (L.x_bytes + kPieceBytes - 1) / kPieceBytes;
   const int64_t piece_bytes = align16((L.x_bytes + pieces - 1) / pieces);
