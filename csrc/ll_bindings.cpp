@@ -160,7 +160,7 @@ void ll_combine(const ViewTuple& view, bool send, bool recv, int64_t num_experts
                 bool dispatch_used_fp8, const at::Tensor& x, const at::Tensor& layout_range, const at::Tensor& topk_idx,
                 const at::Tensor& topk_weights, const std::optional<at::Tensor>& mask, const at::Tensor& pair_pos,
                 const at::Tensor& src_info, const at::Tensor& routing, const at::Tensor& out, int64_t num_sms,
-                bool fused, const std::optional<at::Tensor>& trace, uint64_t put_mask) {
+                bool fused, const std::optional<at::Tensor>& trace, uint64_t put_mask, bool bf16_partials) {
   const BufferView buffer(view);
   check_on_buffer(x, buffer, "x");
   check_on_buffer(out, buffer, "out");
@@ -182,6 +182,7 @@ void ll_combine(const ViewTuple& view, bool send, bool recv, int64_t num_experts
   check_routing(routing, layout, buffer);
   a.routing = routing.data_ptr<int>();
   a.out = out.data_ptr();
+  a.bf16_partials = bf16_partials;
   set_launch_fields(a, layout, buffer_index, put_mask, trace, buffer);
   const c10::cuda::CUDAGuard guard(x.device());
   const int sms = static_cast<int>(num_sms);
@@ -224,7 +225,8 @@ void bind_low_latency(pybind11::module_& m) {
         pybind11::arg("dispatch_used_fp8"), pybind11::arg("x"), pybind11::arg("layout_range"),
         pybind11::arg("topk_idx"), pybind11::arg("topk_weights"), pybind11::arg("mask"), pybind11::arg("pair_pos"),
         pybind11::arg("src_info"), pybind11::arg("routing"), pybind11::arg("out"), pybind11::arg("num_sms"),
-        pybind11::arg("fused") = true, pybind11::arg("trace") = pybind11::none(), pybind11::arg("put_mask") = 0);
+        pybind11::arg("fused") = true, pybind11::arg("trace") = pybind11::none(), pybind11::arg("put_mask") = 0,
+        pybind11::arg("bf16_partials") = false);
   m.def("ll_layout_info", &ll_layout_info, pybind11::arg("num_ranks"), pybind11::arg("num_experts"), pybind11::arg("m"),
         pybind11::arg("hidden"), pybind11::arg("num_topk"), pybind11::arg("use_fp8"),
         "Sizes of the low-latency region: {region_bytes (all), region_bytes_with_outbox (with puts), flags_bytes (both buffers' flags, first), "

@@ -812,6 +812,21 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
 }
 
 // ------------------------------------------------------------------------------ combine send
+// A lane's 8 columns of a partial sum, stored as float32 (two 16-byte stores) or rounded to bf16
+// (one 16-byte store: CombineArgs::bf16_partials).
+__device__ __forceinline__ void store_partial(float* dst, const float (&v)[8]) {
+  reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&pair);
+}
+__device__ __forceinline__ void store_partial(__nv_bfloat16* dst, const float (&v)[8]) {
+  *reinterpret_cast<uint4*>(dst) =
+      make_uint4(bf16_pair(v[0], v[1]), bf16_pair(v[2], v[3]), bf16_pair(v[4], v[5]), bf16_pair(v[6], v[7]));
+}
+
 // A pair (t, k) of this rank's tokens, as the combine sees it: the rank d its expert lives on, or
 // -1 when it has no row (id -1, a cut rank, or dropped at dispatch). A bad id traps with a message.
 __device__ __forceinline__ int pair_rank(const CombineArgs& a, int64_t p, int me) {
@@ -868,7 +883,7 @@ __device__ __forceinline__ void warp_wait_weights(const CombineArgs& a, const in
 // expert. The last block to finish publishes "all partial sums are back" to every source.
 // The combine's topk_idx must be the dispatch's (as the reference backend assumes): the counters
 // count the dispatch's rows, so other ids end in the bounded wait's error, not in wrong sums.
-template <int kRowBatch, bool kPuts>
+template <int kRowBatch, bool kPuts, typename Partial>
 __device__ __forceinline__ void combine_send(const CombineArgs& a) {
   const LLLayout& L = a.layout;
   const uint64_t put_mask = kPuts ? a.put_mask : 0;  // 0: the branches of puts fold away
@@ -984,24 +999,22 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
     }
     // Rank s's row [this rank][t], or with puts the outbox's [s][t] (put once written).
     const bool put = puts_to(put_mask, s);
-    float* dst_row = put ? reinterpret_cast<float*>(buffer_of(a.peers, me, a.outbox_offset) + L.off_carea) +
-                               (static_cast<int64_t>(s) * M + t) * L.hidden
-                         : reinterpret_cast<float*>(buffer_of(a.peers, s, a.data_offset) + L.off_carea) +
-                               (static_cast<int64_t>(me) * M + t) * L.hidden;
+    Partial* dst_row = put ? reinterpret_cast<Partial*>(buffer_of(a.peers, me, a.outbox_offset) + L.off_carea) +
+                                 (static_cast<int64_t>(s) * M + t) * L.hidden
+                           : reinterpret_cast<Partial*>(buffer_of(a.peers, s, a.data_offset) + L.off_carea) +
+                                 (static_cast<int64_t>(me) * M + t) * L.hidden;
 #pragma unroll
     for (int v = 0; v < kSlices; ++v) {
       const int64_t col = col0 + v * 256;
       if (col >= L.hidden) break;  // hidden % 8 == 0: a lane's 8 columns are all in or all out
-      float4* dst = reinterpret_cast<float4*>(dst_row + col);
-      dst[0] = make_float4(acc[v][0], acc[v][1], acc[v][2], acc[v][3]);
-      dst[1] = make_float4(acc[v][4], acc[v][5], acc[v][6], acc[v][7]);
+      store_partial(dst_row + col, acc[v]);
     }
     if (put) {  // the item's columns, whole: one put of the warp (non-blocking; quieted below)
       __syncwarp();
       const int64_t begin = (item % groups) * kSlices * 256;
       const int64_t end = min(begin + kSlices * 256, static_cast<int64_t>(L.hidden));
-      float* own_row = reinterpret_cast<float*>(own + L.off_carea) + (static_cast<int64_t>(me) * M + t) * L.hidden;
-      warp_put(own_row + begin, dst_row + begin, static_cast<size_t>(end - begin) * 4, s);
+      Partial* own_row = reinterpret_cast<Partial*>(own + L.off_carea) + (static_cast<int64_t>(me) * M + t) * L.hidden;
+      warp_put(own_row + begin, dst_row + begin, static_cast<size_t>(end - begin) * sizeof(Partial), s);
     }
   }
   if (!weights_in && warp % kWarps == 0) trace_mark(a.trace, kTraceCombineSend, 2);  // no item: nothing waited
@@ -1062,6 +1075,29 @@ __device__ __forceinline__ PartialSlices load_partial(const float* src, int64_t 
   }
   return p;
 }
+// BF16 partial sums: a lane's 8 columns are one 16-byte load, kept packed until they are added
+// (half the registers of float32 partials in flight).
+struct PartialSlicesBf16 {
+  uint4 part[kSlices];
+};
+__device__ __forceinline__ PartialSlicesBf16 load_partial(const __nv_bfloat16* src, int64_t col0, int hidden) {
+  PartialSlicesBf16 p;
+#pragma unroll
+  for (int v = 0; v < kSlices; ++v) {
+    const int64_t col = col0 + v * 256;
+    p.part[v] = col < hidden ? __ldcg(reinterpret_cast<const uint4*>(src + col)) : make_uint4(0u, 0u, 0u, 0u);
+  }
+  return p;
+}
+
+__device__ __forceinline__ void add_partial(float (&acc)[kSlices][8], const PartialSlicesBf16& p) {
+#pragma unroll
+  for (int v = 0; v < kSlices; ++v) {
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&p.part[v]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[v][i] += __bfloat162float(h[i]);
+  }
+}
 
 __device__ __forceinline__ void add_partial(float (&acc)[kSlices][8], const PartialSlices& p) {
 #pragma unroll
@@ -1075,6 +1111,7 @@ __device__ __forceinline__ void add_partial(float (&acc)[kSlices][8], const Part
 // sums of the ranks the token went to, in rank order, in float32, and casts; the last block resets
 // the flags. A warp finds its first token's ranks before the wait (they depend on the dispatch
 // only), and loads two ranks' partial rows at a time.
+template <typename Partial>
 __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
   const LLLayout& L = a.layout;
   trace_mark(a.trace, kTraceCombineRecv, 0);
@@ -1097,7 +1134,7 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
   }
   __syncthreads();
   trace_mark(a.trace, kTraceCombineRecv, 1);
-  const auto* area = reinterpret_cast<const float*>(own + L.off_carea);
+  const auto* area = reinterpret_cast<const Partial*>(own + L.off_carea);
   auto* out = static_cast<__nv_bfloat16*>(a.out);
   for (int64_t item = warp; item < items; item += num_warps) {
     const int64_t t = item / groups;
@@ -1114,9 +1151,9 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
       ranks &= ranks - 1;
       const int d1 = ranks != 0 ? __ffsll(static_cast<long long>(ranks)) - 1 : -1;
       if (d1 >= 0) ranks &= ranks - 1;
-      const PartialSlices p0 = load_partial(area + (static_cast<int64_t>(d0) * L.m + t) * L.hidden, col0, L.hidden);
+      const auto p0 = load_partial(area + (static_cast<int64_t>(d0) * L.m + t) * L.hidden, col0, L.hidden);
       if (d1 >= 0) {
-        const PartialSlices p1 = load_partial(area + (static_cast<int64_t>(d1) * L.m + t) * L.hidden, col0, L.hidden);
+        const auto p1 = load_partial(area + (static_cast<int64_t>(d1) * L.m + t) * L.hidden, col0, L.hidden);
         add_partial(acc, p0);
         add_partial(acc, p1);
       } else {
@@ -1147,14 +1184,17 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
   trace_mark(a.trace, kTraceCombineRecv, 2);
 }
 
-template <bool kPuts>
-__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) { combine_send<kRowBatch, kPuts>(a); }
-__global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) { combine_recv(a); }
+template <bool kPuts, typename Partial>
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
+  combine_send<kRowBatch, kPuts, Partial>(a);
+}
+template <typename Partial>
+__global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) { combine_recv<Partial>(a); }
 // The receive half's registers leave the send half two rows per batch (three would spill).
-template <bool kPuts>
+template <bool kPuts, typename Partial>
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
-  combine_send<kFusedRowBatch, kPuts>(a);
-  combine_recv(a);
+  combine_send<kFusedRowBatch, kPuts, Partial>(a);
+  combine_recv<Partial>(a);
 }
 
 int grid_for(int work, int per_block, int num_sms) {
@@ -1320,15 +1360,25 @@ void launch_dispatch(const DispatchArgs& args, int num_sms, cudaStream_t stream)
   cuda_check(cudaGetLastError(), "low_latency dispatch_kernel launch");
 }
 
+// Calls launch(Partial{}) with the partial sums' type the args name (float, or __nv_bfloat16).
+template <typename Launch>
+void with_partial(const CombineArgs& args, Launch launch) {
+  if (args.bf16_partials) launch(__nv_bfloat16{});
+  else launch(float{});
+}
+
 void launch_combine_send(const CombineArgs& args, int num_sms, cudaStream_t stream) {
   check_layout(args.layout, args.peers);
   check_puts(args.put_mask, args.layout);
   // The rows each expert received are known on the device only: every SM takes a share.
+  with_partial(args, [&](auto partial) {
+    using Partial = decltype(partial);
 #ifdef MOE_EP_NVSHMEM_DEVICE
-  if (args.put_mask != 0) combine_send_kernel<true><<<grid_of(num_sms), kThreads, 0, stream>>>(args);
-  else
+    if (args.put_mask != 0) combine_send_kernel<true, Partial><<<grid_of(num_sms), kThreads, 0, stream>>>(args);
+    else
 #endif
-  combine_send_kernel<false><<<grid_of(num_sms), kThreads, 0, stream>>>(args);
+    combine_send_kernel<false, Partial><<<grid_of(num_sms), kThreads, 0, stream>>>(args);
+  });
   cuda_check(cudaGetLastError(), "low_latency combine_send_kernel launch");
 }
 
@@ -1336,18 +1386,23 @@ void launch_combine_recv(const CombineArgs& args, int num_sms, cudaStream_t stre
   check_layout(args.layout, args.peers);
   const int slices = (args.layout.hidden + 255) / 256;
   const int groups = (slices + kSlices - 1) / kSlices;
-  combine_recv_kernel<<<grid_for(args.num_tokens * groups, kWarps, num_sms), kThreads, 0, stream>>>(args);
+  with_partial(args, [&](auto partial) {
+    combine_recv_kernel<decltype(partial)><<<grid_for(args.num_tokens * groups, kWarps, num_sms), kThreads, 0, stream>>>(args);
+  });
   cuda_check(cudaGetLastError(), "low_latency combine_recv_kernel launch");
 }
 
 void launch_combine(const CombineArgs& args, int num_sms, cudaStream_t stream) {
   check_layout(args.layout, args.peers);
   check_puts(args.put_mask, args.layout);
+  with_partial(args, [&](auto partial) {
+    using Partial = decltype(partial);
 #ifdef MOE_EP_NVSHMEM_DEVICE
-  if (args.put_mask != 0) combine_kernel<true><<<grid_of(num_sms), kThreads, 0, stream>>>(args);
-  else
+    if (args.put_mask != 0) combine_kernel<true, Partial><<<grid_of(num_sms), kThreads, 0, stream>>>(args);
+    else
 #endif
-  combine_kernel<false><<<grid_of(num_sms), kThreads, 0, stream>>>(args);
+    combine_kernel<false, Partial><<<grid_of(num_sms), kThreads, 0, stream>>>(args);
+  });
   cuda_check(cudaGetLastError(), "low_latency combine_kernel launch");
 }
 

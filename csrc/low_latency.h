@@ -178,6 +178,10 @@ struct CombineArgs {
   uint64_t put_mask = 0;          // as DispatchArgs
   int64_t outbox_offset = 0;
   unsigned long long* trace = nullptr;  // as DispatchArgs::trace
+  // The partial sums crossing back: float32 (exact up to float32 association, the default) or
+  // bfloat16 (half the bytes over the link; one more rounding per rank's partial). Every rank
+  // of the group must use the same (the sender writes what the receiver reads).
+  bool bf16_partials = false;
 };
 
 void launch_combine_send(const CombineArgs& args, int num_sms, cudaStream_t stream);

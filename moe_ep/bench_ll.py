@@ -58,6 +58,7 @@ from .comm.fp8 import FP8_GROUP_SIZE
 from .launch import launch
 
 SEND_ENV = "MOE_EP_LL_SEND"  # the kernels' FP8 send variant: direct (default) or staged
+PARTIALS_ENV = "MOE_EP_LL_COMBINE_PARTIALS"  # the combine's partial sums: float32 (default) or bfloat16
 # The peer's settings (DeepEP's test_low_latency, /work/shared/ANCHORS.md) on GPUs; tiny on CPU ranks.
 GPU_DEFAULTS = dict(tokens=128, hidden=7168, experts=288, top_k=8, iters=50)
 CPU_DEFAULTS = dict(tokens=8, hidden=256, experts=8, top_k=4, iters=3)
@@ -367,7 +368,8 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
     return {
         **report_header("ll", world_size, dist_backend, device, info["buffer"]),
         "experimental_kernels_env": {EXPERIMENTAL_ENV: info["env"]},
-        "send_variant": {SEND_ENV: os.environ.get(SEND_ENV) or "direct"},
+        "send_variant": {SEND_ENV: os.environ.get(SEND_ENV) or "direct",
+                         PARTIALS_ENV: os.environ.get(PARTIALS_ENV, "").strip() or "float32"},
         "buffer_uses_kernel": info["buffer"]["uses_kernel"],
         "baseline": {"backend": "reference", "how": info["baseline_how"], "buffer_backend": info["baseline"]["name"],
                      "describe": info["baseline"]["describe"], "uses_kernel": info["baseline"]["uses_kernel"]},
@@ -425,7 +427,8 @@ def _print(report: dict) -> None:
           f"{'FP8' if s['fp8'] else 'BF16'} dispatch, BF16 combine, median of {s['iters']}, "
           f"num_max_dispatch_tokens_per_rank {s['num_max_dispatch_tokens_per_rank']}", flush=True)
     print(f"buffer backend={report['buffer_backend']} ({EXPERIMENTAL_ENV}={report['experimental_kernels_env'][EXPERIMENTAL_ENV]}, "
-          f"{SEND_ENV}={report['send_variant'][SEND_ENV]}): "
+          f"{SEND_ENV}={report['send_variant'][SEND_ENV]}, "
+          f"{PARTIALS_ENV}={report['send_variant'][PARTIALS_ENV]}): "
           f"low-latency kernels ran for dispatch: {'yes' if used['low_latency_dispatch'] else 'no'}, "
           f"combine: {'yes' if used['low_latency_combine'] else 'no'}")
     if report["buffer_backend_describe"]:

@@ -57,6 +57,11 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     stage "bench ll"
     timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 --trace --out "$OUT" 2>&1 \
       | grep -v "^moe_ep: using"
+    # The combine's partial sums as bf16: half the bytes over NVLink (3.7 MB -> 1.8 MB per rank at 128
+    # tokens); decides MOE_EP_LL_COMBINE_PARTIALS's default.
+    stage "bench ll, bf16 partial sums in the combine"
+    MOE_EP_LL_COMBINE_PARTIALS=bfloat16 timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll --sweep 1,32,128 \
+      --iters 30 --trace --out "$OUT/bf16_partials" 2>&1 | grep -v "^moe_ep: using"
   fi
   if has bench_ll && [ "${LL_VARIANTS:-0}" = 1 ]; then
     stage "bench ll, staged FP8 send"

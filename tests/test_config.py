@@ -410,3 +410,35 @@ def test_intranode_knobs_reject_bad_values_naming_the_variable(monkeypatch, var,
     monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match=var):
         IntranodeKnobs.from_env()
+
+
+# ------------------------------------------------------------------ low-latency combine partials
+def _w_agreed_partials(ctx, settings: list) -> object:
+    """This rank sets MOE_EP_LL_COMBINE_PARTIALS to settings[rank] ('' = unset) and asks the group."""
+    from moe_ep.comm.backends.low_latency import PARTIALS_ENV, _agreed_bf16_partials
+    from tests.env import environ
+
+    with environ(**{PARTIALS_ENV: settings[ctx.rank]}):
+        try:
+            return _agreed_bf16_partials(ctx.group)
+        except ValueError as error:
+            return f"ValueError: {error}"
+
+
+@pytest.mark.parametrize("settings,expected", [
+    (["", ""], [False, False]),
+    (["float32", "float32"], [False, False]),
+    (["bfloat16", "bfloat16"], [True, True]),
+    (["bfloat16", "float32"], ["differs"] * 2),
+    (["fp16", "fp16"], ["must be one of"] * 2),
+])
+def test_ll_combine_partials_are_agreed_by_every_rank(dist_pool, settings, expected):
+    """The partials' dtype is part of the low-latency combine's protocol (the sender writes what the
+    receiver reads): a setting that differs across ranks, or a bad one, raises on EVERY rank (no
+    rank is left waiting in a collective), naming the variable."""
+    results = dist_pool(2).run(_w_agreed_partials, settings)
+    for got, want in zip(results, expected):
+        if isinstance(want, bool):
+            assert got is want, results
+        else:
+            assert isinstance(got, str) and "MOE_EP_LL_COMBINE_PARTIALS" in got and want in got, results

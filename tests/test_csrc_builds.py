@@ -93,7 +93,7 @@ def test_every_cu_file_compiles_with_nvcc(tmp_path, name, flags):
 SPILL_FREE = {"intranode.cu": ("transfer_kernel<8, ", "combine_kernel<__nv_bfloat16, 8, 8, 4>",
                                "combine_kernel<__nv_bfloat16, 8, 8, 6>", "notify_kernel"),
               "low_latency.cu": ("dispatch_send_kernel", "dispatch_recv_kernel", "dispatch_kernel<", "combine_send_kernel",
-                                 "combine_recv_kernel", "combine_kernel<false>(")}
+                                 "combine_recv_kernel", "combine_kernel<false, float>(", "combine_kernel<false, __nv_bfloat16>(")}
 # (moe_ep._C's build: stores only. The put build of moe_ep._nvshmem, with relocatable device code,
 # is allowed spills: it serves peers behind RDMA, whose latency dwarfs them.)
 
@@ -190,8 +190,9 @@ def test_low_latency_put_path_compiles_and_device_links_with_nvshmem(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
     assert proc.returncode == 0, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
     symbols = subprocess.run(["nm", "-C", obj], capture_output=True, text=True, check=True).stdout
-    for kernel in ("dispatch_kernel<0, true>", "dispatch_send_kernel<1, true>", "combine_kernel<true>",
-                   "combine_send_kernel<true>"):
+    for kernel in ("dispatch_kernel<0, true>", "dispatch_send_kernel<1, true>", "combine_kernel<true, float>",
+                   "combine_send_kernel<true, float>", "combine_kernel<true, __nv_bfloat16>",
+                   "combine_send_kernel<true, __nv_bfloat16>"):
         assert kernel in symbols, f"{kernel} missing from the put build of low_latency.cu"
 
 

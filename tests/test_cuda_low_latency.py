@@ -611,6 +611,33 @@ def test_split_launch_matches_reference_semantics(ll_pool, case, seed):
     ll_pool(3).run(_w_case_split, case, seed, timeout=case.timeout)
 
 
+# The combine's partial sums as bfloat16 (MOE_EP_LL_COMBINE_PARTIALS=bfloat16, which sets
+# LowLatencyEngine.bf16_partials alike on every rank): the same results within the bf16 tolerance
+# every combine is held to, fused, split (hooks) and in every combine mode (run_case cycles them).
+# The toy experts keep a token's terms of one sign, so this checks where the partial rows land
+# and how they are read, not the extra rounding (bounded by 2^-8 of the partials' magnitudes).
+PARTIALS_CASE_NAMES = ("random-fp8-h7168", "random-bf16-h2560", "skewed-one-expert-fp8-h7168",
+                       "zero-token-ranks-fp8-h2560", "nothing-routed-bf16-h384", "many-experts-fp8-h512")
+PARTIALS_CASES = [case for case in CASES if case.name in PARTIALS_CASE_NAMES]
+assert len(PARTIALS_CASES) == len(PARTIALS_CASE_NAMES), "a bf16-partials case was renamed"
+
+
+def _w_case_bf16_partials(ctx, case: Case, seed: int) -> list:
+    engine = engine_for(ctx)
+    engine.bf16_partials = True
+    try:
+        return _w_case(ctx, case, seed)
+    finally:
+        engine.bf16_partials = False
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("case", PARTIALS_CASES, ids=[case.name for case in PARTIALS_CASES])
+def test_bf16_partials_match_reference_semantics(ll_pool, case, world_size, seed):
+    counts = ll_pool(world_size).run(_w_case_bf16_partials, case, seed, timeout=case.timeout)
+    assert len(counts) == world_size and all(len(per_rank) == REPS for per_rank in counts)
+
+
 def _w_trace(ctx, seed: int) -> list:
     """Phase trace on: one fused dispatch + combine, then the same with hooks (split kernels). Every
     block of every kernel records its events in order (non-decreasing %globaltimer)."""

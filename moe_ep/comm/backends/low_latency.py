@@ -76,6 +76,31 @@ def _fused_from_env() -> bool:
     return raw == "1"
 
 
+# The combine's partial sums cross back as float32 ("float32", the default: exact up to float32
+# association) or bfloat16 ("bfloat16": half the bytes over the link, one more rounding per rank's
+# partial; within the bf16 tolerance the tests hold every combine to). Part of the protocol, so
+# every rank must set it alike (checked when the engine is built).
+PARTIALS_ENV = "MOE_EP_LL_COMBINE_PARTIALS"
+PARTIALS_CHOICES = ("float32", "bfloat16")
+
+
+def _check_partials(raw: str) -> bool:
+    if raw not in PARTIALS_CHOICES:
+        raise ValueError(f"{PARTIALS_ENV} must be one of {PARTIALS_CHOICES}, got {raw!r}")
+    return raw == "bfloat16"
+
+
+def _agreed_bf16_partials(group) -> bool:
+    """This rank's setting once every rank of ``group`` has the same (the settings are gathered
+    before any is judged, so a bad or differing one raises on every rank alike)."""
+    raw = os.environ.get(PARTIALS_ENV, "float32").strip() or "float32"
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, raw, group=group)
+    if len(set(every)) > 1:
+        raise ValueError(f"{PARTIALS_ENV} differs across the group's ranks ({every}); set it alike on every rank")
+    return _check_partials(raw)
+
+
 def _extension():
     from moe_ep import _C
     return _C
@@ -141,6 +166,7 @@ class LowLatencyEngine:
         requested = os.environ.get(TRANSPORT_ENV, "auto")
         choose_transport(requested, [])  # a bad setting raises here, before anything collective
         transport = choose_transport(requested, _group_hosts(group) if requested == "auto" else [])
+        bf16_partials = _agreed_bf16_partials(group)
         put_ranks: list = []
         with torch.cuda.device(device):
             if transport == "ipc":
@@ -150,6 +176,7 @@ class LowLatencyEngine:
                 ipc, put_ranks = open_nvshmem_buffer(group, num_bytes, puts_from_env())
         self._setup(group, dist.get_rank(group), dist.get_world_size(group), device, num_bytes, num_sms, ipc,
                     transport, lambda: dist.barrier(group=group), put_ranks)
+        self.bf16_partials = bf16_partials
 
     @classmethod
     def in_process(cls, num_ranks: int, device: torch.device, num_bytes: int,
@@ -158,12 +185,14 @@ class LowLatencyEngine:
         (the loopback benchmark; see ``IntranodeEngine.in_process``). Each thread drives its own
         engine on its own stream; the barrier on a size change is a ``threading.Barrier``."""
         _check_engine_args(device, num_bytes)
+        bf16_partials = _check_partials(os.environ.get(PARTIALS_ENV, "float32").strip() or "float32")
         ipcs, regions = adopt_in_process(num_ranks, device, num_bytes)
         barrier = threading.Barrier(num_ranks)
         engines = []
         for rank, ipc in enumerate(ipcs):
             engine = cls.__new__(cls)
             engine._setup(None, rank, num_ranks, device, num_bytes, num_sms, ipc, "in-process", barrier.wait)
+            engine.bf16_partials = bf16_partials  # one process: one environment for every rank
             engine._regions = regions  # the memory the adopted buffers point into
             engines.append(engine)
         return engines
@@ -187,6 +216,7 @@ class LowLatencyEngine:
         #                        repeated combines of one handle never reuse the area a peer reads
         self.last_wait_ns = 0
         self.fused = _fused_from_env()
+        self.bf16_partials = False  # MOE_EP_LL_COMBINE_PARTIALS, set by the constructors (agreed by every rank)
         self.trace: Optional[torch.Tensor] = None  # enable_trace()
 
     def enable_trace(self) -> torch.Tensor:
@@ -322,11 +352,12 @@ class LowLatencyEngine:
 
         area = self.combine_idx
         self.combine_idx ^= 1
+        bf16_partials = self.bf16_partials  # the send and a later hook's receive must agree
 
         def launch(send: bool, recv: bool) -> None:
             self.ext.ll_combine(self.view, send, recv, num_experts, m, area, result.use_fp8, x, layout_range, topk_idx,
                                 topk_weights, result.mask, result.pair_pos, result.src_info, result.routing, combined,
-                                self.num_sms, self.fused, self.trace, self.put_mask)
+                                self.num_sms, self.fused, self.trace, self.put_mask, bf16_partials)
             if recv and out is not None and not direct:
                 out.copy_(combined)
 
