@@ -410,7 +410,8 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
         "recv_rows_per_rank": [g["recv_rows"] for g in gathered],
         "correctness": {"pass": all(c["pass"] for c in checks), "max_abs_err": max(c["max_abs_err"] for c in checks),
                         "what": "combine(dispatch(x)) == x * ranks the token went to (bf16 tolerance)"},
-        "rows": merge_rows([g["rows"] for g in gathered]),
+        "rows": (rows := merge_rows([g["rows"] for g in gathered])),
+        "best_within_sms": best_within_sms(rows),
         "reference_rows": merge_rows([g["references"] for g in gathered]),
         "direct": ({"equal": all(g["direct"].get("equal", False) for g in gathered),
                     "direct_calls": [g["direct"].get("direct_calls") for g in gathered],
@@ -424,6 +425,56 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
         "breakdown_what": "GPU µs of each engine step (notify + host wait, transfer; barrier, combine) in one "
                           "call of each op, per rank (empty without the intranode kernels)",
     }
+
+
+# DeepEP V1's own test on 2 x H200 (/work/shared/ANCHORS.md: quoted, not measured here), GB/s at the
+# peer's settings with its best chunk size per SM count. Printed beside our best at the same SM
+# budget only when a run uses those settings on 2 ranks.
+PEER_SETTINGS = {"tokens": 4096, "hidden": 7168, "top_k": 8, "experts": 256}
+PEER_GBPS = {8: {"dispatch_fp8": 93.3, "dispatch_bf16": 120.5, "combine_bf16": 117.8},
+             12: {"dispatch_fp8": 135.9, "dispatch_bf16": 160.6, "combine_bf16": 170.5},
+             24: {"dispatch_fp8": 248.7, "dispatch_bf16": 341.4, "combine_bf16": 293.1},
+             32: {"dispatch_fp8": 314.7, "dispatch_bf16": 405.1, "combine_bf16": 367.2}}
+# Our op -> the peer's op it is compared with (the receive pool's rows do the same job).
+PEER_OP = {"dispatch_fp8": "dispatch_fp8", "dispatch_fp8_direct": "dispatch_fp8", "dispatch_bf16": "dispatch_bf16",
+           "dispatch_bf16_direct": "dispatch_bf16", "combine_bf16": "combine_bf16", "combine_bf16_pull": "combine_bf16"}
+
+
+def best_within_sms(rows: list[dict]) -> dict[int, dict[str, dict]]:
+    """{SM budget: {op: the fastest row (GB/s, min over ranks) with at most that many SMs}} over the
+    SM counts swept, any chunk size and knob (what a user who gives the kernels that many SMs gets);
+    the --isolate diagnostics, whose outputs are not valid, are left out."""
+    timed = [r for r in rows if r.get("sms") is not None and not r["op"].endswith("_no_copy_out")]
+    best: dict[int, dict[str, dict]] = {}
+    for budget in sorted({r["sms"] for r in timed}):
+        per_op: dict[str, dict] = {}
+        for row in timed:
+            if row["sms"] <= budget and row["gbps"] > per_op.get(row["op"], {}).get("gbps", -1.0):
+                per_op[row["op"]] = row
+        best[budget] = {op: {"gbps": r["gbps"], "us": r["us"], "sms": r["sms"], "chunk": r["chunk"]}
+                        for op, r in per_op.items()}
+    return best
+
+
+def _print_best(report: dict) -> None:
+    best = report.get("best_within_sms") or {}
+    if not best:
+        return
+    s = report["settings"]
+    peer = report["world_size"] == 2 and all(s[k] == v for k, v in PEER_SETTINGS.items())
+    budgets = sorted(best)
+    ops = sorted({op for per_op in best.values() for op in per_op})
+    print("best within an SM budget, GB/s (min over ranks)" +
+          (", beside DeepEP V1 on 2 x H200 at the same SMs (ANCHORS.md, quoted, not measured here)" if peer else ""))
+    print(f"{'op':<28}" + "".join(f"{f'<= {b} SMs':>20}" for b in budgets))
+    for op in ops:
+        cells = []
+        for b in budgets:
+            row = best[b].get(op)
+            quoted = PEER_GBPS.get(b, {}).get(PEER_OP.get(op, "")) if peer else None
+            cell = "-" if row is None else f"{row['gbps']:.1f}" + (f" (peer {quoted:.0f})" if quoted else "")
+            cells.append(f"{cell:>20}")
+        print(f"{op:<28}" + "".join(cells))
 
 
 KNOB_HEADER = f"{'unroll':>7}{'rows':>6}{'send':>6}{'csend':>7}{'cstage':>7}{'dsend':>7}"
@@ -467,6 +518,7 @@ def _print(report: dict) -> None:
     print("reference (not the Buffer):")
     for row in report["reference_rows"]:
         print(_line(row["op"], row["sms"], row["chunk"], row["us"], row["gbps"]) + f"   {row['what']}")
+    _print_best(report)
     print(flush=True)
 
 

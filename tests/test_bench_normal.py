@@ -74,3 +74,33 @@ def test_normal_cpu_smoke(tmp_path):
     assert set(refs) == {"gloo all_to_all_single", "local copy"}
     assert refs["gloo all_to_all_single"]["bytes_per_rank"] == by_op["dispatch_bf16"]["bytes_per_rank"]
     assert all(row["gbps"] > 0 for row in report["reference_rows"])
+    # The summary: per SM budget, each op's fastest row within it (JSON keys are strings).
+    best = report["best_within_sms"]
+    assert sorted(int(b) for b in best) == [4, 8]
+    for op in OPS:
+        assert best["4"][op]["gbps"] == max(r["gbps"] for r in rows if r["op"] == op and r["sms"] <= 4)
+        assert best["8"][op]["gbps"] == max(r["gbps"] for r in rows if r["op"] == op)
+    assert "best within an SM budget" in proc.stdout and "peer" not in proc.stdout.split("best within")[1]
+
+
+def test_best_within_sms_picks_the_fastest_valid_row_per_budget(capsys):
+    from moe_ep.bench_normal import _print_best, best_within_sms
+
+    def row(op, sms, gbps, chunk=4):
+        return {"op": op, "sms": sms, "chunk": chunk, "gbps": gbps, "us": 1e3 / gbps}
+    rows = [row("dispatch_bf16", 12, 300.0), row("dispatch_bf16", 12, 320.0, chunk=8), row("dispatch_bf16", 24, 310.0),
+            row("dispatch_bf16", 24, 500.0), row("dispatch_bf16_no_copy_out", 12, 900.0),
+            row("dispatch_bf16_direct", 24, 700.0), {"op": "local copy", "sms": None, "chunk": None, "gbps": 4000.0,
+                                                     "us": 1.0}]
+    best = best_within_sms(rows)
+    assert sorted(best) == [12, 24]
+    assert best[12] == {"dispatch_bf16": {"gbps": 320.0, "us": 1e3 / 320.0, "sms": 12, "chunk": 8}}
+    assert best[24]["dispatch_bf16"]["gbps"] == 500.0 and best[24]["dispatch_bf16_direct"]["gbps"] == 700.0
+    assert "dispatch_bf16_no_copy_out" not in best[24]  # a diagnostic with invalid outputs
+    # The peer's quoted figures appear only at its settings on 2 ranks.
+    settings = {"tokens": 4096, "hidden": 7168, "top_k": 8, "experts": 256}
+    _print_best({"best_within_sms": best, "settings": settings, "world_size": 2})
+    out = capsys.readouterr().out
+    assert "320.0 (peer 161)" in out and "700.0 (peer 341)" in out and "DeepEP V1" in out
+    _print_best({"best_within_sms": best, "settings": {**settings, "tokens": 64}, "world_size": 2})
+    assert "peer" not in capsys.readouterr().out
