@@ -22,7 +22,8 @@
 //                   an expert rank, each warp loads its first rows, waits until every source's count
 //                   is in, sums weight x output over each (source, token)'s rows here in k order, in
 //                   float32, and stores that one partial row into the source: a token crosses back
-//                   once per rank, not once per expert. The last block publishes one flag per source.
+//                   once per rank, not once per expert (as float32, or rounded to bf16 with
+//                   CombineArgs::bf16_partials). The last block publishes one flag per source.
 //   combine recv    waits for every rank's flag, then one warp per (token, 256 hidden columns)
 //                   sums the partial rows of the token's ranks in rank order and casts; the last
 //                   block resets the flags.
