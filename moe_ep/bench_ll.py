@@ -53,12 +53,12 @@ from .bench_normal import CPU_RANKS, WARMUP
 from .bench_trace import print_trace, trace_summary, traced_iterations
 from .comm import Buffer, per_token_group_dequant_fp8
 from .comm.backends.cuda import EXPERIMENTAL_ENV
+from .comm.backends.low_latency import PARTIALS_ENV, partials_setting
 from .comm.backends.reference import ReferenceBackend
 from .comm.fp8 import FP8_GROUP_SIZE
 from .launch import launch
 
 SEND_ENV = "MOE_EP_LL_SEND"  # the kernels' FP8 send variant: direct (default) or staged
-PARTIALS_ENV = "MOE_EP_LL_COMBINE_PARTIALS"  # the combine's partial sums: float32 (default) or bfloat16
 # The peer's settings (DeepEP's test_low_latency, /work/shared/ANCHORS.md) on GPUs; tiny on CPU ranks.
 GPU_DEFAULTS = dict(tokens=128, hidden=7168, experts=288, top_k=8, iters=50)
 CPU_DEFAULTS = dict(tokens=8, hidden=256, experts=8, top_k=4, iters=3)
@@ -369,7 +369,7 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
         **report_header("ll", world_size, dist_backend, device, info["buffer"]),
         "experimental_kernels_env": {EXPERIMENTAL_ENV: info["env"]},
         "send_variant": {SEND_ENV: os.environ.get(SEND_ENV) or "direct",
-                         PARTIALS_ENV: os.environ.get(PARTIALS_ENV, "").strip() or "float32"},
+                         PARTIALS_ENV: partials_setting()},
         "buffer_uses_kernel": info["buffer"]["uses_kernel"],
         "baseline": {"backend": "reference", "how": info["baseline_how"], "buffer_backend": info["baseline"]["name"],
                      "describe": info["baseline"]["describe"], "uses_kernel": info["baseline"]["uses_kernel"]},

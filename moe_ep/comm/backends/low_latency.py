@@ -84,6 +84,11 @@ PARTIALS_ENV = "MOE_EP_LL_COMBINE_PARTIALS"
 PARTIALS_CHOICES = ("float32", "bfloat16")
 
 
+def partials_setting() -> str:
+    """This process's MOE_EP_LL_COMBINE_PARTIALS as set (unset or blank: float32), not yet checked."""
+    return os.environ.get(PARTIALS_ENV, "").strip() or "float32"
+
+
 def _check_partials(raw: str) -> bool:
     if raw not in PARTIALS_CHOICES:
         raise ValueError(f"{PARTIALS_ENV} must be one of {PARTIALS_CHOICES}, got {raw!r}")
@@ -93,7 +98,7 @@ def _check_partials(raw: str) -> bool:
 def _agreed_bf16_partials(group) -> bool:
     """This rank's setting once every rank of ``group`` has the same (the settings are gathered
     before any is judged, so a bad or differing one raises on every rank alike)."""
-    raw = os.environ.get(PARTIALS_ENV, "float32").strip() or "float32"
+    raw = partials_setting()
     every: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(every, raw, group=group)
     if len(set(every)) > 1:
@@ -185,7 +190,7 @@ class LowLatencyEngine:
         (the loopback benchmark; see ``IntranodeEngine.in_process``). Each thread drives its own
         engine on its own stream; the barrier on a size change is a ``threading.Barrier``."""
         _check_engine_args(device, num_bytes)
-        bf16_partials = _check_partials(os.environ.get(PARTIALS_ENV, "float32").strip() or "float32")
+        bf16_partials = _check_partials(partials_setting())
         ipcs, regions = adopt_in_process(num_ranks, device, num_bytes)
         barrier = threading.Barrier(num_ranks)
         engines = []
