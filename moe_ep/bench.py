@@ -145,9 +145,64 @@ class StepTimer:
         return [statistics.median(column) for column in zip(*samples)]
 
 
+    def kernel_times(self, steps: list[tuple[Callable[[], object], bool]], iters: int,
+                     warmup: int = 3) -> tuple[list[float], list[list[str]]]:
+        """Each step's median milliseconds of GPU *kernel* time per iteration, then the median of the
+        sums, and the names of the kernels counted for each step. Read from torch.profiler (CUPTI)
+        the way DeepEP's ``bench_kineto`` reads its kernels: the durations of the kernels a step
+        launched, without the gaps between them or the launch latency that CUDA events include.
+        Iterations run as in ``__call__`` (host ahead, GPUs aligned). GPU only."""
+        if not self.cuda:
+            raise RuntimeError("kernel_times needs CUDA (the profiler's kernel records)")
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        labels = [f"moe_ep_bench_step_{i}" for i in range(len(steps))]
+
+        def labelled(fn: Callable[[], object], label: str) -> Callable[[], None]:
+            def run() -> None:
+                with record_function(label):
+                    fn()
+            return run
+
+        wrapped = [(labelled(fn, label), pause) for (fn, pause), label in zip(steps, labels)]
+        for _ in range(warmup):
+            self._once(wrapped)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                self._once(wrapped)
+        per_step = step_kernels(prof.events(), labels)
+        if any(len(per_step[label]) != iters for label in labels):
+            raise RuntimeError(f"the profiler recorded {[len(per_step[label]) for label in labels]} "
+                               f"occurrences of the steps, expected {iters} each")
+        durations = [[total for total, _ in per_step[label]] for label in labels]
+        names = [sorted({name for _, found in per_step[label] for name in found}) for label in labels]
+        sums = [sum(column) for column in zip(*durations)]
+        return [statistics.median(d) / 1e3 for d in durations] + [statistics.median(sums) / 1e3], names
+
     def time_one(self, fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
         """Median milliseconds of one call (``time_cuda``'s signature, ranks aligned on the GPU)."""
         return self([(fn, False)], iters, warmup)[0]
+
+
+def step_kernels(events, labels: list[str]) -> dict[str, list[tuple[float, list[str]]]]:
+    """For each occurrence of each labelled range among the profiler's ``events`` (in order): the
+    total µs of the GPU kernels launched inside it (its own and its children's, at any depth) and
+    their names. Kernels the profiler could not link to a launch are not counted, so a step whose
+    kernels went unlinked shows 0 µs and no names (the caller reports the names it counted)."""
+    def kernels_under(event) -> list:
+        found = list(getattr(event, "kernels", []))
+        for child in getattr(event, "cpu_children", []):
+            found += kernels_under(child)
+        return found
+
+    wanted = set(labels)
+    out: dict[str, list[tuple[float, list[str]]]] = {label: [] for label in labels}
+    for event in events:
+        # A range may also appear as its GPU-side annotation: only the host range owns launches.
+        if event.name in wanted and str(getattr(event, "device_type", "CPU")).endswith("CPU"):
+            kernels = kernels_under(event)
+            out[event.name].append((float(sum(k.duration for k in kernels)), [k.name for k in kernels]))
+    return out
 
 
 def timer_for(device: torch.device) -> Callable[..., float]:

@@ -14,13 +14,19 @@ without duplicates, uniform over experts, about 1% of the entries set to -1 as D
 seeded), and one Buffer (``num_max_dispatch_tokens_per_rank`` = the largest count), for the Buffer
 under test and for the baseline:
 
-* ``eager``: dispatch and combine timed inside a dispatch + combine iteration (as DeepEP times
-  them, each with CUDA events); ``dispatch+combine`` is their sum in the same iteration;
+* ``eager``: dispatch and combine timed inside a dispatch + combine iteration, each with CUDA
+  events; ``dispatch+combine`` is their sum in the same iteration;
 * ``hook``: ``return_recv_hook=True``: the send call and ``hook()`` timed separately, with an
   untimed pause between them (DeepEP puts a large GEMM there) so the receive finds its data;
 * ``graph``: dispatch and combine (no hook: the calls a decode step captures, one kernel each)
   captured as CUDA graphs (after warm-up on a side stream, as torch requires) and replayed (GPUs
-  only); ``graph-hook``: the same with dispatch + hook() and combine + hook() (two kernels each).
+  only); ``graph-hook``: the same with dispatch + hook() and combine + hook() (two kernels each);
+* ``kernels``, ``kernels-hook``, ``kernels-graph`` (GPUs): the eager, hook and graph steps again,
+  each timed by the summed durations of the GPU kernels it launched, read from torch.profiler.
+  That is how DeepEP's test times the per-kernel figures ANCHORS.md quotes (``bench_kineto``:
+  28-31 µs dispatch, 39.7 µs combine, the send/recv split), so these rows are the like-for-like
+  comparison; the CUDA-event rows add the launch latency and gaps between a call's kernels, and
+  stay the stricter figure. The JSON names the kernels each step counted (``kernel_names``).
 
 Timing (GPU): each iteration starts with a barrier, then a GPU delay (``torch.cuda._sleep``) and a
 one-element all-reduce, as DeepEP's ``barrier_comm_profiling`` does with a GEMM and an all-reduce:
@@ -70,7 +76,12 @@ BACKENDS = ("buffer", "reference")
 OPS = {"eager": ("dispatch", "combine", "dispatch+combine"),
        "hook": ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv"),
        "graph": ("dispatch", "combine", "dispatch+combine"),
-       "graph-hook": ("dispatch", "combine", "dispatch+combine")}
+       "graph-hook": ("dispatch", "combine", "dispatch+combine"),
+       # Kernel durations from torch.profiler, as DeepEP's bench_kineto reads its figures (GPU only).
+       "kernels": ("dispatch", "combine", "dispatch+combine"),
+       "kernels-hook": ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv"),
+       "kernels-graph": ("dispatch", "combine", "dispatch+combine")}
+COUNTED = {"eager", "graph", "graph-hook", "kernels", "kernels-graph"}  # modes whose rows carry bytes (GB/s)
 # DeepEP V1 on 2 x H200 (/work/shared/ANCHORS.md), quoted, not measured here.
 PEER = {"what": "DeepEP V1 test_low_latency on 2 x H200 (NVSHMEM NVLink path), quoted from /work/shared/ANCHORS.md",
         "settings": "128 tokens/rank, hidden 7168, top-8 of 288 experts, FP8 dispatch, BF16 combine",
@@ -234,9 +245,11 @@ def _trace_engine(buffer: Buffer):
 
 
 def _measure(name: str, buffer: Buffer, opts: dict, data, expert_out, timer: StepTimer, group,
-             graph_errors: dict, traces: dict) -> list[dict]:
+             graph_errors: dict, traces: dict, kernel_names: dict) -> list[dict]:
     """This rank's rows (median ms and bytes) for one Buffer at one token count; with --trace, the
-    kernels' phase trace of eager dispatch + combine into ``traces[tokens]`` (after the timed runs)."""
+    kernels' phase trace of eager dispatch + combine into ``traces[tokens]`` (after the timed runs).
+    On GPUs the ``kernels*`` rows time the same steps by their kernels' durations (profiler), and
+    ``kernel_names`` records which kernels each of those steps counted."""
     x, topk_idx, topk_weights = data
     tokens, iters = x.shape[0], opts["iters"]
     selections = int((topk_idx >= 0).sum().item())
@@ -244,19 +257,27 @@ def _measure(name: str, buffer: Buffer, opts: dict, data, expert_out, timer: Ste
     c_bytes = selections * opts["hidden"] * 2
     calls = _Calls(buffer, opts, x, topk_idx, topk_weights, expert_out)
 
-    def rows(mode: str, times: list[float], counted: bool) -> list[dict]:
-        nbytes = (d_bytes, c_bytes, d_bytes + c_bytes) if counted else (None,) * len(OPS[mode])
+    def rows(mode: str, times: list[float]) -> list[dict]:
+        nbytes = (d_bytes, c_bytes, d_bytes + c_bytes) if mode in COUNTED else (None,) * len(OPS[mode])
         return [{"tokens": tokens, "backend": name, "mode": mode, "op": op, "ms": ms, "bytes": b}
                 for op, ms, b in zip(OPS[mode], times, nbytes)]
 
-    out = rows("eager", timer([(calls.dispatch, False), (calls.combine, False)], iters), True)
+    def kernel_rows(mode: str, steps: list) -> list[dict]:
+        times, names = timer.kernel_times(steps, iters)
+        kernel_names[f"{name} {mode} tokens={tokens}"] = dict(zip(OPS[mode], names))
+        return rows(mode, times)
+
+    eager_steps = [(calls.dispatch, False), (calls.combine, False)]
+    hook_steps = [(calls.dispatch_send, False), (calls.recv, True), (calls.combine_send, False), (calls.recv, True)]
+    out = rows("eager", timer(eager_steps, iters))
     engine = _trace_engine(buffer) if opts["trace"] and timer.cuda else None
     if engine is not None:
         traces[str(tokens)] = traced_iterations(
             engine, lambda: timer([(calls.dispatch, False), (calls.combine, False)], 1))
-    hooked = timer([(calls.dispatch_send, False), (calls.recv, True), (calls.combine_send, False),
-                    (calls.recv, True)], iters)
-    out += rows("hook", hooked[:4], False)
+    out += rows("hook", timer(hook_steps, iters)[:4])
+    if timer.cuda:
+        out += kernel_rows("kernels", eager_steps)
+        out += kernel_rows("kernels-hook", hook_steps)
     for mode, hooked in (("graph", False), ("graph-hook", True)):
         if not timer.cuda:
             break
@@ -271,7 +292,10 @@ def _measure(name: str, buffer: Buffer, opts: dict, data, expert_out, timer: Ste
             graph_errors[f"{name} {mode} tokens={tokens}"] = errors
         else:
             dispatch_graph, combine_graph = graphs
-            out += rows(mode, timer([(dispatch_graph.replay, False), (combine_graph.replay, False)], iters), True)
+            replays = [(dispatch_graph.replay, False), (combine_graph.replay, False)]
+            out += rows(mode, timer(replays, iters))
+            if not hooked:
+                out += kernel_rows("kernels-graph", replays)
         del graphs
         torch.cuda.synchronize()
     return out
@@ -326,15 +350,15 @@ def _bench_rank(rank: int, world_size: int, opts: dict) -> None:
     gen = torch.Generator(device="cpu").manual_seed(opts["seed"] + 104729 + rank)
     expert_out = torch.randn(num_local, world_size * opts["max_tokens"], opts["hidden"], generator=gen)
     expert_out = expert_out.to(torch.bfloat16).to(device)
-    rows, selections, graph_errors, traces = [], [], {}, {}
+    rows, selections, graph_errors, traces, kernel_names = [], [], {}, {}, {}
     for tokens in opts["points"]:
         data = ll_routing(opts, tokens, rank, device)
         selections.append(int((data[1] >= 0).sum().item()))
         for name, buf in zip(BACKENDS, (buffer, baseline)):
             rows += _measure(name, buf, opts, data, expert_out, timer, group, graph_errors,
-                             traces if name == "buffer" else {})
+                             traces if name == "buffer" else {}, kernel_names)
     check = _check(buffer, baseline, opts, ll_routing(opts, opts["tokens"], rank, device), rank, world_size)
-    mine = {"rows": rows, "selections": selections, "check": check, "traces": traces}
+    mine = {"rows": rows, "selections": selections, "check": check, "traces": traces, "kernel_names": kernel_names}
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, mine, group=group)
     if rank == 0:
@@ -365,6 +389,10 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
     timing += (f"median of iters after {WARMUP} warm-up iterations; us = max over ranks of the medians. eager: "
                "dispatch then combine in one iteration (dispatch+combine = their sum); hook: send call and hook() "
                "timed separately with an untimed pause of gap_us before each hook()")
+    if info["graphs"]:
+        timing += ("; kernels, kernels-hook, kernels-graph: the same steps under torch.profiler, each step's time = "
+                   "the summed durations of the GPU kernels it launched (as DeepEP's bench_kineto times the figures "
+                   "quoted in ANCHORS.md), median over iters; kernel_names lists the kernels counted (rank 0)")
     return {
         **report_header("ll", world_size, dist_backend, device, info["buffer"]),
         "experimental_kernels_env": {EXPERIMENTAL_ENV: info["env"]},
@@ -395,6 +423,7 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
                                 f"{'FP8 (7%)' if opts['fp8'] else 'BF16 (1%)'} of sum_k |w x factor x x| + 0.01, and "
                                 f"== the baseline's combine within the same bound; recv_count equal"},
         "rows": merge_rows([g["rows"] for g in gathered]),
+        "kernel_names": gathered[0]["kernel_names"],
         # One GPU per rank: each rank's clock, so each rank is measured from its own start.
         "trace": {tokens: trace_summary([g["traces"][tokens] for g in gathered], shared_clock=False)
                   for tokens in gathered[0]["traces"] if all(tokens in g["traces"] for g in gathered)},
@@ -450,7 +479,7 @@ def _print(report: dict) -> None:
                 continue
             ratio = f"{ref['us'] / ours['us']:>9.2f}x" if ours and ref and ours["us"] > 0 else f"{'-':>10}"
             print(f"{op:<18}{mode:<11}{_cell(ours)}{_cell(ref)}{ratio}")
-    modes = [m for m in ("eager", "graph") if any(r["mode"] == m for r in report["rows"])]
+    modes = [m for m in ("eager", "graph", "kernels") if any(r["mode"] == m for r in report["rows"])]
     print("\nlatency vs tokens per rank (µs, max over ranks): dispatch / combine / dispatch+combine")
     label = {"buffer": "ours", "reference": "reference"}
     print(f"{'tokens':>6}" + "".join(f"{label[b] + ' ' + m:>27}" for b in BACKENDS for m in modes))

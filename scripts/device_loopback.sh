@@ -8,7 +8,7 @@
 #   host_profile: scripts/profile_host_dispatch.py (one rank; PROFILE_ARGS adds options, e.g. --recv-pool BYTES).
 #   nvshmem_puts: the put path's tests (one rank; then 2 ranks sharing the GPU, an experiment) and bench ll stores vs puts (PUTS_BENCH=0: no bench).
 #   ll_one_rank: `bench ll --trace` with the one GPU as one rank (all 132 SMs, every expert local): a
-#   2-GPU rank's kernel work at the same tokens/rank, without the link.
+#   2-GPU rank's kernel work at the same tokens/rank, without the link (LL_ONE_ENVS: one run per ';'-separated env).
 #   INTRANODE_K: a pytest -k filter for the intranode tests; BENCH_ARGS: the benchmark's options; BENCH_ENVS: one run per ';'-separated environment setting.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,9 +64,14 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     done
   fi
   if has ll_one_rank; then
-    stage "bench ll, one rank on the one GPU"
-    timeout -k 10 ${LL_ONE_S:-120} python3 -m moe_ep.bench ll --trace --sweep 1,32,128 --iters 30 --out "$OUT/ll_one_rank" \
-      2>&1 | grep -v "^moe_ep: using"
+    # LL_ONE_ENVS: ';'-separated environment settings, one run each (e.g. "MOE_EP_LL_COMBINE_PARTIALS=bfloat16").
+    IFS=';' read -ra envs <<< "${LL_ONE_ENVS:-}"
+    [ ${#envs[@]} -eq 0 ] && envs=("")
+    for i in "${!envs[@]}"; do
+      stage "bench ll, one rank on the one GPU ${envs[$i]:-(environment as is)}"
+      env ${envs[$i]} timeout -k 10 ${LL_ONE_S:-120} python3 -m moe_ep.bench ll --trace --sweep ${LL_ONE_SWEEP:-1,32,128} \
+        --iters 30 --out "$OUT/ll_one_rank$i" 2>&1 | grep -v "^moe_ep: using"
+    done
   fi
   if has ll_tests; then
     stage "low-latency GPU tests (ranks sharing the GPU)"

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from torch.autograd.profiler_util import Kernel
 
+from moe_ep.bench import StepTimer, step_kernels
 from tests.test_bench_normal import _bench
 
 HIDDEN, TOP_K = 128, 2
@@ -57,3 +60,34 @@ def test_ll_cpu_smoke(tmp_path):
             assert dispatch == [n * (HIDDEN + HIDDEN // 128 * 4) for n in selections[t]]
             assert combine == [n * HIDDEN * 2 for n in selections[t]]
             assert by_key[t, backend, "dispatch+combine"]["bytes_per_rank"] == [d + c for d, c in zip(dispatch, combine)]
+    assert report["kernel_names"] == {}  # kernel-duration rows need the profiler's GPU records
+
+
+class _Event:
+    """A stand-in for torch.profiler's FunctionEvent: a name, where it ran, its kernels, its children."""
+
+    def __init__(self, name, kernels=(), children=(), device_type="DeviceType.CPU"):
+        self.name, self.device_type = name, device_type
+        self.kernels = [Kernel(k, 0, us) for k, us in kernels]
+        self.cpu_children = list(children)
+
+
+def test_step_kernels_sums_each_range_and_its_children():
+    """bench ll's kernel-duration rows: a step's time is its kernels' durations at any depth under
+    its range, once per occurrence; the GPU-side copy of a range and other ranges are not counted."""
+    launch = _Event("aten::empty", kernels=[("fill", 1.5)], children=[_Event("inner", kernels=[("copy", 0.25)])])
+    events = [_Event("step_0", kernels=[("dispatch_kernel", 10.0)], children=[launch]),
+              _Event("step_0", device_type="DeviceType.CUDA", kernels=[("dispatch_kernel", 10.0)]),
+              _Event("other", kernels=[("nccl", 99.0)]),
+              _Event("step_1", kernels=[("combine_kernel", 20.0)]),
+              _Event("step_0", kernels=[("dispatch_kernel", 11.0)]),
+              _Event("step_1")]  # a range whose kernels the profiler could not link
+    found = step_kernels(events, ["step_0", "step_1"])
+    assert found["step_0"] == [(11.75, ["dispatch_kernel", "fill", "copy"]), (11.0, ["dispatch_kernel"])]
+    assert found["step_1"] == [(20.0, ["combine_kernel"]), (0.0, [])]
+
+
+def test_kernel_times_needs_cuda():
+    timer = StepTimer(torch.device("cpu"), None)
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        timer.kernel_times([(lambda: None, False)], 1)
