@@ -149,33 +149,36 @@ class StepTimer:
                      warmup: int = 3) -> tuple[list[float], list[list[str]]]:
         """Each step's median milliseconds of GPU *kernel* time per iteration, then the median of the
         sums, and the names of the kernels counted for each step. Read from torch.profiler (CUPTI)
-        the way DeepEP's ``bench_kineto`` reads its kernels: the durations of the kernels a step
-        launched, without the gaps between them or the launch latency that CUDA events include.
-        Iterations run as in ``__call__`` (host ahead, GPUs aligned). GPU only."""
+        as DeepEP's ``bench_kineto`` reads its kernels: the durations of the kernels a step ran,
+        without the launch latency and gaps that CUDA events include. The profiler does not tie an
+        extension's launches (or a graph replay's kernels) to a Python range, so each step is
+        bracketed on the GPU instead: a marker kernel (``torch.cuda._sleep(1)``) goes before every
+        step and after the last, and a step's kernels are the device activities between its marker
+        and the next ``_sleep`` kernel (see ``step_kernels``). Iterations run as in ``__call__``. GPU only."""
         if not self.cuda:
             raise RuntimeError("kernel_times needs CUDA (the profiler's kernel records)")
-        from torch.profiler import ProfilerActivity, profile, record_function
+        from torch.profiler import ProfilerActivity, profile
 
-        labels = [f"moe_ep_bench_step_{i}" for i in range(len(steps))]
-
-        def labelled(fn: Callable[[], object], label: str) -> Callable[[], None]:
+        def marked(fn: Callable[[], object]) -> Callable[[], None]:
             def run() -> None:
-                with record_function(label):
-                    fn()
+                torch.cuda._sleep(1)
+                fn()
             return run
 
-        wrapped = [(labelled(fn, label), pause) for (fn, pause), label in zip(steps, labels)]
+        end_marker = (lambda: torch.cuda._sleep(1), False)
+        wrapped = [(marked(fn), pause) for fn, pause in steps] + [end_marker]
         for _ in range(warmup):
             self._once(wrapped)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(iters):
                 self._once(wrapped)
-        per_step = step_kernels(prof.events(), labels)
-        if any(len(per_step[label]) != iters for label in labels):
-            raise RuntimeError(f"the profiler recorded {[len(per_step[label]) for label in labels]} "
-                               f"occurrences of the steps, expected {iters} each")
-        durations = [[total for total, _ in per_step[label]] for label in labels]
-        names = [sorted({name for _, found in per_step[label] for name in found}) for label in labels]
+        pattern = ["head"]
+        for i, (_, pause) in enumerate(steps):
+            pattern += (["pause"] if pause else []) + [i]
+        pattern.append("end")
+        per_step = step_kernels(device_activities(prof.events()), pattern, iters)
+        durations = [[total for total, _ in per_step[i]] for i in range(len(steps))]
+        names = [sorted({name for _, found in per_step[i] for name in found}) for i in range(len(steps))]
         sums = [sum(column) for column in zip(*durations)]
         return [statistics.median(d) / 1e3 for d in durations] + [statistics.median(sums) / 1e3], names
 
@@ -184,24 +187,37 @@ class StepTimer:
         return self([(fn, False)], iters, warmup)[0]
 
 
-def step_kernels(events, labels: list[str]) -> dict[str, list[tuple[float, list[str]]]]:
-    """For each occurrence of each labelled range among the profiler's ``events`` (in order): the
-    total µs of the GPU kernels launched inside it (its own and its children's, at any depth) and
-    their names. Kernels the profiler could not link to a launch are not counted, so a step whose
-    kernels went unlinked shows 0 µs and no names (the caller reports the names it counted)."""
-    def kernels_under(event) -> list:
-        found = list(getattr(event, "kernels", []))
-        for child in getattr(event, "cpu_children", []):
-            found += kernels_under(child)
-        return found
+MARKER_KERNEL = "spin_kernel"  # what torch.cuda._sleep runs (aten/src/ATen/cuda/Sleep.cu)
 
-    wanted = set(labels)
-    out: dict[str, list[tuple[float, list[str]]]] = {label: [] for label in labels}
-    for event in events:
-        # A range may also appear as its GPU-side annotation: only the host range owns launches.
-        if event.name in wanted and str(getattr(event, "device_type", "CPU")).endswith("CPU"):
-            kernels = kernels_under(event)
-            out[event.name].append((float(sum(k.duration for k in kernels)), [k.name for k in kernels]))
+
+def device_activities(events) -> list[tuple[float, float, str]]:
+    """(start µs, duration µs, name) of every GPU activity (kernels, memsets, copies) among the
+    profiler's events, in start order; the GPU-side copies of Python ranges are left out."""
+    found = [(float(e.time_range.start), float(e.time_range.elapsed_us()), e.name) for e in events
+             if str(getattr(e, "device_type", "")).endswith("CUDA") and not getattr(e, "is_user_annotation", False)
+             and not e.name.startswith("gpu_user_annotation")]
+    return sorted(found)
+
+
+def step_kernels(activities: list[tuple[float, float, str]], pattern: list, iters: int) -> dict:
+    """Splits the GPU timeline into steps at the marker kernels. ``pattern`` names what follows each
+    ``_sleep`` kernel of one iteration, in order ("head": the aligning delay, "pause": an untimed gap,
+    an int: that step's marker, "end": after the last step); activities before the first marker are
+    ignored. Returns {step: [(total µs, names) per iteration]}. A count of markers that does not
+    match ``iters`` x the pattern raises (a step ran a ``_sleep`` itself, or the profiler lost
+    records): no figure is better than a wrong one."""
+    markers = [i for i, (_, _, name) in enumerate(activities) if MARKER_KERNEL in name]
+    if len(markers) != iters * len(pattern):
+        raise RuntimeError(f"kernel_times: found {len(markers)} marker kernels ({MARKER_KERNEL}), expected "
+                           f"{iters} iterations x {len(pattern)}; cannot split the timeline into steps")
+    out: dict = {what: [] for what in pattern if isinstance(what, int)}
+    for n, start in enumerate(markers):
+        what = pattern[n % len(pattern)]
+        if not isinstance(what, int):
+            continue
+        stop = markers[n + 1] if n + 1 < len(markers) else len(activities)
+        inside = activities[start + 1:stop]
+        out[what].append((sum(duration for _, duration, _ in inside), [name for _, _, name in inside]))
     return out
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from torch.autograd.profiler_util import Kernel
+from types import SimpleNamespace
 
-from moe_ep.bench import StepTimer, step_kernels
+import torch
+
+from moe_ep.bench import MARKER_KERNEL, StepTimer, device_activities, step_kernels
 from tests.test_bench_normal import _bench
 
 HIDDEN, TOP_K = 128, 2
@@ -64,27 +65,37 @@ def test_ll_cpu_smoke(tmp_path):
 
 
 class _Event:
-    """A stand-in for torch.profiler's FunctionEvent: a name, where it ran, its kernels, its children."""
+    """A stand-in for torch.profiler's FunctionEvent: a name, where it ran, when."""
 
-    def __init__(self, name, kernels=(), children=(), device_type="DeviceType.CPU"):
-        self.name, self.device_type = name, device_type
-        self.kernels = [Kernel(k, 0, us) for k, us in kernels]
-        self.cpu_children = list(children)
+    def __init__(self, name, start, duration, device_type="DeviceType.CUDA"):
+        self.name, self.device_type, self.is_user_annotation = name, device_type, False
+        self.time_range = SimpleNamespace(start=start, elapsed_us=lambda: duration)
 
 
-def test_step_kernels_sums_each_range_and_its_children():
-    """bench ll's kernel-duration rows: a step's time is its kernels' durations at any depth under
-    its range, once per occurrence; the GPU-side copy of a range and other ranges are not counted."""
-    launch = _Event("aten::empty", kernels=[("fill", 1.5)], children=[_Event("inner", kernels=[("copy", 0.25)])])
-    events = [_Event("step_0", kernels=[("dispatch_kernel", 10.0)], children=[launch]),
-              _Event("step_0", device_type="DeviceType.CUDA", kernels=[("dispatch_kernel", 10.0)]),
-              _Event("other", kernels=[("nccl", 99.0)]),
-              _Event("step_1", kernels=[("combine_kernel", 20.0)]),
-              _Event("step_0", kernels=[("dispatch_kernel", 11.0)]),
-              _Event("step_1")]  # a range whose kernels the profiler could not link
-    found = step_kernels(events, ["step_0", "step_1"])
-    assert found["step_0"] == [(11.75, ["dispatch_kernel", "fill", "copy"]), (11.0, ["dispatch_kernel"])]
-    assert found["step_1"] == [(20.0, ["combine_kernel"]), (0.0, [])]
+def test_step_kernels_splits_the_timeline_at_the_markers():
+    """bench ll's kernel-duration rows: a step's time is the GPU activities between its marker and
+    the next _sleep kernel, per iteration; the head's all-reduce, pauses, host events and anything
+    before the first marker are not counted; a marker count that does not fit the pattern raises."""
+    spin = MARKER_KERNEL
+    events = [_Event("ncclBarrier", 0, 5),                                   # before the first marker
+              _Event("aten::add", 1, 3, device_type="DeviceType.CPU"),      # host event: ignored
+              _Event(spin, 10, 100), _Event("ncclAllReduce", 111, 4),       # head
+              _Event(spin, 120, 1), _Event("dispatch_kernel", 122, 18.5), _Event("Memset (Device)", 141, 0.5),
+              _Event(spin, 150, 50),                                        # pause: nothing counted
+              _Event(spin, 201, 1), _Event("recv_kernel", 203, 7),
+              _Event(spin, 211, 1),                                         # end
+              _Event(spin, 300, 100), _Event("ncclAllReduce", 401, 4),
+              _Event(spin, 410, 1), _Event("dispatch_kernel", 412, 17.0),
+              _Event(spin, 430, 50), _Event(spin, 481, 1), _Event("recv_kernel", 483, 6),
+              _Event(spin, 490, 1), _Event("ncclBarrier", 492, 5)]
+    activities = device_activities(reversed(events))  # sorted by start
+    assert [a[2] for a in activities][:3] == ["ncclBarrier", spin, "ncclAllReduce"]
+    pattern = ["head", 0, "pause", 1, "end"]
+    found = step_kernels(activities, pattern, iters=2)
+    assert found[0] == [(19.0, ["dispatch_kernel", "Memset (Device)"]), (17.0, ["dispatch_kernel"])]
+    assert found[1] == [(7.0, ["recv_kernel"]), (6.0, ["recv_kernel"])]
+    with pytest.raises(RuntimeError, match="marker kernels"):
+        step_kernels(activities, pattern, iters=3)
 
 
 def test_kernel_times_needs_cuda():
