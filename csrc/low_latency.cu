@@ -23,10 +23,11 @@
 //                   is in, sums weight x output over each (source, token)'s rows here in k order, in
 //                   float32, and stores that one partial row into the source: a token crosses back
 //                   once per rank, not once per expert (as float32, or rounded to bf16 with
-//                   CombineArgs::bf16_partials). The last block publishes one flag per source.
+//                   CombineArgs::bf16_partials). Each block adds its share to one flag per source
+//                   as soon as its own sums are out (the flag is complete once every block's is in).
 //   combine recv    waits for every rank's flag, then one warp per (token, 256 hidden columns)
 //                   sums the partial rows of the token's ranks in rank order and casts; the last
-//                   block resets the flags.
+//                   block resets the flags and the weight counters.
 //   puts            a rank in put_mask is reached through NVSHMEM's device API (low_latency.h):
 //                   the same kernels, with rows staged in the outbox and put whole, and counts and
 //                   flags put after a quiet. Compiled only into moe_ep._nvshmem (MOE_EP_NVSHMEM_DEVICE).
@@ -875,13 +876,22 @@ __device__ __forceinline__ void warp_wait_weights(const CombineArgs& a, const in
   __syncwarp();
 }
 
+// A combine flag [d] sums one share per block of rank d's combine send grid: block 0's share is
+// kCombineDone - (blocks - 1), every other block's 1, so the flag reaches kCombineDone exactly when
+// the last of them has published, whatever grid size rank d runs, and stays below it before.
+constexpr int kCombineDone = 1 << 20;
+__device__ __forceinline__ int combine_done_share(unsigned block, unsigned blocks) {
+  return block == 0 ? kCombineDone - static_cast<int>(blocks - 1) : 1;
+}
+
 // Two phases. As a source, every block stores its share of this rank's tokens' top-k weights into
 // their expert ranks (4 bytes per row) and adds, per rank, how many it stored to that rank's weight
 // counter [this rank]. As an expert rank, one warp per (owner, kSlices x 256 columns) loads the owner's
 // rows here, waits (once per warp, after its first loads are in flight) until every source's weights
 // are in, sums weight x expert output over the rows in k order, in float32, and stores that partial
 // sum into the owner's source at [this rank][token]: a token crosses back once per rank, not once per
-// expert. The last block to finish publishes "all partial sums are back" to every source.
+// expert. Each block then adds its share to every source's combine flag (combine_done_share); the
+// weight counters are reset by the combine receive, once every rank's flag is complete.
 // The combine's topk_idx must be the dispatch's (as the reference backend assumes): the counters
 // count the dispatch's rows, so other ids end in the bounded wait's error, not in wrong sums.
 template <int kRowBatch, bool kPuts, typename Partial>
@@ -897,7 +907,6 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
   const int lane = tid % 32;
   uint8_t* own = buffer_of(a.peers, me, a.data_offset);
   uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
-  int* done = reinterpret_cast<int*>(own_flags + L.off_done);
   int* counters = reinterpret_cast<int*>(own_flags + L.off_wflags);
   const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t gtid = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
@@ -906,7 +915,6 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
   // Phase 1, spread over the grid: this rank's weights into their expert ranks, then per rank one
   // release add of how many this block stored there.
   __shared__ int stored[kMaxRanks];
-  __shared__ bool last;
   for (int r = tid; r < R; r += kThreads) stored[r] = 0;
   __syncthreads();
   for (int64_t p = gtid; p < static_cast<int64_t>(a.num_tokens) * K; p += grid_threads) {
@@ -1019,29 +1027,21 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
     }
   }
   if (!weights_in && warp % kWarps == 0) trace_mark(a.trace, kTraceCombineSend, 2);  // no item: nothing waited
-  // The last block to finish publishes "all partial sums are back" to every source. It also resets
-  // the weight counters, once each holds its full count (a warp without items never waited for it,
-  // so an add may still be on its way).
+  // Every block publishes its own partial sums to every source at once (no last block to wait
+  // for): its share of kCombineDone, added to the source's combine flag [this rank].
   if (put_mask != 0) quiet_puts();  // every partial row this thread put is in before the flags
   __syncthreads();
   trace_mark(a.trace, kTraceCombineSend, 3);
   block_fence_system();
-  if (tid == 0) last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
-  __syncthreads();
-  if (last && tid < 32) {
-    warp_wait_weights(a, counters, expected, lane);
-    for (int src = lane; src < R; src += 32) reinterpret_cast<volatile int*>(counters)[src] = 0;
-    __threadfence_system();
+  if (tid < 32) {
+    const int64_t at = L.off_cflags + 4 * me;
+    const int share = combine_done_share(blockIdx.x, gridDim.x);
     for (int src = lane; src < R; src += 32) {
-      if (!cut(a.mask, me, src)) {
-        const int64_t at = L.off_cflags + 4 * me;
-        if (puts_to(put_mask, src)) put_int(reinterpret_cast<int*>(own_flags + at), 1, src);
-        else st_release_sys(reinterpret_cast<int*>(buffer_of(a.peers, src, a.flags_offset) + at), 1);
-      }
+      if (cut(a.mask, me, src)) continue;
+      if (puts_to(put_mask, src)) put_add(reinterpret_cast<int*>(own_flags + at), share, src);
+      else red_release_sys_add(reinterpret_cast<int*>(buffer_of(a.peers, src, a.flags_offset) + at), share);
     }
   }
-  if (last && tid == 0) done[0] = 0;
-  __syncthreads();
   trace_mark(a.trace, kTraceCombineSend, 4);
 }
 
@@ -1108,9 +1108,9 @@ __device__ __forceinline__ void add_partial(float (&acc)[kSlices][8], const Part
   }
 }
 
-// Waits for every rank's flag, then one warp per (token, kSlices x 256 columns) sums the partial
-// sums of the ranks the token went to, in rank order, in float32, and casts; the last block resets
-// the flags. A warp finds its first token's ranks before the wait (they depend on the dispatch
+// Waits for every rank's flag (complete at kCombineDone), then one warp per (token, kSlices x 256
+// columns) sums the partial sums of the ranks the token went to, in rank order, in float32, and
+// casts; the last block resets the flags and the weight counters. A warp finds its first token's ranks before the wait (they depend on the dispatch
 // only), and loads two ranks' partial rows at a time.
 template <typename Partial>
 __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
@@ -1130,8 +1130,8 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
   if (threadIdx.x < R && !cut(a.mask, me, threadIdx.x)) {
     const int d = threadIdx.x;
     const wait::WaitSite site{"low_latency_combine_recv", "combine_flag[src]", me, d, a.timeout_ns};
-    wait::wait_value<wait::Scope::kSys>(reinterpret_cast<const int*>(own_flags + L.off_cflags) + d, 0, wait::Cmp::kNe,
-                                        site);
+    wait::wait_value<wait::Scope::kSys>(reinterpret_cast<const int*>(own_flags + L.off_cflags) + d, kCombineDone,
+                                        wait::Cmp::kGe, site);
   }
   __syncthreads();
   trace_mark(a.trace, kTraceCombineRecv, 1);
@@ -1172,7 +1172,9 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
       *reinterpret_cast<uint4*>(out + t * L.hidden + col) = packed;
     }
   }
-  // The last block resets the flags every block has waited for.
+  // The last block resets the flags every block has waited for, and the weight counters: every
+  // rank's flag is complete, so every source's weight adds here (made before its blocks published)
+  // have landed, and the next adds to them come with the combine after next (double buffering).
   __shared__ bool last;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -1180,7 +1182,10 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
     last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
   }
   __syncthreads();
-  if (last && threadIdx.x < R) reinterpret_cast<volatile int*>(own_flags + L.off_cflags)[threadIdx.x] = 0;
+  if (last && threadIdx.x < R) {
+    reinterpret_cast<volatile int*>(own_flags + L.off_cflags)[threadIdx.x] = 0;
+    reinterpret_cast<volatile int*>(own_flags + L.off_wflags)[threadIdx.x] = 0;
+  }
   if (last && threadIdx.x == 0) reinterpret_cast<int*>(own_flags + L.off_done)[1] = 0;
   trace_mark(a.trace, kTraceCombineRecv, 2);
 }

@@ -24,13 +24,16 @@
 //   flags of buffer b, at b * kFlagsPerBuffer:
 //     dispatch flags [L][R] int32  source s's count for local expert l, plus one (0: not yet);
 //                                  reset to 0 by the receiver once read
-//     combine flags  [R] int32     1 once rank d has written back every partial sum of this
-//                                  rank's tokens; reset by the receiver
+//     combine flags  [R] int32     rank d's blocks' shares (one add each as its partial sums are
+//                                  out): complete at kCombineDone (low_latency.cu), whatever d's
+//                                  grid size; reset by the receiver
 //     weight counts  [R] int32     weights source s has stored here for this combine (release adds,
 //                                  one per source block); complete when they reach the rows s
-//                                  sent at the dispatch; reset by this rank's combine send
-//     done counters  [3] int32     last-block detection inside this rank's own kernels (combine
-//                                  send, combine recv, dispatch recv)
+//                                  sent at the dispatch; reset by this rank's combine receive
+//                                  (every rank's combine flag complete: every add has landed)
+//     done counters  [3] int32     last-block detection inside this rank's own kernels ([0]
+//                                  unused since the combine send publishes per block; [1] combine
+//                                  recv, [2] dispatch recv)
 //   data of buffer b, at kFlagsBytes + b * buffer_bytes:
 //     dispatch index [L][R][M] int32: the source token of expert l's j-th row from source s
 //     dispatch tokens [R][M] messages: source s's token t (payload: bf16 row, or fp8 row + float32
