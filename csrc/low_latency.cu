@@ -596,12 +596,16 @@ __device__ void block_exclusive_scan(int* data, int n) {
 }
 
 constexpr int64_t kPieceBytes = 4096;  // the dispatch receive copies rows in pieces of about this size, one per warp item
-// Combine: a warp item covers kSlices x 256 columns of one token; the send keeps kRowBatch of its
-// rows in flight per lane (kRowBatch x kSlices 16-byte loads; kFusedRowBatch in the fused kernel),
-// the receive two ranks' partial sums.
+// Combine: a receive item covers kSlices x 256 columns of one token (two ranks' partial sums in
+// flight); a send item kSendSlices x 256 columns of one owner, with kRowBatch of its rows in flight
+// per lane (kRowBatch x kSendSlices 16-byte loads; kFusedRowBatch in the fused kernel). Narrower send
+// items than receive items: twice the items (at 128 tokens one rank's 128 owners made 896 items of
+// 4 slices, so only 56 of 132 blocks had work) at the same bytes in flight per warp, and the
+// registers freed let a warp keep 4 rows in flight in the fused kernel too.
 constexpr int kSlices = 4;
-constexpr int kRowBatch = 3;
-constexpr int kFusedRowBatch = 2;
+constexpr int kSendSlices = 2;
+constexpr int kRowBatch = 4;
+constexpr int kFusedRowBatch = 4;
 
 // The largest i in [0, n) with prefix[i] <= value (prefix non-decreasing, prefix[0] <= value): the
 // entry whose rows hold row `value` (entries without rows share their prefix with the next one).
@@ -886,7 +890,7 @@ __device__ __forceinline__ int combine_done_share(unsigned block, unsigned block
 
 // Two phases. As a source, every block stores its share of this rank's tokens' top-k weights into
 // their expert ranks (4 bytes per row) and adds, per rank, how many it stored to that rank's weight
-// counter [this rank]. As an expert rank, one warp per (owner, kSlices x 256 columns) loads the owner's
+// counter [this rank]. As an expert rank, one warp per (owner, kSendSlices x 256 columns) loads the owner's
 // rows here, waits (once per warp, after its first loads are in flight) until every source's weights
 // are in, sums weight x expert output over the rows in k order, in float32, and stores that partial
 // sum into the owner's source at [this rank][token]: a token crosses back once per rank, not once per
@@ -942,10 +946,10 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
 
   // Phase 2: the partial sums go back.
   const int num_owners = *reinterpret_cast<const volatile int*>(a.routing + L.ws_num_owners);
-  // An item is (owner, kSlices x 256 columns): the owner's rows and weights are looked up once per
-  // item (lane q holds row q), then kRowBatch rows x kSlices vectors per lane are in flight at once.
+  // An item is (owner, kSendSlices x 256 columns): the owner's rows and weights are looked up once per
+  // item (lane q holds row q), then kRowBatch rows x kSendSlices vectors per lane are in flight at once.
   const int slices = (L.hidden + 255) / 256;  // 32 lanes x 8 columns
-  const int groups = (slices + kSlices - 1) / kSlices;
+  const int groups = (slices + kSendSlices - 1) / kSendSlices;
   const int64_t items = static_cast<int64_t>(num_owners) * groups;
   const int64_t warp = gtid / 32;
   const int64_t num_warps = grid_threads / 32;
@@ -954,7 +958,7 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
   bool weights_in = false;
   for (int64_t item = warp; item < items; item += num_warps) {
     const int owner = a.routing[L.ws_owners + item / groups];
-    const int64_t col0 = (item % groups) * kSlices * 256 + lane * 8;
+    const int64_t col0 = (item % groups) * kSendSlices * 256 + lane * 8;
     const int s = owner / M;
     const int t = owner % M;
     const int n = a.routing[L.ws_token_count + owner];
@@ -966,20 +970,20 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
       my_wslot = a.routing[L.ws_token_wslots + static_cast<int64_t>(owner) * K + lane];
     }
     float my_w = 0.0f;
-    float acc[kSlices][8];
+    float acc[kSendSlices][8];
 #pragma unroll
-    for (int v = 0; v < kSlices; ++v) {
+    for (int v = 0; v < kSendSlices; ++v) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[v][i] = 0.0f;
     }
     for (int q0 = 0; q0 < n; q0 += kRowBatch) {  // n <= K <= 32; the sum keeps the k order
-      uint4 raw[kRowBatch][kSlices];
+      uint4 raw[kRowBatch][kSendSlices];
 #pragma unroll
       for (int u = 0; u < kRowBatch; ++u) {
         const int q = q0 + u;
         const int row = __shfl_sync(kFullWarp, my_row, q & 31);
 #pragma unroll
-        for (int v = 0; v < kSlices; ++v) {
+        for (int v = 0; v < kSendSlices; ++v) {
           const int64_t col = col0 + v * 256;
           raw[u][v] = q < n && col < L.hidden
                           ? *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row) * L.hidden + col)
@@ -999,7 +1003,7 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
         if (q0 + u >= n) break;
         const float w = __shfl_sync(kFullWarp, my_w, (q0 + u) & 31);
 #pragma unroll
-        for (int v = 0; v < kSlices; ++v) {
+        for (int v = 0; v < kSendSlices; ++v) {
           const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw[u][v]);
 #pragma unroll
           for (int i = 0; i < 8; ++i) acc[v][i] += w * __bfloat162float(h[i]);
@@ -1013,15 +1017,15 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
                            : reinterpret_cast<Partial*>(buffer_of(a.peers, s, a.data_offset) + L.off_carea) +
                                  (static_cast<int64_t>(me) * M + t) * L.hidden;
 #pragma unroll
-    for (int v = 0; v < kSlices; ++v) {
+    for (int v = 0; v < kSendSlices; ++v) {
       const int64_t col = col0 + v * 256;
       if (col >= L.hidden) break;  // hidden % 8 == 0: a lane's 8 columns are all in or all out
       store_partial(dst_row + col, acc[v]);
     }
     if (put) {  // the item's columns, whole: one put of the warp (non-blocking; quieted below)
       __syncwarp();
-      const int64_t begin = (item % groups) * kSlices * 256;
-      const int64_t end = min(begin + kSlices * 256, static_cast<int64_t>(L.hidden));
+      const int64_t begin = (item % groups) * kSendSlices * 256;
+      const int64_t end = min(begin + kSendSlices * 256, static_cast<int64_t>(L.hidden));
       Partial* own_row = reinterpret_cast<Partial*>(own + L.off_carea) + (static_cast<int64_t>(me) * M + t) * L.hidden;
       warp_put(own_row + begin, dst_row + begin, static_cast<size_t>(end - begin) * sizeof(Partial), s);
     }
