@@ -598,14 +598,17 @@ __device__ void block_exclusive_scan(int* data, int n) {
 constexpr int64_t kPieceBytes = 4096;  // the dispatch receive copies rows in pieces of about this size, one per warp item
 // Combine: a receive item covers kSlices x 256 columns of one token (two ranks' partial sums in
 // flight); a send item kSendSlices x 256 columns of one owner, with kRowBatch of its rows in flight
-// per lane (kRowBatch x kSendSlices 16-byte loads; kFusedRowBatch in the fused kernel). Narrower send
-// items than receive items: twice the items (at 128 tokens one rank's 128 owners made 896 items of
-// 4 slices, so only 56 of 132 blocks had work) at the same bytes in flight per warp, and the
-// registers freed let a warp keep 4 rows in flight in the fused kernel too.
+// per lane (kRowBatch x kSendSlices 16-byte loads; kFused* in the fused kernel). The split send
+// kernel's narrow items: twice the items (at 128 tokens one rank's 128 owners made 896 items of 4
+// slices, so only 56 of 132 blocks had work) at the same bytes in flight per warp, 4 rows deep.
 constexpr int kSlices = 4;
 constexpr int kSendSlices = 2;
 constexpr int kRowBatch = 4;
-constexpr int kFusedRowBatch = 4;
+// The fused kernel keeps the wider items: with two ranks' traffic on one HBM (bench loopback, 128
+// tokens) they combined in 36.4 µs against 42.7 for the narrow ones, while one rank alone differed
+// by 0.3 µs (18.9 / 18.6). The split send kernel takes the narrow items: 11.9 µs against 19.5.
+constexpr int kFusedSendSlices = 4;
+constexpr int kFusedRowBatch = 2;
 
 // The largest i in [0, n) with prefix[i] <= value (prefix non-decreasing, prefix[0] <= value): the
 // entry whose rows hold row `value` (entries without rows share their prefix with the next one).
@@ -898,7 +901,7 @@ __device__ __forceinline__ int combine_done_share(unsigned block, unsigned block
 // weight counters are reset by the combine receive, once every rank's flag is complete.
 // The combine's topk_idx must be the dispatch's (as the reference backend assumes): the counters
 // count the dispatch's rows, so other ids end in the bounded wait's error, not in wrong sums.
-template <int kRowBatch, bool kPuts, typename Partial>
+template <int kRowBatch, int kSendSlices, bool kPuts, typename Partial>
 __device__ __forceinline__ void combine_send(const CombineArgs& a) {
   const LLLayout& L = a.layout;
   const uint64_t put_mask = kPuts ? a.put_mask : 0;  // 0: the branches of puts fold away
@@ -1196,14 +1199,14 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
 
 template <bool kPuts, typename Partial>
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
-  combine_send<kRowBatch, kPuts, Partial>(a);
+  combine_send<kRowBatch, kSendSlices, kPuts, Partial>(a);
 }
 template <typename Partial>
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) { combine_recv<Partial>(a); }
 // The receive half's registers leave the send half two rows per batch (three would spill).
 template <bool kPuts, typename Partial>
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
-  combine_send<kFusedRowBatch, kPuts, Partial>(a);
+  combine_send<kFusedRowBatch, kFusedSendSlices, kPuts, Partial>(a);
   combine_recv<Partial>(a);
 }
 
