@@ -383,8 +383,8 @@ def _report(gathered: list[dict], opts: dict, world_size: int, dist_backend: str
                       "warm-up on a side stream; graph-hook: dispatch + hook() and combine + hook() "
                       "(return_recv_hook=True: two kernels each) likewise; replays timed as eager calls are")
     timing = ("GPU: per iteration synchronize + barrier, a GPU delay (torch.cuda._sleep, head_us) and a one-element "
-              "all-reduce, then CUDA events around each call: device time, host launch overhead excluded (as DeepEP's "
-              "kineto kernel times; a host slower than head_us to enqueue an iteration would show in the times); "
+              "all-reduce, then CUDA events around each call: device time, host launch overhead excluded (the GPU's "
+              "launch latency included; a host slower than head_us to enqueue an iteration would show in the times); "
               if info["graphs"] else "CPU: wall clock after a barrier per iteration; ")
     timing += (f"median of iters after {WARMUP} warm-up iterations; us = max over ranks of the medians. eager: "
                "dispatch then combine in one iteration (dispatch+combine = their sum); hook: send call and hook() "

@@ -4,7 +4,8 @@
 # In order of value (30 device minutes hold three):
 #   A  STAGES=build,bench_normal,bench_ll      (issue 4's table with the NCCL, P2P and --recv-pool rows:
 #                                               *_direct dispatch and combine_bf16_pull, whose NVLink loads
-#                                               decide the pool's default; issue 5's table; ~450 s)
+#                                               decide the pool's default; issue 5's table, kernel rows
+#                                               included; ~500 s)
 #   B  STAGES=build,intranode_tests            (every intranode change since the last 2-GPU run: spill fix,
 #                                               --isolate, the staged combine, the receive pool, the pulled
 #                                               combine, the prefill layer with a pool, routing in notify; ~530 s: on one GPU
@@ -55,12 +56,12 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
   fi
   if has bench_ll; then
     stage "bench ll"
-    timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 --trace --out "$OUT" 2>&1 \
+    timeout -k 10 ${LL_S:-120} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 --trace --out "$OUT" 2>&1 \
       | grep -v "^moe_ep: using"
     # The combine's partial sums as bf16: half the bytes over NVLink (3.7 MB -> 1.8 MB per rank at 128
     # tokens); decides MOE_EP_LL_COMBINE_PARTIALS's default.
     stage "bench ll, bf16 partial sums in the combine"
-    MOE_EP_LL_COMBINE_PARTIALS=bfloat16 timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll --sweep 1,32,128 \
+    MOE_EP_LL_COMBINE_PARTIALS=bfloat16 timeout -k 10 ${LL_S:-120} python3 -m moe_ep.bench ll --sweep 1,32,128 \
       --iters 30 --trace --out "$OUT/bf16_partials" 2>&1 | grep -v "^moe_ep: using"
   fi
   if has bench_ll && [ "${LL_VARIANTS:-0}" = 1 ]; then
