@@ -1117,8 +1117,9 @@ __device__ __forceinline__ void add_partial(float (&acc)[kSlices][8], const Part
 
 // Waits for every rank's flag (complete at kCombineDone), then one warp per (token, kSlices x 256
 // columns) sums the partial sums of the ranks the token went to, in rank order, in float32, and
-// casts; the last block resets the flags and the weight counters. A warp finds its first token's ranks before the wait (they depend on the dispatch
-// only), and loads two ranks' partial rows at a time.
+// casts; the last block resets the flags and the weight counters. A warp finds its first token's
+// ranks before the wait (they depend on the dispatch only), and loads two ranks' partial rows at a
+// time.
 template <typename Partial>
 __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
   const LLLayout& L = a.layout;
