@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from moe_ep.bench import MARKER_KERNEL, StepTimer, device_activities, step_kernels
+from moe_ep.bench_ll import PEER, PEER_SETTINGS, TARGET_US, against_peer
 from tests.test_bench_normal import _bench
 
 HIDDEN, TOP_K = 128, 2
@@ -62,6 +63,9 @@ def test_ll_cpu_smoke(tmp_path):
             assert combine == [n * HIDDEN * 2 for n in selections[t]]
             assert by_key[t, backend, "dispatch+combine"]["bytes_per_rank"] == [d + c for d, c in zip(dispatch, combine)]
     assert report["kernel_names"] == {}  # kernel-duration rows need the profiler's GPU records
+    assert report["against_peer"]["comparable"] is False  # 2 CPU ranks at tiny sizes
+    assert [r["meets_target"] for r in report["against_peer"]["rows"]] == [None, None]
+    assert "vs the peer at 3 tokens/rank" in proc.stdout
 
 
 class _Event:
@@ -102,3 +106,31 @@ def test_kernel_times_needs_cuda():
     timer = StepTimer(torch.device("cpu"), None)
     with pytest.raises(RuntimeError, match="needs CUDA"):
         timer.kernel_times([(lambda: None, False)], 1)
+
+
+def _report_with(world_size: int, tokens: int, us: dict) -> dict:
+    settings = dict(PEER_SETTINGS, tokens=tokens)
+    rows = [{"tokens": tokens, "backend": "buffer", "mode": mode, "op": op, "us": value}
+            for (mode, op), value in us.items()]
+    rows.append({"tokens": tokens, "backend": "reference", "mode": "kernels", "op": "dispatch", "us": 1.0})
+    return {"world_size": world_size, "settings": settings, "rows": rows, "peer": PEER}
+
+
+def test_against_peer_reads_the_kernel_rows_and_the_target():
+    """The issue-5 summary: kernel durations (eager and graph) against the target, events beside
+    them; only the peer's settings on 2 ranks are comparable; the reference's rows never count."""
+    us = {("kernels", "dispatch"): 16.0, ("kernels-graph", "dispatch"): 15.8, ("eager", "dispatch"): 18.5,
+          ("graph", "dispatch"): 18.1, ("kernels", "combine"): 27.0, ("kernels-graph", "combine"): 28.5,
+          ("eager", "combine"): 30.0}
+    summary = against_peer(_report_with(2, 128, us))
+    assert summary["comparable"] is True and summary["tokens"] == 128
+    dispatch, combine = summary["rows"]
+    assert dispatch == {"op": "dispatch", "kernels_us": 16.0, "kernels_graph_us": 15.8, "eager_events_us": 18.5,
+                        "graph_events_us": 18.1, "peer_us": PEER["dispatch_us"], "target_us": TARGET_US["dispatch"],
+                        "meets_target": True}
+    assert combine["meets_target"] is False  # graph replay over 28 µs
+    assert combine["graph_events_us"] is None and combine["peer_us"] == PEER["combine_us"]
+    assert against_peer(_report_with(1, 128, us))["comparable"] is False
+    assert against_peer(_report_with(2, 32, us))["comparable"] is False
+    no_kernels = against_peer(_report_with(2, 128, {("eager", "dispatch"): 18.5}))
+    assert [r["meets_target"] for r in no_kernels["rows"]] == [None, None]
