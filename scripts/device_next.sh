@@ -64,6 +64,11 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     MOE_EP_LL_COMBINE_PARTIALS=bfloat16 timeout -k 10 ${LL_S:-120} python3 -m moe_ep.bench ll --sweep 1,32,128 \
       --iters 30 --trace --out "$OUT/bf16_partials" 2>&1 | grep -v "^moe_ep: using"
   fi
+  if has bench_normal && has bench_ll; then
+    stage "the pre-registered default rules (README), applied to this run's JSON"
+    PYTHONPATH=$PWD python3 scripts/decide_defaults.py --normal "$OUT/normal.json" --ll "$OUT/ll.json" \
+      --ll-bf16 "$OUT/bf16_partials/ll.json" 2>&1 | tail -40
+  fi
   if has bench_ll && [ "${LL_VARIANTS:-0}" = 1 ]; then
     stage "bench ll, staged FP8 send"
     MOE_EP_LL_SEND=staged timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 \
