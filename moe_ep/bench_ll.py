@@ -291,7 +291,8 @@ def _measure(name: str, buffer: Buffer, opts: dict, data, expert_out, timer: Ste
     """This rank's rows (median ms and bytes) for one Buffer at one token count; with --trace, the
     kernels' phase trace of eager dispatch + combine into ``traces[tokens]`` (after the timed runs).
     On GPUs the ``kernels*`` rows time the same steps by their kernels' durations (profiler), and
-    ``kernel_names`` records which kernels each of those steps counted."""
+    ``kernel_names`` records which kernels each of those steps counted (or, where the profile could
+    not be split into steps on some rank, every rank's error, and those rows are left out)."""
     x, topk_idx, topk_weights = data
     tokens, iters = x.shape[0], opts["iters"]
     selections = int((topk_idx >= 0).sum().item())
@@ -305,8 +306,20 @@ def _measure(name: str, buffer: Buffer, opts: dict, data, expert_out, timer: Ste
                 for op, ms, b in zip(OPS[mode], times, nbytes)]
 
     def kernel_rows(mode: str, steps: list) -> list[dict]:
-        times, names = timer.kernel_times(steps, iters)
-        kernel_names[f"{name} {mode} tokens={tokens}"] = dict(zip(OPS[mode], names))
+        # A profile that cannot be split into steps (lost records) costs these rows on every rank
+        # alike (rows must line up across ranks), recorded, not the whole run.
+        error = None
+        try:
+            times, names = timer.kernel_times(steps, iters)
+        except RuntimeError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        errors: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(errors, error, group=group)
+        key = f"{name} {mode} tokens={tokens}"
+        if any(errors):
+            kernel_names[key] = {"error": errors}
+            return []
+        kernel_names[key] = dict(zip(OPS[mode], names))
         return rows(mode, times)
 
     eager_steps = [(calls.dispatch, False), (calls.combine, False)]
@@ -513,6 +526,9 @@ def _print(report: dict) -> None:
     print(f"graphs: {report['graph']}")
     for where, errors in report["graph_errors"].items():
         print(f"  graph capture failed for {where}: {errors}")
+    for where, names in report.get("kernel_names", {}).items():
+        if "error" in names:
+            print(f"  kernel durations not measured for {where}: {names['error']}")
     tokens = s["tokens"]
     print(f"\nat {tokens} tokens/rank          {'ours µs':>10}{'GB/s':>8}{'ref µs':>10}{'GB/s':>8}{'ref/ours':>10}")
     for mode, ops in OPS.items():
