@@ -140,6 +140,45 @@ def _w_double_buffering(ctx, seed, use_fp8):
     oracle.assert_close(combined_b, _expected_combine(ctx, second, use_fp8), "combined_x of the second micro-batch")
 
 
+def _w_hook_misuse(ctx, seed):
+    """Receive hooks used out of order raise before anything is sent (moe_ep/comm/hooks.py), on
+    every rank alike, and the Buffer stays usable: a third dispatch or combine while the hook two
+    calls back has not run, a combine of a dispatch not yet received, a hook called twice."""
+    world = _world(ctx, seed, [MAX_TOKENS, 5, 7, 2][:ctx.world_size])
+    buffer = _ll_buffer(ctx, MAX_TOKENS, HIDDEN, world.num_experts)
+    x, topk_idx = _on(ctx, world.xs[ctx.rank]), _on(ctx, world.topk_idx[ctx.rank])
+    topk_weights = _on(ctx, world.topk_weights[ctx.rank])
+
+    def dispatch(hook):
+        return buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, world.num_experts, use_fp8=False,
+                                           return_recv_hook=hook)
+
+    first, second = dispatch(True), dispatch(True)
+    with pytest.raises(RuntimeError, match="two calls back was never called"):
+        dispatch(False)
+    expert_out = torch.randn(second[0].shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="has not received its rows"):
+        buffer.low_latency_combine(_on(ctx, expert_out), topk_idx, topk_weights, second[2])
+    first[4]()
+    second[4]()
+    with pytest.raises(RuntimeError, match="already ran"):
+        first[4]()
+    recv_x, recv_count, handle, _, _ = dispatch(False)  # the buffer of `first`, whose hook has run now
+    oracle.check_ll_recv(ctx.rank, world, MAX_TOKENS, recv_x, recv_count, handle, False)
+
+    outputs = _on(ctx, oracle.ll_expert_outputs(recv_x, recv_count.cpu(), ctx.rank, world.num_local_experts, False,
+                                                False))
+    hooks = [buffer.low_latency_combine(outputs, topk_idx, topk_weights, handle, return_recv_hook=True)[2]
+             for _ in range(2)]
+    with pytest.raises(RuntimeError, match="two calls back was never called"):
+        buffer.low_latency_combine(outputs, topk_idx, topk_weights, handle)
+    buffer.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, world.num_experts)  # drops both pending hooks
+    recv_x, recv_count, handle = _ll_dispatch(ctx, buffer, world, MAX_TOKENS, use_fp8=False)
+    combined = _ll_combine(ctx, buffer, world, recv_x, recv_count, handle, False)
+    oracle.assert_close(combined, _expected_combine(ctx, world, False), "combined_x after the dropped hooks")
+    assert len(hooks) == 2
+
+
 def _w_cumulative_stats(ctx, seed):
     world = _world(ctx, seed, [6, MAX_TOKENS, 3][:ctx.world_size])
     buffer = _ll_buffer(ctx, MAX_TOKENS, HIDDEN, world.num_experts)
@@ -297,6 +336,11 @@ def test_ll_combine_zero_copy(dist_pool, world_size, seed):
 @pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
 def test_ll_double_buffering(dist_pool, world_size, use_fp8, seed):
     dist_pool(world_size).run(_w_double_buffering, seed, use_fp8)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ll_hook_misuse_raises(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_hook_misuse, seed)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

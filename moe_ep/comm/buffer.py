@@ -25,6 +25,7 @@ from .errors import translate_device_errors
 from .config import Config, default_combine_config, default_dispatch_config, low_latency_rdma_size_hint
 from .event import EventOverlap
 from .fp8 import FP8_GROUP_SIZE
+from .hooks import HookLedger
 
 logger = logging.getLogger("moe_ep")
 
@@ -118,6 +119,7 @@ class Buffer:
         self.device = _group_device(self.group)
         self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         self._raw_buffers: dict[bool, torch.Tensor] = {}
+        self._hooks = HookLedger()  # misused receive hooks raise (moe_ep/comm/hooks.py)
         self._destroyed = False
         self.backend = self._select_backend()
         self.runtime = self.backend  # DeepEP exposes `runtime`; ours is the backend object
@@ -465,6 +467,7 @@ class Buffer:
         check.check_num_experts(num_experts, self.group_size)
         self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self._live_backend().low_latency.clean()
+        self._hooks.clear()
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         dist.barrier(group=self.group)
@@ -483,9 +486,11 @@ class Buffer:
             dispatch_wait_recv_cost_stats: [R, R] int64: row ``rank`` gets the receive wait (ns).
             use_fp8 / round_scale / use_ue8m0: cast to FP8 with 1x128 scales (power-of-two with
                 round_scale; packed UE8M0 int32 [L, R*M, H/512] with use_ue8m0).
-            return_recv_hook: only issue the sends; ``hook()`` completes the receive. A hook that
-                is never called leaves that buffer's arrival flags set: call
-                ``clean_low_latency_buffer`` before the next dispatch (as with DeepEP).
+            return_recv_hook: only issue the sends; ``hook()`` completes the receive, once. At most
+                two dispatches may be outstanding: a third, while the hook of the one two calls back
+                has not run, raises RuntimeError (its buffer would be reused); so does a combine of
+                a dispatch not yet received. A hook that will never be called: drop it with
+                ``clean_low_latency_buffer``.
         Returns:
             ``(recv_x [L, R*M, H] bf16 or (fp8, scales column-major), recv_count [L] int32,
             handle, event, hook)``. Expert l's first recv_count[l] rows are valid; each source's
@@ -515,6 +520,7 @@ class Buffer:
             if cumulative_local_expert_recv_stats.shape[0] != num_local:
                 raise ValueError(f"cumulative_local_expert_recv_stats must have {num_local} entries")
         self._check_wait_stats(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats")
+        self._hooks.check_issue("low_latency_dispatch")
         state = backend.low_latency
 
         def run():
@@ -523,7 +529,8 @@ class Buffer:
 
         (recv_x, recv_count, handle, hook), event = self._run(run, None, async_finish, False, (x, topk_idx),
                                                               "low_latency_dispatch")
-        hook = self._timed_hook(hook, state, dispatch_wait_recv_cost_stats)
+        hook = self._hooks.issued("low_latency_dispatch", self._timed_hook(hook, state, dispatch_wait_recv_cost_stats),
+                                  handle)
         return recv_x, recv_count, handle, event, hook
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
@@ -566,13 +573,15 @@ class Buffer:
             if tuple(out.shape) != (num_tokens, hidden):
                 raise ValueError(f"out must have shape [{num_tokens}, {hidden}], got {tuple(out.shape)}")
         self._check_wait_stats(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats")
+        self._hooks.check_handle(handle)
+        self._hooks.check_issue("low_latency_combine")
 
         def run():
             return state.combine(x, topk_idx, topk_weights, handle, out, return_recv_hook)
 
         (combined, hook), event = self._run(run, None, async_finish, False, (x, topk_idx, topk_weights),
                                             "low_latency_combine")
-        hook = self._timed_hook(hook, state, combine_wait_recv_cost_stats)
+        hook = self._hooks.issued("low_latency_combine", self._timed_hook(hook, state, combine_wait_recv_cost_stats))
         return combined, event, hook
 
     def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
