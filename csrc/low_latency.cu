@@ -1137,7 +1137,9 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
   const unsigned long long first_ranks = warp < items ? token_ranks(a, warp / groups, lane) : 0ull;
   if (threadIdx.x < R && !cut(a.mask, me, threadIdx.x)) {
     const int d = threadIdx.x;
-    const wait::WaitSite site{"low_latency_combine_recv", "combine_flag[src]", me, d, a.timeout_ns};
+    const wait::WaitSite site{"low_latency_combine_recv",
+                              "combine_flag[src] (src's send blocks each add a share; complete at 2^20)", me, d,
+                              a.timeout_ns};
     wait::wait_value<wait::Scope::kSys>(reinterpret_cast<const int*>(own_flags + L.off_cflags) + d, kCombineDone,
                                         wait::Cmp::kGe, site);
   }
