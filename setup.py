@@ -8,6 +8,8 @@ Environment:
   DISABLE_SM90_FEATURES=1         build an sm_80 path without Hopper-only instructions
   DISABLE_AGGRESSIVE_PTX_INSTRS=1 no non-portable load/store forms
   MOE_EP_SKIP_CUDA=1              never build the extension
+  MOE_EP_SKIP_NVSHMEM=1           build moe_ep._C only, not the optional moe_ep._nvshmem (a faster
+                                  build where only one host's GPUs, reached by CUDA IPC, are used)
   NVSHMEM_DIR                     NVSHMEM install (else the nvidia-nvshmem-cu13 wheel, if found)
 """
 from __future__ import annotations
@@ -97,6 +99,9 @@ def _nvshmem_extension(include_dirs: list[str], cxx_flags: list[str], nvcc_flags
     never links NVSHMEM, so it imports where NVSHMEM is absent)."""
     from torch.utils.cpp_extension import CUDAExtension
 
+    if os.environ.get("MOE_EP_SKIP_NVSHMEM") == "1":
+        print("moe_ep: MOE_EP_SKIP_NVSHMEM=1: building without moe_ep._nvshmem", file=sys.stderr)
+        return None
     home = _load_build_paths().nvshmem_home()
     if home is None or not os.path.isdir(os.path.join(home, "include")):
         print("moe_ep: NVSHMEM not found (set NVSHMEM_DIR or install nvidia-nvshmem-cu13): "

@@ -212,3 +212,19 @@ def test_an_optional_module_that_fails_to_build_only_warns(capsys):
     assert "moe_ep._nvshmem failed to build" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="moe_ep._C"):
         command.build_extension(SimpleNamespace(name="moe_ep._C", optional=False))
+
+
+def test_skip_nvshmem_builds_moe_ep_C_alone(tmp_path):
+    """MOE_EP_SKIP_NVSHMEM=1 (scripts/device_next.sh, for stages that never use NVSHMEM) leaves the
+    optional moe_ep._nvshmem out of the build and says so; moe_ep._C is still built."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MOE_EP_SKIP_NVSHMEM="1")
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if "building pure Python" in proc.stderr:
+        pytest.skip(f"no CUDA extension can be built here: {proc.stderr.strip().splitlines()[-1]}")
+    assert "MOE_EP_SKIP_NVSHMEM=1: building without moe_ep._nvshmem" in proc.stderr
