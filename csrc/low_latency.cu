@@ -69,10 +69,6 @@ __device__ __forceinline__ uint8_t* buffer_of(const Peers& peers, int rank, int6
   return static_cast<uint8_t*>(peers.bases[rank]) + peers.region_offset + offset;
 }
 
-__device__ __forceinline__ void st_release_sys(int* ptr, int value) {
-  asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
-}
-
 __device__ __forceinline__ void st_release_gpu(int* ptr, int value) {
   asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
