@@ -179,6 +179,64 @@ def _w_hook_misuse(ctx, seed):
     assert len(hooks) == 2
 
 
+LATE_S = 1.0  # how late the last rank starts one of the calls in the wait-statistics test
+
+
+def _w_wait_stats(ctx, seed, hook, late_call):
+    """``*_wait_recv_cost_stats`` [R, R] int64: each call adds its own receive's wait for the data
+    (ns) to row ``rank``, every column alike, other rows untouched. The last rank starts
+    ``late_call`` LATE_S late, so rank 0 waits about that long in that call's receive and briefly
+    in the other's: a wait must land in its own call's statistics (the combine once added the
+    dispatch's). Bounds of LATE_S / 2 either side leave a wide margin."""
+    import time
+
+    world = _world(ctx, seed, [MAX_TOKENS, 5, 7][:ctx.world_size])
+    buffer = _ll_buffer(ctx, MAX_TOKENS, HIDDEN, world.num_experts)
+    x, topk_idx = _on(ctx, world.xs[ctx.rank]), _on(ctx, world.topk_idx[ctx.rank])
+    topk_weights = _on(ctx, world.topk_weights[ctx.rank])
+    base = torch.arange(ctx.world_size ** 2, dtype=torch.int64).view(ctx.world_size, ctx.world_size) * 7
+    stats = {"dispatch": base.clone(), "combine": base.clone()}
+
+    def start(call):
+        torch.distributed.barrier(group=ctx.group)
+        if call == late_call and ctx.rank == ctx.world_size - 1:
+            time.sleep(LATE_S)
+
+    start("dispatch")
+    recv_x, recv_count, handle, _, dispatch_hook = buffer.low_latency_dispatch(
+        x, topk_idx, MAX_TOKENS, world.num_experts, use_fp8=False, return_recv_hook=hook,
+        dispatch_wait_recv_cost_stats=stats["dispatch"])
+    if hook:
+        assert torch.equal(stats["dispatch"], base), "a hook's wait is added when the hook runs, not before"
+        dispatch_hook()
+    outputs = _on(ctx, oracle.ll_expert_outputs(recv_x, recv_count.cpu(), ctx.rank, world.num_local_experts, False,
+                                                False))
+    start("combine")
+    _, _, combine_hook = buffer.low_latency_combine(outputs, topk_idx, topk_weights, handle, return_recv_hook=hook,
+                                                    combine_wait_recv_cost_stats=stats["combine"])
+    if hook:
+        combine_hook()
+    for call, after in stats.items():
+        delta = after - base
+        others = torch.cat([delta[:ctx.rank], delta[ctx.rank + 1:]])
+        assert not others.any(), f"{call}: rows other than rank {ctx.rank} changed: {delta.tolist()}"
+        row = delta[ctx.rank]
+        assert (row == row[0]).all() and int(row[0]) >= 0, f"{call}: row {ctx.rank} got {row.tolist()}"
+        if ctx.rank == 0:
+            waited = int(row[0]) / 1e9
+            if call == late_call:
+                assert waited >= LATE_S / 2, f"{call}: rank 0 waited {waited:.3f} s for a rank {LATE_S} s late"
+            else:
+                assert waited < LATE_S / 2, f"{call}: rank 0 waited {waited:.3f} s, nobody was late"
+    for bad, message in ((torch.zeros(ctx.world_size, ctx.world_size + 1, dtype=torch.int64), "must have shape"),
+                         (torch.zeros(ctx.world_size, dtype=torch.int64), "must be 2-D"),
+                         (torch.zeros(ctx.world_size, ctx.world_size, dtype=torch.int32), "int64")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, world.num_experts, dispatch_wait_recv_cost_stats=bad)
+        with pytest.raises((ValueError, TypeError), match=message):
+            buffer.low_latency_combine(outputs, topk_idx, topk_weights, handle, combine_wait_recv_cost_stats=bad)
+
+
 def _w_cumulative_stats(ctx, seed):
     world = _world(ctx, seed, [6, MAX_TOKENS, 3][:ctx.world_size])
     buffer = _ll_buffer(ctx, MAX_TOKENS, HIDDEN, world.num_experts)
@@ -341,6 +399,12 @@ def test_ll_double_buffering(dist_pool, world_size, use_fp8, seed):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ll_hook_misuse_raises(dist_pool, world_size, seed):
     dist_pool(world_size).run(_w_hook_misuse, seed)
+
+
+@pytest.mark.parametrize("late_call", ["dispatch", "combine"])
+@pytest.mark.parametrize("hook", [False, True], ids=["plain", "hook"])
+def test_ll_wait_recv_cost_stats(dist_pool, hook, late_call, seed):
+    dist_pool(2).run(_w_wait_stats, seed, hook, late_call)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -13,7 +13,6 @@ Shapes: T tokens on this rank, H hidden, K top-k, E experts, R ranks, L = E / R 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, Optional, Union
 
 import torch
@@ -605,17 +604,18 @@ class Buffer:
                              "synchronization; pass None (per-source device timing comes with the cuda backend)")
 
     def _timed_hook(self, hook: Optional[Callable], state, stats: Optional[torch.Tensor]) -> Optional[Callable]:
-        """Wrap a receive so its host wait time lands in ``stats[rank, :]`` (CPU groups only)."""
+        """Add the receive's wait for its data (``state.last_wait_ns``, set by that receive) to
+        ``stats[rank, :]``: at once for a call without a hook, when the hook has run otherwise (CPU
+        groups only)."""
         if stats is None:
             return hook
         if hook is None:
-            stats[self.rank] += getattr(state, "last_wait_ns", 0)
+            stats[self.rank] += state.last_wait_ns
             return None
 
         def timed() -> None:
-            start = time.perf_counter_ns()
             hook()
-            stats[self.rank] += time.perf_counter_ns() - start
+            stats[self.rank] += state.last_wait_ns
 
         return timed
 

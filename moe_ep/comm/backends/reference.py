@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -342,6 +342,7 @@ class LowLatencyState:
         self.combine_inputs: list[torch.Tensor] = []
         self.buffer_idx = 0
         self.mask = torch.zeros(backend.num_ranks, dtype=torch.int32, device=backend.device)
+        self.last_wait_ns = 0  # the last receive's wait for its collective (see _wait)
 
     # -------------------------------------------------------- buffers
     def _ensure(self, m: int, hidden: int, num_experts: int, use_fp8: bool, use_ue8m0: bool) -> None:
@@ -450,19 +451,23 @@ class LowLatencyState:
         handle = (result.src_info, result.layout_range, m, hidden, num_experts)
 
         def receive() -> None:
-            start = time.perf_counter_ns()
-            work.wait()
-            waited = time.perf_counter_ns() - start
+            self._wait(work)
             self._place_received(recv, layout, result, m, experts_per_rank, pairs_per_dest, use_fp8)
             if recv_stats is not None:
                 recv_stats.add_(result.recv_count)
-            self.last_wait_ns = waited
 
         recv_x = self._result_views(result, m, hidden, experts_per_rank, use_fp8, use_ue8m0)
         if return_recv_hook:
             return recv_x, result.recv_count, handle, receive
         receive()
         return recv_x, result.recv_count, handle, None
+
+    def _wait(self, work) -> None:
+        """Waits for a receive's collective; ``last_wait_ns`` is what the Buffer's wait-time
+        statistics (``*_wait_recv_cost_stats``) add for the call whose receive this was."""
+        start = time.perf_counter_ns()
+        work.wait()
+        self.last_wait_ns = time.perf_counter_ns() - start
 
     def _place_received(self, recv, layout, result: _LowLatencyResult, m: int, experts_per_rank: int,
                         pairs_per_dest: int, use_fp8: bool) -> None:
@@ -538,7 +543,7 @@ class LowLatencyState:
         result = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=b.device)
 
         def receive() -> None:
-            work.wait()
+            self._wait(work)
             picked = back.index_select(0, torch.where(flat_valid, flat_dest * pairs_per_dest + reply_row, 0))
             weights = torch.where(flat_valid, topk_weights.flatten().float(), 0.0)
             weighted = picked.float().view(num_tokens, k, hidden) * weights.view(num_tokens, k, 1)
