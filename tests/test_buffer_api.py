@@ -111,6 +111,10 @@ def test_configs_and_static_helpers():
         for config in (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks)):
             assert isinstance(config, Config)
             assert config.get_nvl_buffer_size_hint(HIDDEN * 2, num_ranks) > 0
+            assert config.get_rdma_buffer_size_hint(HIDDEN * 2, num_ranks) == 0  # one node: no RDMA buffer
+    config = Buffer.get_dispatch_config(8)
+    across = [config.get_rdma_buffer_size_hint(HIDDEN * 2, n) for n in (16, 32)]
+    assert all(b > 0 and b % 128 == 0 for b in across) and across[0] < across[1]  # grows with the nodes
     assert isinstance(Buffer.capture(), EventOverlap)
     small = Buffer.get_low_latency_rdma_size_hint(8, 1024, 2, 8)
     large = Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
