@@ -116,6 +116,16 @@ def kernels_missing(family: str, entry_point: str) -> str | None:
     return None
 
 
+def require_kernels(family: str, entry_point: str):
+    """moe_ep._C when ``family`` can run here (see kernels_missing), else skip the test with the reason."""
+    reason = kernels_missing(family, entry_point)
+    if reason:
+        pytest.skip(reason)
+    from moe_ep import _C
+
+    return _C
+
+
 def intranode_kernels_missing() -> str | None:
     return kernels_missing("intranode", "intranode_dispatch")
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from moe_ep.comm.errors import MoeEpTimeoutError, translate_device_errors
+from tests.conftest import require_kernels
 
 pytestmark = pytest.mark.gpu
 
@@ -25,16 +26,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _extension():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
-    try:
-        from moe_ep import _C
-    except ImportError as exc:
-        pytest.skip(f"the CUDA extension moe_ep._C is not built ({exc}); "
-                    "build it with `python3 setup.py build_ext --inplace`")
-    if not hasattr(_C, "_wait_test"):
-        pytest.skip("this build of moe_ep._C has no _wait_test hook (rebuild the extension)")
-    return _C
+    return require_kernels("bounded_wait_test", "_wait_test")
 
 
 @pytest.fixture(scope="module")

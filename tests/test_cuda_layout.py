@@ -9,21 +9,13 @@ import pytest
 import torch
 
 from moe_ep.comm.backends.reference import ReferenceBackend
+from tests.conftest import require_kernels
 
 pytestmark = pytest.mark.gpu
 
 
 def _extension():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
-    try:
-        from moe_ep import _C
-    except ImportError as exc:
-        pytest.skip(f"the CUDA extension moe_ep._C is not built ({exc}); "
-                    "build it with `python3 setup.py build_ext --inplace`")
-    if "layout" not in getattr(_C, "kernel_families", ()):
-        pytest.skip("this build of moe_ep._C has no 'layout' kernel family")
-    return _C
+    return require_kernels("layout", "get_dispatch_layout")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from moe_ep.comm.errors import MoeEpTimeoutError
+from tests.conftest import require_kernels
 
 pytestmark = pytest.mark.gpu
 
@@ -27,16 +28,7 @@ EPOCHS = 20
 
 
 def _require_extension():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
-    try:
-        from moe_ep import _C
-    except ImportError as exc:
-        pytest.skip(f"the CUDA extension moe_ep._C is not built ({exc}); "
-                    "build it with `python3 setup.py build_ext --inplace`")
-    if not hasattr(_C, "IpcBuffer"):
-        pytest.skip("this build of moe_ep._C has no IpcBuffer (rebuild the extension)")
-    return _C
+    return require_kernels("ipc_buffer", "IpcBuffer")
 
 
 def _pattern(seed: int, src: int, epoch: int) -> torch.Tensor:
