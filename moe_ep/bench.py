@@ -144,7 +144,6 @@ class StepTimer:
                 samples.append(times + [sum(times)])
         return [statistics.median(column) for column in zip(*samples)]
 
-
     def kernel_times(self, steps: list[tuple[Callable[[], object], bool]], iters: int,
                      warmup: int = 3) -> tuple[list[float], list[list[str]]]:
         """Each step's median milliseconds of GPU *kernel* time per iteration, then the median of the

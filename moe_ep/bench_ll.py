@@ -328,7 +328,7 @@ def _measure(name: str, buffer: Buffer, opts: dict, data, expert_out, timer: Ste
     engine = _trace_engine(buffer) if opts["trace"] and timer.cuda else None
     if engine is not None:
         traces[str(tokens)] = traced_iterations(
-            engine, lambda: timer([(calls.dispatch, False), (calls.combine, False)], 1))
+            engine, lambda: timer(eager_steps, 1))
     out += rows("hook", timer(hook_steps, iters)[:4])
     if timer.cuda:
         out += kernel_rows("kernels", eager_steps)

@@ -18,20 +18,21 @@ KINDS = ("low_latency_dispatch", "low_latency_combine")
 
 
 class _Call:
-    """One low-latency call: whether its receive has completed (a call without a hook at once)."""
+    """One low-latency call: whether its receive has completed (a call without a hook at once), and
+    for a dispatch, its handle's first tensor (what a combine's handle is matched by)."""
 
-    __slots__ = ("received",)
+    __slots__ = ("received", "key")
 
-    def __init__(self, received: bool) -> None:
-        self.received = received
+    def __init__(self, received: bool, key: Optional[int]) -> None:
+        self.received, self.key = received, key
 
 
 class HookLedger:
-    """The last two low-latency calls of each kind and the dispatch behind each live handle."""
+    """The last two low-latency calls of each kind (a combine's handle can only come from one of
+    the last two dispatches: older results have been overwritten)."""
 
     def __init__(self) -> None:
         self._recent = {kind: deque(maxlen=2) for kind in KINDS}
-        self._dispatches: dict[int, _Call] = {}  # id(handle[0]) -> its dispatch
 
     def check_issue(self, kind: str) -> None:
         """Raises if a new ``kind`` call would reuse the buffer of a call whose hook has not run."""
@@ -44,20 +45,16 @@ class HookLedger:
 
     def check_handle(self, handle: tuple) -> None:
         """Raises if the dispatch behind ``handle`` has not received its rows yet."""
-        call = self._dispatches.get(id(handle[0]))
-        if call is not None and not call.received:
+        calls = [c for c in self._recent["low_latency_dispatch"] if c.key == id(handle[0])]
+        if calls and not calls[-1].received:
             raise RuntimeError("low_latency_combine: the dispatch behind this handle has not received its rows: "
                                "call the hook low_latency_dispatch returned before combining")
 
     def issued(self, kind: str, hook: Optional[Callable[[], None]], handle: Optional[tuple] = None
                ) -> Optional[Callable[[], None]]:
         """Records a call just issued and returns its hook, wrapped to record that it ran (once)."""
-        call = _Call(received=hook is None)
+        call = _Call(received=hook is None, key=None if handle is None else id(handle[0]))
         self._recent[kind].append(call)
-        if handle is not None:
-            self._dispatches = {key: c for key, c in self._dispatches.items()
-                                if any(c is other for other in self._recent["low_latency_dispatch"])}
-            self._dispatches[id(handle[0])] = call
         if hook is None:
             return None
 
@@ -73,4 +70,3 @@ class HookLedger:
         """Forget every pending hook (their flags were cleared)."""
         for recent in self._recent.values():
             recent.clear()
-        self._dispatches.clear()
