@@ -222,9 +222,11 @@ static __device__ __noinline__ void report_timeout(const WaitSite& site, long lo
 // Spin until poll() reports ready; returns the last value seen. `expected` and `cmp` only
 // describe the condition in the timeout line. Polls hot for a short while (flags usually arrive
 // within microseconds), then backs off with __nanosleep (32 ns doubling to 1 us) and checks the
-// clock; past site.timeout_ns it prints the timeout line and traps.
+// clock; past site.timeout_ns it prints the timeout line and traps. `waited_ns` (optional): the
+// time spent here is added to it (0 when the first poll is ready: the fast path stays as it was).
 template <typename Poll>
-__device__ __forceinline__ long long wait_until(Poll poll, const WaitSite& site, long long expected, Cmp cmp) {
+__device__ __forceinline__ long long wait_until(Poll poll, const WaitSite& site, long long expected, Cmp cmp,
+                                                long long* waited_ns = nullptr) {
   WaitPoll seen = poll();
   if (seen.ready) return seen.value;
   const uint64_t start = global_timer_ns();
@@ -232,7 +234,10 @@ __device__ __forceinline__ long long wait_until(Poll poll, const WaitSite& site,
   int hot = 0;
   for (;;) {
     seen = poll();
-    if (seen.ready) return seen.value;
+    if (seen.ready) {
+      if (waited_ns != nullptr) *waited_ns += static_cast<long long>(global_timer_ns() - start);
+      return seen.value;
+    }
     if (hot < 64) {
       ++hot;
     } else {
@@ -249,7 +254,8 @@ __device__ __forceinline__ long long wait_until(Poll poll, const WaitSite& site,
 
 // Spin until `*ptr cmp expected` holds (acquire loads at scope S); returns the value seen.
 template <Scope S, typename T>
-__device__ __forceinline__ T wait_value(const T* ptr, T expected, Cmp cmp, const WaitSite& site) {
+__device__ __forceinline__ T wait_value(const T* ptr, T expected, Cmp cmp, const WaitSite& site,
+                                        long long* waited_ns = nullptr) {
   static_assert(sizeof(T) == 4 || sizeof(T) == 8, "wait_value: 32- or 64-bit counters");
   const auto poll = [ptr, expected, cmp]() {
     T value;
@@ -262,7 +268,7 @@ __device__ __forceinline__ T wait_value(const T* ptr, T expected, Cmp cmp, const
     }
     return WaitPoll{compare(value, expected, cmp), static_cast<long long>(value)};
   };
-  return static_cast<T>(wait_until(poll, site, static_cast<long long>(expected), cmp));
+  return static_cast<T>(wait_until(poll, site, static_cast<long long>(expected), cmp, waited_ns));
 }
 
 }  // namespace wait

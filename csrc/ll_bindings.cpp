@@ -32,6 +32,7 @@ struct BufferView {
     TORCH_CHECK_VALUE(ranks_ >= 1 && ranks_ <= ll::kMaxRanks && rank_ >= 0 && rank_ < ranks_,
                       "view: rank must be in [0, num_ranks) and num_ranks in [1, 64]");
   }
+  int rank() const { return rank_; }
   int num_ranks() const { return ranks_; }
   int64_t num_bytes() const { return bytes_; }
   int device() const { return device_; }
@@ -52,6 +53,16 @@ void check_on_buffer(const at::Tensor& t, const BufferView& buffer, const char* 
 template <typename T>
 T* ptr_or_null(const std::optional<at::Tensor>& t, const BufferView& buffer, const char* name) {
   return moe_ep::ptr_or_null<T>(t, buffer.device(), name);
+}
+
+// This rank's row of a [R, R] int64 wait-time statistics tensor (*_wait_recv_cost_stats), or null.
+long long* wait_stats_row(const std::optional<at::Tensor>& stats, const BufferView& buffer, const char* name) {
+  if (!stats.has_value()) return nullptr;
+  const int64_t r = buffer.num_ranks();
+  TORCH_CHECK_TYPE(stats->scalar_type() == at::kLong, name, " must be int64");
+  TORCH_CHECK_VALUE(stats->dim() == 2 && stats->size(0) == r && stats->size(1) == r && stats->is_contiguous(), name,
+                    " must be a contiguous [", r, ", ", r, "] tensor");
+  return ptr_or_null<long long>(stats, buffer, name) + buffer.rank() * r;
 }
 
 // Family "low_latency" (csrc/low_latency.h): Python (moe_ep/comm/backends/low_latency.py) owns the
@@ -106,7 +117,7 @@ void ll_dispatch(const ViewTuple& view, bool send, bool recv, int64_t num_expert
                  const at::Tensor& send_done, const at::Tensor& recv_x, const std::optional<at::Tensor>& recv_scales, const at::Tensor& recv_count,
                  const at::Tensor& src_info, const at::Tensor& layout_range, const std::optional<at::Tensor>& stats,
                  const at::Tensor& routing, int64_t num_sms, bool fused, const std::optional<at::Tensor>& trace,
-                 uint64_t put_mask) {
+                 uint64_t put_mask, const std::optional<at::Tensor>& wait_stats) {
   const BufferView buffer(view);
   check_on_buffer(x, buffer, "x");
   check_on_buffer(topk_idx, buffer, "topk_idx");
@@ -138,6 +149,7 @@ void ll_dispatch(const ViewTuple& view, bool send, bool recv, int64_t num_expert
   a.src_info = static_cast<int*>(src_info.data_ptr());
   a.layout_range = static_cast<int64_t*>(layout_range.data_ptr());
   a.cumulative_stats = ptr_or_null<int>(stats, buffer, "cumulative_local_expert_recv_stats");
+  a.wait_stats = wait_stats_row(wait_stats, buffer, "dispatch_wait_recv_cost_stats");
   check_routing(routing, layout, buffer);
   a.routing = routing.data_ptr<int>();
   set_launch_fields(a, layout, buffer_index, put_mask, trace, buffer);
@@ -160,7 +172,8 @@ void ll_combine(const ViewTuple& view, bool send, bool recv, int64_t num_experts
                 bool dispatch_used_fp8, const at::Tensor& x, const at::Tensor& layout_range, const at::Tensor& topk_idx,
                 const at::Tensor& topk_weights, const std::optional<at::Tensor>& mask, const at::Tensor& pair_pos,
                 const at::Tensor& src_info, const at::Tensor& routing, const at::Tensor& out, int64_t num_sms,
-                bool fused, const std::optional<at::Tensor>& trace, uint64_t put_mask, bool bf16_partials) {
+                bool fused, const std::optional<at::Tensor>& trace, uint64_t put_mask, bool bf16_partials,
+                const std::optional<at::Tensor>& wait_stats) {
   const BufferView buffer(view);
   check_on_buffer(x, buffer, "x");
   check_on_buffer(out, buffer, "out");
@@ -183,6 +196,7 @@ void ll_combine(const ViewTuple& view, bool send, bool recv, int64_t num_experts
   a.routing = routing.data_ptr<int>();
   a.out = out.data_ptr();
   a.bf16_partials = bf16_partials;
+  a.wait_stats = wait_stats_row(wait_stats, buffer, "combine_wait_recv_cost_stats");
   set_launch_fields(a, layout, buffer_index, put_mask, trace, buffer);
   const c10::cuda::CUDAGuard guard(x.device());
   const int sms = static_cast<int>(num_sms);
@@ -219,14 +233,15 @@ void bind_low_latency(pybind11::module_& m) {
         pybind11::arg("send_done"), pybind11::arg("recv_x"),
         pybind11::arg("recv_scales"), pybind11::arg("recv_count"), pybind11::arg("src_info"),
         pybind11::arg("layout_range"), pybind11::arg("stats"), pybind11::arg("routing"), pybind11::arg("num_sms"),
-        pybind11::arg("fused") = true, pybind11::arg("trace") = pybind11::none(), pybind11::arg("put_mask") = 0);
+        pybind11::arg("fused") = true, pybind11::arg("trace") = pybind11::none(), pybind11::arg("put_mask") = 0,
+        pybind11::arg("wait_stats") = pybind11::none());
   m.def("ll_combine", &ll_combine, pybind11::arg("view"), pybind11::arg("send"), pybind11::arg("recv"),
         pybind11::arg("num_experts"), pybind11::arg("m"), pybind11::arg("buffer_index"),
         pybind11::arg("dispatch_used_fp8"), pybind11::arg("x"), pybind11::arg("layout_range"),
         pybind11::arg("topk_idx"), pybind11::arg("topk_weights"), pybind11::arg("mask"), pybind11::arg("pair_pos"),
         pybind11::arg("src_info"), pybind11::arg("routing"), pybind11::arg("out"), pybind11::arg("num_sms"),
         pybind11::arg("fused") = true, pybind11::arg("trace") = pybind11::none(), pybind11::arg("put_mask") = 0,
-        pybind11::arg("bf16_partials") = false);
+        pybind11::arg("bf16_partials") = false, pybind11::arg("wait_stats") = pybind11::none());
   m.def("ll_layout_info", &ll_layout_info, pybind11::arg("num_ranks"), pybind11::arg("num_experts"), pybind11::arg("m"),
         pybind11::arg("hidden"), pybind11::arg("num_topk"), pybind11::arg("use_fp8"),
         "Sizes of the low-latency region: {region_bytes (all), region_bytes_with_outbox (with puts), flags_bytes (both buffers' flags, first), "

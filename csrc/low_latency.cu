@@ -637,6 +637,15 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   uint8_t* own = buffer_of(a.peers, me, a.data_offset);
   uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
   int* flags = reinterpret_cast<int*>(own_flags + L.off_dflags);
+  // Wait-time statistics (a.wait_stats): block 0 notes, per source, when the last of its flags was
+  // seen; every block waits for the same flags, so block 0's view is the rank's.
+  __shared__ unsigned long long waited[kMaxRanks];
+  const bool timed = a.wait_stats != nullptr && blockIdx.x == 0;
+  if (timed) {
+    for (int s = tid; s < R; s += kThreads) waited[s] = 0;
+    __syncthreads();
+  }
+  const uint64_t wait_start = timed ? wait::global_timer_ns() : 0;
   for (int i = tid; i < E; i += kThreads) {
     const int s = i % R;
     int count = 0;
@@ -645,6 +654,7 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
       count = (wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), 0, wait::Cmp::kNe, site) &
                (kLanded - 1)) - 1;
       count = min(max(count, 0), L.m);  // a sender never publishes more than M
+      if (timed) atomicMax(waited + s, wait::global_timer_ns() - wait_start);
     }
     counts[i] = count;
     first[i] = count;
@@ -694,8 +704,12 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
     if (cut(a.mask, me, s) || counts[i] == 0) continue;  // (a source with no rows here is landed at once)
     const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src] (landed)", me, s, a.timeout_ns};
     wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), kLanded, wait::Cmp::kGe, site);
+    if (timed) atomicMax(waited + s, wait::global_timer_ns() - wait_start);
   }
   __syncthreads();
+  if (timed) {
+    for (int s = tid; s < R; s += kThreads) a.wait_stats[s] += static_cast<long long>(waited[s]);
+  }
   // This block is past its waits: its ticket says whether it is the last (read at the end, so the
   // atomic's round trip overlaps the copies); that block resets the flags.
   int ticket = 0;
@@ -866,14 +880,17 @@ __device__ __forceinline__ SourceRows source_rows(const CombineArgs& a, int lane
 
 // One warp waits (bounded) until every source's weights for this rank's rows are here: weight
 // counter [s] reaches the rows s sent at the dispatch. The warp's later loads see the weights.
-__device__ __forceinline__ void warp_wait_weights(const CombineArgs& a, const int* counters, SourceRows rows, int lane) {
+// `wait_stats` (non-null for one warp of the grid: the first): lane s adds its wait for source s.
+__device__ __forceinline__ void warp_wait_weights(const CombineArgs& a, const int* counters, SourceRows rows, int lane,
+                                                  long long* wait_stats) {
   const int me = a.peers.rank;
   for (int half = 0; half < 2; ++half) {
     const int s = lane + 32 * half;
     const int expected = half == 0 ? rows.lo : rows.hi;
     if (s < a.layout.num_ranks && expected > 0) {
       const wait::WaitSite site{"low_latency_combine_send", "weight_count[src]", me, s, a.timeout_ns};
-      wait::wait_value<wait::Scope::kSys>(counters + s, expected, wait::Cmp::kGe, site);
+      wait::wait_value<wait::Scope::kSys>(counters + s, expected, wait::Cmp::kGe, site,
+                                          wait_stats != nullptr ? wait_stats + s : nullptr);
     }
   }
   __syncwarp();
@@ -897,6 +914,8 @@ __device__ __forceinline__ int combine_done_share(unsigned block, unsigned block
 // weight counters are reset by the combine receive, once every rank's flag is complete.
 // The combine's topk_idx must be the dispatch's (as the reference backend assumes): the counters
 // count the dispatch's rows, so other ids end in the bounded wait's error, not in wrong sums.
+// Wait-time statistics (a.wait_stats) of a combine, per source s: the first warp's wait here for
+// s's weights (the grid's first item is the first warp's) plus the receive's wait for s's flag.
 template <int kRowBatch, int kSendSlices, bool kPuts, typename Partial>
 __device__ __forceinline__ void combine_send(const CombineArgs& a) {
   const LLLayout& L = a.layout;
@@ -991,7 +1010,7 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
       }
       if (q0 == 0) {  // the first rows are in flight: now the weights
         if (!weights_in) {
-          warp_wait_weights(a, counters, expected, lane);
+          warp_wait_weights(a, counters, expected, lane, gtid < 32 ? a.wait_stats : nullptr);
           weights_in = true;
           if (warp % kWarps == 0) trace_mark(a.trace, kTraceCombineSend, 2);
         }
@@ -1136,8 +1155,10 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
     const wait::WaitSite site{"low_latency_combine_recv",
                               "combine_flag[src] (src's send blocks each add a share; complete at 2^20)", me, d,
                               a.timeout_ns};
+    // Statistics: block 0's wait for each source.
+    long long* waited = a.wait_stats != nullptr && blockIdx.x == 0 ? a.wait_stats + d : nullptr;
     wait::wait_value<wait::Scope::kSys>(reinterpret_cast<const int*>(own_flags + L.off_cflags) + d, kCombineDone,
-                                        wait::Cmp::kGe, site);
+                                        wait::Cmp::kGe, site, waited);
   }
   __syncthreads();
   trace_mark(a.trace, kTraceCombineRecv, 1);

@@ -143,6 +143,7 @@ struct DispatchArgs {
   int* src_info;                  // [L, R*M]
   int64_t* layout_range;          // [L, R]
   int* cumulative_stats;          // [L] or null
+  long long* wait_stats;          // [R] ns (this rank's row of dispatch_wait_recv_cost_stats) or null
   int* routing;                   // the routing workspace (layout.ws_ints int32)
   uint64_t timeout_ns;
   uint64_t put_mask = 0;          // bit d: rank d is reached by NVSHMEM puts (see the header)
@@ -177,6 +178,7 @@ struct CombineArgs {
   const int* src_info;            // [L, R*M] from the dispatch
   const int* routing;             // the dispatch's routing workspace
   void* out;                      // [T, H] bf16
+  long long* wait_stats;          // [R] ns (this rank's row of combine_wait_recv_cost_stats) or null
   uint64_t timeout_ns;
   uint64_t put_mask = 0;          // as DispatchArgs
   int64_t outbox_offset = 0;

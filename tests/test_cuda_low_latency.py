@@ -739,6 +739,70 @@ def test_cumulative_recv_stats(ll_pool, world_size, seed):
     ll_pool(world_size).run(_w_stats, seed, timeout=300)
 
 
+LATE_S = 0.3  # how late the last rank starts one call in the wait-statistics test
+
+
+def _w_wait_stats(ctx, seed: int) -> None:
+    """``*_wait_recv_cost_stats`` timed by the kernels: each call adds, to row ``rank`` only, its
+    wait for each source (ns). The last rank starts one call LATE_S late: in that call every other
+    rank's entry for it is at least LATE_S / 2 and no other entry reaches that (the late rank finds
+    everything there); a call nobody is late for stays below it everywhere (ranks sharing one GPU
+    are time-sliced, milliseconds at most). With and without hooks; the results are checked too."""
+    import time
+
+    engine = engine_for(ctx)
+    case = Case("wait-stats-fp8-h2560", fmt="fp8")
+    me, num_ranks, late = ctx.rank, ctx.world_size, ctx.world_size - 1
+    use_fp8, round_scale, use_ue8m0 = FORMATS[case.fmt]
+    for i, (late_call, hook_mode) in enumerate([("dispatch", False), ("combine", False), ("dispatch", True),
+                                                ("combine", True)]):
+        world = case_world(case, num_ranks, seed + i)
+        check_within_limits(world, case.m)
+        ensure_layout(ctx, engine, (case.m, case.hidden, world.num_experts, case.num_topk, use_fp8, use_ue8m0))
+        base = torch.randint(0, 1 << 40, (num_ranks, num_ranks), generator=torch.Generator().manual_seed(seed + i),
+                             dtype=torch.int64)
+        stats = {"dispatch": on(ctx, base), "combine": on(ctx, base)}
+        what = f"late {late_call}, hook={hook_mode}"
+
+        def start(call: str) -> None:
+            sync(ctx)
+            dist.barrier(group=ctx.group)
+            if call == late_call and me == late:
+                time.sleep(LATE_S)
+
+        x, idx, weights = on(ctx, (world.xs[me], world.topk_idx[me], world.topk_weights[me]))
+        start("dispatch")
+        recv_x, recv_count, handle, hook = engine.dispatch(x, idx, case.m, world.num_experts, None, use_fp8,
+                                                           round_scale, use_ue8m0, hook_mode, stats["dispatch"])
+        if hook_mode:
+            hook()
+        sync(ctx)
+        check_recv(ctx, world, case.m, (recv_x, recv_count, handle), case.fmt, f"{what}: dispatch")
+        outputs = oracle.ll_expert_outputs(recv_x, recv_count.cpu(), me, world.num_local_experts, use_fp8, use_ue8m0)
+        expected = expected_combine(ctx, world, outputs, handle[1], case.fmt)
+        start("combine")
+        combined, hook = engine.combine(on(ctx, outputs), idx, weights, handle, None, hook_mode, stats["combine"])
+        if hook_mode:
+            hook()
+        sync(ctx)
+        oracle.assert_close(combined, expected, f"{what}: combined_x")
+        for call, got in stats.items():
+            delta = got.cpu() - base
+            assert not torch.cat([delta[:me], delta[me + 1:]]).any(), \
+                f"{what}: {call} changed rows other than rank {me}: {delta.tolist()}"
+            row = delta[me].tolist()
+            assert min(row) >= 0, f"{what}: {call} row {me} decreased: {row}"
+            slow = [s for s, ns in enumerate(row) if ns >= LATE_S / 2 * 1e9]
+            want = [late] if call == late_call and me != late else []
+            assert slow == want, f"{what}: {call} on rank {me}: sources waited on >= {LATE_S / 2} s: {slow}, " \
+                                 f"expected {want} (row, ns: {row})"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_wait_recv_cost_stats(ll_pool, world_size, seed):
+    ll_pool(world_size).run(_w_wait_stats, seed, timeout=300)
+
+
 def _w_masked(ctx, masked_rank: int, seed: int, engine=None) -> None:
     """Rank ``masked_rank`` is masked on every rank and makes no call (a failed rank): the others
     neither send to it nor wait for it. Then the mask is cleared and every rank runs again.

@@ -482,7 +482,8 @@ class Buffer:
             x: [T, H] bf16, T <= num_max_dispatch_tokens_per_rank (M, the same on every rank).
             topk_idx: [T, K] int64 (-1: none). num_experts: E.
             cumulative_local_expert_recv_stats: [L] int32, the counts are added to it.
-            dispatch_wait_recv_cost_stats: [R, R] int64: row ``rank`` gets the receive wait (ns).
+            dispatch_wait_recv_cost_stats: [R, R] int64: row ``rank`` gets the receive wait (ns),
+                per source with the low-latency kernels (README "Wait-time statistics").
             use_fp8 / round_scale / use_ue8m0: cast to FP8 with 1x128 scales (power-of-two with
                 round_scale; packed UE8M0 int32 [L, R*M, H/512] with use_ue8m0).
             return_recv_hook: only issue the sends; ``hook()`` completes the receive, once. At most
@@ -518,18 +519,17 @@ class Buffer:
                                dtypes=[torch.int32], dim=1, device=self.device)
             if cumulative_local_expert_recv_stats.shape[0] != num_local:
                 raise ValueError(f"cumulative_local_expert_recv_stats must have {num_local} entries")
-        self._check_wait_stats(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats")
-        self._hooks.check_issue("low_latency_dispatch")
         state = backend.low_latency
+        self._check_wait_stats(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", state)
+        self._hooks.check_issue("low_latency_dispatch")
 
         def run():
             return state.dispatch(x, topk_idx, m, num_experts, cumulative_local_expert_recv_stats, use_fp8,
-                                  round_scale, use_ue8m0, return_recv_hook)
+                                  round_scale, use_ue8m0, return_recv_hook, dispatch_wait_recv_cost_stats)
 
         (recv_x, recv_count, handle, hook), event = self._run(run, None, async_finish, False, (x, topk_idx),
                                                               "low_latency_dispatch")
-        hook = self._hooks.issued("low_latency_dispatch", self._timed_hook(hook, state, dispatch_wait_recv_cost_stats),
-                                  handle)
+        hook = self._hooks.issued("low_latency_dispatch", hook, handle)
         return recv_x, recv_count, handle, event, hook
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
@@ -571,16 +571,17 @@ class Buffer:
             check.check_tensor(out, "out", dtypes=[torch.bfloat16], dim=2, device=self.device)
             if tuple(out.shape) != (num_tokens, hidden):
                 raise ValueError(f"out must have shape [{num_tokens}, {hidden}], got {tuple(out.shape)}")
-        self._check_wait_stats(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats")
+        self._check_wait_stats(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", state)
         self._hooks.check_handle(handle)
         self._hooks.check_issue("low_latency_combine")
 
         def run():
-            return state.combine(x, topk_idx, topk_weights, handle, out, return_recv_hook)
+            return state.combine(x, topk_idx, topk_weights, handle, out, return_recv_hook,
+                                 combine_wait_recv_cost_stats)
 
         (combined, hook), event = self._run(run, None, async_finish, False, (x, topk_idx, topk_weights),
                                             "low_latency_combine")
-        hook = self._hooks.issued("low_latency_combine", self._timed_hook(hook, state, combine_wait_recv_cost_stats))
+        hook = self._hooks.issued("low_latency_combine", hook)
         return combined, event, hook
 
     def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
@@ -593,31 +594,20 @@ class Buffer:
             raise TypeError("handle must be the 5-tuple low_latency_dispatch returned "
                             "(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts)")
 
-    def _check_wait_stats(self, stats: Optional[torch.Tensor], name: str) -> None:
+    def _check_wait_stats(self, stats: Optional[torch.Tensor], name: str, state) -> None:
+        """Wait-time statistics: [R, R] int64 on the Buffer's device; the receive adds its wait for
+        each source (ns) to row ``rank`` (``state.WAIT_STATS_ON_GPU``: whether it can on GPUs)."""
         if stats is None:
             return
         check.check_tensor(stats, name, dtypes=[torch.int64], dim=2, device=self.device)
         if tuple(stats.shape) != (self.group_size, self.group_size):
             raise ValueError(f"{name} must have shape [{self.group_size}, {self.group_size}], got {tuple(stats.shape)}")
-        if self.device.type == "cuda":
+        if not stats.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if self.device.type == "cuda" and not state.WAIT_STATS_ON_GPU:
             raise ValueError(f"{name}: the reference backend times waits on the host, which on GPUs would need a "
-                             "synchronization; pass None (per-source device timing comes with the cuda backend)")
-
-    def _timed_hook(self, hook: Optional[Callable], state, stats: Optional[torch.Tensor]) -> Optional[Callable]:
-        """Add the receive's wait for its data (``state.last_wait_ns``, set by that receive) to
-        ``stats[rank, :]``: at once for a call without a hook, when the hook has run otherwise (CPU
-        groups only)."""
-        if stats is None:
-            return hook
-        if hook is None:
-            stats[self.rank] += state.last_wait_ns
-            return None
-
-        def timed() -> None:
-            hook()
-            stats[self.rank] += state.last_wait_ns
-
-        return timed
+                             "synchronization; pass None, or use the low-latency kernels (they time waits on the "
+                             "GPU)")
 
     # ------------------------------------------------------------------ rank masking (shrink)
     def _check_shrink(self) -> None:

@@ -166,6 +166,10 @@ class _Result:
 class LowLatencyEngine:
     """Building one is collective over ``group`` (any backend; ranks may share one GPU)."""
 
+    # Wait-time statistics are timed by the receive kernels (block 0, %globaltimer ns, per source:
+    # until the last of that source's flags was seen), so GPU groups get them with no host sync.
+    WAIT_STATS_ON_GPU = True
+
     def __init__(self, group, device: torch.device, num_bytes: int, num_sms: Optional[int] = None) -> None:
         _check_engine_args(device, num_bytes)
         requested = os.environ.get(TRANSPORT_ENV, "auto")
@@ -219,7 +223,6 @@ class LowLatencyEngine:
         self.buffer_idx = 0    # dispatches alternate between the two buffers' dispatch areas
         self.combine_idx = 0   # combines alternate between their combine areas, independently, so
         #                        repeated combines of one handle never reuse the area a peer reads
-        self.last_wait_ns = 0
         self.fused = _fused_from_env()
         self.bf16_partials = False  # MOE_EP_LL_COMBINE_PARTIALS, set by the constructors (agreed by every rank)
         self.trace: Optional[torch.Tensor] = None  # enable_trace()
@@ -306,7 +309,7 @@ class LowLatencyEngine:
 
     # -------------------------------------------------------- dispatch
     def dispatch(self, x, topk_idx, m: int, num_experts: int, recv_stats, use_fp8: bool, round_scale: bool,
-                 use_ue8m0: bool, return_recv_hook: bool):
+                 use_ue8m0: bool, return_recv_hook: bool, wait_stats: Optional[torch.Tensor] = None):
         hidden = x.shape[1]
         num_topk = topk_idx.shape[1]
         if x.shape[0] > m:
@@ -325,7 +328,8 @@ class LowLatencyEngine:
             self.ext.ll_dispatch(self.view, send, recv, num_experts, m, b, x, topk_idx, self.mask, result.mask, use_fp8,
                                  round_scale, use_ue8m0, result.counts_e, result.pair_pos, result.send_done, result.data,
                                  result.scales, result.recv_count, result.src_info, result.layout_range, recv_stats,
-                                 result.routing, self.num_sms, self.fused, self.trace, self.put_mask)
+                                 result.routing, self.num_sms, self.fused, self.trace, self.put_mask,
+                                 wait_stats if recv else None)
 
         handle = (result.src_info, result.layout_range, m, hidden, num_experts)
         recv_x = self._views(result, hidden, use_fp8, use_ue8m0)
@@ -337,7 +341,7 @@ class LowLatencyEngine:
 
     # -------------------------------------------------------- combine
     def combine(self, x: torch.Tensor, topk_idx, topk_weights, handle, out: Optional[torch.Tensor],
-                return_recv_hook: bool):
+                return_recv_hook: bool, wait_stats: Optional[torch.Tensor] = None):
         b = self._result_of(handle)
         result = self.results[b]
         _, layout_range, m, hidden, num_experts = handle
@@ -362,7 +366,8 @@ class LowLatencyEngine:
         def launch(send: bool, recv: bool) -> None:
             self.ext.ll_combine(self.view, send, recv, num_experts, m, area, result.use_fp8, x, layout_range, topk_idx,
                                 topk_weights, result.mask, result.pair_pos, result.src_info, result.routing, combined,
-                                self.num_sms, self.fused, self.trace, self.put_mask, bf16_partials)
+                                self.num_sms, self.fused, self.trace, self.put_mask, bf16_partials,
+                                wait_stats if recv else None)
             if recv and out is not None and not direct:
                 out.copy_(combined)
 

@@ -335,6 +335,10 @@ class _LowLatencyResult:
 class LowLatencyState:
     """Fixed-shape, sync-free dispatch/combine for decode, with two result buffers."""
 
+    # Wait-time statistics (``*_wait_recv_cost_stats``) are host time around the receive's
+    # collective: CPU groups only (on GPUs it would need a synchronization).
+    WAIT_STATS_ON_GPU = False
+
     def __init__(self, backend: ReferenceBackend) -> None:
         self.backend = backend
         self.key = None
@@ -342,7 +346,6 @@ class LowLatencyState:
         self.combine_inputs: list[torch.Tensor] = []
         self.buffer_idx = 0
         self.mask = torch.zeros(backend.num_ranks, dtype=torch.int32, device=backend.device)
-        self.last_wait_ns = 0  # the last receive's wait for its collective (see _wait)
 
     # -------------------------------------------------------- buffers
     def _ensure(self, m: int, hidden: int, num_experts: int, use_fp8: bool, use_ue8m0: bool) -> None:
@@ -423,7 +426,7 @@ class LowLatencyState:
 
     # -------------------------------------------------------- dispatch
     def dispatch(self, x, topk_idx, m: int, num_experts: int, recv_stats, use_fp8: bool, round_scale: bool,
-                 use_ue8m0: bool, return_recv_hook: bool):
+                 use_ue8m0: bool, return_recv_hook: bool, wait_stats: Optional[torch.Tensor] = None):
         b = self.backend
         num_tokens, k = topk_idx.shape
         hidden = x.shape[1]
@@ -451,7 +454,7 @@ class LowLatencyState:
         handle = (result.src_info, result.layout_range, m, hidden, num_experts)
 
         def receive() -> None:
-            self._wait(work)
+            self._wait(work, wait_stats)
             self._place_received(recv, layout, result, m, experts_per_rank, pairs_per_dest, use_fp8)
             if recv_stats is not None:
                 recv_stats.add_(result.recv_count)
@@ -462,12 +465,13 @@ class LowLatencyState:
         receive()
         return recv_x, result.recv_count, handle, None
 
-    def _wait(self, work) -> None:
-        """Waits for a receive's collective; ``last_wait_ns`` is what the Buffer's wait-time
-        statistics (``*_wait_recv_cost_stats``) add for the call whose receive this was."""
+    def _wait(self, work, wait_stats: Optional[torch.Tensor]) -> None:
+        """Waits for a receive's collective and adds the wait (ns) to row ``rank`` of
+        ``wait_stats`` (every source alike: one collective brings all of them)."""
         start = time.perf_counter_ns()
         work.wait()
-        self.last_wait_ns = time.perf_counter_ns() - start
+        if wait_stats is not None:
+            wait_stats[self.backend.rank] += time.perf_counter_ns() - start
 
     def _place_received(self, recv, layout, result: _LowLatencyResult, m: int, experts_per_rank: int,
                         pairs_per_dest: int, use_fp8: bool) -> None:
@@ -513,7 +517,7 @@ class LowLatencyState:
 
     # -------------------------------------------------------- combine
     def combine(self, x: torch.Tensor, topk_idx, topk_weights, handle, out: Optional[torch.Tensor],
-                return_recv_hook: bool):
+                return_recv_hook: bool, wait_stats: Optional[torch.Tensor] = None):
         b = self.backend
         _, layout_range, m, hidden, num_experts = handle[:5]
         experts_per_rank = num_experts // b.num_ranks
@@ -543,7 +547,7 @@ class LowLatencyState:
         result = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=b.device)
 
         def receive() -> None:
-            self._wait(work)
+            self._wait(work, wait_stats)
             picked = back.index_select(0, torch.where(flat_valid, flat_dest * pairs_per_dest + reply_row, 0))
             weights = torch.where(flat_valid, topk_weights.flatten().float(), 0.0)
             weighted = picked.float().view(num_tokens, k, hidden) * weights.view(num_tokens, k, 1)
