@@ -637,8 +637,10 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   uint8_t* own = buffer_of(a.peers, me, a.data_offset);
   uint8_t* own_flags = buffer_of(a.peers, me, a.flags_offset);
   int* flags = reinterpret_cast<int*>(own_flags + L.off_dflags);
-  // Wait-time statistics (a.wait_stats): block 0 notes, per source, when the last of its flags was
-  // seen; every block waits for the same flags, so block 0's view is the rank's.
+  // Wait-time statistics (a.wait_stats): block 0 notes, per source, when the last of its flags
+  // that was not there at the first look arrived (a flag found set costs nothing, even when this
+  // thread only looked after waiting for another source); every block waits for the same flags,
+  // so block 0's view is the rank's.
   __shared__ unsigned long long waited[kMaxRanks];
   const bool timed = a.wait_stats != nullptr && blockIdx.x == 0;
   if (timed) {
@@ -651,10 +653,12 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
     int count = 0;
     if (!cut(a.mask, me, s)) {
       const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src] (count)", me, s, a.timeout_ns};
-      count = (wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), 0, wait::Cmp::kNe, site) &
+      long long spun = 0;
+      count = (wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), 0, wait::Cmp::kNe, site,
+                                                   timed ? &spun : nullptr) &
                (kLanded - 1)) - 1;
       count = min(max(count, 0), L.m);  // a sender never publishes more than M
-      if (timed) atomicMax(waited + s, wait::global_timer_ns() - wait_start);
+      if (spun > 0) atomicMax(waited + s, wait::global_timer_ns() - wait_start);
     }
     counts[i] = count;
     first[i] = count;
@@ -703,8 +707,10 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
     const int s = i % R;
     if (cut(a.mask, me, s) || counts[i] == 0) continue;  // (a source with no rows here is landed at once)
     const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src] (landed)", me, s, a.timeout_ns};
-    wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), kLanded, wait::Cmp::kGe, site);
-    if (timed) atomicMax(waited + s, wait::global_timer_ns() - wait_start);
+    long long spun = 0;
+    wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), kLanded, wait::Cmp::kGe, site,
+                                        timed ? &spun : nullptr);
+    if (spun > 0) atomicMax(waited + s, wait::global_timer_ns() - wait_start);
   }
   __syncthreads();
   if (timed) {

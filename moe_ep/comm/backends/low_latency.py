@@ -329,7 +329,7 @@ class LowLatencyEngine:
                                  round_scale, use_ue8m0, result.counts_e, result.pair_pos, result.send_done, result.data,
                                  result.scales, result.recv_count, result.src_info, result.layout_range, recv_stats,
                                  result.routing, self.num_sms, self.fused, self.trace, self.put_mask,
-                                 wait_stats if recv else None)
+                                 wait_stats if recv else None)  # the send half waits for nothing
 
         handle = (result.src_info, result.layout_range, m, hidden, num_experts)
         recv_x = self._views(result, hidden, use_fp8, use_ue8m0)
@@ -367,7 +367,7 @@ class LowLatencyEngine:
             self.ext.ll_combine(self.view, send, recv, num_experts, m, area, result.use_fp8, x, layout_range, topk_idx,
                                 topk_weights, result.mask, result.pair_pos, result.src_info, result.routing, combined,
                                 self.num_sms, self.fused, self.trace, self.put_mask, bf16_partials,
-                                wait_stats if recv else None)
+                                wait_stats)  # both halves wait: the send for weights, the receive for partials
             if recv and out is not None and not direct:
                 out.copy_(combined)
 
