@@ -155,7 +155,8 @@ void ll_dispatch(const ViewTuple& view, bool send, bool recv, int64_t num_expert
   set_launch_fields(a, layout, buffer_index, put_mask, trace, buffer);
   const c10::cuda::CUDAGuard guard(x.device());
   const int sms = static_cast<int>(num_sms);
-  if (send && recv && fused) {
+  // Wait-time statistics are kept by the split kernels only (the fused ones stay as they are without).
+  if (send && recv && fused && a.wait_stats == nullptr) {
     ll::launch_dispatch(a, sms, stream_of(buffer));
     return;
   }
@@ -200,7 +201,7 @@ void ll_combine(const ViewTuple& view, bool send, bool recv, int64_t num_experts
   set_launch_fields(a, layout, buffer_index, put_mask, trace, buffer);
   const c10::cuda::CUDAGuard guard(x.device());
   const int sms = static_cast<int>(num_sms);
-  if (send && recv && fused) {
+  if (send && recv && fused && a.wait_stats == nullptr) {  // statistics: split kernels, as the dispatch
     ll::launch_combine(a, sms, stream_of(buffer));
     return;
   }

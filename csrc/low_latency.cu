@@ -621,7 +621,10 @@ __device__ __forceinline__ int find_entry(const int* prefix, int n, int value) {
 // Every block waits for all (expert, source) counts (polling its own memory), so each knows where
 // every row goes; the rows of all experts are then spread, in pieces, over every warp of the grid.
 // The last block past the waits resets the flags.
-template <bool kFp8>
+// kTimed: this receive keeps the wait-time statistics (a.wait_stats): only the split receive kernel
+// does (the launchers run split kernels when statistics are asked for), so the fused kernel's code
+// is exactly what it is without them.
+template <bool kFp8, bool kTimed>
 __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   const LLLayout& L = a.layout;
   trace_mark(a.trace, kTraceDispatchRecv, 0);
@@ -641,8 +644,8 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   // that was not there at the first look arrived (a flag found set costs nothing, even when this
   // thread only looked after waiting for another source); every block waits for the same flags,
   // so block 0's view is the rank's.
-  __shared__ unsigned long long waited[kMaxRanks];
-  const bool timed = a.wait_stats != nullptr && blockIdx.x == 0;
+  __shared__ unsigned long long waited[kTimed ? kMaxRanks : 1];
+  const bool timed = kTimed && a.wait_stats != nullptr && blockIdx.x == 0;
   if (timed) {
     for (int s = tid; s < R; s += kThreads) waited[s] = 0;
     __syncthreads();
@@ -828,12 +831,12 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
 template <int P, bool kPuts>
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a) { dispatch_send<P, kPuts>(a); }
 template <bool kFp8>
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a) { dispatch_recv<kFp8>(a); }
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a) { dispatch_recv<kFp8, true>(a); }
 // Both halves in one launch: the receive half reads the live mask, which is the one the send half used.
 template <int P, bool kPuts>
 __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
   dispatch_send<P, kPuts>(a);
-  dispatch_recv<is_fp8(P)>(a);
+  dispatch_recv<is_fp8(P), false>(a);
 }
 
 // ------------------------------------------------------------------------------ combine send
@@ -920,9 +923,10 @@ __device__ __forceinline__ int combine_done_share(unsigned block, unsigned block
 // weight counters are reset by the combine receive, once every rank's flag is complete.
 // The combine's topk_idx must be the dispatch's (as the reference backend assumes): the counters
 // count the dispatch's rows, so other ids end in the bounded wait's error, not in wrong sums.
-// Wait-time statistics (a.wait_stats) of a combine, per source s: the first warp's wait here for
-// s's weights (the grid's first item is the first warp's) plus the receive's wait for s's flag.
-template <int kRowBatch, int kSendSlices, bool kPuts, typename Partial>
+// Wait-time statistics (a.wait_stats, kTimed: the split kernels) of a combine, per source s: the
+// first warp's wait here for s's weights (the grid's first item is the first warp's) plus the
+// receive's wait for s's flag.
+template <int kRowBatch, int kSendSlices, bool kPuts, typename Partial, bool kTimed>
 __device__ __forceinline__ void combine_send(const CombineArgs& a) {
   const LLLayout& L = a.layout;
   const uint64_t put_mask = kPuts ? a.put_mask : 0;  // 0: the branches of puts fold away
@@ -1016,7 +1020,7 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a) {
       }
       if (q0 == 0) {  // the first rows are in flight: now the weights
         if (!weights_in) {
-          warp_wait_weights(a, counters, expected, lane, gtid < 32 ? a.wait_stats : nullptr);
+          warp_wait_weights(a, counters, expected, lane, kTimed && gtid < 32 ? a.wait_stats : nullptr);
           weights_in = true;
           if (warp % kWarps == 0) trace_mark(a.trace, kTraceCombineSend, 2);
         }
@@ -1141,7 +1145,7 @@ __device__ __forceinline__ void add_partial(float (&acc)[kSlices][8], const Part
 // casts; the last block resets the flags and the weight counters. A warp finds its first token's
 // ranks before the wait (they depend on the dispatch only), and loads two ranks' partial rows at a
 // time.
-template <typename Partial>
+template <typename Partial, bool kTimed>
 __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
   const LLLayout& L = a.layout;
   trace_mark(a.trace, kTraceCombineRecv, 0);
@@ -1162,7 +1166,7 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
                               "combine_flag[src] (src's send blocks each add a share; complete at 2^20)", me, d,
                               a.timeout_ns};
     // Statistics: block 0's wait for each source.
-    long long* waited = a.wait_stats != nullptr && blockIdx.x == 0 ? a.wait_stats + d : nullptr;
+    long long* waited = kTimed && a.wait_stats != nullptr && blockIdx.x == 0 ? a.wait_stats + d : nullptr;
     wait::wait_value<wait::Scope::kSys>(reinterpret_cast<const int*>(own_flags + L.off_cflags) + d, kCombineDone,
                                         wait::Cmp::kGe, site, waited);
   }
@@ -1225,15 +1229,15 @@ __device__ __forceinline__ void combine_recv(const CombineArgs& a) {
 
 template <bool kPuts, typename Partial>
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
-  combine_send<kRowBatch, kSendSlices, kPuts, Partial>(a);
+  combine_send<kRowBatch, kSendSlices, kPuts, Partial, true>(a);
 }
 template <typename Partial>
-__global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) { combine_recv<Partial>(a); }
+__global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) { combine_recv<Partial, true>(a); }
 // The receive half's registers leave the send half two rows per batch (three would spill).
 template <bool kPuts, typename Partial>
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
-  combine_send<kFusedRowBatch, kFusedSendSlices, kPuts, Partial>(a);
-  combine_recv<Partial>(a);
+  combine_send<kFusedRowBatch, kFusedSendSlices, kPuts, Partial, false>(a);
+  combine_recv<Partial, false>(a);
 }
 
 int grid_for(int work, int per_block, int num_sms) {
