@@ -143,13 +143,13 @@ struct DispatchArgs {
   int* src_info;                  // [L, R*M]
   int64_t* layout_range;          // [L, R]
   int* cumulative_stats;          // [L] or null
-  long long* wait_stats;          // [R] ns (this rank's row of dispatch_wait_recv_cost_stats) or null
   int* routing;                   // the routing workspace (layout.ws_ints int32)
   uint64_t timeout_ns;
   uint64_t put_mask = 0;          // bit d: rank d is reached by NVSHMEM puts (see the header)
   int64_t outbox_offset = 0;      // region offset of the outbox (puts only)
   bool staged_send = false;       // set by the launchers (MOE_EP_LL_SEND), not by callers
   unsigned long long* trace = nullptr;  // [kTraceKernels][kTraceBlocks][kTraceEvents] ns, or null
+  long long* wait_stats = nullptr;      // [R] ns: this rank's row of dispatch_wait_recv_cost_stats, or null
 };
 
 // MOE_EP_TIMEOUT_S (default 100 s) in nanoseconds, for the args' timeout_ns (csrc/bounded_wait.cuh).
@@ -178,7 +178,6 @@ struct CombineArgs {
   const int* src_info;            // [L, R*M] from the dispatch
   const int* routing;             // the dispatch's routing workspace
   void* out;                      // [T, H] bf16
-  long long* wait_stats;          // [R] ns (this rank's row of combine_wait_recv_cost_stats) or null
   uint64_t timeout_ns;
   uint64_t put_mask = 0;          // as DispatchArgs
   int64_t outbox_offset = 0;
@@ -187,6 +186,7 @@ struct CombineArgs {
   // bfloat16 (half the bytes over the link; one more rounding per rank's partial). Every rank
   // of the group must use the same (the sender writes what the receiver reads).
   bool bf16_partials = false;
+  long long* wait_stats = nullptr;      // [R] ns: this rank's row of combine_wait_recv_cost_stats, or null
 };
 
 void launch_combine_send(const CombineArgs& args, int num_sms, cudaStream_t stream);
