@@ -38,11 +38,16 @@ def _ptx(commit: str, source: str, work: str) -> str:
 SHARED = "$shared"  # the key under which kernels() keeps every shared-variable declaration
 
 
-def kernels(ptx: str, owner_args: str) -> dict[str, str]:
+def kernels(ptx: str, owner_args: str, drop: str = "") -> dict[str, str]:
     """{kernel symbol: its PTX}, normalised so that renames alone compare equal. Shared-variable
     declarations (which nvcc places inside a kernel or at file scope as it sees fit) are taken out of
-    the kernels and kept, sorted, under SHARED."""
+    the kernels and kept, sorted, under SHARED. The size of a kernel's parameter block is ignored (a
+    field appended to an args struct leaves every other offset, hence the code, as it was); ``drop``
+    (a regex) is deleted from the text, e.g. a template argument only the new commit has."""
     ptx = re.sub(r"_(INTERNAL|GLOBAL__N_)_[0-9a-f]{8}_", r"_\1_X_", ptx)
+    ptx = re.sub(r"(_param_\d+)\[\d+\]", r"\1[N]", ptx)
+    if drop:
+        ptx = re.sub(drop, "", ptx)
     ptx = re.sub(r"\$str\$\d+|\$str\b", "$str", ptx)
     if owner_args:
         ptx = re.sub(owner_args, "ARGS", ptx)
@@ -64,9 +69,13 @@ def main() -> None:
     parser.add_argument("--only", default="", help="only kernels whose symbol contains this")
     parser.add_argument("--owner-args", default=r"(?<=combine_send)I[A-Za-z0-9_]*?ELb",
                         help="regex for template arguments to ignore in shared-variable owners")
+    parser.add_argument("--new-drop", default="",
+                        help="regex deleted from the new commit's PTX only, e.g. a template argument it added: "
+                             "'(?<=dispatch_recvILb[01]E)Lb0E' (kernel symbols keep their new names)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        old, new = (kernels(_ptx(c, args.source, work), args.owner_args) for c in (args.old, args.new))
+        old = kernels(_ptx(args.old, args.source, work), args.owner_args)
+        new = kernels(_ptx(args.new, args.source, work), args.owner_args, args.new_drop)
     for name in sorted(new):
         if args.only not in name and name != SHARED:
             continue
