@@ -7,7 +7,7 @@ OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 log="$OUT/final.log"
 stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
-ls moe_ep/_C*.so >/dev/null 2>&1 || STAGES=build bash scripts/gpu_check.sh
+bash scripts/build_if_stale.sh
 {
   stage "whole suite but the gpu-marked tests, reference backend over NCCL"
   MOE_EP_TEST_BACKEND=nccl timeout -k 10 ${NCCL_S:-130} python3 -m pytest -q -m "not gpu" tests 2>&1 | tail -6

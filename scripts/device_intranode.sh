@@ -8,7 +8,7 @@ export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAS
 stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
 {
   stage build
-  ls moe_ep/_C*.so >/dev/null 2>&1 || STAGES=build bash scripts/gpu_check.sh
+  bash scripts/build_if_stale.sh
   grep -E "error|FAILED|build took" "$OUT/build.log" | head -20
   stage "all intranode GPU tests but slow"
   MOE_EP_TIMEOUT_S=20 timeout -k 10 ${ALL_S:-300} python3 -m pytest -q -m "gpu and not slow" tests/test_cuda_intranode.py \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One bounded call on ONE GPU: build (unless a built moe_ep/_C*.so was carried in), the in-process
+# One bounded call on ONE GPU: build (scripts/build_if_stale.sh: kept if current), the in-process
 # engine tests, optionally the low-latency GPU tests, then `python -m moe_ep.bench loopback` (ranks
 # as threads on the one GPU: the kernels' speed with the link taken out).
 #   STAGES=build,trap_tests,host_profile,intranode_tests,sanitizer,tests,bench,ll_one_rank,ll_tests,nvshmem_puts,ll_sanitizer
@@ -20,14 +20,10 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
 {
   if has build; then
     stage build
-    if ! ls moe_ep/_C*.so >/dev/null 2>&1; then
-      # moe_ep._nvshmem (a second compile of the low-latency kernels) only for the nvshmem_puts stage.
-      skip=1; has nvshmem_puts && skip=0
-      MOE_EP_SKIP_NVSHMEM=$skip STAGES=build bash scripts/gpu_check.sh
-      grep -E "error|FAILED|build took" "$OUT/build.log" | head -20
-    else
-      echo "using the carried $(ls moe_ep/_C*.so)"
-    fi
+    # moe_ep._nvshmem (a second compile of the low-latency kernels) only for the nvshmem_puts stage.
+    skip=1; has nvshmem_puts && skip=0
+    MOE_EP_SKIP_NVSHMEM=$skip bash scripts/build_if_stale.sh
+    grep -E "error|FAILED|build took" "$OUT/build.log" 2>/dev/null | head -20
   fi
   if has trap_tests; then
     stage "bad expert ids trap with a message (child processes)"

@@ -38,7 +38,7 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     # moe_ep._nvshmem (a second compile of the low-latency kernels) only where a stage uses it:
     # the NVSHMEM tests of ll_tests, LL_VARIANTS' NVSHMEM runs.
     skip=1; { has ll_tests || [ "${LL_VARIANTS:-0}" = 1 ]; } && skip=0
-    ls moe_ep/_C*.so >/dev/null 2>&1 || MOE_EP_SKIP_NVSHMEM=$skip STAGES=build bash scripts/gpu_check.sh
+    MOE_EP_SKIP_NVSHMEM=$skip bash scripts/build_if_stale.sh
     grep -E "build took|error" "$OUT/build.log" | head -5
   fi
   if has intranode_tests; then
