@@ -1,5 +1,6 @@
 """``python -m moe_ep <command>``: ``run`` (the main job: an MoE stack over N ranks, checked
-against a dense run) and ``demo`` (dispatch/combine over N ranks)."""
+against a dense run), ``demo`` (dispatch/combine over N ranks) and ``info`` (what this install can
+do: build, GPUs, backends per call, settings)."""
 from __future__ import annotations
 
 import sys
@@ -8,6 +9,7 @@ import sys
 COMMANDS = {
     "run": "moe_ep.run",
     "demo": "moe_ep.demo",
+    "info": "moe_ep.info",
 }
 
 

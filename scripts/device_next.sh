@@ -39,7 +39,7 @@ stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
     # the NVSHMEM tests of ll_tests, LL_VARIANTS' NVSHMEM runs.
     skip=1; { has ll_tests || [ "${LL_VARIANTS:-0}" = 1 ]; } && skip=0
     MOE_EP_SKIP_NVSHMEM=$skip bash scripts/build_if_stale.sh
-    grep -E "build took|error" "$OUT/build.log" | head -5
+    grep -E "build took|error" "$OUT/build.log" 2>/dev/null | head -5
   fi
   if has intranode_tests; then
     stage "intranode GPU tests"

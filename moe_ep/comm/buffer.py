@@ -18,6 +18,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
+from .. import env
 from . import validation as check
 from .backends.reference import ReferenceBackend
 from .errors import translate_device_errors
@@ -125,6 +126,10 @@ class Buffer:
 
     # ------------------------------------------------------------------ setup
     def _select_backend(self):
+        unknown = env.unknown_settings()
+        if unknown:  # a misspelled setting would otherwise change nothing, silently
+            _announce_once(f"moe_ep: environment variables moe_ep does not read (a typo?): {', '.join(unknown)}; "
+                           "`python -m moe_ep info` lists the ones it does")
         ext = _load_extension()
         families = tuple(getattr(ext, "kernel_families", ())) if ext is not None else ()
         if self.device.type == "cuda" and families:
