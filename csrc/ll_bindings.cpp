@@ -32,7 +32,6 @@ struct BufferView {
     TORCH_CHECK_VALUE(ranks_ >= 1 && ranks_ <= ll::kMaxRanks && rank_ >= 0 && rank_ < ranks_,
                       "view: rank must be in [0, num_ranks) and num_ranks in [1, 64]");
   }
-  int rank() const { return rank_; }
   int num_ranks() const { return ranks_; }
   int64_t num_bytes() const { return bytes_; }
   int device() const { return device_; }
@@ -55,14 +54,15 @@ T* ptr_or_null(const std::optional<at::Tensor>& t, const BufferView& buffer, con
   return moe_ep::ptr_or_null<T>(t, buffer.device(), name);
 }
 
-// This rank's row of a [R, R] int64 wait-time statistics tensor (*_wait_recv_cost_stats), or null.
+// Wait-time statistics (*_wait_recv_cost_stats): this rank's row, [R] int64 (the Buffer passes
+// row `rank` of an [R, R] tensor), or null.
 long long* wait_stats_row(const std::optional<at::Tensor>& stats, const BufferView& buffer, const char* name) {
   if (!stats.has_value()) return nullptr;
   const int64_t r = buffer.num_ranks();
   TORCH_CHECK_TYPE(stats->scalar_type() == at::kLong, name, " must be int64");
-  TORCH_CHECK_VALUE(stats->dim() == 2 && stats->size(0) == r && stats->size(1) == r && stats->is_contiguous(), name,
-                    " must be a contiguous [", r, ", ", r, "] tensor");
-  return ptr_or_null<long long>(stats, buffer, name) + buffer.rank() * r;
+  TORCH_CHECK_VALUE(stats->dim() == 1 && stats->size(0) == r && stats->is_contiguous(), name,
+                    " must be a contiguous [", r, "] tensor (this rank's row)");
+  return ptr_or_null<long long>(stats, buffer, name);
 }
 
 // Family "low_latency" (csrc/low_latency.h): Python (moe_ep/comm/backends/low_latency.py) owns the

@@ -182,9 +182,10 @@ def _w_hook_misuse(ctx, seed):
 LATE_S = 1.0  # how late the last rank starts one of the calls in the wait-statistics test
 
 
-def _w_wait_stats(ctx, seed, hook, late_call):
+def _w_wait_stats(ctx, seed, hook, late_call, row_only=False):
     """``*_wait_recv_cost_stats`` [R, R] int64: each call adds its own receive's wait for the data
-    (ns) to row ``rank``, every column alike, other rows untouched. The last rank starts
+    (ns) to row ``rank``, every column alike, other rows untouched (``row_only``: the [R] tensor of
+    this rank's row is passed, the shape DeepEP's kernels take). The last rank starts
     ``late_call`` LATE_S late, so rank 0 waits about that long in that call's receive and briefly
     in the other's: a wait must land in its own call's statistics (the combine once added the
     dispatch's). Bounds of LATE_S / 2 either side leave a wide margin."""
@@ -205,7 +206,7 @@ def _w_wait_stats(ctx, seed, hook, late_call):
     start("dispatch")
     recv_x, recv_count, handle, _, dispatch_hook = buffer.low_latency_dispatch(
         x, topk_idx, MAX_TOKENS, world.num_experts, use_fp8=False, return_recv_hook=hook,
-        dispatch_wait_recv_cost_stats=stats["dispatch"])
+        dispatch_wait_recv_cost_stats=stats["dispatch"][ctx.rank] if row_only else stats["dispatch"])
     if hook:
         assert torch.equal(stats["dispatch"], base), "a hook's wait is added when the hook runs, not before"
         dispatch_hook()
@@ -213,7 +214,8 @@ def _w_wait_stats(ctx, seed, hook, late_call):
                                                 False))
     start("combine")
     _, _, combine_hook = buffer.low_latency_combine(outputs, topk_idx, topk_weights, handle, return_recv_hook=hook,
-                                                    combine_wait_recv_cost_stats=stats["combine"])
+                                                    combine_wait_recv_cost_stats=stats["combine"][ctx.rank] if row_only
+                                                    else stats["combine"])
     if hook:
         combine_hook()
     for call, after in stats.items():
@@ -229,7 +231,9 @@ def _w_wait_stats(ctx, seed, hook, late_call):
             else:
                 assert waited < LATE_S / 2, f"{call}: rank 0 waited {waited:.3f} s, nobody was late"
     for bad, message in ((torch.zeros(ctx.world_size, ctx.world_size + 1, dtype=torch.int64), "must have shape"),
-                         (torch.zeros(ctx.world_size, dtype=torch.int64), "must be 2-D"),
+                         (torch.zeros(ctx.world_size + 1, dtype=torch.int64), "must have shape"),
+                         (torch.zeros(ctx.world_size, ctx.world_size, 1, dtype=torch.int64), "must have shape"),
+                         (torch.zeros(ctx.world_size, 2 * ctx.world_size, dtype=torch.int64)[:, ::2], "contiguous"),
                          (torch.zeros(ctx.world_size, ctx.world_size, dtype=torch.int32), "int64")):
         with pytest.raises((ValueError, TypeError), match=message):
             buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, world.num_experts, dispatch_wait_recv_cost_stats=bad)
@@ -405,6 +409,10 @@ def test_ll_hook_misuse_raises(dist_pool, world_size, seed):
 @pytest.mark.parametrize("hook", [False, True], ids=["plain", "hook"])
 def test_ll_wait_recv_cost_stats(dist_pool, hook, late_call, seed):
     dist_pool(2).run(_w_wait_stats, seed, hook, late_call)
+
+
+def test_ll_wait_recv_cost_stats_as_one_row(dist_pool, seed):
+    dist_pool(2).run(_w_wait_stats, seed, True, "combine", row_only=True)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

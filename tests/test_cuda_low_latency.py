@@ -743,8 +743,8 @@ LATE_S = 0.3  # how late the last rank starts one call in the wait-statistics te
 
 
 def _w_wait_stats(ctx, seed: int) -> None:
-    """``*_wait_recv_cost_stats`` timed by the kernels: each call adds, to row ``rank`` only, its
-    wait for each source (ns). The last rank starts one call LATE_S late: in that call every other
+    """``*_wait_recv_cost_stats`` timed by the kernels: each call adds, to the row it is given (row
+    ``rank`` of an [R, R] tensor here), its wait for each source (ns). The last rank starts one call LATE_S late: in that call every other
     rank's entry for it is at least LATE_S / 2 and no other entry reaches that (the late rank finds
     everything there); a call nobody is late for stays below it everywhere (ranks sharing one GPU
     are time-sliced, milliseconds at most). With and without hooks; the results are checked too."""
@@ -773,7 +773,7 @@ def _w_wait_stats(ctx, seed: int) -> None:
         x, idx, weights = on(ctx, (world.xs[me], world.topk_idx[me], world.topk_weights[me]))
         start("dispatch")
         recv_x, recv_count, handle, hook = engine.dispatch(x, idx, case.m, world.num_experts, None, use_fp8,
-                                                           round_scale, use_ue8m0, hook_mode, stats["dispatch"])
+                                                           round_scale, use_ue8m0, hook_mode, stats["dispatch"][me])
         if hook_mode:
             hook()
         sync(ctx)
@@ -781,7 +781,7 @@ def _w_wait_stats(ctx, seed: int) -> None:
         outputs = oracle.ll_expert_outputs(recv_x, recv_count.cpu(), me, world.num_local_experts, use_fp8, use_ue8m0)
         expected = expected_combine(ctx, world, outputs, handle[1], case.fmt)
         start("combine")
-        combined, hook = engine.combine(on(ctx, outputs), idx, weights, handle, None, hook_mode, stats["combine"])
+        combined, hook = engine.combine(on(ctx, outputs), idx, weights, handle, None, hook_mode, stats["combine"][me])
         if hook_mode:
             hook()
         sync(ctx)

@@ -487,8 +487,9 @@ class Buffer:
             x: [T, H] bf16, T <= num_max_dispatch_tokens_per_rank (M, the same on every rank).
             topk_idx: [T, K] int64 (-1: none). num_experts: E.
             cumulative_local_expert_recv_stats: [L] int32, the counts are added to it.
-            dispatch_wait_recv_cost_stats: [R, R] int64: row ``rank`` gets the receive wait (ns),
-                per source with the low-latency kernels (README "Wait-time statistics").
+            dispatch_wait_recv_cost_stats: [R] (this rank's row, as DeepEP's kernels take it) or
+                [R, R] int64: the receive's wait (ns) for each source is added to that row
+                (README "Wait-time statistics").
             use_fp8 / round_scale / use_ue8m0: cast to FP8 with 1x128 scales (power-of-two with
                 round_scale; packed UE8M0 int32 [L, R*M, H/512] with use_ue8m0).
             return_recv_hook: only issue the sends; ``hook()`` completes the receive, once. At most
@@ -525,12 +526,12 @@ class Buffer:
             if cumulative_local_expert_recv_stats.shape[0] != num_local:
                 raise ValueError(f"cumulative_local_expert_recv_stats must have {num_local} entries")
         state = backend.low_latency
-        self._check_wait_stats(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", state)
+        wait_row = self._wait_stats_row(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", state)
         self._hooks.check_issue("low_latency_dispatch")
 
         def run():
             return state.dispatch(x, topk_idx, m, num_experts, cumulative_local_expert_recv_stats, use_fp8,
-                                  round_scale, use_ue8m0, return_recv_hook, dispatch_wait_recv_cost_stats)
+                                  round_scale, use_ue8m0, return_recv_hook, wait_row)
 
         (recv_x, recv_count, handle, hook), event = self._run(run, None, async_finish, False, (x, topk_idx),
                                                               "low_latency_dispatch")
@@ -576,13 +577,12 @@ class Buffer:
             check.check_tensor(out, "out", dtypes=[torch.bfloat16], dim=2, device=self.device)
             if tuple(out.shape) != (num_tokens, hidden):
                 raise ValueError(f"out must have shape [{num_tokens}, {hidden}], got {tuple(out.shape)}")
-        self._check_wait_stats(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", state)
+        wait_row = self._wait_stats_row(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", state)
         self._hooks.check_handle(handle)
         self._hooks.check_issue("low_latency_combine")
 
         def run():
-            return state.combine(x, topk_idx, topk_weights, handle, out, return_recv_hook,
-                                 combine_wait_recv_cost_stats)
+            return state.combine(x, topk_idx, topk_weights, handle, out, return_recv_hook, wait_row)
 
         (combined, hook), event = self._run(run, None, async_finish, False, (x, topk_idx, topk_weights),
                                             "low_latency_combine")
@@ -599,20 +599,23 @@ class Buffer:
             raise TypeError("handle must be the 5-tuple low_latency_dispatch returned "
                             "(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts)")
 
-    def _check_wait_stats(self, stats: Optional[torch.Tensor], name: str, state) -> None:
-        """Wait-time statistics: [R, R] int64 on the Buffer's device; the receive adds its wait for
-        each source (ns) to row ``rank`` (``state.WAIT_STATS_ON_GPU``: whether it can on GPUs)."""
+    def _wait_stats_row(self, stats: Optional[torch.Tensor], name: str, state) -> Optional[torch.Tensor]:
+        """The [R] int64 view a receive adds its wait for each source (ns) to: ``stats`` itself when
+        it is [R] (the shape DeepEP's kernels take: this rank's row), row ``rank`` when it is
+        [R, R] (the documented global view). ``state.WAIT_STATS_ON_GPU``: whether it can on GPUs."""
         if stats is None:
-            return
-        check.check_tensor(stats, name, dtypes=[torch.int64], dim=2, device=self.device)
-        if tuple(stats.shape) != (self.group_size, self.group_size):
-            raise ValueError(f"{name} must have shape [{self.group_size}, {self.group_size}], got {tuple(stats.shape)}")
+            return None
+        r = self.group_size
+        check.check_tensor(stats, name, dtypes=[torch.int64], device=self.device)
+        if tuple(stats.shape) not in ((r,), (r, r)):
+            raise ValueError(f"{name} must have shape [{r}] (this rank's row) or [{r}, {r}], got {tuple(stats.shape)}")
         if not stats.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
         if self.device.type == "cuda" and not state.WAIT_STATS_ON_GPU:
             raise ValueError(f"{name}: the reference backend times waits on the host, which on GPUs would need a "
                              "synchronization; pass None, or use the low-latency kernels (they time waits on the "
                              "GPU)")
+        return stats if stats.dim() == 1 else stats[self.rank]
 
     # ------------------------------------------------------------------ rank masking (shrink)
     def _check_shrink(self) -> None:

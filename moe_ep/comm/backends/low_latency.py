@@ -166,8 +166,9 @@ class _Result:
 class LowLatencyEngine:
     """Building one is collective over ``group`` (any backend; ranks may share one GPU)."""
 
-    # Wait-time statistics are timed by the receive kernels (block 0, %globaltimer ns, per source:
-    # until the last of that source's flags was seen), so GPU groups get them with no host sync.
+    # Wait-time statistics (dispatch/combine's ``wait_stats``: this rank's [R] int64 row) are timed
+    # by the kernels (block 0, %globaltimer ns per source; README "Wait-time statistics"), so GPU
+    # groups get them with no host sync.
     WAIT_STATS_ON_GPU = True
 
     def __init__(self, group, device: torch.device, num_bytes: int, num_sms: Optional[int] = None) -> None:

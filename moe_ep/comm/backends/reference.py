@@ -466,12 +466,12 @@ class LowLatencyState:
         return recv_x, result.recv_count, handle, None
 
     def _wait(self, work, wait_stats: Optional[torch.Tensor]) -> None:
-        """Waits for a receive's collective and adds the wait (ns) to row ``rank`` of
-        ``wait_stats`` (every source alike: one collective brings all of them)."""
+        """Waits for a receive's collective and adds the wait (ns) to ``wait_stats`` ([R]: this
+        rank's row), every source alike: one collective brings all of them."""
         start = time.perf_counter_ns()
         work.wait()
         if wait_stats is not None:
-            wait_stats[self.backend.rank] += time.perf_counter_ns() - start
+            wait_stats += time.perf_counter_ns() - start
 
     def _place_received(self, recv, layout, result: _LowLatencyResult, m: int, experts_per_rank: int,
                         pairs_per_dest: int, use_fp8: bool) -> None:
