@@ -2,11 +2,8 @@
 # The 2-GPU closing call: every stage bounded, the most needed first (the NCCL suite and the layer
 # benchmark close issues 2 and 3; then kernel tests; then the comm benchmarks). Logs in $OUT.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 log="$OUT/final.log"
-stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
 bash scripts/build_if_stale.sh
 {
   stage "whole suite but the gpu-marked tests, reference backend over NCCL"

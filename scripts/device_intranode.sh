@@ -2,10 +2,7 @@
 # One bounded call on ONE GPU (ranks share it, gloo groups): build, then the intranode GPU tests of
 # the push-based dispatch/combine and the low-latency GPU tests. Logs: $OUT/intranode.log.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
-stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
+source "$(dirname "$0")/device_env.sh"
 {
   stage build
   bash scripts/build_if_stale.sh

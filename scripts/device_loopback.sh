@@ -11,12 +11,8 @@
 #   2-GPU rank's kernel work at the same tokens/rank, without the link (LL_ONE_ENVS: one run per ';'-separated env).
 #   INTRANODE_K: a pytest -k filter for the intranode tests; BENCH_ARGS: the benchmark's options; BENCH_ENVS: one run per ';'-separated environment setting.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 STAGES=${STAGES:-build,tests,bench}
-has() { [[ ",$STAGES," == *",$1,"* ]]; }
-stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
+source "$(dirname "$0")/device_env.sh"
 {
   if has build; then
     stage build

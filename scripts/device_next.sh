@@ -26,12 +26,8 @@
 #   ll_tests           every low-latency GPU test (the condition to promote the family)
 #   nccl_experimental  the suite over NCCL with the low-latency kernels on (the other condition)
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/moe_ep_out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 STAGES=${STAGES:-build,bench_normal,bench_ll}
-has() { [[ ",$STAGES," == *",$1,"* ]]; }
-stage() { echo; echo "=== $1 ($(date +%T)) ==="; }
+source "$(dirname "$0")/device_env.sh"
 {
   if has build; then
     stage build
