@@ -10,7 +10,7 @@
 #                                               --isolate, the staged combine, the receive pool, the pulled
 #                                               combine, the prefill layer with a pool, routing in notify; ~530 s: on one GPU
 #                                               the suite took 355 s (ninth session), INTRANODE_K can split it)
-#   C  STAGES=build,ll_tests,profile_ll        (the fifth session's LL fused kernels, weight counters, send
+#   C  STAGES=build,ll_tests,ll_sweep          (the fifth session's LL fused kernels, weight counters, send
 #                                               rounds, warp routing; the sixth session's NVSHMEM put path
 #                                               and bit-equal FP8 cast; so far run on one GPU only)
 #   D  STAGES=build,nccl_experimental
@@ -22,6 +22,7 @@
 #   ll_new             the low-latency tests written after their last GPU run (out-of-range ids, staged send)
 #   bench_ll           the ll benchmark (with the kernels' phase trace), direct and staged FP8 send, and on
 #                      NVSHMEM memory with stores and with puts
+#   ll_sweep           the ll benchmark over its default sweep, 1...256 tokens per rank (issue 5's plot)
 #   profile_ll         per-kernel device time of the low-latency calls (scripts/profile_ll.py)
 #   ll_tests           every low-latency GPU test (the condition to promote the family)
 #   nccl_experimental  the suite over NCCL with the low-latency kernels on (the other condition)
@@ -78,6 +79,13 @@ source "$(dirname "$0")/device_env.sh"
       --out "$OUT/nvshmem" 2>&1 | grep -v "^moe_ep: using" | tail -8
     MOE_EP_LL_TRANSPORT=nvshmem MOE_EP_NVSHMEM_PUTS=all timeout -k 10 ${LL_S:-80} python3 -m moe_ep.bench ll \
       --sweep 1,128 --iters 30 --out "$OUT/puts" 2>&1 | grep -v "^moe_ep: using" | tail -8
+  fi
+  if has ll_sweep; then
+    # Issue 5's plot, latency vs tokens per rank 1...256 (the default sweep). num_max_dispatch_tokens_per_rank
+    # is the sweep's largest (256) here, so the peer comparison stays with bench_ll's run (M = 128).
+    stage "bench ll, tokens per rank 1...256"
+    timeout -k 10 ${LL_SWEEP_S:-150} python3 -m moe_ep.bench ll --iters 20 --out "$OUT/sweep" 2>&1 \
+      | grep -v "^moe_ep: using" | tail -30
   fi
   if has profile_ll; then
     stage "profile ll"
