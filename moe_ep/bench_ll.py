@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from .bench import (GAP_US, HEAD_US, StepTimer, import_pyplot, int_list, merge_rows, random_routing, report_header, resolve_defaults, save_plot,
                     write_report)
-from .bench_normal import CPU_RANKS, WARMUP
+from .bench_normal import WARMUP, rank_count
 from .bench_trace import print_trace, trace_summary, traced_iterations
 from .comm import Buffer, per_token_group_dequant_fp8
 from .comm.backends.cuda import EXPERIMENTAL_ENV
@@ -587,9 +587,9 @@ def _plot(report: dict, path: str) -> str:
 
 # ------------------------------------------------------------------------------ entry point
 def bench_ll(args: argparse.Namespace) -> None:
-    """Start one rank per local GPU (NCCL), or CPU_RANKS gloo ranks without GPUs, and run it all."""
+    """Start one rank per local GPU (NCCL), or ``--ranks`` gloo ranks without GPUs, and run it all."""
     on_gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    nproc = torch.cuda.device_count() if on_gpu else CPU_RANKS
+    nproc = rank_count(args, on_gpu)
     opts = _resolve(args, on_gpu, nproc)
     os.makedirs(opts["out"], exist_ok=True)
     launch(_bench_rank, nproc, "nccl" if on_gpu else "gloo", args=(opts,))

@@ -74,7 +74,9 @@ SWITCH_INTERVAL_S = 5e-5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loopback")
-    group.add_argument("--ranks", type=int, default=2, help="loopback: ranks as threads on the one GPU (default 2)")
+    group.add_argument("--ranks", type=int, default=None,
+                       help="loopback: ranks as threads on the one GPU (default 2); normal/ll on a machine without "
+                            "GPUs: gloo CPU ranks (default 2; with GPUs those run one rank per GPU)")
     group.add_argument("--skip", choices=("normal", "ll"), default=None, help="loopback: leave one family out")
     group.add_argument("--profile", action="store_true",
                        help="loopback: per-kernel GPU time of the low-latency calls (torch.profiler) at each --sweep point")
@@ -417,6 +419,7 @@ def _copy_rate(device: torch.device, iters: int) -> dict:
 # ------------------------------------------------------------------------------ entry point
 def _resolve(args: argparse.Namespace) -> dict:
     opts = resolve_defaults(args, NORMAL_DEFAULTS)
+    args.ranks = 2 if args.ranks is None else args.ranks
     if not 2 <= args.ranks <= 8:
         raise SystemExit(f"--ranks must be in [2, 8], got {args.ranks}")
     check_sms(args.sms)

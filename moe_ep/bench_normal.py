@@ -551,10 +551,27 @@ def _plot(report: dict, path: str) -> str:
 
 
 # ------------------------------------------------------------------------------ entry point
+def rank_count(args: argparse.Namespace, on_gpu: bool) -> int:
+    """One rank per local GPU; without GPUs, ``--ranks`` gloo ranks (default CPU_RANKS), so the
+    benchmarks' own logic (tables, JSON, plots, byte counting) runs at any rank count on a machine
+    without GPUs, before a 4- or 8-GPU machine is at hand."""
+    ranks = getattr(args, "ranks", None)
+    if on_gpu:
+        count = torch.cuda.device_count()
+        if ranks is not None and ranks != count:
+            raise SystemExit(f"--ranks {ranks}: normal and ll run one rank per local GPU ({count} here); --ranks "
+                             "sets the CPU ranks of a machine without GPUs (and loopback's threads)")
+        return count
+    ranks = CPU_RANKS if ranks is None else ranks
+    if not 1 <= ranks <= 8:
+        raise SystemExit(f"--ranks must be in [1, 8] for CPU ranks, got {ranks}")
+    return ranks
+
+
 def bench_normal(args: argparse.Namespace) -> None:
-    """Start one rank per local GPU (NCCL), or CPU_RANKS gloo ranks without GPUs, and run the sweep."""
+    """Start one rank per local GPU (NCCL), or ``--ranks`` gloo ranks without GPUs, and run the sweep."""
     on_gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0
     opts = _resolve(args, on_gpu)
-    nproc = torch.cuda.device_count() if on_gpu else CPU_RANKS
+    nproc = rank_count(args, on_gpu)
     os.makedirs(opts["out"], exist_ok=True)
     launch(_bench_rank, nproc, "nccl" if on_gpu else "gloo", args=(opts,))

@@ -134,3 +134,21 @@ def test_against_peer_reads_the_kernel_rows_and_the_target():
     assert against_peer(_report_with(2, 32, us))["comparable"] is False
     no_kernels = against_peer(_report_with(2, 128, {("eager", "dispatch"): 18.5}))
     assert [r["meets_target"] for r in no_kernels["rows"]] == [None, None]
+
+
+def test_ll_cpu_at_four_ranks(tmp_path):
+    """The ll benchmark's rows and DeepEP-style byte counts at 4 ranks (gloo CPU ranks: issue 6
+    runs it on 4 and 8 GPUs)."""
+    proc = _bench(["ll", "--ranks", "4", "--out", str(tmp_path), "--tokens", "3", "--hidden", str(HIDDEN),
+                   "--experts", "8", "--top-k", str(TOP_K), "--iters", "2", "--sweep", "2"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PASS" in proc.stdout, proc.stdout
+    report = json.loads((tmp_path / "ll.json").read_text())
+    assert report["world_size"] == 4 and report["correctness"]["pass"] is True
+    selections = {entry["tokens"]: entry["per_rank"] for entry in report["num_selections_per_rank"]}
+    assert all(len(per_rank) == 4 for per_rank in selections.values())
+    for row in report["rows"]:
+        assert len(row["us_per_rank"]) == 4
+        if row["mode"] == "eager" and row["op"] == "combine":
+            assert row["bytes_per_rank"] == [n * HIDDEN * 2 for n in selections[row["tokens"]]]
+    assert report["against_peer"]["comparable"] is False

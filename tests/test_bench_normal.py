@@ -104,3 +104,26 @@ def test_best_within_sms_picks_the_fastest_valid_row_per_budget(capsys):
     assert "320.0 (peer 161)" in out and "700.0 (peer 341)" in out and "DeepEP V1" in out
     _print_best({"best_within_sms": best, "settings": {**settings, "tokens": 64}, "world_size": 2})
     assert "peer" not in capsys.readouterr().out
+
+
+def test_normal_cpu_at_four_ranks(tmp_path):
+    """Issue 6 runs the benchmarks on 4 and 8 GPUs: their own logic (rows, byte counts per rank,
+    the summary) at more than 2 ranks, here with 4 gloo CPU ranks."""
+    proc = _bench(["normal", "--ranks", "4", "--out", str(tmp_path), "--tokens", "32", "--hidden", "256",
+                   "--experts", "16", "--top-k", "4", "--sms", "4", "--chunks", "6", "--iters", "2"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "normal.json").read_text())
+    assert report["world_size"] == 4 and report["correctness"]["pass"] is True
+    recv_rows = report["recv_rows_per_rank"]
+    assert len(recv_rows) == 4
+    for row in report["rows"]:
+        assert len(row["us_per_rank"]) == len(row["gbps_per_rank"]) == 4
+    bf16 = next(r for r in report["rows"] if r["op"] == "dispatch_bf16")
+    assert bf16["bytes_per_rank"] == [n * 256 * 2 for n in recv_rows]
+
+
+@pytest.mark.parametrize("target", ["normal", "ll"])
+def test_cpu_ranks_bound(target):
+    proc = _bench([target, "--ranks", "9", "--out", "/nonexistent-never-written"])
+    assert proc.returncode != 0
+    assert "--ranks must be in [1, 8] for CPU ranks, got 9" in proc.stderr, proc.stderr[-2000:]
