@@ -73,11 +73,33 @@ __device__ __forceinline__ void st_release_gpu(int* ptr, int value) {
   asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
 
-// A dispatch flag [expert][source] holds the source's row count + 1 (nonzero: the count is in) and,
-// once the rows and their index entries have landed, kLanded too. The count goes early (after the
-// histogram) so the receiver lays out its outputs while the rows are still in flight; the landed
-// value (count + 1 | kLanded) is written after a fence. Counts stay far below kLanded (<= M).
+// A dispatch flag [expert][source] holds the source's row count + 1 (nonzero: the count is in) in
+// bits 0-15, the source's layout tag in bits 16-29 and, once the rows and their index entries have
+// landed, kLanded (bit 30). The count goes early (after the histogram) so the receiver lays out its
+// outputs while the rows are still in flight; the landed value (count + 1 | tag | kLanded) is
+// written after a fence. The tag (LLLayout::tag, a hash of the sizes every rank must agree on)
+// lets a receiver name a source that called with other sizes, where it would otherwise read rows
+// laid out for another M or hidden as garbage; the flags sit at offsets no size changes.
 constexpr int kLanded = 1 << 30;
+constexpr int kCountMask = 0xFFFF;  // count + 1 <= M + 1 (make_layout bounds M)
+constexpr int kTagShift = 16;
+__device__ __forceinline__ int dispatch_flag(const LLLayout& L, int count_plus_one) {
+  return count_plus_one | (L.tag << kTagShift);
+}
+
+// A source's flag carries another tag: it called with other sizes. Print who and what, then trap.
+// (Scalars, not the layout: a reference to the kernel's arguments would copy them to local memory.)
+__device__ __noinline__ void layout_mismatch(int me, int src, int seen_tag, int tag, int m, int hidden, int num_experts,
+                                             int num_topk, int fp8) {
+  if (atomicCAS(&bad_input_reported, 0, 1) == 0) {
+    printf("moe_ep: low_latency_dispatch on rank %d: rank %d called with other sizes than this rank "
+           "(num_max_dispatch_tokens_per_rank=%d, hidden=%d, num_experts=%d, top-k=%d, fp8=%d here; layout tag %d "
+           "there, %d here): every rank must pass the same\n",
+           me, src, m, hidden, num_experts, num_topk, fp8, seen_tag, tag);
+  }
+  __threadfence_system();
+  asm volatile("trap;");
+}
 
 // The owner of expert e's early count: the block whose thread stores it after the histogram. It
 // also adds 1 to the expert's send_done at its publish, after its fence, so the block that
@@ -360,7 +382,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
     a.counts_e[e] = masked ? 0 : min(total[e], L.m);
     if (!masked) {
       const int64_t at = L.off_dflags + 4 * ((e % L.num_local) * L.num_ranks + me);
-      const int value = total[e] == 0 ? 1 | kLanded : min(total[e], L.m) + 1;
+      const int value = dispatch_flag(L, total[e] == 0 ? 1 | kLanded : min(total[e], L.m) + 1);
       if (puts_to(put_mask, d)) put_int(reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + at), value, d);
       else st_relaxed_sys(reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + at), value);
     }
@@ -550,7 +572,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
       __threadfence_system();
       a.send_done[e] = 0;  // every pair of e has counted: ready for the next dispatch
       const int64_t at = L.off_dflags + 4 * ((e % L.num_local) * L.num_ranks + me);
-      const int value = (min(total[e], L.m) + 1) | kLanded;
+      const int value = dispatch_flag(L, (min(total[e], L.m) + 1) | kLanded);
       if (puts_to(put_mask, d)) put_int(reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + at), value, d);
       else st_relaxed_sys(reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + at), value);  // after the fence above: a release
     }
@@ -651,16 +673,18 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
     __syncthreads();
   }
   const uint64_t wait_start = timed ? wait::global_timer_ns() : 0;
+  int other_sizes = -1;  // (source << kTagShift) | its tag, when a source's tag is not ours
   for (int i = tid; i < E; i += kThreads) {
     const int s = i % R;
     int count = 0;
     if (!cut(a.mask, me, s)) {
       const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src] (count)", me, s, a.timeout_ns};
       long long spun = 0;
-      count = (wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), 0, wait::Cmp::kNe, site,
-                                                   timed ? &spun : nullptr) &
-               (kLanded - 1)) - 1;
-      count = min(max(count, 0), L.m);  // a sender never publishes more than M
+      const int flag = wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), 0, wait::Cmp::kNe, site,
+                                                           timed ? &spun : nullptr);
+      const int tag = (flag & (kLanded - 1)) >> kTagShift;
+      if (tag != L.tag) other_sizes = (s << kTagShift) | tag;  // reported after the loop (a call in it spills)
+      count = min(max((flag & kCountMask) - 1, 0), L.m);  // a sender never publishes more than M
       if (spun > 0) atomicMax(waited + s, wait::global_timer_ns() - wait_start);
     }
     counts[i] = count;
@@ -670,7 +694,10 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
     const wait::WaitSite site{"low_latency_dispatch_recv", "owners_ready", me, me, a.timeout_ns};
     wait::wait_value<wait::Scope::kGpu>(static_cast<const int*>(a.routing + L.ws_owners_ready), 0, wait::Cmp::kNe, site);
   }
-  __syncthreads();
+  if (__syncthreads_or(other_sizes >= 0) && other_sizes >= 0) {
+    layout_mismatch(me, other_sizes >> kTagShift, other_sizes & ((1 << kTagShift) - 1), L.tag, L.m, L.hidden,
+                    L.num_experts, L.num_topk, static_cast<int>(L.use_fp8));
+  }
   trace_mark(a.trace, kTraceDispatchRecv, 1);
   const int last_count = counts[E - 1];
   block_exclusive_scan(first, E);
@@ -1264,6 +1291,18 @@ void check_puts(uint64_t put_mask, const LLLayout& layout) {
   }
 }
 
+// 14 bits of a hash of the sizes every rank of a call must agree on (the dispatch flags carry it).
+int layout_tag(int num_ranks, int m, int hidden, int num_experts, int num_topk, bool use_fp8) {
+  uint64_t h = 0x6d6f655f65705f6cull;  // any fixed start
+  for (const uint64_t v : {static_cast<uint64_t>(num_ranks), static_cast<uint64_t>(m), static_cast<uint64_t>(hidden),
+                           static_cast<uint64_t>(num_experts), static_cast<uint64_t>(num_topk),
+                           static_cast<uint64_t>(use_fp8)}) {
+    h = (h ^ v) * 0x100000001b3ull;  // FNV-1a's prime, one step per value
+    h ^= h >> 29;
+  }
+  return static_cast<int>(h & ((1u << (30 - kTagShift)) - 1));
+}
+
 }  // namespace
 
 LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_topk, bool use_fp8) {
@@ -1275,6 +1314,10 @@ LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_
                                 std::to_string(kMaxExperts) + ", got " + std::to_string(num_experts));
   }
   if (m < 1 || hidden < 1) throw std::invalid_argument("moe_ep low_latency: M and hidden must be >= 1");
+  if (m > kCountMask - 1) {  // a dispatch flag holds count + 1 in 16 bits
+    throw std::invalid_argument("moe_ep low_latency: num_max_dispatch_tokens_per_rank must be at most " +
+                                std::to_string(kCountMask - 1) + ", got " + std::to_string(m));
+  }
   if (num_topk < 1 || num_topk > kMaxTopk) {
     throw std::invalid_argument("moe_ep low_latency: top-k (topk_idx.size(1)) must be in [1, " + std::to_string(kMaxTopk) +
                                 "], got " + std::to_string(num_topk));
@@ -1291,6 +1334,7 @@ LLLayout make_layout(int num_ranks, int num_experts, int m, int hidden, int num_
   l.hidden = hidden;
   l.num_topk = num_topk;
   l.use_fp8 = use_fp8;
+  l.tag = layout_tag(num_ranks, m, hidden, num_experts, num_topk, use_fp8);
   l.x_bytes = use_fp8 ? hidden : static_cast<int64_t>(hidden) * 2;
   l.off_scales = align16(l.x_bytes);
   l.off_src = l.off_scales + (use_fp8 ? align16(static_cast<int64_t>(hidden / kGroup) * 4) : 0);

@@ -90,6 +90,7 @@ struct LLLayout {
   int hidden = 0;
   int num_topk = 0;
   bool use_fp8 = false;
+  int tag = 0;      // 14 bits hashed from (num_ranks, M, hidden, num_experts, num_topk, use_fp8): see kTagShift
   int64_t x_bytes = 0;      // payload bytes of a message row
   int64_t msg_bytes = 0;    // message stride
   int64_t off_scales = 0;   // inside a message

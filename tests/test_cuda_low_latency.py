@@ -45,6 +45,8 @@ source to one expert.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -1456,3 +1458,55 @@ def test_out_of_range_expert_id_traps_with_a_message(call, bad):
     assert_call_traps(_BAD_ENTRY_SETUP.format(call=call, bad=bad), _BAD_ENTRY_CALLS[call],
                       f"moe_ep: {call} on rank 0: topk_idx[3][1] = {bad} is outside [-1, 15] (num_experts = 16)",
                       env={"MOE_EP_EXPERIMENTAL_KERNELS": "low_latency"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks that disagree on the sizes: the dispatch flags carry a layout tag
+# ---------------------------------------------------------------------------------------------
+
+_OTHER_SIZES_CHILD = r'''
+import os, sys
+sys.path.insert(0, {root!r})
+os.environ["MOE_EP_TIMEOUT_S"] = "15"  # if the tag were not checked, a wait would end this, not the test's timeout
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+def rank_main(rank):
+    torch.cuda.set_device(min(rank, torch.cuda.device_count() - 1))
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from moe_ep.comm.backends.low_latency import LowLatencyEngine, ll_size_hint
+    device = torch.device("cuda", torch.cuda.current_device())
+    engine = LowLatencyEngine(dist.group.WORLD, device, ll_size_hint(32, 256, 2, 16, 4))
+    m = 32 if rank == 0 else 16  # rank 1 passes another num_max_dispatch_tokens_per_rank
+    x = torch.randn(8, 256, device=device).to(torch.bfloat16)
+    topk_idx = torch.randint(0, 16, (8, 4), device=device)
+    try:
+        engine.dispatch(x, topk_idx, m, 16, None, False, False, False, False)
+        torch.cuda.synchronize()
+        print(f"rank {{rank}}: NO ERROR", flush=True)
+    except Exception as exc:
+        print(f"rank {{rank}}: RAISED {{type(exc).__name__}}", flush=True)
+    os._exit(0)
+
+if __name__ == "__main__":
+    mp.spawn(rank_main, nprocs=2, join=True)
+'''
+
+
+@pytest.mark.gpu
+def test_ranks_with_other_sizes_trap_with_a_message(tmp_path):
+    """Rank 1 dispatches with num_max_dispatch_tokens_per_rank 16, rank 0 with 32 (each would read
+    the other's rows at the wrong offsets): each rank's receive names the other and its own sizes,
+    then traps, and the host raises. Two processes on one GPU (or one each)."""
+    from tests.dist_pool import free_port
+
+    require_ll_kernels()
+    script = tmp_path / "other_sizes.py"
+    script.write_text(_OTHER_SIZES_CHILD.format(root=REPO_ROOT, port=free_port()))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    output = proc.stdout + proc.stderr
+    assert "NO ERROR" not in output, output
+    for rank, other, m in ((0, 1, 32), (1, 0, 16)):
+        assert f"rank {rank}: RAISED" in output, output
+        assert (f"moe_ep: low_latency_dispatch on rank {rank}: rank {other} called with other sizes than this rank "
+                f"(num_max_dispatch_tokens_per_rank={m}, hidden=256, num_experts=16, top-k=4, fp8=0 here") in output, \
+            output
