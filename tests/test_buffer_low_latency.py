@@ -7,6 +7,8 @@ Combine is checked by letting each expert be a known function of its input (orac
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -436,3 +438,29 @@ def test_ll_mask_requires_enable_shrink(dist_pool):
 def test_ll_hidden_sizes(dist_pool, seed):
     """FP8 and bf16 low-latency dispatch + combine at DeepSeek/Qwen-like hidden sizes."""
     dist_pool(2).run(_w_hidden_sizes, seed, [2048, 2560, 7168], timeout=240)
+
+
+def _w_other_sizes(ctx, seed, what):
+    """The last rank dispatches with another M or hidden: every rank raises ValueError naming the
+    size and each rank's value (gloo would otherwise abort the process on the mismatched
+    exchange), nothing is sent, and a call with agreeing sizes then works."""
+    last = ctx.world_size - 1
+    small = 7  # every rank's tokens fit: only the sizes differ
+    world = _world(ctx, seed, [small] * ctx.world_size)
+    buffer = _ll_buffer(ctx, MAX_TOKENS, HIDDEN, world.num_experts)
+    x, topk_idx = _on(ctx, world.xs[ctx.rank]), _on(ctx, world.topk_idx[ctx.rank])
+    m = MAX_TOKENS - (1 if what == "m" and ctx.rank == last else 0)
+    if what == "hidden" and ctx.rank == last:
+        x = x[:, :HIDDEN - 128].contiguous()
+    values = [MAX_TOKENS] * last + [MAX_TOKENS - 1] if what == "m" else [HIDDEN] * last + [HIDDEN - 128]
+    name = "num_max_dispatch_tokens_per_rank" if what == "m" else "hidden"
+    with pytest.raises(ValueError, match=re.escape(f"{name} by rank: {values}")):
+        buffer.low_latency_dispatch(x, topk_idx, m, world.num_experts, use_fp8=False)
+    recv_x, recv_count, handle = _ll_dispatch(ctx, buffer, world, MAX_TOKENS, use_fp8=False)
+    oracle.check_ll_recv(ctx.rank, world, MAX_TOKENS, recv_x, recv_count, handle, False, False, False)
+
+
+@pytest.mark.parametrize("what", ["m", "hidden"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ll_ranks_with_other_sizes_raise(dist_pool, world_size, what, seed):
+    dist_pool(world_size).run(_w_other_sizes, seed, what)

@@ -425,11 +425,41 @@ class LowLatencyState:
         return base[key] + within
 
     # -------------------------------------------------------- dispatch
+    SIZE_NAMES = ("num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "top-k", "use_fp8", "use_ue8m0")
+
+    def _check_sizes_agree(self, sizes: tuple) -> int:
+        """Every rank must dispatch with the same sizes: they fix the blocks the ranks exchange, so
+        a rank with another M or hidden would wedge or abort the collective (gloo aborts the
+        process) or land rows in the wrong slots. One small all-gather per call compares them:
+        CPU groups raise ValueError naming the ranks; GPU groups fail a device check (no host sync,
+        so CUDA graphs keep working) whose message names the sizes. Returns the ns the host waited
+        for the other ranks here (CPU groups: the all-gather blocks), which the receive adds to the
+        wait-time statistics: it is a wait for the sources too."""
+        b = self.backend
+        if b.num_ranks == 1:
+            return 0
+        mine = torch.tensor(sizes, dtype=torch.int64, device=b.device)
+        start = time.perf_counter_ns()
+        every = _all_gather(mine, b.group, b.num_ranks)
+        if b.device.type == "cuda":
+            torch._assert_async((every == mine).all(), "moe_ep low_latency_dispatch: the ranks passed different "
+                                f"{', '.join(self.SIZE_NAMES)} (every rank must pass the same)")
+            return 0
+        waited = time.perf_counter_ns() - start
+        rows = every.tolist()
+        if any(row != list(sizes) for row in rows):
+            differ = [name for i, name in enumerate(self.SIZE_NAMES) if len({row[i] for row in rows}) > 1]
+            raise ValueError("low_latency_dispatch: every rank must pass the same sizes; "
+                             + "; ".join(f"{name} by rank: {[row[self.SIZE_NAMES.index(name)] for row in rows]}"
+                                         for name in differ))
+        return waited
+
     def dispatch(self, x, topk_idx, m: int, num_experts: int, recv_stats, use_fp8: bool, round_scale: bool,
                  use_ue8m0: bool, return_recv_hook: bool, wait_stats: Optional[torch.Tensor] = None):
         b = self.backend
         num_tokens, k = topk_idx.shape
         hidden = x.shape[1]
+        sizes_wait_ns = self._check_sizes_agree((m, hidden, num_experts, k, int(use_fp8), int(use_ue8m0)))
         experts_per_rank = num_experts // b.num_ranks
         pairs_per_dest = m * k
         self._ensure(m, hidden, num_experts, use_fp8, use_ue8m0)
@@ -454,7 +484,7 @@ class LowLatencyState:
         handle = (result.src_info, result.layout_range, m, hidden, num_experts)
 
         def receive() -> None:
-            self._wait(work, wait_stats)
+            self._wait(work, wait_stats, sizes_wait_ns)
             self._place_received(recv, layout, result, m, experts_per_rank, pairs_per_dest, use_fp8)
             if recv_stats is not None:
                 recv_stats.add_(result.recv_count)
@@ -465,13 +495,14 @@ class LowLatencyState:
         receive()
         return recv_x, result.recv_count, handle, None
 
-    def _wait(self, work, wait_stats: Optional[torch.Tensor]) -> None:
-        """Waits for a receive's collective and adds the wait (ns) to ``wait_stats`` ([R]: this
-        rank's row), every source alike: one collective brings all of them."""
+    def _wait(self, work, wait_stats: Optional[torch.Tensor], waited_before_ns: int = 0) -> None:
+        """Waits for a receive's collective and adds the wait (ns), plus ``waited_before_ns`` (the
+        dispatch's wait in its size check), to ``wait_stats`` ([R]: this rank's row), every source
+        alike: one collective brings all of them."""
         start = time.perf_counter_ns()
         work.wait()
         if wait_stats is not None:
-            wait_stats += time.perf_counter_ns() - start
+            wait_stats += time.perf_counter_ns() - start + waited_before_ns
 
     def _place_received(self, recv, layout, result: _LowLatencyResult, m: int, experts_per_rank: int,
                         pairs_per_dest: int, use_fp8: bool) -> None:
