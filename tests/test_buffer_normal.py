@@ -421,3 +421,36 @@ def _w_combine_through_empty_input(ctx, seed):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_combine_through_empty_combine_input(dist_pool, world_size, seed):
     dist_pool(world_size).run(_w_combine_through_empty_input, seed)
+
+
+def _w_other_hidden(ctx, seed, call):
+    """The last rank passes rows of another hidden size to ``call`` (routed dispatch, cached
+    dispatch or combine): every rank raises ValueError naming each rank's hidden (gloo would
+    otherwise abort the process, or a rank would read another's rows as garbage); the Buffer then
+    works with agreeing sizes."""
+    import re
+
+    last = ctx.world_size - 1
+    world = _world(ctx, seed, 12)
+    buffer = _buffer(ctx)
+    expected = _expect(ctx, world)
+    narrow = HIDDEN - 128 if ctx.rank == last else HIDDEN
+    message = re.escape(f"hidden by rank: {[HIDDEN] * last + [HIDDEN - 128]}")
+    if call == "dispatch":
+        with pytest.raises(ValueError, match=message):
+            _dispatch(ctx, buffer, world, x=world.xs[ctx.rank][:, :narrow].contiguous())
+    recv_x, handle = _check_dispatch(ctx, _dispatch(ctx, buffer, world), expected)
+    if call == "cached dispatch":
+        with pytest.raises(ValueError, match=message):
+            buffer.dispatch(_on(ctx, world.xs[ctx.rank][:, :narrow].contiguous()), handle=handle)
+    if call == "combine":
+        with pytest.raises(ValueError, match=message):
+            buffer.combine(recv_x[:, :narrow].contiguous(), handle)
+    combined, _, _ = buffer.combine(recv_x, handle)
+    oracle.assert_same(combined, _round_trip_expected(ctx, world), "combined_x after the refused call")
+
+
+@pytest.mark.parametrize("call", ["dispatch", "cached dispatch", "combine"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_with_other_hidden_raise(dist_pool, world_size, call, seed):
+    dist_pool(world_size).run(_w_other_hidden, seed, call)

@@ -90,6 +90,32 @@ def check_worst_tokens_agree(group, device: torch.device, num_worst_tokens: int,
     agreed.add(num_worst_tokens)
 
 
+def check_ranks_agree(group, device: torch.device, call: str, sizes: dict) -> int:
+    """Sizes every rank of ``call`` must share (they fix the rows the ranks exchange: a rank with
+    another hidden size would make gloo abort the process, or land rows as garbage), compared with
+    one small all-gather. CPU groups raise ValueError on every rank, naming each rank's value; GPU
+    groups fail a device check naming the sizes (no host sync: CUDA graphs keep working). Returns
+    the ns the host waited for the other ranks (CPU), a wait for the sources like the exchange's."""
+    num_ranks = dist.get_world_size(group)
+    if num_ranks == 1:
+        return 0
+    names = list(sizes)
+    mine = torch.tensor([int(sizes[name]) for name in names], dtype=torch.int64, device=device)
+    start = time.perf_counter_ns()
+    every = _all_gather(mine, group, num_ranks)
+    if device.type == "cuda":
+        torch._assert_async((every == mine).all(), f"moe_ep {call}: the ranks passed different "
+                            f"{', '.join(names)} (every rank must pass the same)")
+        return 0
+    waited = time.perf_counter_ns() - start
+    rows = every.tolist()
+    differ = [i for i, name in enumerate(names) if len({row[i] for row in rows}) > 1]
+    if differ:
+        raise ValueError(f"{call}: every rank must pass the same {', '.join(names)}; "
+                         + "; ".join(f"{names[i]} by rank: {[row[i] for row in rows]}" for i in differ))
+    return waited
+
+
 def _round_up(values: torch.Tensor, alignment: int) -> torch.Tensor:
     return (values + alignment - 1) // alignment * alignment
 
@@ -159,6 +185,9 @@ class ReferenceBackend:
         x_parts = list(x) if is_fp8 else [x]
         num_tokens = x_parts[0].shape[0]
         cached = handle is not None
+        check_ranks_agree(self.group, self.device, "dispatch",
+                          {"hidden": x_parts[0].shape[1], "FP8 (x as a tuple)": is_fp8,
+                           "top-k columns (0: no topk_idx)": 0 if cached or topk_idx is None else topk_idx.shape[1]})
         if cached:
             routing: NormalRouting = handle[3]
         else:
@@ -273,6 +302,9 @@ class ReferenceBackend:
     def combine(self, x: torch.Tensor, handle, topk_weights: Optional[torch.Tensor], biases: list[torch.Tensor]):
         routing: NormalRouting = handle[3]
         num_tokens = routing.is_token_in_rank.shape[0]
+        check_ranks_agree(self.group, self.device, "combine",
+                          {"hidden": x.shape[1], "top-k weight columns (0: no topk_weights)":
+                           0 if topk_weights is None else topk_weights.shape[1]})
         parts = [x] + ([topk_weights.to(torch.float32)] if topk_weights is not None else [])
         rows, layout = pack_rows(parts)
         per_rank = self._exchange_combine(rows, routing)          # list over source ranks of [T, bytes]
@@ -425,41 +457,15 @@ class LowLatencyState:
         return base[key] + within
 
     # -------------------------------------------------------- dispatch
-    SIZE_NAMES = ("num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "top-k", "use_fp8", "use_ue8m0")
-
-    def _check_sizes_agree(self, sizes: tuple) -> int:
-        """Every rank must dispatch with the same sizes: they fix the blocks the ranks exchange, so
-        a rank with another M or hidden would wedge or abort the collective (gloo aborts the
-        process) or land rows in the wrong slots. One small all-gather per call compares them:
-        CPU groups raise ValueError naming the ranks; GPU groups fail a device check (no host sync,
-        so CUDA graphs keep working) whose message names the sizes. Returns the ns the host waited
-        for the other ranks here (CPU groups: the all-gather blocks), which the receive adds to the
-        wait-time statistics: it is a wait for the sources too."""
-        b = self.backend
-        if b.num_ranks == 1:
-            return 0
-        mine = torch.tensor(sizes, dtype=torch.int64, device=b.device)
-        start = time.perf_counter_ns()
-        every = _all_gather(mine, b.group, b.num_ranks)
-        if b.device.type == "cuda":
-            torch._assert_async((every == mine).all(), "moe_ep low_latency_dispatch: the ranks passed different "
-                                f"{', '.join(self.SIZE_NAMES)} (every rank must pass the same)")
-            return 0
-        waited = time.perf_counter_ns() - start
-        rows = every.tolist()
-        if any(row != list(sizes) for row in rows):
-            differ = [name for i, name in enumerate(self.SIZE_NAMES) if len({row[i] for row in rows}) > 1]
-            raise ValueError("low_latency_dispatch: every rank must pass the same sizes; "
-                             + "; ".join(f"{name} by rank: {[row[self.SIZE_NAMES.index(name)] for row in rows]}"
-                                         for name in differ))
-        return waited
-
     def dispatch(self, x, topk_idx, m: int, num_experts: int, recv_stats, use_fp8: bool, round_scale: bool,
                  use_ue8m0: bool, return_recv_hook: bool, wait_stats: Optional[torch.Tensor] = None):
         b = self.backend
         num_tokens, k = topk_idx.shape
         hidden = x.shape[1]
-        sizes_wait_ns = self._check_sizes_agree((m, hidden, num_experts, k, int(use_fp8), int(use_ue8m0)))
+        sizes_wait_ns = check_ranks_agree(
+            b.group, b.device, "low_latency_dispatch",
+            {"num_max_dispatch_tokens_per_rank": m, "hidden": hidden, "num_experts": num_experts, "top-k": k,
+             "use_fp8": use_fp8, "use_ue8m0": use_ue8m0})
         experts_per_rank = num_experts // b.num_ranks
         pairs_per_dest = m * k
         self._ensure(m, hidden, num_experts, use_fp8, use_ue8m0)
