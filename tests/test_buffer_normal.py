@@ -454,3 +454,28 @@ def _w_other_hidden(ctx, seed, call):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_with_other_hidden_raise(dist_pool, world_size, call, seed):
     dist_pool(world_size).run(_w_other_hidden, seed, call)
+
+
+def _w_other_num_experts(ctx, seed):
+    """The last rank counts tokens per expert over twice the experts: every rank raises naming each
+    rank's count of experts (the counts' all-gather would otherwise abort under gloo)."""
+    import re
+
+    last = ctx.world_size - 1
+    world = _world(ctx, seed, 12)
+    buffer = _buffer(ctx)
+    num_experts = world.num_experts * (2 if ctx.rank == last else 1)
+    topk_idx = _on(ctx, world.topk_idx[ctx.rank])
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(topk_idx,
+                                                                                                    num_experts)
+    values = [world.num_experts] * last + [2 * world.num_experts]
+    with pytest.raises(ValueError, match=re.escape(f"num_experts (num_tokens_per_expert's length) by rank: {values}")):
+        buffer.dispatch(_on(ctx, world.xs[ctx.rank]), num_tokens_per_rank=num_tokens_per_rank,
+                        is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
+                        topk_idx=topk_idx, topk_weights=_on(ctx, world.topk_weights[ctx.rank]))
+    _check_dispatch(ctx, _dispatch(ctx, buffer, world), _expect(ctx, world))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_with_other_num_experts_raise(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_other_num_experts, seed)

@@ -187,7 +187,9 @@ class ReferenceBackend:
         cached = handle is not None
         check_ranks_agree(self.group, self.device, "dispatch",
                           {"hidden": x_parts[0].shape[1], "FP8 (x as a tuple)": is_fp8,
-                           "top-k columns (0: no topk_idx)": 0 if cached or topk_idx is None else topk_idx.shape[1]})
+                           "top-k columns (0: no topk_idx)": 0 if cached or topk_idx is None else topk_idx.shape[1],
+                           "num_experts (num_tokens_per_expert's length)":
+                               0 if cached or num_tokens_per_expert is None else num_tokens_per_expert.numel()})
         if cached:
             routing: NormalRouting = handle[3]
         else:
