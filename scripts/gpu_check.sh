@@ -30,6 +30,8 @@ if has build; then
   fi
   echo "build took $(( $(date +%s) - start )) s" >> "$OUT/build.log"
   tail -3 "$OUT/build.log"
+  # What the build can do on this machine (GPUs, peer access, families, settings), for the record.
+  python3 -m moe_ep info >> "$OUT/build.log" 2>&1
 fi
 
 : >> "$OUT/tests.log"
