@@ -1495,8 +1495,10 @@ if __name__ == "__main__":
 @pytest.mark.gpu
 def test_ranks_with_other_sizes_trap_with_a_message(tmp_path):
     """Rank 1 dispatches with num_max_dispatch_tokens_per_rank 16, rank 0 with 32 (each would read
-    the other's rows at the wrong offsets): each rank's receive names the other and its own sizes,
-    then traps, and the host raises. Two processes on one GPU (or one each)."""
+    the other's rows at the wrong offsets): a receive that sees the other's flags names it and its
+    own sizes, then traps, and the host raises on both ranks. Two processes on one GPU (or one
+    each). The first rank to trap may end its kernel before all its flags went out; the other then
+    ends in a bounded wait's timeout (also an error, not garbage), so one named line is required."""
     from tests.dist_pool import free_port
 
     require_ll_kernels()
@@ -1505,8 +1507,9 @@ def test_ranks_with_other_sizes_trap_with_a_message(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
     output = proc.stdout + proc.stderr
     assert "NO ERROR" not in output, output
+    named = []
     for rank, other, m in ((0, 1, 32), (1, 0, 16)):
         assert f"rank {rank}: RAISED" in output, output
-        assert (f"moe_ep: low_latency_dispatch on rank {rank}: rank {other} called with other sizes than this rank "
-                f"(num_max_dispatch_tokens_per_rank={m}, hidden=256, num_experts=16, top-k=4, fp8=0 here") in output, \
-            output
+        named += [f"moe_ep: low_latency_dispatch on rank {rank}: rank {other} called with other sizes than this rank "
+                  f"(num_max_dispatch_tokens_per_rank={m}, hidden=256, num_experts=16, top-k=4, fp8=0 here"]
+    assert any(line in output for line in named), output
