@@ -149,6 +149,30 @@ def test_buffer_management(dist_pool):
     dist_pool(2).run(_w_buffer_management)
 
 
+def _w_buffer_kinds_disagree(ctx, what):
+    """Opening the buffers is collective, so the ranks must ask for the same kinds: the last rank
+    asks otherwise, and every rank raises ValueError naming the setting and each rank's value
+    (instead of the others waiting in the open); a Buffer with agreeing settings then builds."""
+    import re
+
+    from moe_ep.comm import Buffer
+
+    odd = ctx.rank == ctx.world_size - 1
+    kwargs = {"low_latency_mode": dict(num_rdma_bytes=1 << 20, low_latency_mode=not odd),
+              "num_nvl_bytes": dict(num_nvl_bytes=0 if odd else NUM_NVL_BYTES)}[what]
+    name = "low_latency_mode" if what == "low_latency_mode" else "num_nvl_bytes > 0"
+    values = [1] * (ctx.world_size - 1) + [0]
+    with pytest.raises(ValueError, match=re.escape(f"{name} by rank: {values}")):
+        Buffer(ctx.group, **kwargs)
+    Buffer(ctx.group, num_nvl_bytes=NUM_NVL_BYTES)
+
+
+@pytest.mark.parametrize("what", ["low_latency_mode", "num_nvl_bytes"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_buffer_kinds_must_agree(dist_pool, world_size, what):
+    dist_pool(world_size).run(_w_buffer_kinds_disagree, what)
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation. Every rank passes the same bad input, so every rank raises before communicating.
 # ---------------------------------------------------------------------------------------------

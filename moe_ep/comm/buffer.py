@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .. import env
 from . import validation as check
-from .backends.reference import ReferenceBackend
+from .backends.reference import ReferenceBackend, check_ranks_agree
 from .errors import translate_device_errors
 from .config import Config, default_combine_config, default_dispatch_config, low_latency_rdma_size_hint
 from .event import EventOverlap
@@ -121,6 +121,11 @@ class Buffer:
         self._raw_buffers: dict[bool, torch.Tensor] = {}
         self._hooks = HookLedger()  # misused receive hooks raise (moe_ep/comm/hooks.py)
         self._destroyed = False
+        # Opening the buffers is collective: a rank that asks for other kinds (say, no
+        # low_latency_mode) would leave the others waiting in the open. Compared first, once.
+        check_ranks_agree(self.group, self.device, "Buffer",
+                          {"num_nvl_bytes > 0": num_nvl_bytes > 0, "low_latency_mode": self.low_latency_mode,
+                           "num_rdma_bytes > 0": num_rdma_bytes > 0, "enable_shrink": self.enable_shrink}, host=True)
         self.backend = self._select_backend()
         self.runtime = self.backend  # DeepEP exposes `runtime`; ours is the backend object
 

@@ -90,11 +90,12 @@ def check_worst_tokens_agree(group, device: torch.device, num_worst_tokens: int,
     agreed.add(num_worst_tokens)
 
 
-def check_ranks_agree(group, device: torch.device, call: str, sizes: dict) -> int:
+def check_ranks_agree(group, device: torch.device, call: str, sizes: dict, host: bool = False) -> int:
     """Sizes every rank of ``call`` must share (they fix the rows the ranks exchange: a rank with
     another hidden size would make gloo abort the process, or land rows as garbage), compared with
     one small all-gather. CPU groups raise ValueError on every rank, naming each rank's value; GPU
-    groups fail a device check naming the sizes (no host sync: CUDA graphs keep working). Returns
+    groups fail a device check naming the sizes (no host sync: CUDA graphs keep working), or with
+    ``host`` (where a sync costs nothing, e.g. building a Buffer) raise as CPU groups do. Returns
     the ns the host waited for the other ranks (CPU), a wait for the sources like the exchange's."""
     num_ranks = dist.get_world_size(group)
     if num_ranks == 1:
@@ -103,7 +104,7 @@ def check_ranks_agree(group, device: torch.device, call: str, sizes: dict) -> in
     mine = torch.tensor([int(sizes[name]) for name in names], dtype=torch.int64, device=device)
     start = time.perf_counter_ns()
     every = _all_gather(mine, group, num_ranks)
-    if device.type == "cuda":
+    if device.type == "cuda" and not host:
         torch._assert_async((every == mine).all(), f"moe_ep {call}: the ranks passed different "
                             f"{', '.join(names)} (every rank must pass the same)")
         return 0
