@@ -69,7 +69,7 @@ source "$(dirname "$0")/device_env.sh"
   fi
   if has ll_tests; then
     stage "low-latency GPU tests (ranks sharing the GPU)"
-    MOE_EP_TIMEOUT_S=20 timeout -k 10 ${LL_S:-220} python3 -m pytest -q -m "gpu and not slow" \
+    MOE_EP_TIMEOUT_S=20 timeout -k 10 ${LL_S:-300} python3 -m pytest -q -m "gpu and not slow" \
       tests/test_cuda_low_latency.py 2>&1 | tail -12
   fi
   if has nvshmem_puts; then

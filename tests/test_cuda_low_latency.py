@@ -1465,7 +1465,7 @@ def test_out_of_range_expert_id_traps_with_a_message(call, bad):
 # ---------------------------------------------------------------------------------------------
 
 _OTHER_SIZES_CHILD = r'''
-import os, sys
+import os, sys, time
 sys.path.insert(0, {root!r})
 os.environ["MOE_EP_TIMEOUT_S"] = "15"  # if the tag were not checked, a wait would end this, not the test's timeout
 import torch, torch.distributed as dist, torch.multiprocessing as mp
@@ -1480,7 +1480,14 @@ def rank_main(rank):
     x = torch.randn(8, 256, device=device).to(torch.bfloat16)
     topk_idx = torch.randint(0, 16, (8, 4), device=device)
     try:
-        engine.dispatch(x, topk_idx, m, 16, None, False, False, False, False)
+        # Rank 1 sends, then receives 3 s later (hook mode): the two traps do not coincide. Two
+        # processes that trap at the same moment on one shared GPU: the driver returned the error to
+        # one host wait and left the other's blocked (H200, session 13); staggered, both raise.
+        *_, hook = engine.dispatch(x, topk_idx, m, 16, None, False, False, False, rank == 1)
+        if hook is not None:
+            torch.cuda.synchronize()
+            time.sleep(3)
+            hook()
         torch.cuda.synchronize()
         print(f"rank {{rank}}: NO ERROR", flush=True)
     except Exception as exc:
@@ -1495,21 +1502,18 @@ if __name__ == "__main__":
 @pytest.mark.gpu
 def test_ranks_with_other_sizes_trap_with_a_message(tmp_path):
     """Rank 1 dispatches with num_max_dispatch_tokens_per_rank 16, rank 0 with 32 (each would read
-    the other's rows at the wrong offsets): a receive that sees the other's flags names it and its
-    own sizes, then traps, and the host raises on both ranks. Two processes on one GPU (or one
-    each). The first rank to trap may end its kernel before all its flags went out; the other then
-    ends in a bounded wait's timeout (also an error, not garbage), so one named line is required."""
+    the other's rows at the wrong offsets): each receive sees the other's flags, names the other
+    rank and its own sizes, then traps, and the host raises on both ranks. Two processes on one GPU
+    (or one each); rank 1 receives through the hook 3 s after its send (see the child)."""
     from tests.dist_pool import free_port
 
     require_ll_kernels()
     script = tmp_path / "other_sizes.py"
     script.write_text(_OTHER_SIZES_CHILD.format(root=REPO_ROOT, port=free_port()))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     output = proc.stdout + proc.stderr
     assert "NO ERROR" not in output, output
-    named = []
     for rank, other, m in ((0, 1, 32), (1, 0, 16)):
         assert f"rank {rank}: RAISED" in output, output
-        named += [f"moe_ep: low_latency_dispatch on rank {rank}: rank {other} called with other sizes than this rank "
-                  f"(num_max_dispatch_tokens_per_rank={m}, hidden=256, num_experts=16, top-k=4, fp8=0 here"]
-    assert any(line in output for line in named), output
+        assert (f"moe_ep: low_latency_dispatch on rank {rank}: rank {other} called with other sizes than this rank "
+                f"(num_max_dispatch_tokens_per_rank={m}, hidden=256, num_experts=16, top-k=4, fp8=0 here") in output, output
