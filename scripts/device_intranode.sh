@@ -11,7 +11,7 @@ source "$(dirname "$0")/device_env.sh"
   MOE_EP_TIMEOUT_S=20 timeout -k 10 ${ALL_S:-300} python3 -m pytest -q -m "gpu and not slow" tests/test_cuda_intranode.py \
     tests/test_gpu_buffer_streams.py 2>&1 | tail -25
   stage "low-latency GPU tests (ranks sharing the GPU)"
-  MOE_EP_TIMEOUT_S=20 timeout -k 10 ${LL_S:-220} python3 -m pytest -q -m "gpu and not slow" tests/test_cuda_low_latency.py \
+  MOE_EP_TIMEOUT_S=20 timeout -k 10 ${LL_S:-300} python3 -m pytest -q -m "gpu and not slow" tests/test_cuda_low_latency.py \
     2>&1 | tail -25
   stage done
 } 2>&1 | tee "$OUT/intranode.log"
