@@ -267,10 +267,21 @@ __device__ void expert_id_bounds(const int64_t* __restrict__ ids, int64_t n, int
   }
 }
 
+// Every thread's record fields before the epoch the host polls (the block's threads all call this).
+__device__ __forceinline__ void publish_record_epoch(HostRecordView* record, long long epoch) {
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    *reinterpret_cast<volatile long long*>(&record->epoch) = epoch;
+    __threadfence_system();
+  }
+}
+
 // One block. With counts: the routing pass (route_tokens), the ids' range, then the barrier that
 // hands every rank the count matrix. Without (a cached dispatch): the barrier only.
 __global__ void __launch_bounds__(kNotifyThreads)
-notify_kernel(Peers peers, bool with_counts, int64_t num_tokens, const bool* __restrict__ in_rank,
+notify_kernel(Peers peers, CallSizes sizes, bool with_counts, int64_t num_tokens, const bool* __restrict__ in_rank,
               const int64_t* __restrict__ topk_idx, int num_topk, const int* __restrict__ expert_counts,
               int num_experts, int expert_alignment, int num_worst_tokens, int* __restrict__ send_slot,
               int* __restrict__ send_lists, int* rank_prefix_matrix, HostRecordView* record, long long epoch,
@@ -298,6 +309,9 @@ notify_kernel(Peers peers, bool with_counts, int64_t num_tokens, const bool* __r
   __syncthreads();
   const int parity = static_cast<int>(seq & 1);
   const int L = with_counts ? num_experts / R : 0;
+  for (int i = threadIdx.x; i < R * kCallSizes; i += kNotifyThreads) {
+    control_of(peers, i / kCallSizes, parity)->sizes[me].v[i % kCallSizes] = sizes.v[i % kCallSizes];
+  }
   if (with_counts) {
     for (int d = 0; d < R; ++d) {
       Control* c = control_of(peers, d, parity);
@@ -314,7 +328,38 @@ notify_kernel(Peers peers, bool with_counts, int64_t num_tokens, const bool* __r
     const wait::WaitSite site{"intranode_notify", "arrived[src]", me, static_cast<int>(threadIdx.x), timeout_ns};
     wait::wait_value<wait::Scope::kSys>(&own->arrived[threadIdx.x], seq, wait::Cmp::kGe, site);
   }
+  __shared__ int differ;  // the lowest rank whose sizes are not this rank's (R: none)
+  if (threadIdx.x == 0) differ = R;
   __syncthreads();
+  if (threadIdx.x < R) {
+    bool same = true;
+    for (int i = 0; i < kCallSizes; ++i) same = same && __ldcg(&own->sizes[threadIdx.x].v[i]) == sizes.v[i];
+    if (!same) atomicMin(&differ, static_cast<int>(threadIdx.x));
+  }
+  __syncthreads();
+  if (differ < R) {
+    if (with_counts && num_worst_tokens == 0) {  // the host raises, naming every rank's sizes
+      for (int i = threadIdx.x; i < R * kCallSizes; i += kNotifyThreads) {
+        record->sizes[i / kCallSizes].v[i % kCallSizes] = __ldcg(&own->sizes[i / kCallSizes].v[i % kCallSizes]);
+      }
+      if (threadIdx.x == 0) record->sizes_differ = 1;
+      publish_record_epoch(record, epoch);
+      return;
+    }
+    if (threadIdx.x == 0) {  // no host wait to raise from (every rank stops here: each compares all)
+      const long long* t = own->sizes[differ].v;
+      const long long* h = sizes.v;
+      printf("moe_ep: intranode dispatch on rank %d: rank %d called with other sizes than this rank (hidden=%lld, "
+             "fp8=%lld, x element bytes=%lld, scale columns=%lld, top-k columns=%lld, num_experts=%lld, cached=%lld "
+             "there; hidden=%lld, fp8=%lld, x element bytes=%lld, scale columns=%lld, top-k columns=%lld, "
+             "num_experts=%lld, cached=%lld here): every rank must pass the same\n",
+             me, differ, __ldcg(t), __ldcg(t + 1), __ldcg(t + 2), __ldcg(t + 3), __ldcg(t + 4), __ldcg(t + 5),
+             __ldcg(t + 6), h[0], h[1], h[2], h[3], h[4], h[5], h[6]);
+      __trap();
+    }
+    __syncthreads();
+    return;
+  }
   if (!with_counts) return;
 
   __shared__ int matrix[kMaxRanks * kMaxRanks];
@@ -365,14 +410,9 @@ notify_kernel(Peers peers, bool with_counts, int64_t num_tokens, const bool* __r
     record->max_tokens = max_tokens;
     record->max_buffer_rows = max_rows;
     record->max_buffer_rank = max_rank;
+    record->sizes_differ = 0;
   }
-  __threadfence_system();  // every thread's fields (the counts too) before the epoch the host polls
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    *reinterpret_cast<volatile long long*>(&record->epoch) = epoch;
-    __threadfence_system();
-  }
+  publish_record_epoch(record, epoch);
 }
 
 // ---------------------------------------------------------------------------------- transfer
@@ -1255,7 +1295,8 @@ bool HostRecord::wait(long long epoch, double timeout_s) const {
   return true;
 }
 
-void launch_notify(const Peers& peers, bool with_counts, int64_t num_tokens, const bool* is_token_in_rank,
+void launch_notify(const Peers& peers, const CallSizes& sizes, bool with_counts, int64_t num_tokens,
+                   const bool* is_token_in_rank,
                    const int64_t* topk_idx, int num_topk, const int* expert_counts, int num_experts,
                    int expert_alignment, int num_worst_tokens, int* send_slot, int* send_lists,
                    int* rank_prefix_matrix, HostRecordView* record, long long epoch, cudaStream_t stream) {
@@ -1275,8 +1316,8 @@ void launch_notify(const Peers& peers, bool with_counts, int64_t num_tokens, con
     }
     if (num_tokens > INT32_MAX / kMaxRanks) throw std::invalid_argument("moe_ep intranode: too many tokens");
   }
-  notify_kernel<<<1, kNotifyThreads, 0, stream>>>(peers, with_counts, num_tokens, is_token_in_rank, topk_idx, num_topk,
-                                                  expert_counts, num_experts, expert_alignment, num_worst_tokens,
+  notify_kernel<<<1, kNotifyThreads, 0, stream>>>(peers, sizes, with_counts, num_tokens, is_token_in_rank, topk_idx,
+                                                  num_topk, expert_counts, num_experts, expert_alignment, num_worst_tokens,
                                                   send_slot, send_lists, rank_prefix_matrix, record, epoch,
                                                   wait::timeout_ns_from_env());
   cuda_check(cudaGetLastError(), "intranode notify_kernel launch");

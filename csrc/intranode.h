@@ -97,6 +97,18 @@ struct DirectReceive {
   DirectOutputs own;
 };
 
+// The sizes of a dispatch that every rank of the group must pass alike: they fix where rows lie in
+// the peers' buffers and which steps the notify runs (a rank with another hidden size would read
+// its peers' rows at wrong offsets). notify hands every rank every rank's CallSizes and compares
+// them: a dispatch with a host wait raises on every rank (the record carries each rank's sizes),
+// the others (cached, num_worst_tokens) trap with a message naming the other rank. In this order
+// (moe_ep.comm.backends.intranode.DISPATCH_SIZE_NAMES; notify_kernel's message): hidden, FP8 (x as
+// a tuple), x element bytes, scale columns, top-k columns, num_experts, cached (a handle given).
+constexpr int kCallSizes = 7;
+struct CallSizes {
+  long long v[kCallSizes];
+};
+
 struct Control {
   long long arrived[kMaxRanks];           // arrived[src] = src's notify sequence number
   int tokens[kMaxRanks];                  // tokens[src]: src's num_tokens
@@ -104,6 +116,7 @@ struct Control {
   int expert_counts[kMaxExperts];         // [src][local expert of this rank]: src's tokens per expert
   DirectOutputs outputs[kMaxRanks];       // outputs[dst]: where dst's outputs are (direct receive)
   long long outputs_seq[kMaxRanks];       // outputs_seq[dst] = dst's notify sequence number once published
+  CallSizes sizes[kMaxRanks];             // sizes[src]: what src passed to this dispatch
 };
 
 constexpr int64_t kStateBytes = 4096;
@@ -152,6 +165,8 @@ struct HostRecordView {
   long long id_min;      // the smallest and largest expert id of the rank's topk_idx (-1: none)
   long long id_max;
   int counts[kMaxExperts];  // per local expert, rounded up to expert_alignment
+  int sizes_differ;         // 1: some rank passed other CallSizes (the fields above are not set), 0: all alike
+  CallSizes sizes[kMaxRanks];  // with sizes_differ: every rank's
 };
 
 // Pinned, device-mapped host memory for one HostRecordView, and the host-side wait on it.
@@ -205,8 +220,10 @@ struct Knobs {
 // the per-destination counts and expert_counts [E] int32 to every rank (the barrier), writes
 // rank_prefix_matrix [R, R] int32 (cumulative over sources) and with num_worst_tokens == 0 the
 // record (epoch last), else traps, with a message, on every rank if any rank receives more than
-// num_worst_tokens rows. Without counts (cached dispatch) it is only the barrier.
-void launch_notify(const Peers& peers, bool with_counts, int64_t num_tokens, const bool* is_token_in_rank,
+// num_worst_tokens rows. Without counts (cached dispatch) it is only the barrier. Every call
+// compares the ranks' CallSizes (`sizes`, this rank's) as described at CallSizes.
+void launch_notify(const Peers& peers, const CallSizes& sizes, bool with_counts, int64_t num_tokens,
+                   const bool* is_token_in_rank,
                    const int64_t* topk_idx, int num_topk, const int* expert_counts, int num_experts,
                    int expert_alignment, int num_worst_tokens, int* send_slot, int* send_lists,
                    int* rank_prefix_matrix, HostRecordView* record, long long epoch, cudaStream_t stream);

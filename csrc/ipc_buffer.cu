@@ -35,11 +35,12 @@ __device__ __forceinline__ void red_add_release_sys(unsigned long long* ptr, uns
 // The barrier's epoch lives on the device (a counter in the own header that every barrier kernel
 // increments), not in a kernel argument: a CUDA graph that captured barriers replays them with
 // fresh epochs, so replays synchronize exactly like eager calls.
-// Thread t (< num_ranks): announce "rank entered barrier `epoch`" in rank t's header, then wait
-// until rank t has announced the same in this rank's header.
+// Thread t (< num_ranks): announce "rank entered barrier `epoch`" in rank t's header, with this
+// rank's call word, then wait until rank t has announced the same in this rank's header and
+// compare t's word with this rank's (ipc_buffer.h).
 __global__ void __launch_bounds__(kBarrierThreads)
 intranode_barrier_kernel(void* const* __restrict__ peer_bases, long long* own_counters, int rank, int num_ranks,
-                         uint64_t timeout_ns) {
+                         unsigned long long call_word, uint64_t timeout_ns) {
   __shared__ long long epoch;
   const int t = static_cast<int>(threadIdx.x);
   if (t == 0) {
@@ -49,13 +50,25 @@ intranode_barrier_kernel(void* const* __restrict__ peer_bases, long long* own_co
   }
   __syncthreads();
   if (t >= num_ranks) return;
+  const int words = kWordSlot + static_cast<int>(epoch & 1) * kMaxRanks;
+  auto* peer_counters = static_cast<unsigned long long*>(peer_bases[t]);
+  *reinterpret_cast<volatile unsigned long long*>(peer_counters + words + rank) = call_word;
   // Order everything this rank wrote before the barrier (earlier kernels of the stream included,
   // e.g. peer_copy into peers' buffers) before the counter update, at system scope.
   __threadfence_system();
-  auto* peer_counters = static_cast<unsigned long long*>(peer_bases[t]);
   red_add_release_sys(peer_counters + rank, 1ull);
   const wait::WaitSite site{"intranode_barrier", "barrier[src]", rank, t, timeout_ns};
   wait::wait_value<wait::Scope::kSys>(static_cast<const long long*>(own_counters + t), epoch, wait::Cmp::kGe, site);
+  const auto theirs = *reinterpret_cast<const volatile unsigned long long*>(own_counters + words + t);
+  if (call_word != 0 && theirs != 0 && theirs != call_word) {
+    constexpr unsigned long long kHidden = (1ull << 40) - 1;
+    printf("moe_ep: intranode combine on rank %d: rank %d called with other sizes than this rank (hidden=%llu, "
+           "x element bytes=%llu, top-k weight columns=%llu there; hidden=%llu, x element bytes=%llu, top-k weight "
+           "columns=%llu here): every rank must pass the same\n",
+           rank, t, theirs & kHidden, (theirs >> 56) & 15, (theirs >> 40) & 0xffff, call_word & kHidden,
+           (call_word >> 56) & 15, (call_word >> 40) & 0xffff);
+    __trap();
+  }
 }
 
 // Byte copy into (possibly) another process's buffer; 16-byte vectors when everything is aligned.
@@ -248,12 +261,12 @@ void IpcBuffer::open_peers(const std::vector<std::string>& handles) {
   peers_open_ = true;
 }
 
-void IpcBuffer::barrier(cudaStream_t stream) {
+void IpcBuffer::barrier(cudaStream_t stream, uint64_t call_word) {
   if (!peers_open_) throw std::runtime_error("moe_ep IpcBuffer.barrier: call open_peers() first");
   const uint64_t timeout_ns = wait::timeout_ns_from_env();  // validated before anything is launched
   const DeviceScope scope(device_);
   intranode_barrier_kernel<<<1, kBarrierThreads, 0, stream>>>(peer_bases_device_, static_cast<long long*>(base_),
-                                                              rank_, num_ranks_, timeout_ns);
+                                                              rank_, num_ranks_, call_word, timeout_ns);
   cuda_check(cudaGetLastError(), "intranode_barrier_kernel launch");
   epoch_ += 1;  // host-side count of enqueued barriers (graph replays add device epochs beyond it)
 }

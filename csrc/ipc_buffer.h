@@ -6,7 +6,8 @@
 // Allocation layout (one cudaMalloc per rank):
 //
 //   [0, kHeaderBytes)                       header: barrier counters, int64 [kMaxRanks]
-//                                           (counter[src] = how many barriers rank src has entered)
+//                                           (counter[src] = how many barriers rank src has entered),
+//                                           the own epoch (kEpochSlot), the call words (kWordSlot)
 //   [kHeaderBytes, kHeaderBytes + num_bytes) the user region (local_data(), peer_copy offsets)
 //
 // The whole allocation is zeroed, and the zeroing has completed, before ipc_handle() returns, so
@@ -18,6 +19,13 @@
 // (acquire loads, bounded: csrc/bounded_wait.cuh) until its own counter[src] >= e for every src.
 // Counters only grow, so there is nothing to reset and no race between consecutive barriers: a
 // fast rank entering barrier e+1 only makes counters reach e+1, which still satisfies >= e.
+//
+// Call word: a barrier may carry a word that every rank must pass alike (combine passes its row
+// sizes, combine_call_word). Rank r stores it into word[e % 2][r] of every rank's header before
+// its counter add (the release orders it); a rank past the wait compares each rank's word with its
+// own and, where both are nonzero and differ, prints both ranks' sizes and traps. Two slots by
+// parity suffice: rank r writes slot e % 2 again only at barrier e + 2, which needs this rank to
+// have entered e + 1, so to have finished reading e.
 //
 // Lifetime: every rank must stop using the peers' buffers (synchronise, then a barrier over
 // torch.distributed) before any rank destroys its IpcBuffer. The destructor synchronises this
@@ -35,9 +43,23 @@ namespace ipc {
 constexpr int kMaxRanks = 64;
 // Header slot (int64 index) of this rank's own barrier epoch, after the kMaxRanks counters.
 constexpr int kEpochSlot = kMaxRanks;
-// Barrier counters (kMaxRanks int64), padded so the user region starts 4 KiB aligned.
+// Header slot of the call words, [2 parities][kMaxRanks] int64.
+constexpr int kWordSlot = 2 * kMaxRanks;
+// Barrier counters, epoch and call words, padded so the user region starts 4 KiB aligned.
 constexpr int64_t kHeaderBytes = 4096;
-static_assert((kMaxRanks + 1) * 8 <= kHeaderBytes, "the barrier counters and epoch must fit in the header");
+static_assert((kWordSlot + 2 * kMaxRanks) * 8 <= kHeaderBytes, "the barrier's header slots must fit in the header");
+
+// The call word of a combine (what its rows' layout in the peers' buffers depends on): bit 62 set,
+// x's element bytes at bits 56-59, top-k weight columns at 40-55, hidden at 0-39. 0 (unchecked)
+// when a size does not fit its bits.
+inline uint64_t combine_call_word(int64_t hidden, int64_t element_bytes, int64_t num_topk) {
+  if (hidden < 0 || hidden >= (int64_t{1} << 40) || element_bytes < 0 || element_bytes > 15 || num_topk < 0 ||
+      num_topk >= (1 << 16)) {
+    return 0;
+  }
+  return (uint64_t{1} << 62) | (static_cast<uint64_t>(element_bytes) << 56) | (static_cast<uint64_t>(num_topk) << 40) |
+         static_cast<uint64_t>(hidden);
+}
 // Size of a cudaIpcMemHandle_t as bytes.
 constexpr int64_t kHandleBytes = static_cast<int64_t>(sizeof(cudaIpcMemHandle_t));
 
@@ -67,8 +89,9 @@ class IpcBuffer {
   // the peer rank.
   void open_peers(const std::vector<std::string>& handles);
 
-  // Enqueues one barrier over all ranks on `stream` (see above). Needs open_peers().
-  void barrier(cudaStream_t stream);
+  // Enqueues one barrier over all ranks on `stream` (see above), carrying call_word (0: none).
+  // Needs open_peers().
+  void barrier(cudaStream_t stream, uint64_t call_word = 0);
 
   // Enqueues a copy of num_bytes bytes from device memory `src` (on this device) into rank
   // dst_rank's user region at byte `offset`. dst_rank == rank writes the own buffer. Needs

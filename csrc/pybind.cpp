@@ -76,9 +76,15 @@ std::unique_ptr<IpcBuffer> make_ipc_buffer(int64_t num_bytes, int64_t rank, int6
   return std::make_unique<IpcBuffer>(num_bytes, static_cast<int>(rank), static_cast<int>(num_ranks));
 }
 
-void ipc_barrier(IpcBuffer& buffer) {
+// combine_sizes (hidden, x element bytes, top-k weight columns): the barrier before a combine
+// compares them across ranks (moe_ep::ipc::combine_call_word); without, a plain barrier.
+void ipc_barrier(IpcBuffer& buffer, const std::optional<std::tuple<int64_t, int64_t, int64_t>>& combine_sizes) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(buffer.device()));
-  buffer.barrier(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(buffer.device())).stream());
+  const uint64_t word = combine_sizes.has_value()
+                            ? moe_ep::ipc::combine_call_word(std::get<0>(*combine_sizes), std::get<1>(*combine_sizes),
+                                                             std::get<2>(*combine_sizes))
+                            : 0;
+  buffer.barrier(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(buffer.device())).stream(), word);
 }
 
 void ipc_peer_copy(IpcBuffer& buffer, int64_t dst_rank, int64_t offset, const at::Tensor& src) {
@@ -138,13 +144,18 @@ in::Knobs knobs_of(const std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t,
 
 // A dispatch's notify. With is_token_in_rank (a routed dispatch) the kernel also routes the tokens
 // into send_slot / send_lists and finds topk_idx's range; without, it is the cached dispatch's barrier.
-void intranode_notify(IpcBuffer& buffer, in::HostRecord& record, const std::optional<at::Tensor>& is_token_in_rank,
+// sizes: this rank's CallSizes (csrc/intranode.h, kCallSizes entries in that order).
+void intranode_notify(IpcBuffer& buffer, in::HostRecord& record, const std::vector<int64_t>& sizes,
+                      const std::optional<at::Tensor>& is_token_in_rank,
                       const std::optional<at::Tensor>& expert_counts, const std::optional<at::Tensor>& topk_idx,
                       int64_t num_tokens, int64_t expert_alignment, int64_t num_worst_tokens,
                       const std::optional<at::Tensor>& send_slot, const std::optional<at::Tensor>& send_lists,
                       const std::optional<at::Tensor>& rank_prefix_matrix, int64_t epoch) {
   const bool with_counts = is_token_in_rank.has_value();
   const int64_t R = buffer.num_ranks();
+  TORCH_CHECK_VALUE(sizes.size() == in::kCallSizes, "sizes must have ", in::kCallSizes, " entries, got ", sizes.size());
+  in::CallSizes call_sizes{};
+  std::copy(sizes.begin(), sizes.end(), call_sizes.v);
   for (const auto* t : {&expert_counts, &send_slot, &send_lists, &rank_prefix_matrix}) {
     if (t->has_value()) TORCH_CHECK_TYPE((*t)->scalar_type() == at::kInt, "notify's index tensors must be int32");
   }
@@ -166,7 +177,7 @@ void intranode_notify(IpcBuffer& buffer, in::HostRecord& record, const std::opti
   }
   const int num_experts = expert_counts.has_value() ? static_cast<int>(expert_counts->numel()) : 0;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(buffer.device()));
-  in::launch_notify(peers_of(buffer), with_counts, num_tokens,
+  in::launch_notify(peers_of(buffer), call_sizes, with_counts, num_tokens,
                     ptr_or_null<const bool>(is_token_in_rank, buffer, "is_token_in_rank"),
                     ptr_or_null<const int64_t>(topk_idx, buffer, "topk_idx"), num_topk,
                     ptr_or_null<const int>(expert_counts, buffer, "expert_counts"), num_experts,
@@ -176,7 +187,10 @@ void intranode_notify(IpcBuffer& buffer, in::HostRecord& record, const std::opti
                     stream_of(buffer));
 }
 
-pybind11::object host_record_wait(const in::HostRecord& record, int64_t epoch, double timeout_s, int64_t num_local) {
+// The record's sizes once it reaches epoch: None on timeout; ("sizes differ", every rank's
+// CallSizes as lists) when the ranks passed other sizes; else the tuple of IntranodeHostRecord.wait.
+pybind11::object host_record_wait(const in::HostRecord& record, int64_t epoch, double timeout_s, int64_t num_local,
+                                  int64_t num_ranks) {
   bool ok = false;
   {
     pybind11::gil_scoped_release release;
@@ -184,6 +198,13 @@ pybind11::object host_record_wait(const in::HostRecord& record, int64_t epoch, d
   }
   if (!ok) return pybind11::none();
   const auto& view = record.host_view();
+  if (view.sizes_differ != 0) {
+    pybind11::list every;
+    for (int64_t r = 0; r < num_ranks; ++r) {
+      every.append(std::vector<long long>(view.sizes[r].v, view.sizes[r].v + in::kCallSizes));
+    }
+    return pybind11::make_tuple("sizes differ", every);
+  }
   // Built in place (no append per entry): this runs after the host wait, while the GPU idles.
   pybind11::list counts(num_local);
   for (int64_t e = 0; e < num_local; ++e) {
@@ -360,8 +381,10 @@ PYBIND11_MODULE(_C, m) {
            "This rank's cudaIpcMemHandle_t as bytes")
       .def("open_peers", &IpcBuffer::open_peers, pybind11::arg("handles"),
            "Open every rank's handle (list of bytes in rank order, own included); once")
-      .def("barrier", &ipc_barrier,
-           "Enqueue a barrier over all ranks on the current CUDA stream (bounded by MOE_EP_TIMEOUT_S)")
+      .def("barrier", &ipc_barrier, pybind11::arg("combine_sizes") = std::nullopt,
+           "Enqueue a barrier over all ranks on the current CUDA stream (bounded by MOE_EP_TIMEOUT_S); with "
+           "combine_sizes (hidden, x element bytes, top-k weight columns) a rank whose peer passed others traps "
+           "with a message naming both")
       .def("peer_copy", &ipc_peer_copy, pybind11::arg("dst_rank"), pybind11::arg("offset"), pybind11::arg("src"),
            "Enqueue a copy of src's bytes (contiguous CUDA tensor) into rank dst_rank's buffer at byte offset, "
            "on the current CUDA stream; visible there after a barrier")
@@ -389,9 +412,10 @@ PYBIND11_MODULE(_C, m) {
                                    "Mapped pinned host memory where a dispatch's notify step publishes receive sizes")
       .def(pybind11::init<>())
       .def("wait", &host_record_wait, pybind11::arg("epoch"), pybind11::arg("timeout_s"), pybind11::arg("num_local_experts"),
+           pybind11::arg("num_ranks"),
            "Wait (GIL released) until the record reaches epoch: (num_recv, max_tokens, counts, max_buffer_rows, "
-           "max_buffer_rank, id_min, id_max) or None on timeout");
-  m.def("intranode_notify", &intranode_notify, pybind11::arg("buffer"), pybind11::arg("record"),
+           "max_buffer_rank, id_min, id_max), or ('sizes differ', [each rank's call sizes]), or None on timeout");
+  m.def("intranode_notify", &intranode_notify, pybind11::arg("buffer"), pybind11::arg("record"), pybind11::arg("sizes"),
         pybind11::arg("is_token_in_rank"), pybind11::arg("expert_counts"), pybind11::arg("topk_idx"),
         pybind11::arg("num_tokens"), pybind11::arg("expert_alignment"), pybind11::arg("num_worst_tokens"),
         pybind11::arg("send_slot"), pybind11::arg("send_lists"), pybind11::arg("rank_prefix_matrix"),

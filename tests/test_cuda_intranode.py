@@ -954,6 +954,113 @@ def test_ranks_with_different_knobs_raise(gpu_gloo_pool):
     gpu_gloo_pool(2).run(_w_knobs_disagree, timeout=120)
 
 
+def _w_other_sizes_raise(ctx, seed: int) -> None:
+    """Ranks that pass a routed dispatch other sizes (hidden, payload form, top-k columns) would
+    read each other's rows at wrong offsets: the notify hands every rank every rank's sizes, so
+    EVERY rank raises ValueError naming each rank's value, before any row moves; the shared engine
+    then still gives the oracle's results."""
+    engine = engine_for(ctx)
+    r, R = ctx.rank, ctx.world_size
+    gen = torch.Generator().manual_seed(seed + 7 * r)
+    num_experts, tokens = 4 * R, 19 + 6 * r
+
+    def call(hidden: int, payload: str, num_topk: int):
+        x = (torch.randn(tokens, hidden, generator=gen) * 0.5).to(torch.bfloat16)
+        idx = torch.stack([torch.randperm(num_experts, generator=gen)[:num_topk] for _ in range(tokens)])
+        weights = torch.rand(tokens, num_topk, generator=gen)
+        _, per_expert, in_rank = oracle.dispatch_layout(idx, num_experts, R)
+        inputs = on(ctx, (as_payload(x, payload), in_rank, per_expert, idx, weights))
+        return lambda: engine.dispatch(inputs[0], None, *inputs[1:], 1, 0, num_experts)
+
+    every = [256 + 128 * q for q in range(R)]
+    for args, expected in [((every[r], "bf16", 2), rf"hidden by rank: \[{', '.join(map(str, every))}\]"),
+                           ((256, "fp8" if r == 1 else "bf16", 2), r"FP8 \(x as a tuple\) by rank: \[0, 1"),
+                           ((256, "bf16", 2 + r), r"top-k columns \(0: no topk_idx\) by rank: \[2, 3")]:
+        with pytest.raises(ValueError, match=expected):
+            call(*args)()
+    small = Case("small-after-other-sizes", tokens=(21, 34, 9, 13), hidden=256, num_topk=2, local_experts=4,
+                 routing=SPARSE, cached=True, num_biases=1)
+    run_case(ctx, engine, small, seed + 1, small.name)
+    torch.cuda.synchronize(ctx.device)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_with_other_dispatch_sizes_raise(gpu_gloo_pool, world_size, seed):
+    gpu_gloo_pool(world_size).run(_w_other_sizes_raise, seed, timeout=300)
+
+
+# Two ranks agree on a routed dispatch, then rank 1 passes another hidden size to a call with no
+# host wait ({case}): cached dispatch, worst-token dispatch or combine. Both kernels print the line
+# and trap. Two processes that trap at the same moment on one shared GPU: the driver returned the
+# error to one host wait and left the other blocked (H200, session 13), so with one GPU a rank may
+# report BLOCKED after 20 s instead of RAISED; with one GPU each, both must raise.
+_OTHER_SIZES_TRAP_CHILD = r'''
+import os, sys, threading
+sys.path.insert(0, {root!r})
+os.environ["MOE_EP_TIMEOUT_S"] = "15"
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+def rank_main(rank, case):
+    torch.cuda.set_device(min(rank, torch.cuda.device_count() - 1))
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from moe_ep.comm.backends.intranode import IntranodeEngine
+    from tests import oracle
+    device = torch.device("cuda", torch.cuda.current_device())
+    engine = IntranodeEngine(dist.group.WORLD, device, 64 << 20)
+    torch.manual_seed(rank)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(11)])
+    _, per_expert, in_rank = oracle.dispatch_layout(idx, 8, 2)
+    args = [t.to(device) for t in (in_rank, per_expert, idx, torch.rand(11, 2))]
+    x = torch.randn(11, 256, device=device).to(torch.bfloat16)
+    worst = 32 if case == "worst" else 0
+    hidden = 128 if rank == 1 else 256
+    try:
+        if case == "worst":
+            engine.dispatch(x[:, :hidden].contiguous(), None, *args, 1, worst, 8)
+        else:
+            recv_x, _, recv_w, _, handle = engine.dispatch(x, None, *args, 1, 0, 8)
+            torch.cuda.synchronize()
+            if case == "cached":
+                engine.dispatch(x[:, :hidden].contiguous(), handle, None, None, None, None, 1, 0, 8)
+            else:
+                engine.combine(recv_x[:, :hidden].contiguous(), handle, recv_w, [])
+        threading.Timer(20, lambda: (print(f"rank {{rank}}: BLOCKED", flush=True), os._exit(0))).start()
+        torch.cuda.synchronize()
+        print(f"rank {{rank}}: NO ERROR", flush=True)
+    except Exception as exc:
+        print(f"rank {{rank}}: RAISED {{type(exc).__name__}}", flush=True)
+    os._exit(0)
+
+if __name__ == "__main__":
+    print("GPUS", torch.cuda.device_count(), flush=True)
+    mp.spawn(rank_main, args=(sys.argv[1],), nprocs=2, join=True)
+'''
+
+
+@pytest.mark.parametrize("case", ["cached", "worst", "combine"])
+def test_other_sizes_without_a_host_wait_trap_with_a_message(require_intranode_kernels, tmp_path, case):
+    """Where there is no host wait to raise from, the kernel that compares the ranks' sizes (the
+    notify for a dispatch, the barrier before a combine) prints which rank passed what and traps
+    on both ranks: an exception, never rows read at wrong offsets."""
+    import subprocess
+    import sys
+
+    from tests.dist_pool import free_port
+
+    script = tmp_path / "other_sizes.py"
+    script.write_text(_OTHER_SIZES_TRAP_CHILD.format(root=REPO_ROOT, port=free_port()))
+    proc = subprocess.run([sys.executable, str(script), case], capture_output=True, text=True, timeout=150)
+    output = proc.stdout + proc.stderr
+    assert "NO ERROR" not in output, output
+    call = "combine" if case == "combine" else "dispatch"
+    for rank, other, theirs in ((0, 1, 128), (1, 0, 256)):
+        assert (f"moe_ep: intranode {call} on rank {rank}: rank {other} called with other sizes than this rank "
+                f"(hidden={theirs},") in output, output
+        blocked = f"rank {rank}: BLOCKED" in output
+        assert f"rank {rank}: RAISED" in output or (blocked and "GPUS 1" in output), output
+    assert "RAISED" in output, output
+
+
 def _w_negative_size(ctx) -> None:
     from moe_ep.comm.backends.intranode import IntranodeEngine
 

@@ -33,7 +33,14 @@ from ..errors import MoeEpTimeoutError, timeout_seconds
 from ..ipc import adopt_in_process, open_intranode_buffer
 from ..recv_pool import RECV_POOL_ENV, ReceivePool, arena_offset, combine_pull_from_env, recv_pool_bytes_from_env
 from ..validation import check_positive_int, expert_id_error
-from .reference import Payload, check_worst_tokens_agree
+from .reference import Payload, check_worst_tokens_agree, disagreement_error
+
+# What every rank of a dispatch must pass alike, in the order of csrc/intranode.h's CallSizes (the
+# notify kernel compares them; its trap message names them in this order too). The first, fifth
+# and sixth are named as the reference backend names them.
+DISPATCH_SIZE_NAMES = ("hidden", "FP8 (x as a tuple)", "x element bytes", "scale columns",
+                       "top-k columns (0: no topk_idx)", "num_experts (num_tokens_per_expert's length)",
+                       "cached (a handle given)")
 
 
 def _extension():
@@ -260,11 +267,14 @@ class IntranodeEngine:
 
     def _wait_sizes(self, num_local_experts: int) -> tuple[int, int, list[int], int, int, int, int]:
         """(num_recv, max_tokens, per-local-expert counts, max_buffer_rows, max_buffer_rank, smallest
-        expert id, largest expert id) once this dispatch's notify published them."""
-        got = self.record.wait(self._epoch, timeout_seconds(), num_local_experts)
+        expert id, largest expert id) once this dispatch's notify published them. Ranks that passed
+        other sizes: ValueError, on every rank (each notify compares every rank's), before any row moves."""
+        got = self.record.wait(self._epoch, timeout_seconds(), num_local_experts, self.num_ranks)
         if got is None:
             raise MoeEpTimeoutError(f"rank {self.rank}: dispatch waited {timeout_seconds():.0f} s for the receive sizes "
                                     "(another rank did not reach the dispatch, or failed; MOE_EP_TIMEOUT_S sets the bound)")
+        if got[0] == "sizes differ":
+            raise disagreement_error("dispatch", list(DISPATCH_SIZE_NAMES), got[1])
         return got
 
     def _allocate_outputs(self, specs: list) -> tuple[list[Optional[torch.Tensor]], bool]:
@@ -321,9 +331,11 @@ class IntranodeEngine:
 
         sms = int(self.num_sms)
         counts_list: list[int] = []
+        sizes = [hidden, int(is_fp8), x_data.element_size(), 0 if scales is None else scales.shape[1], num_topk,
+                 0 if cached or num_tokens_per_expert is None else num_tokens_per_expert.numel(), int(cached)]
         if cached:
             with self._step("notify"):  # the barrier only: every peer is done with its buffer
-                self.ext.intranode_notify(self.ipc, self.record, is_token_in_rank=None, expert_counts=None,
+                self.ext.intranode_notify(self.ipc, self.record, sizes, is_token_in_rank=None, expert_counts=None,
                                           topk_idx=None, num_tokens=num_tokens, expert_alignment=1, num_worst_tokens=0,
                                           send_slot=None, send_lists=None, rank_prefix_matrix=None, epoch=0)
             rank_prefix_matrix, recv_src_idx, send_lists = (routing.rank_prefix_matrix, routing.recv_src_idx,
@@ -342,8 +354,8 @@ class IntranodeEngine:
             num_local = num_experts // R
             self._epoch += 1
             with self._step("notify + host wait"):
-                self.ext.intranode_notify(self.ipc, self.record, is_token_in_rank, expert_counts, topk_idx, num_tokens,
-                                          expert_alignment, num_worst_tokens, send_slot, send_lists,
+                self.ext.intranode_notify(self.ipc, self.record, sizes, is_token_in_rank, expert_counts, topk_idx,
+                                          num_tokens, expert_alignment, num_worst_tokens, send_slot, send_lists,
                                           rank_prefix_matrix, self._epoch)
                 if num_worst_tokens > 0:  # no host wait: the kernel traps at an expert id out of range
                     num_rows = stride_rows = max_buffer_rows = num_worst_tokens
@@ -401,7 +413,9 @@ class IntranodeEngine:
         pullable = self._pullable(x, topk_weights)
         self.pull_calls += int(pullable)
         with self._step("barrier"):
-            self.ipc.barrier()  # every rank is done with its buffer (previous step)
+            # Every rank is done with its buffer (previous step); a rank whose peer passed another
+            # hidden, dtype or weight count traps here with a message naming both.
+            self.ipc.barrier((hidden, x.element_size(), num_topk))
         with self._step("combine"):
             self.ext.intranode_combine(self.ipc, x, topk_weights, routing.is_token_in_rank.contiguous(),
                                        routing.send_slot, routing.rank_prefix_matrix, routing.stride_rows, num_topk,

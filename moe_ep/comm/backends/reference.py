@@ -109,12 +109,21 @@ def check_ranks_agree(group, device: torch.device, call: str, sizes: dict, host:
                             f"{', '.join(names)} (every rank must pass the same)")
         return 0
     waited = time.perf_counter_ns() - start
-    rows = every.tolist()
-    differ = [i for i, name in enumerate(names) if len({row[i] for row in rows}) > 1]
-    if differ:
-        raise ValueError(f"{call}: every rank must pass the same {', '.join(names)}; "
-                         + "; ".join(f"{names[i]} by rank: {[row[i] for row in rows]}" for i in differ))
+    error = disagreement_error(call, names, every.tolist())
+    if error is not None:
+        raise error
     return waited
+
+
+def disagreement_error(call: str, names: list, rows: list) -> Optional[ValueError]:
+    """The ValueError every rank raises when the ranks passed ``call`` other sizes (``rows[r]``: rank
+    r's values, in the order of ``names``), naming each size that differs with every rank's value;
+    None when they all agree."""
+    differ = [i for i, name in enumerate(names) if len({row[i] for row in rows}) > 1]
+    if not differ:
+        return None
+    return ValueError(f"{call}: every rank must pass the same {', '.join(names)}; "
+                      + "; ".join(f"{names[i]} by rank: {[row[i] for row in rows]}" for i in differ))
 
 
 def _round_up(values: torch.Tensor, alignment: int) -> torch.Tensor:
