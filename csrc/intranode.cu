@@ -350,11 +350,12 @@ notify_kernel(Peers peers, CallSizes sizes, bool with_counts, int64_t num_tokens
       const long long* t = own->sizes[differ].v;
       const long long* h = sizes.v;
       printf("moe_ep: intranode dispatch on rank %d: rank %d called with other sizes than this rank (hidden=%lld, "
-             "fp8=%lld, x element bytes=%lld, scale columns=%lld, top-k columns=%lld, num_experts=%lld, cached=%lld "
-             "there; hidden=%lld, fp8=%lld, x element bytes=%lld, scale columns=%lld, top-k columns=%lld, "
-             "num_experts=%lld, cached=%lld here): every rank must pass the same\n",
+             "fp8=%lld, x element bytes=%lld, scale columns=%lld, top-k columns=%lld, num_experts=%lld, cached=%lld, "
+             "num_worst_tokens=%lld there; hidden=%lld, fp8=%lld, x element bytes=%lld, scale columns=%lld, top-k "
+             "columns=%lld, num_experts=%lld, cached=%lld, num_worst_tokens=%lld here): every rank must pass the "
+             "same\n",
              me, differ, __ldcg(t), __ldcg(t + 1), __ldcg(t + 2), __ldcg(t + 3), __ldcg(t + 4), __ldcg(t + 5),
-             __ldcg(t + 6), h[0], h[1], h[2], h[3], h[4], h[5], h[6]);
+             __ldcg(t + 6), __ldcg(t + 7), h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]);
       __trap();
     }
     __syncthreads();

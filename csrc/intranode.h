@@ -103,8 +103,10 @@ struct DirectReceive {
 // them: a dispatch with a host wait raises on every rank (the record carries each rank's sizes),
 // the others (cached, num_worst_tokens) trap with a message naming the other rank. In this order
 // (moe_ep.comm.backends.intranode.DISPATCH_SIZE_NAMES; notify_kernel's message): hidden, FP8 (x as
-// a tuple), x element bytes, scale columns, top-k columns, num_experts, cached (a handle given).
-constexpr int kCallSizes = 7;
+// a tuple), x element bytes, scale columns, top-k columns, num_experts, cached (a handle given),
+// num_worst_tokens (0: counted; the engine compares each new value once on the host, this catches
+// ranks that pass two values both seen before).
+constexpr int kCallSizes = 8;
 struct CallSizes {
   long long v[kCallSizes];
 };

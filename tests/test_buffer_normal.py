@@ -479,3 +479,30 @@ def _w_other_num_experts(ctx, seed):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_with_other_num_experts_raise(dist_pool, world_size, seed):
     dist_pool(world_size).run(_w_other_num_experts, seed)
+
+
+def _w_other_worst_tokens(ctx, seed):
+    """num_worst_tokens sizes the exchanged blocks. The last rank passes 64 where the others pass 0:
+    a new value is compared once on the host (every rank raises, naming the values, instead of the
+    ranks entering different all-gathers); once both values have been agreed on, every call still
+    compares them (naming each rank's value). Agreeing calls keep working in between."""
+    import re
+
+    last = ctx.world_size - 1
+    world = _world(ctx, seed, 12)
+    buffer = _buffer(ctx)
+    expected = _expect(ctx, world)
+    mine = 64 if ctx.rank == last else 0
+    values = [0] * last + [64]
+    with pytest.raises(ValueError, match="num_worst_tokens must be the same on every rank"):
+        _dispatch(ctx, buffer, world, num_worst_tokens=mine)
+    _check_dispatch(ctx, _dispatch(ctx, buffer, world, num_worst_tokens=64), expected, num_worst_tokens=64)
+    _check_dispatch(ctx, _dispatch(ctx, buffer, world), expected)
+    with pytest.raises(ValueError, match=re.escape(f"num_worst_tokens by rank: {values}")):
+        _dispatch(ctx, buffer, world, num_worst_tokens=mine)
+    _check_dispatch(ctx, _dispatch(ctx, buffer, world), expected)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_with_other_num_worst_tokens_raise(dist_pool, world_size, seed):
+    dist_pool(world_size).run(_w_other_worst_tokens, seed)

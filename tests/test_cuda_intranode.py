@@ -990,8 +990,9 @@ def test_ranks_with_other_dispatch_sizes_raise(gpu_gloo_pool, world_size, seed):
 
 
 # Two ranks agree on a routed dispatch, then rank 1 passes another hidden size to a call with no
-# host wait ({case}): cached dispatch, worst-token dispatch or combine. Both kernels print the line
-# and trap. Two processes that trap at the same moment on one shared GPU: the driver returned the
+# host wait (the case): cached dispatch, worst-token dispatch or combine. Both kernels print the line
+# and trap. worst_differs: after both values were agreed on, rank 0 passes num_worst_tokens 0 (a
+# routed dispatch: it raises ValueError after its host wait) and rank 1 passes 32 (it traps). Two processes that trap at the same moment on one shared GPU: the driver returned the
 # error to one host wait and left the other blocked (H200, session 13), so with one GPU a rank may
 # report BLOCKED after 20 s instead of RAISED; with one GPU each, both must raise.
 _OTHER_SIZES_TRAP_CHILD = r'''
@@ -1017,6 +1018,11 @@ def rank_main(rank, case):
     try:
         if case == "worst":
             engine.dispatch(x[:, :hidden].contiguous(), None, *args, 1, worst, 8)
+        elif case == "worst_differs":  # both values agreed on first, then rank 1 passes 32, rank 0 0
+            for w in (32, 0):
+                engine.dispatch(x, None, *args, 1, w, 8)
+            torch.cuda.synchronize()
+            engine.dispatch(x, None, *args, 1, 32 if rank == 1 else 0, 8)
         else:
             recv_x, _, recv_w, _, handle = engine.dispatch(x, None, *args, 1, 0, 8)
             torch.cuda.synchronize()
@@ -1028,7 +1034,7 @@ def rank_main(rank, case):
         torch.cuda.synchronize()
         print(f"rank {{rank}}: NO ERROR", flush=True)
     except Exception as exc:
-        print(f"rank {{rank}}: RAISED {{type(exc).__name__}}", flush=True)
+        print(f"rank {{rank}}: RAISED {{type(exc).__name__}}: {{str(exc)[:400]}}", flush=True)
     os._exit(0)
 
 if __name__ == "__main__":
@@ -1037,7 +1043,7 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.mark.parametrize("case", ["cached", "worst", "combine"])
+@pytest.mark.parametrize("case", ["cached", "worst", "combine", "worst_differs"])
 def test_other_sizes_without_a_host_wait_trap_with_a_message(require_intranode_kernels, tmp_path, case):
     """Where there is no host wait to raise from, the kernel that compares the ranks' sizes (the
     notify for a dispatch, the barrier before a combine) prints which rank passed what and traps
@@ -1052,6 +1058,13 @@ def test_other_sizes_without_a_host_wait_trap_with_a_message(require_intranode_k
     proc = subprocess.run([sys.executable, str(script), case], capture_output=True, text=True, timeout=150)
     output = proc.stdout + proc.stderr
     assert "NO ERROR" not in output, output
+    if case == "worst_differs":  # rank 0 (0: a host wait) raises ValueError, rank 1 (32: none) traps
+        assert "rank 0: RAISED ValueError" in output and "num_worst_tokens by rank: [0, 32]" in output, output
+        assert "rank 1: RAISED" in output, output
+        assert ("moe_ep: intranode dispatch on rank 1: rank 0 called with other sizes than this rank "
+                "(hidden=256, fp8=0, x element bytes=2, scale columns=0, top-k columns=2, num_experts=8, cached=0, "
+                "num_worst_tokens=0 there;") in output, output
+        return
     call = "combine" if case == "combine" else "dispatch"
     for rank, other, theirs in ((0, 1, 128), (1, 0, 256)):
         assert (f"moe_ep: intranode {call} on rank {rank}: rank {other} called with other sizes than this rank "

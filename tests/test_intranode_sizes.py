@@ -34,7 +34,7 @@ def test_names_match_the_kernels_count_and_trap_line():
 
 
 def test_disagreement_names_each_size_that_differs_with_every_rank():
-    rows = [[256, 0, 2, 0, 8, 64, 0], [128, 0, 2, 0, 8, 64, 0], [256, 1, 1, 2, 8, 64, 0]]
+    rows = [[256, 0, 2, 0, 8, 64, 0, 0], [128, 0, 2, 0, 8, 64, 0, 0], [256, 1, 1, 2, 8, 64, 0, 0]]
     error = disagreement_error("dispatch", list(DISPATCH_SIZE_NAMES), rows)
     message = str(error)
     assert isinstance(error, ValueError)

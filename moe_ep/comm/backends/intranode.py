@@ -40,7 +40,7 @@ from .reference import Payload, check_worst_tokens_agree, disagreement_error
 # and sixth are named as the reference backend names them.
 DISPATCH_SIZE_NAMES = ("hidden", "FP8 (x as a tuple)", "x element bytes", "scale columns",
                        "top-k columns (0: no topk_idx)", "num_experts (num_tokens_per_expert's length)",
-                       "cached (a handle given)")
+                       "cached (a handle given)", "num_worst_tokens")
 
 
 def _extension():
@@ -322,17 +322,19 @@ class IntranodeEngine:
 
         if cached:
             self._check_fits(needed(routing.max_buffer_rows), "cached dispatch")
-        elif num_worst_tokens > 0:
-            if self.group is not None:  # in-process engines (in_process) have no group to ask
-                check_worst_tokens_agree(self.group, self._collective_device, num_worst_tokens,
-                                         self._agreed_worst_tokens)
+        elif self.group is not None:  # in-process engines (in_process) have no group to ask
+            # Each new value once, 0 included (a rank passing 0 beside one passing W > 0 raises
+            # instead of leaving the other in the all-gather); the notify compares every call's.
+            check_worst_tokens_agree(self.group, self._collective_device, num_worst_tokens, self._agreed_worst_tokens)
+        if not cached and num_worst_tokens > 0:
             # No host wait in this mode: the bound (every rank receives at most W rows) is checked.
             self._check_fits(needed(num_worst_tokens), f"dispatch with num_worst_tokens={num_worst_tokens}")
 
         sms = int(self.num_sms)
         counts_list: list[int] = []
         sizes = [hidden, int(is_fp8), x_data.element_size(), 0 if scales is None else scales.shape[1], num_topk,
-                 0 if cached or num_tokens_per_expert is None else num_tokens_per_expert.numel(), int(cached)]
+                 0 if cached or num_tokens_per_expert is None else num_tokens_per_expert.numel(), int(cached),
+                 0 if cached else num_worst_tokens]
         if cached:
             with self._step("notify"):  # the barrier only: every peer is done with its buffer
                 self.ext.intranode_notify(self.ipc, self.record, sizes, is_token_in_rank=None, expert_counts=None,

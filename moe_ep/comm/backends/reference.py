@@ -195,11 +195,14 @@ class ReferenceBackend:
         x_parts = list(x) if is_fp8 else [x]
         num_tokens = x_parts[0].shape[0]
         cached = handle is not None
+        if not cached:  # each new value once, on the host, 0 included: raises where a device check would assert
+            self._check_worst_tokens_agree(num_worst_tokens)
         check_ranks_agree(self.group, self.device, "dispatch",
                           {"hidden": x_parts[0].shape[1], "FP8 (x as a tuple)": is_fp8,
                            "top-k columns (0: no topk_idx)": 0 if cached or topk_idx is None else topk_idx.shape[1],
                            "num_experts (num_tokens_per_expert's length)":
-                               0 if cached or num_tokens_per_expert is None else num_tokens_per_expert.numel()})
+                               0 if cached or num_tokens_per_expert is None else num_tokens_per_expert.numel(),
+                           "num_worst_tokens": 0 if cached else num_worst_tokens})
         if cached:
             routing: NormalRouting = handle[3]
         else:
@@ -225,8 +228,6 @@ class ReferenceBackend:
         return recv_x, recv_topk_idx, recv_topk_weights, counts_list, handle
 
     def _plan_dispatch(self, is_token_in_rank, num_tokens_per_expert, num_worst_tokens: int) -> NormalRouting:
-        if num_worst_tokens > 0:
-            self._check_worst_tokens_agree(num_worst_tokens)
         send_counts = is_token_in_rank.sum(0, dtype=torch.int64)
         gathered = _all_gather(torch.cat([send_counts, num_tokens_per_expert.to(torch.int64)]), self.group,
                                self.num_ranks)
