@@ -14,6 +14,8 @@
 #                                               rounds, warp routing; the sixth session's NVSHMEM put path
 #                                               and bit-equal FP8 cast; so far run on one GPU only)
 #   D  STAGES=build,nccl_experimental
+#   Q  STAGES=build,quick                      (a short budget, ~5 device minutes: issue 4's table at 12 and 24
+#                                               SMs with the NCCL and P2P rows, issue 5's at 128 tokens)
 # LL_VARIANTS=1 adds to bench_ll the staged FP8 send and the NVSHMEM stores/puts runs (~240 s more).
 # (scripts/device_loopback.sh is the one-GPU counterpart: tests with ranks sharing the GPU, the loopback.)
 #   intranode_tests    every intranode GPU test (ranks on both GPUs) but the sanitizer runs
@@ -48,6 +50,13 @@ source "$(dirname "$0")/device_env.sh"
     stage "bench normal (push-based intranode kernels)"
     # --recv-pool: the receive pool's direct dispatch and pulled combine rows (2 GiB per rank) beside the plain ones.
     timeout -k 10 ${NORMAL_S:-240} python3 -m moe_ep.bench normal --isolate --recv-pool 2147483648 --out "$OUT" 2>&1 \
+      | grep -v "^moe_ep: using"
+  fi
+  if has quick; then
+    stage "quick: bench normal at 12 and 24 SMs, bench ll at 128 tokens"
+    timeout -k 10 ${QUICK_NORMAL_S:-100} python3 -m moe_ep.bench normal --sms 12,24 --out "$OUT" 2>&1 \
+      | grep -v "^moe_ep: using"
+    timeout -k 10 ${QUICK_LL_S:-70} python3 -m moe_ep.bench ll --sweep 128 --iters 30 --out "$OUT" 2>&1 \
       | grep -v "^moe_ep: using"
   fi
   if has ll_new; then
