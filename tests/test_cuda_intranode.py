@@ -992,55 +992,36 @@ def test_ranks_with_other_dispatch_sizes_raise(gpu_gloo_pool, world_size, seed):
 # Two ranks agree on a routed dispatch, then rank 1 passes another hidden size to a call with no
 # host wait (the case): cached dispatch, worst-token dispatch or combine. Both kernels print the line
 # and trap. worst_differs: after both values were agreed on, rank 0 passes num_worst_tokens 0 (a
-# routed dispatch: it raises ValueError after its host wait) and rank 1 passes 32 (it traps). Two processes that trap at the same moment on one shared GPU: the driver returned the
-# error to one host wait and left the other blocked (H200, session 13), so with one GPU a rank may
-# report BLOCKED after 20 s instead of RAISED; with one GPU each, both must raise.
-_OTHER_SIZES_TRAP_CHILD = r'''
-import os, sys, threading
-sys.path.insert(0, {root!r})
-os.environ["MOE_EP_TIMEOUT_S"] = "15"
-import torch, torch.distributed as dist, torch.multiprocessing as mp
-
-def rank_main(rank, case):
-    torch.cuda.set_device(min(rank, torch.cuda.device_count() - 1))
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    from moe_ep.comm.backends.intranode import IntranodeEngine
-    from tests import oracle
-    device = torch.device("cuda", torch.cuda.current_device())
-    engine = IntranodeEngine(dist.group.WORLD, device, 64 << 20)
-    torch.manual_seed(rank)
-    idx = torch.stack([torch.randperm(8)[:2] for _ in range(11)])
-    _, per_expert, in_rank = oracle.dispatch_layout(idx, 8, 2)
-    args = [t.to(device) for t in (in_rank, per_expert, idx, torch.rand(11, 2))]
-    x = torch.randn(11, 256, device=device).to(torch.bfloat16)
-    worst = 32 if case == "worst" else 0
-    hidden = 128 if rank == 1 else 256
-    try:
-        if case == "worst":
-            engine.dispatch(x[:, :hidden].contiguous(), None, *args, 1, worst, 8)
-        elif case == "worst_differs":  # both values agreed on first, then rank 1 passes 32, rank 0 0
-            for w in (32, 0):
-                engine.dispatch(x, None, *args, 1, w, 8)
-            torch.cuda.synchronize()
-            engine.dispatch(x, None, *args, 1, 32 if rank == 1 else 0, 8)
-        else:
-            recv_x, _, recv_w, _, handle = engine.dispatch(x, None, *args, 1, 0, 8)
-            torch.cuda.synchronize()
-            if case == "cached":
-                engine.dispatch(x[:, :hidden].contiguous(), handle, None, None, None, None, 1, 0, 8)
-            else:
-                engine.combine(recv_x[:, :hidden].contiguous(), handle, recv_w, [])
-        threading.Timer(20, lambda: (print(f"rank {{rank}}: BLOCKED", flush=True), os._exit(0))).start()
-        torch.cuda.synchronize()
-        print(f"rank {{rank}}: NO ERROR", flush=True)
-    except Exception as exc:
-        print(f"rank {{rank}}: RAISED {{type(exc).__name__}}: {{str(exc)[:400]}}", flush=True)
-    os._exit(0)
-
-if __name__ == "__main__":
-    print("GPUS", torch.cuda.device_count(), flush=True)
-    mp.spawn(rank_main, args=(sys.argv[1],), nprocs=2, join=True)
-'''
+# routed dispatch: it raises ValueError after its host wait) and rank 1 passes 32 (it traps). With
+# one shared GPU, a rank whose trap coincided with the other's may report BLOCKED instead of RAISED
+# (tests/trap_child.run_two_ranks); with one GPU each, both must raise.
+_OTHER_SIZES_SETUP = """
+from moe_ep.comm.backends.intranode import IntranodeEngine
+from tests import oracle
+engine = IntranodeEngine(dist.group.WORLD, device, 64 << 20)
+torch.manual_seed(rank)
+idx = torch.stack([torch.randperm(8)[:2] for _ in range(11)])
+_, per_expert, in_rank = oracle.dispatch_layout(idx, 8, 2)
+args = [t.to(device) for t in (in_rank, per_expert, idx, torch.rand(11, 2))]
+x = torch.randn(11, 256, device=device).to(torch.bfloat16)
+hidden = 128 if rank == 1 else 256
+"""
+_OTHER_SIZES_CALL = """
+if case == "worst":
+    engine.dispatch(x[:, :hidden].contiguous(), None, *args, 1, 32, 8)
+elif case == "worst_differs":  # both values agreed on first, then rank 1 passes 32, rank 0 0
+    for w in (32, 0):
+        engine.dispatch(x, None, *args, 1, w, 8)
+    torch.cuda.synchronize()
+    engine.dispatch(x, None, *args, 1, 32 if rank == 1 else 0, 8)
+else:
+    recv_x, _, recv_w, _, handle = engine.dispatch(x, None, *args, 1, 0, 8)
+    torch.cuda.synchronize()
+    if case == "cached":
+        engine.dispatch(x[:, :hidden].contiguous(), handle, None, None, None, None, 1, 0, 8)
+    else:
+        engine.combine(recv_x[:, :hidden].contiguous(), handle, recv_w, [])
+"""
 
 
 @pytest.mark.parametrize("case", ["cached", "worst", "combine", "worst_differs"])
@@ -1048,15 +1029,9 @@ def test_other_sizes_without_a_host_wait_trap_with_a_message(require_intranode_k
     """Where there is no host wait to raise from, the kernel that compares the ranks' sizes (the
     notify for a dispatch, the barrier before a combine) prints which rank passed what and traps
     on both ranks: an exception, never rows read at wrong offsets."""
-    import subprocess
-    import sys
+    from tests.trap_child import run_two_ranks
 
-    from tests.dist_pool import free_port
-
-    script = tmp_path / "other_sizes.py"
-    script.write_text(_OTHER_SIZES_TRAP_CHILD.format(root=REPO_ROOT, port=free_port()))
-    proc = subprocess.run([sys.executable, str(script), case], capture_output=True, text=True, timeout=150)
-    output = proc.stdout + proc.stderr
+    output = run_two_ranks(tmp_path, _OTHER_SIZES_SETUP, _OTHER_SIZES_CALL, case)
     assert "NO ERROR" not in output, output
     if case == "worst_differs":  # rank 0 (0: a host wait) raises ValueError, rank 1 (32: none) traps
         assert "rank 0: RAISED ValueError" in output and "num_worst_tokens by rank: [0, 32]" in output, output

@@ -45,8 +45,6 @@ source to one expert.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -1464,39 +1462,23 @@ def test_out_of_range_expert_id_traps_with_a_message(call, bad):
 # Ranks that disagree on the sizes: the dispatch flags carry a layout tag
 # ---------------------------------------------------------------------------------------------
 
-_OTHER_SIZES_CHILD = r'''
-import os, sys, time
-sys.path.insert(0, {root!r})
-os.environ["MOE_EP_TIMEOUT_S"] = "15"  # if the tag were not checked, a wait would end this, not the test's timeout
-import torch, torch.distributed as dist, torch.multiprocessing as mp
-
-def rank_main(rank):
-    torch.cuda.set_device(min(rank, torch.cuda.device_count() - 1))
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    from moe_ep.comm.backends.low_latency import LowLatencyEngine, ll_size_hint
-    device = torch.device("cuda", torch.cuda.current_device())
-    engine = LowLatencyEngine(dist.group.WORLD, device, ll_size_hint(32, 256, 2, 16, 4))
-    m = 32 if rank == 0 else 16  # rank 1 passes another num_max_dispatch_tokens_per_rank
-    x = torch.randn(8, 256, device=device).to(torch.bfloat16)
-    topk_idx = torch.randint(0, 16, (8, 4), device=device)
-    try:
-        # Rank 1 sends, then receives 3 s later (hook mode): the two traps do not coincide. Two
-        # processes that trap at the same moment on one shared GPU: the driver returned the error to
-        # one host wait and left the other's blocked (H200, session 13); staggered, both raise.
-        *_, hook = engine.dispatch(x, topk_idx, m, 16, None, False, False, False, rank == 1)
-        if hook is not None:
-            torch.cuda.synchronize()
-            time.sleep(3)
-            hook()
-        torch.cuda.synchronize()
-        print(f"rank {{rank}}: NO ERROR", flush=True)
-    except Exception as exc:
-        print(f"rank {{rank}}: RAISED {{type(exc).__name__}}", flush=True)
-    os._exit(0)
-
-if __name__ == "__main__":
-    mp.spawn(rank_main, nprocs=2, join=True)
-'''
+# Rank 1 passes another num_max_dispatch_tokens_per_rank. It sends, then receives 3 s later (hook
+# mode), so the two traps do not coincide (two processes trapping at once on one shared GPU: see
+# tests/trap_child.run_two_ranks); staggered, both raise.
+_OTHER_SIZES_SETUP = """
+from moe_ep.comm.backends.low_latency import LowLatencyEngine, ll_size_hint
+engine = LowLatencyEngine(dist.group.WORLD, device, ll_size_hint(32, 256, 2, 16, 4))
+m = 32 if rank == 0 else 16
+x = torch.randn(8, 256, device=device).to(torch.bfloat16)
+topk_idx = torch.randint(0, 16, (8, 4), device=device)
+"""
+_OTHER_SIZES_CALL = """
+*_, hook = engine.dispatch(x, topk_idx, m, 16, None, False, False, False, rank == 1)
+if hook is not None:
+    torch.cuda.synchronize()
+    time.sleep(3)
+    hook()
+"""
 
 
 @pytest.mark.gpu
@@ -1505,13 +1487,10 @@ def test_ranks_with_other_sizes_trap_with_a_message(tmp_path):
     the other's rows at the wrong offsets): each receive sees the other's flags, names the other
     rank and its own sizes, then traps, and the host raises on both ranks. Two processes on one GPU
     (or one each); rank 1 receives through the hook 3 s after its send (see the child)."""
-    from tests.dist_pool import free_port
+    from tests.trap_child import run_two_ranks
 
     require_ll_kernels()
-    script = tmp_path / "other_sizes.py"
-    script.write_text(_OTHER_SIZES_CHILD.format(root=REPO_ROOT, port=free_port()))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    output = proc.stdout + proc.stderr
+    output = run_two_ranks(tmp_path, _OTHER_SIZES_SETUP, _OTHER_SIZES_CALL, timeout=120)
     assert "NO ERROR" not in output, output
     for rank, other, m in ((0, 1, 32), (1, 0, 16)):
         assert f"rank {rank}: RAISED" in output, output

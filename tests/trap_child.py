@@ -59,3 +59,44 @@ def assert_call_traps(setup: str, call: str, expected_line: str, env: Optional[d
     assert "NO ERROR" not in output, output
     assert proc.returncode in (3, 4), f"exit code {proc.returncode} (3/4: the call raised):\n{output}"
     assert expected_line in output, output
+
+
+# Two ranks (processes, a gloo group; one GPU each, or both on GPU 0 where there is one). `case` is
+# sys.argv[1]; `rank`, `device`, `torch`, `dist`, `os`, `time` are in scope of setup and call.
+_TWO_RANKS = r'''
+import os, sys, threading, time
+sys.path.insert(0, {root!r})
+os.environ["MOE_EP_TIMEOUT_S"] = "15"  # a wait that should have ended in a named trap ends here instead
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+def rank_main(rank, case):
+    torch.cuda.set_device(min(rank, torch.cuda.device_count() - 1))
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    device = torch.device("cuda", torch.cuda.current_device())
+{setup}
+    try:
+{call}
+        threading.Timer(20, lambda: (print(f"rank {{rank}}: BLOCKED", flush=True), os._exit(0))).start()
+        torch.cuda.synchronize()
+        print(f"rank {{rank}}: NO ERROR", flush=True)
+    except Exception as exc:
+        print(f"rank {{rank}}: RAISED {{type(exc).__name__}}: {{str(exc)[:400]}}", flush=True)
+    os._exit(0)
+
+if __name__ == "__main__":
+    print("GPUS", torch.cuda.device_count(), flush=True)
+    mp.spawn(rank_main, args=(sys.argv[1],), nprocs=2, join=True)
+'''
+
+
+def run_two_ranks(tmp_path, setup: str, call: str, case: str = "", timeout: float = 150.0) -> str:
+    """Runs ``setup`` and then ``call`` (statements) on two ranks and returns their output. Each rank
+    prints ``rank r: RAISED <type>: <message>``, ``rank r: NO ERROR``, or ``rank r: BLOCKED`` when
+    its host wait has not returned 20 s after the call: two processes that trap at the same moment
+    on one shared GPU had one host wait left blocked by the driver (README, Bounded waits)."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS.format(root=REPO_ROOT, port=free_port(),
+                                        setup=textwrap.indent(textwrap.dedent(setup).strip(), " " * 4),
+                                        call=textwrap.indent(textwrap.dedent(call).strip(), " " * 8)))
+    proc = subprocess.run([sys.executable, str(script), case], capture_output=True, text=True, timeout=timeout)
+    return proc.stdout + proc.stderr
