@@ -1,7 +1,7 @@
-"""CPU: the intranode size check's two halves agree. The notify kernel compares kCallSizes numbers
-per rank (csrc/intranode.h) and its trap line names them in a fixed order; the engine sends them
-in DISPATCH_SIZE_NAMES's order and names them from it when it raises. A field added on one side
-only would shift every name after it."""
+"""CPU: the intranode size check's two halves agree, and the host wait's answers become the right
+errors. The notify kernel compares kCallSizes numbers per rank (csrc/intranode.h) and its trap line
+names them in a fixed order; the engine sends them in DISPATCH_SIZE_NAMES's order and names them
+from it when it raises. A field added on one side only would shift every name after it."""
 from __future__ import annotations
 
 import os
@@ -44,3 +44,40 @@ def test_disagreement_names_each_size_that_differs_with_every_rank():
     assert "scale columns by rank: [0, 0, 2]" in message
     assert "top-k columns" not in message.split("; ", 1)[1]  # named in the list of what must agree only
     assert disagreement_error("dispatch", list(DISPATCH_SIZE_NAMES), [rows[0], list(rows[0])]) is None
+
+
+class _Record:
+    """What IntranodeHostRecord.wait returns, without a GPU."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def wait(self, epoch, timeout_s, num_local_experts, num_ranks):
+        return self.answer
+
+
+def _engine_with(answer):
+    from moe_ep.comm.backends.intranode import IntranodeEngine
+
+    engine = object.__new__(IntranodeEngine)  # only the host-wait step: no buffers, no group
+    engine.record, engine._epoch, engine.num_ranks, engine.rank = _Record(answer), 1, 2, 0
+    return engine
+
+
+def test_host_wait_turns_the_records_sizes_into_the_error():
+    import pytest
+
+    rows = [[256, 0, 2, 0, 8, 64, 0, 0], [256, 0, 2, 0, 8, 64, 0, 32]]
+    with pytest.raises(ValueError, match=re.escape("num_worst_tokens by rank: [0, 32]")):
+        _engine_with(("sizes differ", rows))._wait_sizes(32)
+    sizes = (10, 7, [3, 4], 5, 1, 0, 63)
+    assert _engine_with(sizes)._wait_sizes(2) == sizes
+
+
+def test_host_wait_that_times_out_raises_a_named_timeout():
+    import pytest
+
+    from moe_ep.comm.errors import MoeEpTimeoutError
+
+    with pytest.raises(MoeEpTimeoutError, match="rank 0: dispatch waited"):
+        _engine_with(None)._wait_sizes(2)
