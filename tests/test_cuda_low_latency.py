@@ -587,12 +587,16 @@ def test_staged_send_matches_reference_semantics(ll_pool, case, seed):
     assert len(counts) == 3 and all(len(per_rank) == REPS for per_rank in counts)
 
 
+# The cases each engine variant below (two-kernel launch, bf16 partial sums) runs: both payloads,
+# skewed routing, ranks with zero tokens, nothing routed, many experts.
+VARIANT_CASE_NAMES = ("random-fp8-h7168", "random-bf16-h2560", "skewed-one-expert-fp8-h7168",
+                      "zero-token-ranks-fp8-h2560", "nothing-routed-bf16-h384", "many-experts-fp8-h512")
+VARIANT_CASES = [case for case in CASES if case.name in VARIANT_CASE_NAMES]
+assert len(VARIANT_CASES) == len(VARIANT_CASE_NAMES), "an engine-variant case was renamed"
+
 # A call without a hook runs send and receive in one kernel (LowLatencyEngine.fused, the default);
 # the two-kernel form (as a hook runs it, MOE_EP_LL_FUSED=0) must give the same results. Hooks off.
-SPLIT_CASE_NAMES = ("random-fp8-h7168", "random-bf16-h2560", "skewed-one-expert-fp8-h7168",
-                    "zero-token-ranks-fp8-h2560", "nothing-routed-bf16-h384", "many-experts-fp8-h512")
-SPLIT_CASES = [case for case in CASES if case.name in SPLIT_CASE_NAMES]
-assert len(SPLIT_CASES) == len(SPLIT_CASE_NAMES), "a split-launch case was renamed"
+SPLIT_CASES = VARIANT_CASES
 
 
 def _w_case_split(ctx, case: Case, seed: int) -> None:
@@ -616,10 +620,7 @@ def test_split_launch_matches_reference_semantics(ll_pool, case, seed):
 # every combine is held to, fused, split (hooks) and in every combine mode (run_case cycles them).
 # The toy experts keep a token's terms of one sign, so this checks where the partial rows land
 # and how they are read, not the extra rounding (bounded by 2^-8 of the partials' magnitudes).
-PARTIALS_CASE_NAMES = ("random-fp8-h7168", "random-bf16-h2560", "skewed-one-expert-fp8-h7168",
-                       "zero-token-ranks-fp8-h2560", "nothing-routed-bf16-h384", "many-experts-fp8-h512")
-PARTIALS_CASES = [case for case in CASES if case.name in PARTIALS_CASE_NAMES]
-assert len(PARTIALS_CASES) == len(PARTIALS_CASE_NAMES), "a bf16-partials case was renamed"
+PARTIALS_CASES = VARIANT_CASES
 
 
 def _w_case_bf16_partials(ctx, case: Case, seed: int) -> list:
