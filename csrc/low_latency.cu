@@ -104,10 +104,17 @@ __device__ __noinline__ void layout_mismatch(int me, int src, int seen_tag, int 
 // The owner of expert e's early count: the block whose thread stores it after the histogram. It
 // also adds 1 to the expert's send_done at its publish, after its fence, so the block that
 // completes the count (and stores the landed value) comes after the early store: the late value
-// is never overwritten by the early one.
-__device__ __forceinline__ bool owns_expert_count(int e, int threads) {
-  return static_cast<int>((e / threads) % gridDim.x) == static_cast<int>(blockIdx.x);
+// is never overwritten by the early one. Experts are dealt round-robin (e mod grid), not in runs
+// of a block's threads: with E <= 512 the runs gave block 0 every early store (half of them over
+// NVLink) and every +1 before its publish, which made it the send's last block.
+__device__ __forceinline__ bool owns_expert_count(int e) {
+  return e % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x);
 }
+
+// Release at system scope: orders this thread's earlier loads and stores (and, after a block
+// barrier, the block's) before its later stores, as a release must; the sequential consistency
+// of __threadfence_system (fence.sc) is not needed by a flag protocol.
+__device__ __forceinline__ void fence_release_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
 // A flag that orders no data before it (a count of zero rows): no fence needed.
 __device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
@@ -376,7 +383,7 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   __syncthreads();
   // Statistics, and every expert's count, early (the owner of e: see owns_expert_count); an expert
   // this rank sends nothing to is landed at once (nothing to wait for).
-  for (int e = blockIdx.x * kThreads + tid; e < E; e += gridDim.x * kThreads) {
+  for (int e = blockIdx.x + tid * static_cast<int>(gridDim.x); e < E; e += gridDim.x * kThreads) {
     const int d = e / L.num_local;
     const bool masked = cut(a.mask, me, d);
     a.counts_e[e] = masked ? 0 : min(total[e], L.m);
@@ -560,16 +567,16 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   // rows from every block before it). With puts, every thread first completes what it put
   // (messages, index entries, early counts).
   if (put_mask != 0) quiet_puts();
-  if (tid == 0) __threadfence_system();
+  if (tid == 0) fence_release_sys();
   __syncthreads();
   for (int e = tid; e < E; e += kThreads) {
     if (total[e] == 0) continue;
-    const int add = mine[e] + (owns_expert_count(e, kThreads) ? 1 : 0);
+    const int add = mine[e] + (owns_expert_count(e) ? 1 : 0);
     if (add == 0) continue;
     const int d = e / L.num_local;
     if (peer_cut[d]) continue;
     if (atomicAdd(a.send_done + e, add) + add == total[e] + 1) {
-      __threadfence_system();
+      fence_release_sys();  // the other blocks' rows, seen through their adds, before the flag
       a.send_done[e] = 0;  // every pair of e has counted: ready for the next dispatch
       const int64_t at = L.off_dflags + 4 * ((e % L.num_local) * L.num_ranks + me);
       const int value = dispatch_flag(L, (min(total[e], L.m) + 1) | kLanded);
@@ -642,10 +649,15 @@ __device__ __forceinline__ int find_entry(const int* prefix, int n, int value) {
 // ----------------------------------------------------------------------------- dispatch recv
 // Every block waits for all (expert, source) counts (polling its own memory), so each knows where
 // every row goes; the rows of all experts are then spread, in pieces, over every warp of the grid.
-// The last block past the waits resets the flags.
+// The last block past its waits resets the flags.
 // kTimed: this receive keeps the wait-time statistics (a.wait_stats): only the split receive kernel
 // does (the launchers run split kernels when statistics are asked for), so the fused kernel's code
 // is exactly what it is without them.
+// When the rows land: the split kernel (run after the sends, usually long after) waits for every
+// (expert, source) to be landed before it copies, as the statistics need. The fused kernel reaches
+// here while the last send blocks of either rank still publish: there each lane waits only for the
+// entry of the item it looks up, so an expert whose few sending blocks are done is copied while
+// the others still land (an expert's rows come from a handful of blocks, not from the slowest).
 template <bool kFp8, bool kTimed>
 __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   const LLLayout& L = a.layout;
@@ -733,23 +745,28 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
   }
   trace_mark(a.trace, kTraceDispatchRecv, 2);
   // The layout above needed only the counts; the rows and index entries are read from here on.
-  for (int i = tid; i < E; i += kThreads) {
-    const int s = i % R;
-    if (cut(a.mask, me, s) || counts[i] == 0) continue;  // (a source with no rows here is landed at once)
-    const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src] (landed)", me, s, a.timeout_ns};
-    long long spun = 0;
-    wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), kLanded, wait::Cmp::kGe, site,
-                                        timed ? &spun : nullptr);
-    if (spun > 0) atomicMax(waited + s, wait::global_timer_ns() - wait_start);
-  }
-  __syncthreads();
-  if (timed) {
-    for (int s = tid; s < R; s += kThreads) a.wait_stats[s] += static_cast<long long>(waited[s]);
-  }
-  // This block is past its waits: its ticket says whether it is the last (read at the end, so the
-  // atomic's round trip overlaps the copies); that block resets the flags.
+  auto wait_landed = [&](int i, long long* spun) {
+    const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src] (landed)", me, i % R,
+                              a.timeout_ns};
+    wait::wait_value<wait::Scope::kSys>(static_cast<const int*>(flags + i), kLanded, wait::Cmp::kGe, site, spun);
+  };
   int ticket = 0;
-  if (tid == 0) ticket = atomicAdd(reinterpret_cast<int*>(own_flags + L.off_done) + 2, 1);
+  if constexpr (kTimed) {
+    for (int i = tid; i < E; i += kThreads) {
+      const int s = i % R;
+      if (cut(a.mask, me, s) || counts[i] == 0) continue;  // (a source with no rows here is landed at once)
+      long long spun = 0;
+      wait_landed(i, timed ? &spun : nullptr);
+      if (spun > 0) atomicMax(waited + s, wait::global_timer_ns() - wait_start);
+    }
+    __syncthreads();
+    if (timed) {
+      for (int s = tid; s < R; s += kThreads) a.wait_stats[s] += static_cast<long long>(waited[s]);
+    }
+    // This block is past its waits: its ticket says whether it is the last (read at the end, so
+    // the atomic's round trip overlaps the copies); that block resets the flags.
+    if (tid == 0) ticket = atomicAdd(reinterpret_cast<int*>(own_flags + L.off_done) + 2, 1);
+  }
   const int groups = L.hidden / kGroup;
   const int64_t pieces = (L.x_bytes + kPieceBytes - 1) / kPieceBytes;
   const int64_t piece_bytes = align16((L.x_bytes + pieces - 1) / pieces);
@@ -767,8 +784,10 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
     if (my_item < total_items) {
       const int r = static_cast<int>(my_item / pieces);
       const int i = find_entry(first, E, r);
+      if constexpr (!kTimed) wait_landed(i, nullptr);  // item u's entry: waited by lane u, before its reads
       my_token = __ldcg(dindex + static_cast<int64_t>(i) * L.m + (r - first[i]));  // [l][s] = entry i
     }
+    if constexpr (!kTimed) __syncwarp();  // lane u's acquire orders the warp's reads of item u
     for (int u = 0; u < 32; ++u) {
       const int64_t item = batch + u * num_warps;
       if (item >= total_items) break;  // the same for the whole warp
@@ -842,6 +861,12 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
       }
       if (lane == 0) a.src_info[row] = token;
     }
+  }
+  if constexpr (!kTimed) {
+    // Past this block's last wait (its copies) only: a block that reset the flags while another
+    // still waited for one would leave that block spinning on a cleared flag.
+    __syncthreads();
+    if (tid == 0) ticket = atomicAdd(reinterpret_cast<int*>(own_flags + L.off_done) + 2, 1);
   }
   if (tid == 0) last = ticket == static_cast<int>(gridDim.x) - 1;
   __syncthreads();

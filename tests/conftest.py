@@ -130,6 +130,23 @@ def intranode_kernels_missing() -> str | None:
     return kernels_missing("intranode", "intranode_dispatch")
 
 
+def skip_where_kernels_trap(dist_backend: str, family: str, entry_point: str, covered_by: str) -> None:
+    """Skip a reference-backend test of a refusal that has no host wait to raise from on GPUs.
+
+    Under NCCL with ``family``'s kernels built and enabled, a rank that disagrees on sizes inside a
+    call with no host wait cannot get a ValueError: the kernel prints both ranks' sizes and traps,
+    which kills the CUDA context of the pool's workers. ``covered_by`` (a GPU test in a child
+    process) asserts that trap and its message, so the skip hides no check."""
+    if dist_backend != "nccl" or kernels_missing(family, entry_point) is not None:
+        return
+    from moe_ep import _C
+    from moe_ep.comm.backends.cuda import enabled_families
+
+    if family in enabled_families(tuple(getattr(_C, "kernel_families", ()))):
+        pytest.skip(f"on GPUs the {family} kernels trap here with a message naming both ranks' sizes "
+                    f"(no host wait to raise from); asserted by {covered_by}")
+
+
 @pytest.fixture
 def require_intranode_kernels() -> None:
     reason = intranode_kernels_missing()
