@@ -247,11 +247,12 @@ class ParallelConfig:
     default_phase: Phase = "auto"
     """Which kernels the MoE layer uses when the caller does not say: prefill (normal), decode
     (low-latency), or auto (decode when a rank's batch fits ``low_latency_max_tokens``)."""
-    recv_pool_bytes: BufferBytes = 0
+    recv_pool_bytes: BufferBytes = "auto"
     """Bytes per rank of the intranode receive pool (prefill dispatch outputs that peers store rows
     straight into, and combine inputs that peers read in place: fewer passes over the data, more
-    memory); 0: off unless MOE_EP_RECV_POOL_BYTES sets it; "auto": two dispatches' outputs and one
-    combine input of 4096 tokens per rank (240 MiB for DeepSeek-V3's FP8 dispatch on 2 ranks)."""
+    memory); "auto" (the default since the 2-GPU run of README's rule): two dispatches' outputs and
+    one combine input of 4096 tokens per rank (240 MiB for DeepSeek-V3's FP8 dispatch on 2 ranks),
+    unless MOE_EP_RECV_POOL_BYTES is set; 0: off unless MOE_EP_RECV_POOL_BYTES sets it."""
 
     def __post_init__(self) -> None:
         s = self.SECTION

@@ -51,7 +51,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MOE_EP_LL_TRANSPORT", "auto", "engine", "ipc, nvshmem or auto (nvshmem when the group spans hosts)"),
     Setting("MOE_EP_NVSHMEM_PUTS", "auto", "engine", "ranks reached by NVSHMEM puts instead of stores: auto, all, or a list of ranks"),
     Setting("MOE_EP_LL_FUSED", "1", "engine", "0: send and receive halves as two kernels even without a hook"),
-    Setting("MOE_EP_LL_COMBINE_PARTIALS", "float32", "engine", "bfloat16: half the combine's bytes, one more rounding"),
+    Setting("MOE_EP_LL_COMBINE_PARTIALS", "bfloat16", "engine", "float32: the combine's partial sums unrounded, twice the bytes"),
     Setting("MOE_EP_LL_SEND", "direct", "call", "staged: the FP8 send casts each token through shared memory"),
     # ------------------------------------------------------------------ the test suite
     Setting("MOE_EP_TEST_BACKEND", "gloo", "tests", "nccl: run the CPU-marked tests over NCCL on GPUs"),

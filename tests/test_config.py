@@ -426,7 +426,7 @@ def _w_agreed_partials(ctx, settings: list) -> object:
 
 
 @pytest.mark.parametrize("settings,expected", [
-    (["", ""], [False, False]),
+    (["", ""], [True, True]),  # unset: bfloat16, the default
     (["float32", "float32"], [False, False]),
     (["bfloat16", "bfloat16"], [True, True]),
     (["bfloat16", "float32"], ["differs"] * 2),

@@ -615,27 +615,29 @@ def test_split_launch_matches_reference_semantics(ll_pool, case, seed):
     ll_pool(3).run(_w_case_split, case, seed, timeout=case.timeout)
 
 
-# The combine's partial sums as bfloat16 (MOE_EP_LL_COMBINE_PARTIALS=bfloat16, which sets
-# LowLatencyEngine.bf16_partials alike on every rank): the same results within the bf16 tolerance
-# every combine is held to, fused, split (hooks) and in every combine mode (run_case cycles them).
-# The toy experts keep a token's terms of one sign, so this checks where the partial rows land
-# and how they are read, not the extra rounding (bounded by 2^-8 of the partials' magnitudes).
+# The combine's partial sums in the dtype the engine was NOT built with (MOE_EP_LL_COMBINE_PARTIALS,
+# which sets LowLatencyEngine.bf16_partials alike on every rank; default bfloat16, so this runs the
+# float32 partials): the same results within the bf16 tolerance every combine is held to, fused,
+# split (hooks) and in every combine mode (run_case cycles them). The toy experts keep a token's
+# terms of one sign, so this checks where the partial rows land and how they are read, not the
+# bf16 setting's extra rounding (bounded by 2^-8 of the partials' magnitudes).
 PARTIALS_CASES = VARIANT_CASES
 
 
-def _w_case_bf16_partials(ctx, case: Case, seed: int) -> list:
+def _w_case_other_partials(ctx, case: Case, seed: int) -> list:
     engine = engine_for(ctx)
-    engine.bf16_partials = True
+    built = engine.bf16_partials
+    engine.bf16_partials = not built
     try:
         return _w_case(ctx, case, seed)
     finally:
-        engine.bf16_partials = False
+        engine.bf16_partials = built
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("case", PARTIALS_CASES, ids=[case.name for case in PARTIALS_CASES])
-def test_bf16_partials_match_reference_semantics(ll_pool, case, world_size, seed):
-    counts = ll_pool(world_size).run(_w_case_bf16_partials, case, seed, timeout=case.timeout)
+def test_other_partials_dtype_matches_reference_semantics(ll_pool, case, world_size, seed):
+    counts = ll_pool(world_size).run(_w_case_other_partials, case, seed, timeout=case.timeout)
     assert len(counts) == world_size and all(len(per_rank) == REPS for per_rank in counts)
 
 

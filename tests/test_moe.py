@@ -163,6 +163,14 @@ def _w_recv_pool_reaches_buffer(ctx):
     assert auto.buffer.recv_pool_bytes == recv_pool_size_hint(4096, BLOCK["hidden_size"], ctx.world_size,
                                                               BLOCK["top_k"])
     _shared_buffers.pop(id(ctx.group), None)
+    default = ExpertParallelMoE(**BLOCK, dtype=torch.float32, group=ctx.group)  # "auto" by default
+    assert default.buffer.recv_pool_bytes == auto.buffer.recv_pool_bytes
+    _shared_buffers.pop(id(ctx.group), None)
+    from tests.env import environ
+    with environ(MOE_EP_RECV_POOL_BYTES=str(3 << 20)):  # an explicit setting wins over the default
+        chosen = ExpertParallelMoE(**BLOCK, dtype=torch.float32, group=ctx.group)
+        assert chosen.buffer.recv_pool_bytes is None, chosen.buffer.recv_pool_bytes  # None: the Buffer reads it
+    _shared_buffers.pop(id(ctx.group), None)
     for bad in (-1, "big", True):
         with pytest.raises(ValueError, match="recv_pool_bytes"):
             ExpertParallelMoE(**BLOCK, dtype=torch.float32, group=ctx.group, recv_pool_bytes=bad)

@@ -14,6 +14,7 @@ With ``ep_size == 1`` (no process group) the same two layouts are built locally,
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator, Optional, Union
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..comm import Buffer, per_token_group_quant_fp8
 from ..comm.config import auto_num_nvl_bytes, auto_recv_pool_bytes
+from ..comm.recv_pool import RECV_POOL_ENV
 from ..comm.validation import check_positive_int
 from .experts import SharedExperts, SwiGLUExperts
 from .gating import Router
@@ -77,8 +79,9 @@ class ExpertParallelMoE(nn.Module):
         return_router_logits: return ``(out, router_logits)`` like Mixtral/Qwen3-MoE blocks.
         recv_pool_bytes: the Buffer's receive pool per rank (prefill dispatch outputs that peers
             store into, combine inputs that peers read in place; see ``moe_ep.comm.recv_pool``);
-            ``"auto"`` sizes it for two dispatches and one combine input of 4096 tokens per rank;
-            ``None`` reads ``MOE_EP_RECV_POOL_BYTES``.
+            ``"auto"`` (the default) sizes it for two dispatches and one combine input of 4096
+            tokens per rank, unless ``MOE_EP_RECV_POOL_BYTES`` is set (an explicit setting wins);
+            ``None`` reads ``MOE_EP_RECV_POOL_BYTES`` (unset: off).
     """
 
     def __init__(self, hidden_size: int, moe_intermediate_size: int, num_experts: int, top_k: int, *,
@@ -88,7 +91,7 @@ class ExpertParallelMoE(nn.Module):
                  device: Optional[torch.device] = None, low_latency_max_tokens: int = 128,
                  num_nvl_bytes: BufferBytes = "auto", num_rdma_bytes: BufferBytes = "auto",
                  num_sms: Optional[int] = None, phase: str = "auto", return_router_logits: bool = False,
-                 recv_pool_bytes: Optional[BufferBytes] = None) -> None:
+                 recv_pool_bytes: Optional[BufferBytes] = "auto") -> None:
         super().__init__()
         self.group = group
         self.ep_size = dist.get_world_size(group) if group is not None else 1
@@ -245,6 +248,8 @@ class ExpertParallelMoE(nn.Module):
         if self._buffer is None:
             nvl, rdma = self._resolve_bytes()
             pool = self.recv_pool_bytes
+            if pool == "auto" and os.environ.get(RECV_POOL_ENV, "").strip():
+                pool = None  # the user's MOE_EP_RECV_POOL_BYTES over our default
             if pool == "auto":
                 pool = auto_recv_pool_bytes(self.hidden_size, self.ep_size, self.top_k, self.fp8)
             self._buffer = get_shared_buffer(self.group, nvl, rdma, low_latency_mode=True, recv_pool_bytes=pool)

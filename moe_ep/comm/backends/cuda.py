@@ -28,7 +28,7 @@ CALL_FAMILIES: dict[str, str] = {
 
 # Families whose kernels have passed the GPU tests run by default; the others only when named in
 # MOE_EP_EXPERIMENTAL_KERNELS (comma-separated), e.g. MOE_EP_EXPERIMENTAL_KERNELS=low_latency.
-VERIFIED_FAMILIES = ("layout", "intranode")
+VERIFIED_FAMILIES = ("layout", "intranode", "low_latency")
 EXPERIMENTAL_ENV = "MOE_EP_EXPERIMENTAL_KERNELS"
 
 

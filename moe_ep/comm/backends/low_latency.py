@@ -76,17 +76,19 @@ def _fused_from_env() -> bool:
     return raw == "1"
 
 
-# The combine's partial sums cross back as float32 ("float32", the default: exact up to float32
-# association) or bfloat16 ("bfloat16": half the bytes over the link, one more rounding per rank's
-# partial; within the bf16 tolerance the tests hold every combine to). Part of the protocol, so
+# The combine's partial sums cross back as bfloat16 ("bfloat16", the default: half the bytes over
+# the link, one more rounding per rank's partial; within the bf16 tolerance the tests hold every
+# combine to) or float32 ("float32": exact up to float32 association). The default was decided by
+# the rule README wrote before the figures (2 x H200, 128 tokens/rank, kernel time: float32 30.9
+# µs, 30.4 under graph replay, over issue 5's 28; bfloat16 20.3 / 20.4; benchmarks/RESULTS.md). Part of the protocol, so
 # every rank must set it alike (checked when the engine is built).
 PARTIALS_ENV = "MOE_EP_LL_COMBINE_PARTIALS"
 PARTIALS_CHOICES = ("float32", "bfloat16")
 
 
 def partials_setting() -> str:
-    """This process's MOE_EP_LL_COMBINE_PARTIALS as set (unset or blank: float32), not yet checked."""
-    return os.environ.get(PARTIALS_ENV, "").strip() or "float32"
+    """This process's MOE_EP_LL_COMBINE_PARTIALS as set (unset or blank: bfloat16), not yet checked."""
+    return os.environ.get(PARTIALS_ENV, "").strip() or "bfloat16"
 
 
 def _check_partials(raw: str) -> bool:
