@@ -1,9 +1,10 @@
-"""Applies the rules README's "Defaults that wait for a 2-GPU run" wrote down before the figures
+"""Applies the rules README's "Defaults decided by the 2-GPU run" wrote down before the figures
 existed, to the JSON of a 2-GPU run (scripts/device_next.sh stage A), so the decision is read off
-the data, not argued after it:
+the data, not argued after it (applied in the fourteenth session; rerun it to see whether a later
+run would still decide the same):
 
-    PYTHONPATH=$PWD python3 scripts/decide_defaults.py --normal OUT/normal.json --ll OUT/ll.json \
-        --ll-bf16 OUT/bf16_partials/ll.json
+    PYTHONPATH=$PWD python3 scripts/decide_defaults.py --normal OUT/normal.json \
+        --ll OUT/f32_partials/ll.json --ll-bf16 OUT/ll.json
 
 * receive pool on by default: every ``*_direct`` dispatch beats its plain row within 12 and within
   24 SMs (``best_within_sms``, what a user with that SM budget gets) and ``combine_bf16_pull`` beats

@@ -1,19 +1,17 @@
 #!/usr/bin/env bash
-# The 2-GPU checks left open (see the closing notes), in bounded stages; each call fits the device's
-# 10-minute limit (each starts with build, ~110 s: a machine released between calls keeps nothing).
-# In order of value (30 device minutes hold three):
-#   A  STAGES=build,bench_normal,bench_ll      (issue 4's table with the NCCL, P2P and --recv-pool rows:
-#                                               *_direct dispatch and combine_bf16_pull, whose NVLink loads
-#                                               decide the pool's default; issue 5's table, kernel rows
-#                                               included; ~500 s)
-#   B  STAGES=build,intranode_tests            (every intranode change since the last 2-GPU run: spill fix,
-#                                               --isolate, the staged combine, the receive pool, the pulled
-#                                               combine, the prefill layer with a pool, routing in notify; ~530 s: on one GPU
-#                                               the suite took 355 s (ninth session), INTRANODE_K can split it)
-#   C  STAGES=build,ll_tests,ll_sweep          (the fifth session's LL fused kernels, weight counters, send
-#                                               rounds, warp routing; the sixth session's NVSHMEM put path
-#                                               and bit-equal FP8 cast; so far run on one GPU only)
-#   D  STAGES=build,nccl_experimental
+# The 2-GPU checks, in bounded stages; each call fits the device's 10-minute limit (each starts with
+# build, 40-90 s: a machine released between calls keeps nothing). The fourteenth session ran A, B,
+# C and D (benchmarks/RESULTS.md). Owed next, in order of value:
+#   E  STAGES=build,gpu_layers,nccl_suite      (the defaults that session set, on two GPUs together: the
+#                                               decode layer's CUDA-graph test with the low-latency
+#                                               kernels and bf16 partials, the prefill layer with the
+#                                               "auto" pool, and the whole suite over NCCL; ~550 s)
+#   A  STAGES=build,bench_normal,bench_ll      (issue 4's table with the NCCL, P2P and --recv-pool rows;
+#                                               issue 5's table, kernel rows and trace included, and the
+#                                               float32-partials run the default rule reads; ~150 s)
+#   B  STAGES=build,intranode_tests            (every intranode GPU test; ~340 s)
+#   C  STAGES=build,ll_tests,ll_sweep          (every low-latency GPU test, the NVSHMEM ones included, and
+#                                               issue 5's sweep 1...256 tokens; ~230 s)
 #   Q  STAGES=build,quick                      (a short budget, ~5 device minutes: issue 4's table at 12 and 24
 #                                               SMs with the NCCL and P2P rows, issue 5's at 128 tokens)
 # LL_VARIANTS=1 adds to bench_ll the staged FP8 send and the NVSHMEM stores/puts runs (~240 s more).
@@ -26,8 +24,10 @@
 #                      NVSHMEM memory with stores and with puts
 #   ll_sweep           the ll benchmark over its default sweep, 1...256 tokens per rank (issue 5's plot)
 #   profile_ll         per-kernel device time of the low-latency calls (scripts/profile_ll.py)
-#   ll_tests           every low-latency GPU test (the condition to promote the family)
-#   nccl_experimental  the suite over NCCL with the low-latency kernels on (the other condition)
+#   ll_tests           every low-latency GPU test
+#   gpu_layers         the layers' GPU tests: decode step in a CUDA graph, prefill (both with the defaults)
+#   nccl_suite         the suite but the gpu-marked tests, over NCCL (the low-latency kernels are on by default);
+#                      failures are listed in $OUT/nccl_suite.log even when the stage limit cuts the run
 set -uo pipefail
 STAGES=${STAGES:-build,bench_normal,bench_ll}
 source "$(dirname "$0")/device_env.sh"
@@ -68,16 +68,16 @@ source "$(dirname "$0")/device_env.sh"
     stage "bench ll"
     timeout -k 10 ${LL_S:-120} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 --trace --out "$OUT" 2>&1 \
       | grep -v "^moe_ep: using"
-    # The combine's partial sums as bf16: half the bytes over NVLink (3.7 MB -> 1.8 MB per rank at 128
-    # tokens); decides MOE_EP_LL_COMBINE_PARTIALS's default.
-    stage "bench ll, bf16 partial sums in the combine"
-    MOE_EP_LL_COMBINE_PARTIALS=bfloat16 timeout -k 10 ${LL_S:-120} python3 -m moe_ep.bench ll --sweep 1,32,128 \
-      --iters 30 --trace --out "$OUT/bf16_partials" 2>&1 | grep -v "^moe_ep: using"
+    # The combine's partial sums as float32 (bf16, the default since the fourteenth session, halves
+    # the bytes over NVLink: 3.7 MB -> 1.8 MB per rank at 128 tokens); the rule that chose bf16 reads both.
+    stage "bench ll, float32 partial sums in the combine"
+    MOE_EP_LL_COMBINE_PARTIALS=float32 timeout -k 10 ${LL_S:-120} python3 -m moe_ep.bench ll --sweep 1,32,128 \
+      --iters 30 --out "$OUT/f32_partials" 2>&1 | grep -v "^moe_ep: using" | tail -30
   fi
   if has bench_normal && has bench_ll; then
     stage "the pre-registered default rules (README), applied to this run's JSON"
-    PYTHONPATH=$PWD python3 scripts/decide_defaults.py --normal "$OUT/normal.json" --ll "$OUT/ll.json" \
-      --ll-bf16 "$OUT/bf16_partials/ll.json" 2>&1 | tail -40
+    PYTHONPATH=$PWD python3 scripts/decide_defaults.py --normal "$OUT/normal.json" --ll "$OUT/f32_partials/ll.json" \
+      --ll-bf16 "$OUT/ll.json" 2>&1 | tail -40
   fi
   if has bench_ll && [ "${LL_VARIANTS:-0}" = 1 ]; then
     stage "bench ll, staged FP8 send"
@@ -106,10 +106,16 @@ source "$(dirname "$0")/device_env.sh"
     MOE_EP_TIMEOUT_S=30 timeout -k 10 ${LL_TESTS_S:-300} python3 -m pytest -q -m gpu tests/test_cuda_low_latency.py \
       tests/test_nvshmem.py 2>&1 | tail -8
   fi
-  if has nccl_experimental; then
-    stage "whole suite but the gpu-marked tests, NCCL, MOE_EP_EXPERIMENTAL_KERNELS=low_latency"
-    MOE_EP_EXPERIMENTAL_KERNELS=low_latency MOE_EP_TEST_BACKEND=nccl timeout -k 10 ${NCCL_S:-240} \
-      python3 -m pytest -q -m "not gpu" tests 2>&1 | tail -8
+  if has gpu_layers; then
+    stage "the layers' GPU tests (decode graph, prefill), defaults"
+    MOE_EP_TIMEOUT_S=30 timeout -k 10 ${LAYERS_S:-150} python3 -m pytest -q -rfE --tb=short -m gpu \
+      tests/test_gpu_decode_graph.py tests/test_gpu_layer_prefill.py 2>&1 | tail -15
+  fi
+  if has nccl_suite; then
+    # 240 s reached 47% in the fourteenth session: the CPU-only build checks are left out (no NCCL in them).
+    stage "whole suite but the gpu-marked tests, NCCL"
+    MOE_EP_TEST_BACKEND=nccl MOE_EP_TIMEOUT_S=30 timeout -k 10 ${NCCL_S:-330} python3 -m pytest -q -m "not gpu" \
+      -rfE --tb=line --ignore=tests/test_csrc_builds.py tests 2>&1 | tee "$OUT/nccl_suite.log" | tail -12
   fi
   stage "done"
 } 2>&1 | tee -a "$OUT/next.log"
