@@ -5,9 +5,9 @@ backend on the same data, in one run.
 One process per local GPU (NCCL); with no GPU, 2 CPU ranks over gloo at tiny sizes (a smoke test:
 the figures mean nothing there). Defaults are the peer's settings (DeepEP's test_low_latency,
 /work/shared/ANCHORS.md): 128 tokens/rank, hidden 7168, top-8 of 288 experts, FP8 dispatch, BF16
-combine. The rank processes set ``MOE_EP_EXPERIMENTAL_KERNELS`` to include ``low_latency`` before
-building the Buffer, so the low-latency kernels run where the extension has them; the JSON records
-what actually ran (``backend.describe()``, ``backend.uses_kernel(...)``).
+combine. The low-latency kernels are a verified family (on by default where the extension has
+them); the JSON records what actually ran (``backend.describe()``, ``backend.uses_kernel(...)``)
+and the ``MOE_EP_EXPERIMENTAL_KERNELS`` value the ranks had.
 
 For every tokens-per-rank count of ``--sweep`` (and ``--tokens``), on one routing (random top-k
 without duplicates, uniform over experts, about 1% of the entries set to -1 as DeepEP's test does,
@@ -37,9 +37,9 @@ DeepEP's test counts it: num_selections (this rank's valid top-k entries) x byte
 (FP8: hidden + hidden/128 x 4 scale bytes; BF16: hidden x 2) for dispatch, x hidden x 2 for
 combine; GB/s is each rank's bytes over its own median, the min over ranks.
 
-The baseline is a second Buffer built in the same processes with ``MOE_EP_EXPERIMENTAL_KERNELS``
-unset, whose low-latency calls run the reference backend (torch.distributed ``all_to_all_single``),
-through the same API. One correctness guard (not a test): the combine of a known toy expert output
+The baseline is a second Buffer built in the same processes whose backend is the reference
+(``ReferenceBackend``: torch.distributed ``all_to_all_single``), called through the same API. One
+correctness guard (not a test): the combine of a known toy expert output
 (the dispatched rows dequantized to BF16, times a factor per expert) is checked against the
 expected sum and against the baseline's result, printed as PASS/FAIL. Writes ``ll.json`` and
 ``ll.png`` to ``--out``.
@@ -196,30 +196,19 @@ def _describe(buffer: Buffer) -> dict:
 
 
 def _build_buffers(group, opts: dict, world_size: int):
-    """(buffer under test, baseline, how the baseline was made, the env value the test ran with).
-    The experimental low-latency kernels are switched on for the first Buffer only."""
+    """(buffer under test, baseline, how the baseline was made, num_rdma_bytes, the ranks'
+    MOE_EP_EXPERIMENTAL_KERNELS). The baseline's backend is replaced by the reference."""
     num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(opts["max_tokens"], opts["hidden"], world_size,
                                                            opts["experts"])
     kwargs = dict(num_rdma_bytes=num_rdma_bytes, low_latency_mode=True,
                   num_qps_per_rank=max(1, opts["experts"] // world_size))
-    previous = os.environ.get(EXPERIMENTAL_ENV, "")
-    families = [name.strip() for name in previous.split(",") if name.strip()]
-    enabled = ",".join(families if "low_latency" in families else families + ["low_latency"])
-    os.environ[EXPERIMENTAL_ENV] = enabled
-    try:
-        buffer = Buffer(group, **kwargs)
-        del os.environ[EXPERIMENTAL_ENV]
-        baseline = Buffer(group, **kwargs)
-    finally:
-        os.environ[EXPERIMENTAL_ENV] = enabled
-    how = (f"a second Buffer (same arguments) built with {EXPERIMENTAL_ENV} unset: its low_latency_dispatch/"
-           "combine run the reference backend (torch.distributed all_to_all_single), through the same API")
-    if _uses(baseline.backend, "low_latency_dispatch") or _uses(baseline.backend, "low_latency_combine"):
-        # low_latency became a verified family: unsetting the variable no longer selects the reference.
+    buffer = Buffer(group, **kwargs)
+    baseline = Buffer(group, **kwargs)
+    if type(baseline.backend) is not ReferenceBackend:  # the kernels' backend (a ReferenceBackend subclass)
         baseline.backend = baseline.runtime = ReferenceBackend(baseline.group, baseline.device)
-        how = ("a second Buffer (same arguments) whose backend was replaced by ReferenceBackend(group, device): "
-               "its low_latency_dispatch/combine run torch.distributed all_to_all_single, through the same API")
-    return buffer, baseline, how, num_rdma_bytes, enabled
+    how = ("a second Buffer (same arguments) whose backend is ReferenceBackend(group, device): its "
+           "low_latency_dispatch/combine run torch.distributed all_to_all_single, through the same API")
+    return buffer, baseline, how, num_rdma_bytes, os.environ.get(EXPERIMENTAL_ENV, "")
 
 
 # ------------------------------------------------------------------------------ measurements

@@ -29,7 +29,7 @@ def test_ll_cpu_smoke(tmp_path):
     assert report["target"] == "ll" and report["world_size"] == 2 and report["dist_backend"] == "gloo"
     assert report["buffer_backend"] == "reference"
     assert report["buffer_uses_kernel"] == {"low_latency_dispatch": False, "low_latency_combine": False}
-    assert "low_latency" in report["experimental_kernels_env"]["MOE_EP_EXPERIMENTAL_KERNELS"]
+    assert "MOE_EP_EXPERIMENTAL_KERNELS" in report["experimental_kernels_env"]  # recorded as the ranks had it
     assert report["baseline"]["backend"] == "reference" and report["baseline"]["how"]
     assert report["correctness"]["pass"] is True and report["correctness"]["recv_count_equal"] is True
     settings = report["settings"]
