@@ -106,7 +106,8 @@ __device__ __noinline__ void layout_mismatch(int me, int src, int seen_tag, int 
 // completes the count (and stores the landed value) comes after the early store: the late value
 // is never overwritten by the early one. Experts are dealt round-robin (e mod grid), not in runs
 // of a block's threads: with E <= 512 the runs gave block 0 every early store (half of them over
-// NVLink) and every +1 before its publish, which made it the send's last block.
+// NVLink) and every +1 before its publish: extra work on one block, in a send that ends with its
+// slowest block (two H200s, 128 tokens: no change in the kernel's time, benchmarks/RESULTS.md).
 __device__ __forceinline__ bool owns_expert_count(int e) {
   return e % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x);
 }
