@@ -33,7 +33,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MOE_EP_SKIP_NVSHMEM", "0", "build", "1: skip moe_ep._nvshmem (the put path and cross-node runtime)"),
     # ------------------------------------------------------------------ kernels in use
     Setting("MOE_EP_EXPERIMENTAL_KERNELS", "", "engine",
-            "comma-separated kernel families to use before their 2-GPU verification (e.g. low_latency)"),
+            "comma-separated kernel families to use before their 2-GPU verification (none today)"),
     Setting("MOE_EP_TIMEOUT_S", "100", "call", "seconds a device-side wait may last before it reports and traps"),
     # ------------------------------------------------------------------ intranode (normal) kernels
     Setting("MOE_EP_INTRANODE_UNROLL", "8", "engine", "rows in flight per warp in the transfer (4, 8, 16)"),
@@ -44,7 +44,7 @@ SETTINGS: tuple[Setting, ...] = (
             "combine: 16-byte vectors per lane staged in shared memory (0 = registers)"),
     Setting("MOE_EP_INTRANODE_DIRECT_SEND_WARPS", "0 (8 for 2 ranks, 12 for more)", "engine",
             "dispatch sender warps with a receive pool"),
-    Setting("MOE_EP_RECV_POOL_BYTES", "0 (off)", "engine",
+    Setting("MOE_EP_RECV_POOL_BYTES", "0 (off; the layers size one themselves)", "engine",
             "bytes per rank of the receive pool: dispatch outputs the peers store into directly"),
     Setting("MOE_EP_COMBINE_PULL", "1", "engine", "0: push a pool-resident combine input instead of letting peers pull it"),
     # ------------------------------------------------------------------ low-latency kernels
