@@ -12,7 +12,8 @@
 //                   expert's pairs marks it landed with a release store. Nothing waits: the hook's
 //                   "send" half. Without a hook, send and receive run in one kernel (dispatch_kernel).
 //   dispatch recv   every block waits (bounded) for every (expert, source) count, so it knows
-//                   where each row goes, and writes the layout while the rows are still in flight;
+//                   where each row goes, and writes the layout while the rows are still in flight
+//                   (in the fused kernel, before the block's own publish: dispatch_kernel);
 //                   then it waits until each has landed. Rows are packed in source-rank order into recv_x, in
 //                   pieces spread over every warp of the grid; src_info, layout_range, recv_count
 //                   and the statistics are written once; the last block past the waits resets the
@@ -321,8 +322,10 @@ __device__ __forceinline__ void route_round_in_warp(const DispatchArgs& a, int r
 // once and its message stored once per destination rank. The first pass's rows are loaded before
 // the histogram, so their latency hides behind it. A block publishes, per expert, how many of its
 // pairs it sent (one atomic per expert); the block that completes an expert's total releases its count.
-template <int P, bool kPuts>
-__device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
+// `then(publish)` runs the publish (below): the send kernel calls it at once; the fused kernel
+// first lays out its receive (dispatch_kernel).
+template <int P, bool kPuts, typename Then>
+__device__ __forceinline__ void dispatch_send(const DispatchArgs& a, Then&& then) {
   const LLLayout& L = a.layout;
   const uint64_t put_mask = kPuts ? a.put_mask : 0;  // 0: the branches of puts fold away
   trace_mark(a.trace, kTraceDispatchSend, 0);
@@ -567,26 +570,29 @@ __device__ __forceinline__ void dispatch_send(const DispatchArgs& a) {
   // count), and the block that completes the expert's total releases it as landed (the expert's
   // rows from every block before it). With puts, every thread first completes what it put
   // (messages, index entries, early counts).
-  if (put_mask != 0) quiet_puts();
-  if (tid == 0) fence_release_sys();
-  __syncthreads();
-  for (int e = tid; e < E; e += kThreads) {
-    if (total[e] == 0) continue;
-    const int add = mine[e] + (owns_expert_count(e) ? 1 : 0);
-    if (add == 0) continue;
-    const int d = e / L.num_local;
-    if (peer_cut[d]) continue;
-    if (atomicAdd(a.send_done + e, add) + add == total[e] + 1) {
-      fence_release_sys();  // the other blocks' rows, seen through their adds, before the flag
-      a.send_done[e] = 0;  // every pair of e has counted: ready for the next dispatch
-      const int64_t at = L.off_dflags + 4 * ((e % L.num_local) * L.num_ranks + me);
-      const int value = dispatch_flag(L, (min(total[e], L.m) + 1) | kLanded);
-      if (puts_to(put_mask, d)) put_int(reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + at), value, d);
-      else st_relaxed_sys(reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + at), value);  // after the fence above: a release
+  auto publish = [&]() {
+    if (put_mask != 0) quiet_puts();
+    if (tid == 0) fence_release_sys();
+    __syncthreads();
+    for (int e = tid; e < E; e += kThreads) {
+      if (total[e] == 0) continue;
+      const int add = mine[e] + (owns_expert_count(e) ? 1 : 0);
+      if (add == 0) continue;
+      const int d = e / L.num_local;
+      if (peer_cut[d]) continue;
+      if (atomicAdd(a.send_done + e, add) + add == total[e] + 1) {
+        fence_release_sys();  // the other blocks' rows, seen through their adds, before the flag
+        a.send_done[e] = 0;  // every pair of e has counted: ready for the next dispatch
+        const int64_t at = L.off_dflags + 4 * ((e % L.num_local) * L.num_ranks + me);
+        const int value = dispatch_flag(L, (min(total[e], L.m) + 1) | kLanded);
+        if (puts_to(put_mask, d)) put_int(reinterpret_cast<int*>(buffer_of(a.peers, me, a.flags_offset) + at), value, d);
+        else st_relaxed_sys(reinterpret_cast<int*>(buffer_of(a.peers, d, a.flags_offset) + at), value);  // after the fence above: a release
+      }
     }
-  }
-  __syncthreads();
-  trace_mark(a.trace, kTraceDispatchSend, 4);
+    __syncthreads();
+    trace_mark(a.trace, kTraceDispatchSend, 4);
+  };
+  then(publish);
 }
 
 // Exclusive prefix sum of n <= 2 * kThreads ints, in place in shared memory (the whole block calls it).
@@ -659,8 +665,10 @@ __device__ __forceinline__ int find_entry(const int* prefix, int n, int value) {
 // here while the last send blocks of either rank still publish: there each lane waits only for the
 // entry of the item it looks up, so an expert whose few sending blocks are done is copied while
 // the others still land (an expert's rows come from a handful of blocks, not from the slowest).
-template <bool kFp8, bool kTimed>
-__device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
+// `before_copy()` runs once the layout is written, before the first wait for a landed row (the
+// fused kernel publishes its send there).
+template <bool kFp8, bool kTimed, typename BeforeCopy>
+__device__ __forceinline__ void dispatch_recv(const DispatchArgs& a, BeforeCopy&& before_copy) {
   const LLLayout& L = a.layout;
   trace_mark(a.trace, kTraceDispatchRecv, 0);
   __shared__ int counts[kMaxExperts];  // [l][s]: rows of source s for local expert l
@@ -745,6 +753,7 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
     if (q % slots >= expert_end - first[l * R]) a.src_info[q] = -1;
   }
   trace_mark(a.trace, kTraceDispatchRecv, 2);
+  before_copy();
   // The layout above needed only the counts; the rows and index entries are read from here on.
   auto wait_landed = [&](int i, long long* spun) {
     const wait::WaitSite site{"low_latency_dispatch_recv", "dispatch_flag[expert][src] (landed)", me, i % R,
@@ -882,14 +891,25 @@ __device__ __forceinline__ void dispatch_recv(const DispatchArgs& a) {
 }
 
 template <int P, bool kPuts>
-__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a) { dispatch_send<P, kPuts>(a); }
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchArgs a) {
+  dispatch_send<P, kPuts>(a, [](auto&& publish) { publish(); });
+}
 template <bool kFp8>
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a) { dispatch_recv<kFp8, true>(a); }
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchArgs a) { dispatch_recv<kFp8, true>(a, [] {}); }
 // Both halves in one launch: the receive half reads the live mask, which is the one the send half used.
+// With a.layout_first (MOE_EP_LL_FUSED_ORDER, default) a block lays out its receive between its
+// stores and its publish: the counts went early (after the histogram), so they are in by then,
+// and the publish's fence, which waits for the block's NVLink stores to be acknowledged, waits
+// while the layout is computed instead of before it. No block waits here for anything a block
+// sends after its own waits: the early counts come before any wait, so the order cannot deadlock.
 template <int P, bool kPuts>
 __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
-  dispatch_send<P, kPuts>(a);
-  dispatch_recv<is_fp8(P), false>(a);
+  dispatch_send<P, kPuts>(a, [&](auto&& publish) {
+    if (!a.layout_first) publish();
+    dispatch_recv<is_fp8(P), false>(a, [&] {
+      if (a.layout_first) publish();
+    });
+  });
 }
 
 // ------------------------------------------------------------------------------ combine send
@@ -1411,6 +1431,17 @@ bool staged_send_from_env() {
   throw std::invalid_argument(std::string("moe_ep: MOE_EP_LL_SEND must be 'direct' or 'staged', got '") + raw + "'");
 }
 
+// MOE_EP_LL_FUSED_ORDER = "layout_first" (default: a fused dispatch block lays out its receive
+// before its publish, see dispatch_kernel) or "publish_first" (the order of the split kernels), read
+// at every launch so a benchmark can compare them in one process.
+bool layout_first_from_env() {
+  const char* raw = std::getenv("MOE_EP_LL_FUSED_ORDER");
+  if (raw == nullptr || *raw == '\0' || std::string(raw) == "layout_first") return true;
+  if (std::string(raw) == "publish_first") return false;
+  throw std::invalid_argument(std::string("moe_ep: MOE_EP_LL_FUSED_ORDER must be 'layout_first' or 'publish_first', got '") +
+                              raw + "'");
+}
+
 // With the send's 17 KB (histograms, round arrays) and the receive's 8 KB of counts (a fused launch
 // has both): under the 48 KB of static + dynamic shared memory a launch gets without opting in.
 constexpr int64_t kMaxStageBytes = 16 << 10;
@@ -1425,6 +1456,7 @@ DispatchArgs checked_send_args(const DispatchArgs& args, size_t* stage_bytes) {
   }
   DispatchArgs a = args;
   a.staged_send = args.layout.use_fp8 && args.layout.off_src <= kMaxStageBytes && staged_send_from_env();
+  a.layout_first = layout_first_from_env();
   *stage_bytes = a.staged_send ? static_cast<size_t>(args.layout.off_src) : 0;
   return a;
 }

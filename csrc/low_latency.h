@@ -149,6 +149,8 @@ struct DispatchArgs {
   uint64_t put_mask = 0;          // bit d: rank d is reached by NVSHMEM puts (see the header)
   int64_t outbox_offset = 0;      // region offset of the outbox (puts only)
   bool staged_send = false;       // set by the launchers (MOE_EP_LL_SEND), not by callers
+  bool layout_first = true;       // fused kernel: receive layout before the send's publish
+                                  // (MOE_EP_LL_FUSED_ORDER; set by the launchers)
   unsigned long long* trace = nullptr;  // [kTraceKernels][kTraceBlocks][kTraceEvents] ns, or null
   long long* wait_stats = nullptr;      // [R] ns: this rank's row of dispatch_wait_recv_cost_stats, or null
 };

@@ -53,6 +53,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MOE_EP_LL_FUSED", "1", "engine", "0: send and receive halves as two kernels even without a hook"),
     Setting("MOE_EP_LL_COMBINE_PARTIALS", "bfloat16", "engine", "float32: the combine's partial sums unrounded, twice the bytes"),
     Setting("MOE_EP_LL_SEND", "direct", "call", "staged: the FP8 send casts each token through shared memory"),
+    Setting("MOE_EP_LL_FUSED_ORDER", "layout_first", "call",
+            "publish_first: a fused dispatch block publishes its rows before laying out its receive"),
     # ------------------------------------------------------------------ the test suite
     Setting("MOE_EP_TEST_BACKEND", "gloo", "tests", "nccl: run the CPU-marked tests over NCCL on GPUs"),
     Setting("MOE_EP_TEST_NVSHMEM_SHARED_GPU", "0", "tests", "1: also try two NVSHMEM ranks on one GPU"),

@@ -14,11 +14,13 @@
 #                                               issue 5's sweep 1...256 tokens; ~230 s)
 #   Q  STAGES=build,quick                      (a short budget, ~5 device minutes: issue 4's table at 12 and 24
 #                                               SMs with the NCCL and P2P rows, issue 5's at 128 tokens)
+# LL_F32=0 leaves out bench_ll's float32-partials run (~60 s).
 # LL_VARIANTS=1 adds to bench_ll the staged FP8 send and the NVSHMEM stores/puts runs (~240 s more).
 # (scripts/device_loopback.sh is the one-GPU counterpart: tests with ranks sharing the GPU, the loopback.)
 #   intranode_tests    every intranode GPU test (ranks on both GPUs) but the sanitizer runs
 #   bench_normal       the push-based intranode kernels over the SM sweep, every knob's variants, --isolate and
 #                      the receive pool's direct rows (--recv-pool)
+#   ab_order           the fused dispatch's two block orders (MOE_EP_LL_FUSED_ORDER), interleaved in one process
 #   ll_new             the low-latency tests written after their last GPU run (out-of-range ids, staged send)
 #   bench_ll           the ll benchmark (with the kernels' phase trace), direct and staged FP8 send, and on
 #                      NVSHMEM memory with stores and with puts
@@ -64,10 +66,16 @@ source "$(dirname "$0")/device_env.sh"
     MOE_EP_TIMEOUT_S=30 timeout -k 10 ${NEW_TESTS_S:-120} python3 -m pytest -q -m gpu tests/test_cuda_low_latency.py \
       -k "out_of_range or staged" 2>&1 | tail -8
   fi
+  if has ab_order; then
+    stage "A/B: the fused dispatch's block orders, interleaved in one process (scripts/ab_ll_order.py)"
+    timeout -k 10 ${AB_S:-120} python3 scripts/ab_ll_order.py --out "$OUT" 2>&1 | grep -v "^moe_ep: using"
+  fi
   if has bench_ll; then
     stage "bench ll"
     timeout -k 10 ${LL_S:-120} python3 -m moe_ep.bench ll --sweep 1,32,128 --iters 30 --trace --out "$OUT" 2>&1 \
       | grep -v "^moe_ep: using"
+  fi
+  if has bench_ll && [ "${LL_F32:-1}" = 1 ]; then
     # The combine's partial sums as float32 (bf16, the default since the fourteenth session, halves
     # the bytes over NVLink: 3.7 MB -> 1.8 MB per rank at 128 tokens); the rule that chose bf16 reads both.
     stage "bench ll, float32 partial sums in the combine"

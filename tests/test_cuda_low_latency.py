@@ -615,6 +615,21 @@ def test_split_launch_matches_reference_semantics(ll_pool, case, seed):
     ll_pool(3).run(_w_case_split, case, seed, timeout=case.timeout)
 
 
+# The fused dispatch's other block order (MOE_EP_LL_FUSED_ORDER=publish_first: a block publishes its
+# rows before laying out its receive; the default lays out first, read at every launch) must give
+# the same results. Hooks off: only the fused kernel has an order to choose.
+def _w_case_publish_first(ctx, case: Case, seed: int) -> None:
+    with environ(MOE_EP_LL_FUSED_ORDER="publish_first"):
+        for rep in range(2):
+            run_case(ctx, engine_for(ctx), case, seed + rep, rep, f"{case.name}, publish first (run {rep + 1} of 2)",
+                     hooks=(False, False), mode=("plain", "zero_copy")[rep])
+
+
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=[case.name for case in VARIANT_CASES])
+def test_publish_first_order_matches_reference_semantics(ll_pool, case, seed):
+    ll_pool(3).run(_w_case_publish_first, case, seed, timeout=case.timeout)
+
+
 # The combine's partial sums in the dtype the engine was NOT built with (MOE_EP_LL_COMBINE_PARTIALS,
 # which sets LowLatencyEngine.bf16_partials alike on every rank; default bfloat16, so this runs the
 # float32 partials): the same results within the bf16 tolerance every combine is held to, fused,
@@ -1199,6 +1214,23 @@ def _w_too_small(ctx, seed: int) -> None:
 
 def test_num_bytes_too_small_raises(ll_pool, seed):
     ll_pool(1).run(_w_too_small, seed, timeout=300)
+
+
+def _w_bad_fused_order(ctx, seed: int) -> None:
+    case = Case("after-bad-order-fp8-h512", hidden=512, fmt="fp8", tokens=(16,), m=16, local_experts=16)
+    engine = engine_for(ctx)
+    world = case_world(case, 1, seed)
+    x, idx = on(ctx, (world.xs[0], world.topk_idx[0]))
+    with environ(MOE_EP_LL_FUSED_ORDER="sideways"):
+        with pytest.raises(ValueError, match="MOE_EP_LL_FUSED_ORDER must be 'layout_first' or 'publish_first'"):
+            engine.dispatch(x, idx, case.m, case.num_experts(1), None, True, False, False, False)
+    for rep in range(2):  # the refusal left the engine usable
+        run_case(ctx, engine, case, seed + rep, rep, f"{case.name} (run {rep + 1} of 2)", hooks=(False, False))
+    sync(ctx)
+
+
+def test_bad_fused_order_raises(ll_pool, seed):
+    ll_pool(1).run(_w_bad_fused_order, seed, timeout=120)
 
 
 def _w_nonpositive(ctx) -> None:
