@@ -16,6 +16,7 @@ import torch
 
 TRACE_ITERS = 20
 # Kernel rows of the trace and the events each records, in order (csrc/low_latency.cu TraceKernel).
+# A fused dispatch block publishes between its receive's "layout" and "copied" (MOE_EP_LL_FUSED_ORDER).
 TRACE_EVENTS = (("dispatch send", ("start", "histogram", "routed", "stored", "published")),
                 ("dispatch recv", ("start", "counts in", "layout", "copied")),
                 ("combine send", ("start", "weights out", "weights in", "sums stored", "published")),
