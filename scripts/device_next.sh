@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # The 2-GPU checks, in bounded stages; each call fits the device's 10-minute limit (each starts with
 # build, 40-90 s: a machine released between calls keeps nothing). The fourteenth session ran A, B,
-# C and D (benchmarks/RESULTS.md). Owed next, in order of value:
-#   E  STAGES=build,gpu_layers,nccl_suite      (the defaults that session set, on two GPUs together: the
-#                                               decode layer's CUDA-graph test with the low-latency
-#                                               kernels and bf16 partials, the prefill layer with the
-#                                               "auto" pool, and the whole suite over NCCL; ~550 s)
+# C and D, the fifteenth E (in two calls, NCCL_FILES splitting the suite), C and ab_order
+# (benchmarks/RESULTS.md). Nothing is owed; the stages, for a change that needs them again:
+#   E  STAGES=build,gpu_layers,nccl_suite      (the layers' GPU tests with the defaults, and the whole suite
+#                                               over NCCL; the suite ran in 113 + 61 s)
 #   A  STAGES=build,bench_normal,bench_ll      (issue 4's table with the NCCL, P2P and --recv-pool rows;
 #                                               issue 5's table, kernel rows and trace included, and the
 #                                               float32-partials run the default rule reads; ~150 s)
