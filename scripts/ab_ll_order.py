@@ -63,19 +63,17 @@ def _rank(rank: int, world_size: int, opts: dict) -> None:
                 raise SystemExit(f"rank {rank}: {order} gave another dispatch output than the first run")
             kernel_ms, _names = timer.kernel_times([(dispatch, False)], opts["iters"])
             times[order].append(kernel_ms[0] * 1e3)
-    mine = {order: values for order, values in times.items()}
     gathered: list = [None] * world_size
-    dist.all_gather_object(gathered, mine, group=group)
+    dist.all_gather_object(gathered, times, group=group)
     if rank == 0:
+        per_round = {order: [max(g[order][i] for g in gathered) for i in range(opts["rounds"])] for order in ORDERS}
         report = {"tokens": m, **SIZES, "rounds": opts["rounds"], "iters": opts["iters"], "per_rank_us": gathered,
-                  "median_us": {order: statistics.median(max(g[order][i] for g in gathered)
-                                                         for i in range(opts["rounds"])) for order in ORDERS}}
+                  "median_us": {order: statistics.median(values) for order, values in per_round.items()}}
         print(f"fused LL dispatch, {m} tokens/rank, kernel us (max over ranks), {opts['rounds']} interleaved rounds "
               f"of {opts['iters']}:")
         for order in ORDERS:
-            per_round = [max(g[order][i] for g in gathered) for i in range(opts["rounds"])]
             print(f"  {order:14s} median {report['median_us'][order]:6.2f}  rounds " +
-                  " ".join(f"{v:5.2f}" for v in per_round))
+                  " ".join(f"{v:5.2f}" for v in per_round[order]))
         os.makedirs(opts["out"], exist_ok=True)
         with open(os.path.join(opts["out"], "ab_ll_order.json"), "w") as f:
             json.dump(report, f, indent=1)
